@@ -1,0 +1,258 @@
+"""The registry: operators and the implementations that compute them.
+
+An *operator* is one function of the contract (``../shared/ops-semantics.md``):
+its parameters with defaults, the tensors it takes, one input generator, FLOP
+and byte counts, per-dtype tolerances and whether it has a backward.
+
+An *implementation* is one way to compute an operator: our CuPy kernels, the
+float64 reference, or a peer users would otherwise pick. Adding one is a
+single registered function::
+
+    @implementation("deform_conv2d", "torchvision", kind="peer",
+                    devices=("cpu", "cuda"), dtypes=("float32", "float16"))
+    def torchvision_deform_conv2d(inputs, params):
+        return torchvision.ops.deform_conv2d(inputs["input"], ...)
+
+The forward takes the generated input tensors (a dict keyed by the contract's
+tensor names) and the case's full parameter dict, and returns the output
+tensor. Backward passes go through autograd of that forward, so an
+implementation's gradients are whatever its autograd (or its own
+``torch.autograd.Function``) computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+KERNEL_DTYPES = ("float32", "float16", "bfloat16")
+ImplKind = Literal["kernel", "reference", "peer", "baseline"]
+IMPL_KINDS: tuple[str, ...] = ("kernel", "reference", "peer", "baseline")
+DEVICES = ("cpu", "cuda")
+
+
+class RegistryError(LookupError):
+    """An unknown operator or implementation, or a conflicting registration."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """Largest accepted errors against the float64 reference.
+
+    ``rel_l2`` bounds ||out - ref|| / ||ref||; ``max_abs`` bounds
+    max |out - ref| relative to max |ref| (so it scales with the data).
+    ``why`` says where the numbers come from; it is shown in docs and reports.
+    """
+
+    rel_l2: float
+    max_abs: float
+    why: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of an operator: its contract name, shape and role."""
+
+    name: str
+    shape: str  # as written in the contract, e.g. "[N, C_in, H, W]"
+    differentiable: bool = True  # has a gradient in the backward check
+    optional: bool = False  # absent for some parameter values (e.g. bias)
+
+
+@dataclasses.dataclass(frozen=True)
+class Operator:
+    """One operator of the contract.
+
+    ``make_inputs(params, dtype, device, generator, mode)`` returns the input
+    tensors keyed by name, drawn from ``generator`` (a seeded
+    ``torch.Generator`` on the CPU) and rounded to ``dtype``; ``mode`` picks one
+    of ``input_modes`` ("random" or an edge-case generator such as
+    "integer_offsets"). ``flops(params)`` and ``bytes(params, itemsize)``
+    count the forward pass; ``backward_flops`` and ``backward_bytes`` the
+    backward, when the operator has one.
+    """
+
+    name: str
+    summary: str
+    params: Mapping[str, Any]  # every parameter with its default, in id order
+    tensors: tuple[TensorSpec, ...]
+    make_inputs: Callable[..., dict[str, torch.Tensor]]
+    flops: Callable[[Mapping[str, Any]], float]
+    bytes: Callable[[Mapping[str, Any], int], float]
+    tolerances: Mapping[str, Tolerance]  # keyed by dtype name
+    has_backward: bool = True
+    backward_flops: Callable[[Mapping[str, Any]], float] | None = None
+    backward_bytes: Callable[[Mapping[str, Any], int], float] | None = None
+    input_modes: tuple[str, ...] = ("random",)
+    baseline: str = ""  # implementation that speedups are measured against
+    forward_only_modes: tuple[str, ...] = ()  # modes on a kink: no gradient check
+    validate: Callable[[Mapping[str, Any]], None] | None = None
+
+    def resolve(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """Full parameter dict: defaults overridden by ``overrides``.
+
+        Unknown names and values of the wrong type raise ``ValueError`` naming
+        the parameter and what was expected.
+        """
+        unknown = sorted(set(overrides) - set(self.params))
+        if unknown:
+            raise ValueError(
+                f"operator {self.name!r} has no parameter {unknown[0]!r}; "
+                f"expected one of: {', '.join(self.params)}"
+            )
+        resolved = dict(self.params)
+        for key, value in overrides.items():
+            resolved[key] = _coerce(self.name, key, value, self.params[key])
+        if self.validate is not None:
+            self.validate(resolved)
+        return resolved
+
+
+def _coerce(op: str, key: str, value: Any, default: Any) -> Any:
+    """Give ``value`` the type of the parameter's default, or say why not."""
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    else:
+        return value
+    raise ValueError(
+        f"parameter {key!r} of operator {op!r} expects {kind.__name__}, "
+        f"got {value!r} ({type(value).__name__})"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One way to compute an operator.
+
+    ``forward(inputs, params)`` returns the output tensor. ``available(device)``
+    returns ``None`` when the implementation can run on ``device`` here, or
+    the reason it cannot (a missing package, no GPU ...).
+    """
+
+    op: str
+    name: str
+    kind: ImplKind
+    devices: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    forward: Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], torch.Tensor]
+    available: Callable[[str], str | None] = lambda device: None
+    has_backward: bool = True
+    emulated_on: tuple[str, ...] = ()  # devices where it runs through kernels.emulator
+    description: str = ""
+
+    def unavailable_reason(self, device: str, dtype: str) -> str | None:
+        """Why this implementation cannot run ``dtype`` on ``device``, or None."""
+        if device not in self.devices:
+            return f"{self.op}/{self.name} does not run on {device} (runs on {', '.join(self.devices)})"
+        if dtype not in self.dtypes:
+            return f"{self.op}/{self.name} does not take {dtype} (takes {', '.join(self.dtypes)})"
+        return self.available(device)
+
+
+OPERATORS: dict[str, Operator] = {}
+IMPLEMENTATIONS: dict[tuple[str, str], Implementation] = {}
+
+
+def register_operator(op: Operator) -> Operator:
+    if op.name in OPERATORS:
+        raise RegistryError(f"operator {op.name!r} is registered twice")
+    OPERATORS[op.name] = op
+    return op
+
+
+def implementation(
+    op: str,
+    name: str,
+    *,
+    kind: ImplKind,
+    devices: tuple[str, ...] = DEVICES,
+    dtypes: tuple[str, ...] = KERNEL_DTYPES,
+    available: Callable[[str], str | None] | None = None,
+    has_backward: bool = True,
+    emulated_on: tuple[str, ...] = (),
+) -> Callable[[Callable], Callable]:
+    """Decorator registering ``fn(inputs, params) -> Tensor`` as an implementation."""
+    if kind not in IMPL_KINDS:
+        raise RegistryError(f"implementation kind must be one of {IMPL_KINDS}, got {kind!r}")
+
+    def register(fn: Callable) -> Callable:
+        key = (op, name)
+        if key in IMPLEMENTATIONS:
+            raise RegistryError(f"implementation {op}/{name} is registered twice")
+        IMPLEMENTATIONS[key] = Implementation(
+            op=op,
+            name=name,
+            kind=kind,
+            devices=tuple(devices),
+            dtypes=tuple(dtypes),
+            forward=fn,
+            available=available or (lambda device: None),
+            has_backward=has_backward,
+            emulated_on=tuple(emulated_on),
+            description=(fn.__doc__ or "").strip().split("\n")[0],
+        )
+        return fn
+
+    return register
+
+
+def load_all() -> None:
+    """Import every module that registers operators and implementations."""
+    import harness.operators  # noqa: F401  (registers on import)
+
+
+def get_operator(name: str) -> Operator:
+    load_all()
+    try:
+        return OPERATORS[name]
+    except KeyError:
+        raise RegistryError(
+            f"unknown operator {name!r}; expected one of: {', '.join(sorted(OPERATORS))}"
+        ) from None
+
+
+def implementations_of(op: str) -> list[Implementation]:
+    get_operator(op)
+    return [impl for (o, _), impl in IMPLEMENTATIONS.items() if o == op]
+
+
+def get_implementation(op: str, name: str) -> Implementation:
+    impls = implementations_of(op)
+    for impl in impls:
+        if impl.name == name:
+            return impl
+    raise RegistryError(
+        f"operator {op!r} has no implementation {name!r}; "
+        f"expected one of: {', '.join(i.name for i in impls)}"
+    )
