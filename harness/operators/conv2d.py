@@ -1,0 +1,1 @@
+"""conv2d operator registration (in progress: conv-family engineer)."""

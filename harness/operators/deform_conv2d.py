@@ -1,0 +1,1 @@
+"""deform_conv2d operator registration (in progress: conv-family engineer)."""
