@@ -27,13 +27,16 @@ class CudaSource:
     ``name_expressions`` are the kernel names CuPy's ``RawModule`` is asked
     for (template instantiations such as ``"deform_im2col<float>"``);
     ``block_sizes`` maps a kernel name (or name expression) to the block size
-    it is launched with, for the occupancy column of the build check.
+    it is launched with, for the occupancy column of the build check;
+    ``dynamic_smem`` maps a kernel name (likewise) to the dynamic shared
+    memory in bytes it is launched with (0 when absent).
     """
 
     filename: str
     name_expressions: tuple[str, ...]
     block_sizes: dict[str, int]
     options: tuple[str, ...] = COMPILE_OPTIONS
+    dynamic_smem: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def path(self) -> Path:

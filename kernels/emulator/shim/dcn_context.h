@@ -1,0 +1,43 @@
+// The contract between the emulator runtime (dcn_runtime.cpp, one shared
+// library per build mode) and every kernel module compiled against the shim:
+// the per-CUDA-thread context that threadIdx & co read, and the runtime's
+// entry points for barriers, warp collectives and traps.
+#pragma once
+
+#include <cstddef>
+#include <vector_types.h>
+
+namespace dcn {
+
+// What one emulated CUDA thread sees. The fast path reuses one context per OS
+// thread; with fibers every CUDA thread of the running block has its own.
+struct ThreadContext {
+  uint3 thread_idx;
+  uint3 block_idx;
+  dim3 block_dim;
+  dim3 grid_dim;
+  unsigned linear_tid;  // threadIdx.x + threadIdx.y*Dx + threadIdx.z*Dx*Dy
+  // Unique per block run on this OS thread; static __shared__ arrays compare it
+  // with the serial they were last poisoned for.
+  unsigned long long block_serial;
+  unsigned char* dynamic_shared;  // this OS thread's fixed `extern __shared__` buffer
+  void* fiber;                    // the runtime's fiber, nullptr on the fast path
+};
+
+enum class BarrierKind : int { kSync, kCount, kAnd, kOr };
+enum class WarpOp : int { kSyncwarp, kShfl, kShflUp, kShflDown, kShflXor, kBallot, kAll, kAny };
+
+// Both suspend the calling fiber until its block (warp) arrives; they return
+// the collective's result. `line` is the source line, for deadlock reports.
+int block_barrier(int line, BarrierKind kind, int predicate);
+unsigned long long warp_collective(int line, WarpOp op, unsigned mask, unsigned long long value,
+                                   int param, int width);
+unsigned active_mask();
+// Ends the launch with an error naming the current block and thread.
+[[noreturn]] void trap(const char* what, const char* file, unsigned line);
+
+}  // namespace dcn
+
+// Initial-exec TLS: one fs-relative load per access. `__thread` (not C++
+// thread_local) so that modules do not call a TLS init wrapper on each access.
+extern __thread dcn::ThreadContext* dcn_current __attribute__((tls_model("initial-exec")));
