@@ -74,11 +74,14 @@ class Operator:
 
     ``make_inputs(params, dtype, device, generator, mode)`` returns the input
     tensors keyed by name, drawn from ``generator`` (a seeded
-    ``torch.Generator`` on the CPU) and rounded to ``dtype``; ``mode`` picks one
-    of ``input_modes`` ("random" or an edge-case generator such as
+    ``torch.Generator`` on the CPU) and rounded to ``dtype`` (a
+    ``torch.dtype``) on ``device`` (a device string, "cpu" or "cuda"); ``mode``
+    picks one of ``input_modes`` ("random" or an edge-case generator such as
     "integer_offsets"). ``flops(params)`` and ``bytes(params, itemsize)``
     count the forward pass; ``backward_flops`` and ``backward_bytes`` the
-    backward, when the operator has one.
+    backward, when the operator has one. ``backward_tolerances`` judge the
+    gradients when they need other bounds than ``tolerances`` (longer sums,
+    atomics); without it the gradients are judged by ``tolerances``.
     """
 
     name: str
@@ -96,6 +99,20 @@ class Operator:
     baseline: str = ""  # implementation that speedups are measured against
     forward_only_modes: tuple[str, ...] = ()  # modes on a kink: no gradient check
     validate: Callable[[Mapping[str, Any]], None] | None = None
+    backward_tolerances: Mapping[str, Tolerance] | None = None
+
+    def tolerance(self, dtype: str, direction: str) -> Tolerance:
+        """The bounds that judge ``direction`` ("forward" or "backward") at ``dtype``."""
+        table = self.tolerances
+        if direction == "backward" and self.backward_tolerances is not None:
+            table = self.backward_tolerances
+        try:
+            return table[dtype]
+        except KeyError:
+            raise RegistryError(
+                f"operator {self.name!r} has no {direction} tolerance for {dtype}; "
+                f"it has: {', '.join(table)}"
+            ) from None
 
     def resolve(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
         """Full parameter dict: defaults overridden by ``overrides``.
@@ -173,11 +190,25 @@ class Implementation:
 
     def unavailable_reason(self, device: str, dtype: str) -> str | None:
         """Why this implementation cannot run ``dtype`` on ``device``, or None."""
-        if device not in self.devices:
-            return f"{self.op}/{self.name} does not run on {device} (runs on {', '.join(self.devices)})"
         if dtype not in self.dtypes:
             return f"{self.op}/{self.name} does not take {dtype} (takes {', '.join(self.dtypes)})"
+        return self.unavailable_on(device)
+
+    def unavailable_on(self, device: str) -> str | None:
+        """Why this implementation cannot run on ``device`` here, or None.
+
+        A device in ``emulated_on`` counts as one it runs on.
+        """
+        runs_on = self.devices + tuple(d for d in self.emulated_on if d not in self.devices)
+        if device not in runs_on:
+            return f"{self.op}/{self.name} does not run on {device} (runs on {', '.join(runs_on)})"
+        if device == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device here"
         return self.available(device)
+
+    def is_emulated(self, device: str) -> bool:
+        """Whether running on ``device`` goes through ``kernels.emulator``."""
+        return device in self.emulated_on
 
 
 OPERATORS: dict[str, Operator] = {}
@@ -256,3 +287,14 @@ def get_implementation(op: str, name: str) -> Implementation:
         f"operator {op!r} has no implementation {name!r}; "
         f"expected one of: {', '.join(i.name for i in impls)}"
     )
+
+
+def reference_of(op: str) -> Implementation:
+    """The operator's implementation of kind "reference": the float64 oracle."""
+    references = [impl for impl in implementations_of(op) if impl.kind == "reference"]
+    if len(references) != 1:
+        raise RegistryError(
+            f"operator {op!r} needs exactly one implementation of kind 'reference', "
+            f"has {len(references)}"
+        )
+    return references[0]

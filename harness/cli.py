@@ -1,0 +1,316 @@
+"""The ``dcnbench`` command line (also ``python -m harness`` from a plain checkout).
+
+    dcnbench list [--json]
+    dcnbench run --suite NAME|PATH [--device cpu|cuda] [--op OP ...] [--impl IMPL ...]
+                 [--dtype DTYPE ...] [--out DIR] [--resume] [--seed S] [--no-timing]
+                 [--cuda-graph] [--warmup-ms MS] [--rep-ms MS]
+    dcnbench case OP [--param NAME=VALUE ...] [--dtype DTYPE] [--mode MODE] [--impl NAME]
+                  [--device cpu|cuda] [--seed S] [--backward] [--save FILE.npz]
+    dcnbench kernels [...]   (the NVRTC build check: kernels.build_check)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from harness import casefile, execution, registry, runner, suites
+from harness.cases import format_value, make_case
+from harness.timing import TimingConfig
+
+EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """A bad argument; the message names it and says what was expected."""
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
+
+
+# ---------------------------------------------------------------------------- list
+
+
+def _implementation_info(impl: registry.Implementation) -> dict:
+    return {
+        "name": impl.name,
+        "kind": impl.kind,
+        "devices": list(impl.devices),
+        "emulated_on": list(impl.emulated_on),
+        "dtypes": list(impl.dtypes),
+        "has_backward": impl.has_backward,
+        "description": impl.description,
+        "unavailable": {d: impl.unavailable_on(d) for d in registry.DEVICES},
+    }
+
+
+def _operator_info(op: registry.Operator) -> dict:
+    return {
+        "name": op.name,
+        "summary": op.summary,
+        "params": dict(op.params),
+        "tensors": [{"name": t.name, "shape": t.shape, "differentiable": t.differentiable,
+                     "optional": t.optional} for t in op.tensors],
+        "input_modes": list(op.input_modes),
+        "forward_only_modes": list(op.forward_only_modes),
+        "has_backward": op.has_backward,
+        "baseline": op.baseline,
+        "tolerances": {
+            direction: {dtype: vars(tol) for dtype, tol in table.items()}
+            for direction, table in (("forward", op.tolerances),
+                                     ("backward", op.backward_tolerances or op.tolerances))
+        },
+        "implementations": [_implementation_info(i) for i in registry.implementations_of(op.name)],
+    }
+
+
+def _suite_info(name: str) -> dict:
+    try:
+        suite = suites.load(name)
+    except suites.SuiteError as exc:
+        return {"name": name, "error": str(exc)}
+    return {"name": name, "description": suite.description, "cases": len(suite.cases)}
+
+
+def cmd_list(args: argparse.Namespace, console: Console) -> int:
+    registry.load_all()
+    info = {
+        "operators": [_operator_info(op) for op in registry.OPERATORS.values()],
+        "suites": [_suite_info(name) for name in suites.available_suites()],
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    ops = Table(title="operators", title_justify="left")
+    for header in ("operator", "parameters (defaults)", "input modes", "baseline"):
+        ops.add_column(header)
+    impls = Table(title="implementations", title_justify="left")
+    for header in ("operator", "implementation", "kind", "dtypes", "cpu", "cuda"):
+        impls.add_column(header)
+    tols = Table(title="tolerances (against the float64 reference)", title_justify="left")
+    for header in ("operators", "directions", "dtype", "rel_l2", "max_abs", "why"):
+        tols.add_column(header)
+    # Operator families share their tolerances: one line for each bound, naming its
+    # operators and the directions it judges.
+    shared_tolerances: dict[tuple, dict[str, list[str]]] = {}
+    for op in info["operators"]:
+        params = ", ".join(f"{k}={format_value(v)}" for k, v in op["params"].items())
+        modes = ", ".join(m + (" (forward only)" if m in op["forward_only_modes"] else "")
+                          for m in op["input_modes"])
+        ops.add_row(op["name"], params, modes, op["baseline"])
+        for impl in op["implementations"]:
+            where = [
+                "[green]emulated" if device in impl["emulated_on"] and not reason
+                else "[green]yes" if not reason else f"[dim]{reason}"
+                for device, reason in impl["unavailable"].items()
+            ]
+            impls.add_row(op["name"], impl["name"], impl["kind"], ", ".join(impl["dtypes"]),
+                          *where)
+        for direction, table in op["tolerances"].items():
+            for dtype, tol in table.items():
+                key = (dtype, tol["rel_l2"], tol["max_abs"], tol["why"])
+                users = shared_tolerances.setdefault(key, {"ops": [], "directions": []})
+                for kind, name in (("ops", op["name"]), ("directions", direction)):
+                    if name not in users[kind]:
+                        users[kind].append(name)
+    for (dtype, rel_l2, max_abs, why), users in shared_tolerances.items():
+        tols.add_row(", ".join(users["ops"]), ", ".join(users["directions"]), dtype,
+                     f"{rel_l2:.3g}", f"{max_abs:.3g}", why)
+    suite_table = Table(title="suites", title_justify="left")
+    for header in ("suite", "cases", "description"):
+        suite_table.add_column(header)
+    for suite in info["suites"]:
+        suite_table.add_row(suite["name"], str(suite.get("cases", "")),
+                            suite.get("description") or f"[red]{suite['error']}")
+    for table in (ops, impls, tols, suite_table):
+        console.print(table)
+    return 0
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    _check_device(args.device)
+    if args.resume and args.out is None:
+        raise UsageError("--resume: needs --out DIR naming the run directory to resume")
+    suite = suites.load(args.suite)
+    timing = None if args.no_timing else TimingConfig(
+        warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cuda_graph=args.cuda_graph)
+    options = runner.RunOptions(
+        suite=suite, device=args.device, ops=args.op, impls=args.impl, dtypes=args.dtype,
+        out=args.out, resume=args.resume, seed=args.seed, timing=timing,
+    )
+    return runner.run_suite(options, console)
+
+
+# ---------------------------------------------------------------------------- case
+
+
+def _parse_params(pairs: Sequence[str]) -> dict[str, str]:
+    params = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--param: expected NAME=VALUE, got {pair!r}")
+        params[name] = value
+    return params
+
+
+def cmd_case(args: argparse.Namespace, console: Console) -> int:
+    _check_device(args.device)
+    if args.save is not None and args.save.suffix != ".npz":
+        raise UsageError(f"--save: expected a FILE.npz path, got {str(args.save)!r}")
+    op = registry.get_operator(args.op)
+    case = make_case(op, _parse_params(args.param), args.dtype, args.mode)
+    impl = (registry.get_implementation(op.name, args.impl) if args.impl
+            else registry.reference_of(op.name))
+    if args.backward and (reason := execution.wants_backward(case)):
+        raise UsageError(f"--backward: {reason}")
+    where = "emulated on cpu" if impl.is_emulated(args.device) else f"on {args.device}"
+    console.print(f"case [bold]{case.id}[/] · {impl.name} {where} · seed {args.seed}")
+    todo = [(impl, d) for d in (["forward", "backward"] if args.backward else ["forward"])]
+    try:
+        case_run = execution.prepare(case, args.device, args.seed, args.backward)
+    except Exception as exc:
+        rows = execution.unprepared_rows(case, todo, args.device, args.seed, exc)
+        case_run, tensors = None, {}
+    else:
+        results = [execution.run(case_run, impl, d, timing=None) for impl, d in todo]
+        rows = [row for row, _ in results]
+        tensors = {name: t for _, produced in results for name, t in produced.items()}
+    table = Table(title_justify="left")
+    for header in ("direction", "status", "worst", "rel_l2", "max_abs", "tolerance",
+                   "non-finite", "reason"):
+        table.add_column(header)
+    for row in rows:
+        table.add_row(
+            row.direction, row.status, row.worst_tensor or "-",
+            *(f"{v:.3g}" if v is not None else "-" for v in (row.rel_l2, row.max_abs)),
+            f"{row.tol_rel_l2:.3g} / {row.tol_max_abs:.3g}" if row.tol_rel_l2 is not None
+            else "-",
+            str(row.nonfinite) if row.nonfinite is not None else "-",
+            escape(row.reason),
+        )
+    console.print(table)
+    for row in rows:
+        if row.traceback:
+            console.print(row.traceback, highlight=False, markup=False)
+    failed = [row for row in rows if row.status in ("fail", "error")]
+    if args.save is not None:
+        if case_run is None:
+            raise UsageError("--save: the case's inputs could not be made; nothing to save")
+        worst = failed[0].status if failed else rows[-1].status
+        casefile.save(args.save, case_run, impl.name, tensors, worst)
+        console.print(f"saved [bold]{args.save}")
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------- kernels
+
+
+def cmd_kernels(args: argparse.Namespace, console: Console) -> int:
+    # Imported here: the build check pulls in NVRTC, which nothing else needs.
+    from kernels import build_check
+
+    parser = argparse.ArgumentParser(prog="dcnbench kernels",
+                                     description="Compile every CUDA source with NVRTC.")
+    build_check.add_arguments(parser)
+    return build_check.run(parser.parse_args(args.kernel_args))
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dcnbench",
+        description="Benchmark and check the deformable-convolution operators.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("list", help="operators, implementations, tolerances, suites")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(handler=cmd_list)
+
+    device = {"choices": registry.DEVICES, "default": _default_device(),
+              "help": "where to run (default: cuda when there is a GPU, else cpu)"}
+
+    p = commands.add_parser("run", help="run a suite and write a results directory")
+    p.add_argument("--suite", required=True, metavar="NAME|PATH",
+                   help=f"a suite in suites/ ({', '.join(suites.available_suites())}) "
+                        "or a path to a .toml file")
+    p.add_argument("--device", **device)
+    p.add_argument("--op", action="extend", nargs="+", default=[], metavar="OP",
+                   help="only these operators")
+    p.add_argument("--impl", action="extend", nargs="+", default=[], metavar="IMPL",
+                   help="only these implementations")
+    p.add_argument("--dtype", action="extend", nargs="+", default=[], metavar="DTYPE",
+                   help="only these dtypes")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="run directory (default: results/local/<UTC time>-<host>-<suite>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out, skipping the rows it already has")
+    p.add_argument("--seed", type=int, help="seed of every case's inputs (default: the suite's)")
+    p.add_argument("--no-timing", action="store_true", help="check correctness only")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="time CUDA graph replays of each call (no launch overhead)")
+    defaults = TimingConfig()
+    p.add_argument("--warmup-ms", type=float, default=defaults.warmup_ms, metavar="MS",
+                   help=f"warm-up time per measurement (default {defaults.warmup_ms:g})")
+    p.add_argument("--rep-ms", type=float, default=defaults.rep_ms, metavar="MS",
+                   help=f"measured time per measurement (default {defaults.rep_ms:g})")
+    p.set_defaults(handler=cmd_run)
+
+    p = commands.add_parser("case", help="run one case, optionally saving it as .npz")
+    p.add_argument("op", metavar="OP", help="operator name (see `dcnbench list`)")
+    p.add_argument("--param", action="extend", nargs="+", default=[], metavar="NAME=VALUE",
+                   help="parameter values; the others keep their defaults")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--mode", default="random", help="input mode (see `dcnbench list`)")
+    p.add_argument("--impl", metavar="NAME", help="implementation (default: the reference)")
+    p.add_argument("--device", **device)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backward", action="store_true", help="check the gradients too")
+    p.add_argument("--save", type=Path, metavar="FILE.npz",
+                   help="save inputs, output (and gradients) in the contract's .npz format")
+    p.set_defaults(handler=cmd_case)
+
+    # Its arguments belong to kernels.build_check, which is imported only when it runs:
+    # main() hands over whatever follows "kernels".
+    p = commands.add_parser("kernels", add_help=False,
+                            help="NVRTC build check of every CUDA source (dcnbench kernels --help)")
+    p.set_defaults(handler=cmd_kernels)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "kernels":
+        args.kernel_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    console = Console()
+    try:
+        return args.handler(args, console)
+    except (ValueError, LookupError, OSError) as exc:
+        # Bad input (unknown names, malformed suites, unwritable paths): one clear line.
+        console.print(f"[red]dcnbench {args.command}: error:[/] {escape(str(exc))}",
+                      highlight=False)
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # before a sweep started; a sweep handles its own
+        return runner.EXIT_INTERRUPTED

@@ -1,0 +1,195 @@
+"""Result storage: one directory per run, ``metadata.json`` and ``results.jsonl``.
+
+Rows are appended to ``results.jsonl`` one JSON object per line, each written
+whole and flushed as soon as its case finishes, so an interrupted run keeps
+every finished row and ``--resume`` carries on from there. A last line without
+its newline is a row whose write was cut short; readers ignore it and a
+resumed run cuts it off. Every field is documented in
+``docs/results-schema.md``; ``SCHEMA_VERSION`` changes whenever a field
+changes meaning or goes away.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.environment import utc_now
+
+SCHEMA_VERSION = 1
+METADATA = "metadata.json"
+RESULTS = "results.jsonl"
+STATUSES = ("ok", "fail", "error", "skipped")
+DIRECTIONS = ("forward", "backward")
+
+
+@dataclasses.dataclass
+class Row:
+    """One case × implementation × direction. See docs/results-schema.md."""
+
+    case_id: str
+    op: str
+    impl: str
+    impl_kind: str
+    direction: str
+    dtype: str
+    mode: str
+    params: dict[str, Any]
+    seed: int
+    device: str
+    status: str = "ok"
+    reason: str = ""
+    traceback: str | None = None
+    reference_device: str | None = None
+    rel_l2: float | None = None
+    max_abs: float | None = None
+    nonfinite: int | None = None
+    worst_tensor: str | None = None
+    tol_rel_l2: float | None = None
+    tol_max_abs: float | None = None
+    tensors: dict[str, dict[str, float]] | None = None
+    timing_skipped: str | None = None
+    timer: str | None = None
+    time_median_ms: float | None = None
+    time_iqr_ms: float | None = None
+    time_min_ms: float | None = None
+    time_samples: int | None = None
+    time_noisy: bool | None = None
+    sm_clock_mhz: int | None = None
+    gpu_temp_c: int | None = None
+    flops: float | None = None
+    bytes: float | None = None
+    tflops: float | None = None
+    gbps: float | None = None
+    roofline_fraction: float | None = None
+    speedup: float | None = None
+    reproduce: str = ""
+    finished_at: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+
+def row_key(row: dict[str, Any]) -> tuple[str, str, str]:
+    """What identifies a row in a run: (case id, implementation, direction)."""
+    return (row["case_id"], row["impl"], row["direction"])
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN or Inf: a non-finite number is stored as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    return value
+
+
+class RunDir:
+    """A run directory being written."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @property
+    def metadata_path(self) -> Path:
+        return self.path / METADATA
+
+    @property
+    def results_path(self) -> Path:
+        return self.path / RESULTS
+
+    def create(self, metadata: dict[str, Any]) -> dict[str, Any]:
+        """Start a new run (refusing a directory that already holds one); returns
+        the metadata as stored."""
+        if self.metadata_path.exists():
+            raise FileExistsError(
+                f"{self.path} already holds a run; pass --resume to continue it "
+                "or choose another --out"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        stored = {"schema_version": SCHEMA_VERSION, **metadata}
+        self.write_metadata(stored)
+        self.results_path.touch()
+        return stored
+
+    def write_metadata(self, metadata: dict[str, Any]) -> None:
+        self.metadata_path.write_text(json.dumps(metadata, indent=2, allow_nan=False) + "\n")
+
+    def reopen(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Open an existing run for appending: its metadata and finished rows.
+
+        Cuts off a row whose write was interrupted, so the next one starts on
+        a line of its own.
+        """
+        if not self.metadata_path.is_file():
+            raise FileNotFoundError(f"{self.path}: no {METADATA}; expected a run directory")
+        metadata = read_metadata(self.path)
+        if metadata.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(
+                f"{self.path}: results schema version {metadata.get('schema_version')}, "
+                f"expected {SCHEMA_VERSION}; start a new run"
+            )
+        text, complete = _complete_lines(self.path)
+        if complete != text:
+            self.results_path.write_text(complete)
+        return metadata, read_rows(self.path)
+
+    def append(self, row: Row) -> dict[str, Any]:
+        """Write ``row`` (stamped with the time) and return it as stored."""
+        row.finished_at = utc_now()
+        stored = _finite_or_none(dataclasses.asdict(row))
+        line = json.dumps(stored, allow_nan=False)
+        with self.results_path.open("a") as f:
+            f.write(line + "\n")
+            f.flush()
+        return stored
+
+
+def read_metadata(run_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / METADATA).read_text())
+
+
+def _complete_lines(run_dir: Path) -> tuple[str, str]:
+    """``results.jsonl``'s text, and the same without a last line cut short."""
+    path = Path(run_dir) / RESULTS
+    text = path.read_text() if path.exists() else ""
+    return text, text[: text.rfind("\n") + 1]
+
+
+def read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """Every complete row of a run, in the order they finished."""
+    _, complete = _complete_lines(run_dir)
+    return [json.loads(line) for line in complete.splitlines()]
+
+
+def _run_dirs(path: Path) -> list[Path]:
+    if (path / METADATA).is_file():
+        return [path]
+    found = sorted(p.parent for p in path.glob(f"*/{METADATA}"))
+    if not found:
+        raise FileNotFoundError(f"{path}: neither a run directory nor a folder of run directories")
+    return found
+
+
+def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
+    """Rows of one or several runs as a DataFrame.
+
+    ``paths`` is a run directory, a folder of run directories, or a list of
+    either. Each row gains ``run_id`` (its directory's name); parameters are
+    spread into ``params.<name>`` columns. ``df.attrs["metadata"]`` maps each
+    ``run_id`` to its metadata.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    rows, metadata = [], {}
+    for run_dir in (d for p in paths for d in _run_dirs(Path(p))):
+        metadata[run_dir.name] = read_metadata(run_dir)
+        rows += [{"run_id": run_dir.name, **row} for row in read_rows(run_dir)]
+    columns = ["run_id"] + [f.name for f in dataclasses.fields(Row)]
+    frame = pd.json_normalize(rows, max_level=1) if rows else pd.DataFrame(columns=columns)
+    frame.attrs["metadata"] = metadata
+    return frame

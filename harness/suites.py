@@ -1,0 +1,396 @@
+"""Suite files: which cases a run sweeps, and with which implementations.
+
+A suite is a TOML file in ``suites/`` (the format is documented in
+``docs/harness.md``). Every sweep names operators, fixed parameters, axes
+swept as a cartesian product, groups of tied parameters, filters, dtypes,
+input modes and implementations, and expands into cases. Loading checks every
+key against the registry, so a malformed suite fails before anything runs,
+with the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import itertools
+import json
+import operator as pyop
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from harness import registry
+from harness.cases import Case
+
+SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
+
+SUITE_KEYS = {"description", "seed", "extends", "override", "sweep"}
+SWEEP_KEYS = {"op", "impls", "dtypes", "modes", "backward", "params", "axes", "tied", "filters"}
+# Keys of a sweep that ``override`` may replace in every sweep of a suite.
+OVERRIDE_KEYS = {"impls", "dtypes", "modes", "backward"}
+
+
+class SuiteError(ValueError):
+    """A malformed suite file; the message names the file, the key and what was expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteCase:
+    """A case of a suite with the implementations to run and whether to run backward."""
+
+    case: Case
+    impls: tuple[str, ...]
+    backward: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    name: str
+    path: Path
+    description: str
+    seed: int
+    sha256: str  # of the file's bytes (and of the suites it extends), for the run metadata
+    cases: tuple[SuiteCase, ...]
+
+
+def resolve_path(name_or_path: str) -> Path:
+    """A suite given by name (``suites/NAME.toml``) or by path."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        return path
+    return SUITES_DIR / f"{name_or_path}.toml"
+
+
+def available_suites() -> list[str]:
+    return sorted(p.stem for p in SUITES_DIR.glob("*.toml"))
+
+
+def load(name_or_path: str) -> Suite:
+    """Parse, check and expand a suite. Raises ``SuiteError``."""
+    path = resolve_path(name_or_path)
+    if not path.is_file():
+        raise SuiteError(
+            f"{name_or_path}: no such suite; expected a path to a .toml file or one of: "
+            f"{', '.join(available_suites())}"
+        )
+    data, digest, label = _read_with_bases(path, seen=())
+    where = _Where(label)
+    description = _get(data, where, "description", str)
+    seed = _get(data, where, "seed", int, default=0)
+    sweeps = data["sweep"]
+    cases: dict[str, tuple[SuiteCase, str]] = {}
+    for index, sweep in enumerate(sweeps):
+        sweep_where = where.at(f"sweep[{index}]")
+        for suite_case in _expand_sweep(sweep, sweep_where):
+            case_id = suite_case.case.id
+            if case_id in cases:
+                raise SuiteError(
+                    f"{sweep_where}: case {case_id} is also produced by {cases[case_id][1]}; "
+                    "expected every case once"
+                )
+            cases[case_id] = (suite_case, sweep_where.key)
+    if not cases:
+        raise SuiteError(f"{where}: the sweeps produce no case; expected at least one")
+    return Suite(
+        name=path.stem,
+        path=path,
+        description=description,
+        seed=seed,
+        sha256=digest,
+        cases=tuple(suite_case for suite_case, _ in cases.values()),
+    )
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], str, str]:
+    """The file's table with ``extends`` and ``override`` applied, a digest of every
+    file it was made from, and how errors in its sweeps name those files."""
+    where = _Where(str(path))
+    raw = path.read_bytes()
+    try:
+        data = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SuiteError(f"{path}: not valid TOML: {exc}") from None
+    _check_keys(data, where, SUITE_KEYS)
+    digest = hashlib.sha256(raw)
+    label = str(path)
+    if "extends" in data:
+        base_path = resolve_path(_get(data, where, "extends", str))
+        if base_path.resolve() in seen + (path.resolve(),):
+            raise SuiteError(f"{where.at('extends')}: {base_path} extends itself")
+        if not base_path.is_file():
+            raise SuiteError(f"{where.at('extends')}: no suite {data['extends']!r}")
+        base, base_digest, base_label = _read_with_bases(base_path, seen + (path.resolve(),))
+        digest.update(base_digest.encode())
+        label = f"{path} (extends {base_label})"
+        if "sweep" in data:
+            raise SuiteError(f"{where.at('sweep')}: a suite that extends another takes its "
+                             "sweeps; expected no sweep of its own")
+        data = {**base, **{k: v for k, v in data.items() if k not in ("extends", "sweep")}}
+    sweeps = _get(data, where, "sweep", list)
+    if not sweeps or not all(isinstance(s, dict) for s in sweeps):
+        raise SuiteError(f"{where.at('sweep')}: expected one or more [[sweep]] tables")
+    override = _get(data, where, "override", dict, default={})
+    _check_keys(override, where.at("override"), OVERRIDE_KEYS)
+    data["sweep"] = [{**sweep, **override} for sweep in sweeps]
+    data.pop("override", None)
+    return data, digest.hexdigest(), label
+
+
+def _expand_sweep(sweep: dict[str, Any], where: _Where) -> list[SuiteCase]:
+    _check_keys(sweep, where, SWEEP_KEYS)
+    op_names = _get(sweep, where, "op", (str, list))
+    op_names = [op_names] if isinstance(op_names, str) else op_names
+    if not op_names or not all(isinstance(n, str) for n in op_names):
+        raise SuiteError(f"{where.at('op')}: expected an operator name or a list of them, "
+                         f"got {_show(op_names)}")
+    expanded = []
+    for op_name in op_names:
+        try:
+            op = registry.get_operator(op_name)
+        except registry.RegistryError as exc:
+            raise SuiteError(f"{where.at('op')}: {exc}") from None
+        expanded += _expand_op(op, sweep, where)
+    return expanded
+
+
+def _expand_op(op: registry.Operator, sweep: dict[str, Any], where: _Where) -> list[SuiteCase]:
+    all_impls = [impl.name for impl in registry.implementations_of(op.name)]
+    impls = _names(sweep, where, "impls", all_impls, default=all_impls)
+    dtypes = _names(sweep, where, "dtypes", list(op.tolerances), default=["float32"])
+    modes = _names(sweep, where, "modes", list(op.input_modes), default=["random"])
+    backward = _get(sweep, where, "backward", bool, default=False)
+
+    fixed = _get(sweep, where, "params", dict, default={})
+    for name, value in fixed.items():
+        _check_param(op, where.at("params").at(name), name, value)
+    axes = _get(sweep, where, "axes", dict, default={})
+    for name, values in axes.items():
+        _check_axis(op, where.at("axes").at(name), name, values)
+    tied = _get(sweep, where, "tied", dict, default={})
+    for group, entries in tied.items():
+        key = where.at("tied").at(group)
+        if not isinstance(entries, list) or not entries or not all(
+            isinstance(e, dict) for e in entries
+        ):
+            raise SuiteError(f"{key}: expected a non-empty list of parameter tables, "
+                             f"got {_show(entries)}")
+        for i, entry in enumerate(entries):
+            for name, value in entry.items():
+                _check_param(op, key.at(f"[{i}]").at(name), name, value)
+    _check_set_once(fixed, axes, tied, where)
+    filters = [
+        Filter(text, where.at(f"filters[{i}]"), op)
+        for i, text in enumerate(_get(sweep, where, "filters", list, default=[]))
+    ]
+
+    axis_points = [[(name, v) for v in values] for name, values in axes.items()]
+    group_points = [list(entries) for entries in tied.values()]
+    cases = []
+    for combo in itertools.product(*axis_points, *group_points):
+        overrides = dict(fixed)
+        for part in combo:
+            overrides.update(part.items() if isinstance(part, dict) else [part])
+        try:
+            params = op.resolve(overrides)
+        except ValueError as exc:
+            raise SuiteError(f"{where}: point {overrides}: {exc}") from None
+        if all(f(params) for f in filters):
+            cases += [
+                SuiteCase(Case(op, params, dtype, mode), tuple(impls), backward)
+                for dtype in dtypes
+                for mode in modes
+            ]
+    return cases
+
+
+def _check_set_once(fixed: dict, axes: dict, tied: dict, where: _Where) -> None:
+    """Each parameter is set in one place only: ``params``, ``axes`` or one tied group."""
+    places: dict[str, str] = {}
+    sources = [("params", fixed.keys()), ("axes", axes.keys())]
+    sources += [(f"tied.{group}", {n for e in entries for n in e}) for group, entries in tied.items()]
+    for place, names in sources:
+        for name in names:
+            if name in places:
+                raise SuiteError(f"{where.at(place).at(name)}: also set in "
+                                 f"{where.at(places[name])}; expected each parameter once")
+            places[name] = place
+
+
+class Filter:
+    """A boolean expression over a case's parameters, e.g. ``"C_out >= C_in"``.
+
+    Parsed with ``ast`` and evaluated by walking the tree: only parameter
+    names, numbers, booleans, strings, arithmetic, comparisons and
+    and/or/not are accepted, so a suite file cannot run code.
+    """
+
+    BINARY = {ast.Add: pyop.add, ast.Sub: pyop.sub, ast.Mult: pyop.mul,
+              ast.Div: pyop.truediv, ast.FloorDiv: pyop.floordiv, ast.Mod: pyop.mod}
+    COMPARE = {ast.Eq: pyop.eq, ast.NotEq: pyop.ne, ast.Lt: pyop.lt, ast.LtE: pyop.le,
+               ast.Gt: pyop.gt, ast.GtE: pyop.ge}
+    UNARY = {ast.Not: pyop.not_, ast.USub: pyop.neg}
+
+    def __init__(self, text: Any, where: _Where, op: registry.Operator):
+        if not isinstance(text, str):
+            raise SuiteError(f"{where}: expected an expression string, got {_show(text)}")
+        try:
+            self.tree = ast.parse(text, mode="eval").body
+        except SyntaxError as exc:
+            raise SuiteError(f"{where}: {text!r} is not an expression: {exc.msg}") from None
+        self.text = text
+        self.where = where
+        self._check(self.tree, op)
+
+    def _check(self, node: ast.AST, op: registry.Operator) -> None:
+        if isinstance(node, ast.Name):
+            if node.id not in op.params:
+                raise SuiteError(f"{self.where}: unknown name {node.id!r} in {self.text!r}; "
+                                 f"expected a parameter of {op.name}: {', '.join(op.params)}")
+            return
+        allowed = (
+            (isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)))
+            or (isinstance(node, ast.BinOp) and type(node.op) in self.BINARY)
+            or (isinstance(node, ast.UnaryOp) and type(node.op) in self.UNARY)
+            or (isinstance(node, ast.Compare) and all(type(o) in self.COMPARE for o in node.ops))
+            or isinstance(node, ast.BoolOp)
+        )
+        if not allowed:
+            raise SuiteError(
+                f"{self.where}: {ast.unparse(node)!r} in {self.text!r} is not allowed; expected "
+                "parameter names, numbers, arithmetic, comparisons and and/or/not"
+            )
+        for child in ast.iter_child_nodes(node):
+            if not isinstance(child, (ast.operator, ast.cmpop, ast.unaryop, ast.boolop)):
+                self._check(child, op)
+
+    def __call__(self, params: Mapping[str, Any]) -> bool:
+        return bool(self._eval(self.tree, params))
+
+    def _eval(self, node: ast.AST, params: Mapping[str, Any]) -> Any:
+        match node:
+            case ast.Name(id=name):
+                return params[name]
+            case ast.Constant(value=value):
+                return value
+            case ast.BinOp(left=left, op=op, right=right):
+                return self.BINARY[type(op)](self._eval(left, params), self._eval(right, params))
+            case ast.UnaryOp(op=op, operand=operand):
+                return self.UNARY[type(op)](self._eval(operand, params))
+            case ast.BoolOp(op=ast.And(), values=values):
+                return all(self._eval(v, params) for v in values)
+            case ast.BoolOp(op=ast.Or(), values=values):
+                return any(self._eval(v, params) for v in values)
+            case ast.Compare(left=left, ops=ops, comparators=comparators):
+                lhs = self._eval(left, params)
+                for cmp, right in zip(ops, comparators, strict=True):
+                    rhs = self._eval(right, params)
+                    if not self.COMPARE[type(cmp)](lhs, rhs):
+                        return False
+                    lhs = rhs
+                return True
+        raise AssertionError(f"unchecked node {ast.dump(node)}")  # _check rejects these
+
+
+@dataclasses.dataclass(frozen=True)
+class _Where:
+    """A position in a suite file, printed as ``suites/x.toml: sweep[2].axes.N``."""
+
+    file: str
+    key: str = ""
+
+    def at(self, part: str) -> _Where:
+        joiner = "" if not self.key or part.startswith("[") else "."
+        return _Where(self.file, f"{self.key}{joiner}{part}")
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.key}" if self.key else self.file
+
+
+_TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string",
+               list: "list", dict: "table"}
+
+
+def _describe(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(_TYPE_NAMES[k] for k in kinds)
+
+
+def _a(kind: type | tuple[type, ...]) -> str:
+    """``_describe`` with its article: "an integer", "a string or list"."""
+    text = _describe(kind)
+    return f"an {text}" if text[0] in "aeiou" else f"a {text}"
+
+
+def _show(value: Any) -> str:
+    """A value as TOML would write it, for error messages."""
+    try:
+        return json.dumps(value)
+    except TypeError:
+        return repr(value)
+
+
+def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
+    """``isinstance`` where a bool is not an integer and an integer is a number."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool):
+        return bool in kinds
+    if isinstance(value, int) and float in kinds:
+        return True
+    return isinstance(value, kinds)
+
+
+_MISSING = object()
+
+
+def _get(table: Mapping[str, Any], where: _Where, key: str, kind, default: Any = _MISSING) -> Any:
+    if key not in table:
+        if default is _MISSING:
+            raise SuiteError(f"{where.at(key)}: missing; expected {_a(kind)}")
+        return default
+    value = table[key]
+    if not _is(value, kind):
+        raise SuiteError(f"{where.at(key)}: expected {_a(kind)}, got {_show(value)}")
+    return value
+
+
+def _check_keys(table: Mapping[str, Any], where: _Where, allowed: set[str]) -> None:
+    for key in table:
+        if key not in allowed:
+            raise SuiteError(f"{where.at(key)}: unknown key; expected one of: "
+                             f"{', '.join(sorted(allowed))}")
+
+
+def _names(table, where: _Where, key: str, choices: list[str], default: list[str]) -> list[str]:
+    """A list of names out of ``choices``, or "all" of them."""
+    names = _get(table, where, key, (list, str), default=default)
+    if names == "all":
+        return choices
+    if not isinstance(names, list) or not names:
+        raise SuiteError(f"{where.at(key)}: expected a non-empty list of names or \"all\", "
+                         f"got {_show(names)}")
+    for name in names:
+        if name not in choices:
+            raise SuiteError(f"{where.at(key)}: {_show(name)} is not one of: {', '.join(choices)}")
+    return names
+
+
+def _param_kind(op: registry.Operator, where: _Where, name: str) -> type:
+    if name not in op.params:
+        raise SuiteError(f"{where}: {op.name} has no parameter {name!r}; "
+                         f"expected one of: {', '.join(op.params)}")
+    return type(op.params[name])
+
+
+def _check_param(op: registry.Operator, where: _Where, name: str, value: Any) -> None:
+    kind = _param_kind(op, where, name)
+    if not _is(value, kind):
+        raise SuiteError(f"{where}: expected {_a(kind)}, got {_show(value)}")
+
+
+def _check_axis(op: registry.Operator, where: _Where, name: str, values: Any) -> None:
+    kind = _param_kind(op, where, name)
+    if not isinstance(values, list) or not values or not all(_is(v, kind) for v in values):
+        raise SuiteError(f"{where}: expected a non-empty list of {_describe(kind)}s, "
+                         f"got {_show(values)}")

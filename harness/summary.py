@@ -1,0 +1,64 @@
+"""The end-of-run table: pass/fail and speedups per operator × implementation × dtype."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from harness import registry
+from harness.results import DIRECTIONS, STATUSES
+
+STATUS_STYLE = {"ok": "green", "fail": "bold red", "error": "bold magenta", "skipped": "dim"}
+
+
+def _status_cell(counts: Counter) -> str:
+    parts = [f"[{STATUS_STYLE[s]}]{counts[s]} {s}[/]" for s in STATUSES if counts[s]]
+    return " ".join(parts) or "[dim]-[/]"
+
+
+def geometric_mean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def _speedup_cell(speedups: list[float]) -> str:
+    return f"{geometric_mean(speedups):#.3g}×" if speedups else "[dim]-[/]"
+
+
+def summary_table(rows: Iterable[dict[str, Any]]) -> Table:
+    """One line per operator × implementation × dtype: statuses per direction and the
+    geometric mean of the speedups over the operator's baseline."""
+    counts: dict[tuple, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
+    speedups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        key = (row["op"], row["impl"], row["dtype"])
+        counts[key][row["direction"]][row["status"]] += 1
+        if row["speedup"] is not None:
+            speedups[key][row["direction"]].append(row["speedup"])
+    baselines = ", ".join(f"{op} → {registry.get_operator(op).baseline}"
+                          for op in sorted({key[0] for key in counts}))
+    table = Table(title="dcnbench results", title_justify="left", caption_justify="left",
+                  caption=f"speedup: geometric mean of baseline time / time ({baselines})")
+    for header in ("operator", "implementation", "dtype"):
+        table.add_column(header)
+    for direction in DIRECTIONS:
+        table.add_column(direction)
+    for direction in DIRECTIONS:
+        table.add_column(f"{direction} speedup", justify="right")
+    for key in sorted(counts):
+        table.add_row(
+            *key,
+            *(_status_cell(counts[key][d]) for d in DIRECTIONS),
+            *(_speedup_cell(speedups[key][d]) for d in DIRECTIONS),
+        )
+    return table
+
+
+def print_summary(rows: list[dict[str, Any]], console: Console) -> None:
+    console.print(summary_table(rows))
+    totals = Counter(row["status"] for row in rows)
+    console.print("  ".join(f"[{STATUS_STYLE[s]}]{totals[s]} {s}[/]" for s in STATUSES))

@@ -1,0 +1,14 @@
+"""Shared test set-up: ``@pytest.mark.gpu`` tests are skipped (never passed) where
+torch sees no CUDA device."""
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (skipped, not passed)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,78 @@
+import dataclasses
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness import results
+from harness.results import Row, RunDir
+
+
+def row(case_id="op/N1/float32/random", impl="good", direction="forward", **fields):
+    return Row(case_id=case_id, op="op", impl=impl, impl_kind="peer", direction=direction,
+               dtype="float32", mode="random", params={"N": 1, "bias": True}, seed=0,
+               device="cpu", **fields)
+
+
+def test_rows_are_appended_one_json_line_each_and_non_finite_numbers_become_null(tmp_path):
+    run_dir = RunDir(tmp_path / "run")
+    stored_meta = run_dir.create({"suite": {"name": "s"}})
+    assert stored_meta["schema_version"] == results.SCHEMA_VERSION
+    stored = run_dir.append(row(rel_l2=float("nan"), max_abs=float("inf"),
+                                tensors={"output": {"rel_l2": float("nan")}}))
+    run_dir.append(row(direction="backward", rel_l2=0.5))
+    lines = (tmp_path / "run" / results.RESULTS).read_text().splitlines()
+    assert len(lines) == 2
+    first = json.loads(lines[0])  # strict JSON: no NaN literals
+    assert first == stored
+    assert (first["rel_l2"], first["max_abs"], first["tensors"]) == (None, None, {"output": {"rel_l2": None}})
+    assert first["schema_version"] == results.SCHEMA_VERSION and first["finished_at"]
+    assert results.read_rows(tmp_path / "run")[1]["rel_l2"] == 0.5
+
+
+def test_reopen_cuts_a_half_written_row_and_checks_the_schema(tmp_path):
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.create({})
+    run_dir.append(row())
+    with run_dir.results_path.open("a") as f:
+        f.write('{"case_id": "op/N1/flo')
+    metadata, rows = run_dir.reopen()
+    assert len(rows) == 1 and metadata["schema_version"] == results.SCHEMA_VERSION
+    assert run_dir.results_path.read_text().endswith("}\n")
+    run_dir.write_metadata({**metadata, "schema_version": 0})
+    with pytest.raises(ValueError, match="results schema version 0, expected 1; start a new run"):
+        run_dir.reopen()
+    with pytest.raises(FileNotFoundError, match="no metadata.json; expected a run directory"):
+        RunDir(tmp_path / "nothing").reopen()
+
+
+def test_load_returns_a_dataframe_of_one_or_several_runs(tmp_path):
+    for name, impls in (("run-a", ["good", "fast"]), ("run-b", ["good"])):
+        run_dir = RunDir(tmp_path / "runs" / name)
+        run_dir.create({"suite": {"name": name}})
+        for impl in impls:
+            run_dir.append(row(impl=impl, time_median_ms=1.5))
+    one = results.load(tmp_path / "runs" / "run-a")
+    assert isinstance(one, pd.DataFrame) and len(one) == 2
+    assert list(one["impl"]) == ["good", "fast"]
+    assert (one["params.N"] == 1).all() and (one["run_id"] == "run-a").all()
+    assert one.attrs["metadata"]["run-a"]["suite"]["name"] == "run-a"
+    both = results.load(tmp_path / "runs")
+    assert sorted(both["run_id"]) == ["run-a", "run-a", "run-b"]
+    listed = results.load([tmp_path / "runs" / "run-a", str(tmp_path / "runs" / "run-b")])
+    assert len(listed) == 3 and set(listed.attrs["metadata"]) == {"run-a", "run-b"}
+
+
+def test_load_of_an_empty_run_has_the_schema_columns(tmp_path):
+    RunDir(tmp_path / "run").create({})
+    frame = results.load(tmp_path / "run")
+    assert frame.empty and {"run_id", "case_id", "status", "time_median_ms"} <= set(frame.columns)
+    with pytest.raises(FileNotFoundError, match="neither a run directory nor a folder of run"):
+        results.load(tmp_path / "run" / "missing")
+
+
+def test_schema_document_lists_every_row_field():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "results-schema.md").read_text()
+    for field in [f.name for f in dataclasses.fields(Row)]:
+        assert f"`{field}`" in doc, f"docs/results-schema.md does not document {field}"
