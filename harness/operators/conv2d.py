@@ -220,6 +220,7 @@ def to_case(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, device: str
 
 
 def check_mode(op: str, mode: str, modes: tuple[str, ...]) -> None:
+    """Raise ValueError unless ``mode`` is one of the operator's input ``modes``."""
     if mode not in modes:
         raise ValueError(f"operator {op!r} has no input mode {mode!r}; expected one of: {', '.join(modes)}")
 
@@ -234,7 +235,7 @@ def in_float64(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tens
     @functools.wraps(forward)
     def run(inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> torch.Tensor:
         dtype = inputs["input"].dtype
-        return forward({name: t.to(torch.float64) for name, t in inputs.items()}, params)
+        return forward({name: t.to(torch.float64) for name, t in inputs.items()}, params).to(dtype)
 
     return run
 
