@@ -47,7 +47,5 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def gpu(session: nox.Session) -> None:
-    """GPU tests and the GPU suites, in the host's own environment (GPU images bring torch/cupy)."""
-    session.run("python", "-m", "pytest", "-q", "-m", "gpu", "tests", external=True)
-    for suite in ("smoke", "resnet50-dcn", "dtypes"):
-        session.run("python", "-m", "harness", "run", "--suite", suite, "--device", "cuda", external=True)
+    """GPU tests and the GPU suites (scripts/gpu-check.sh) in the host's own environment."""
+    session.run("bash", "scripts/gpu-check.sh", external=True)

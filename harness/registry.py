@@ -186,6 +186,11 @@ class Implementation:
     available: Callable[[str], str | None] = lambda device: None
     has_backward: bool = True
     emulated_on: tuple[str, ...] = ()  # devices where it runs through kernels.emulator
+    # dtype -> why a *peer* is known to miss the contract's accuracy there (it
+    # computes in that dtype, say). Such a peer's finite out-of-tolerance rows
+    # are "xfail": recorded with their errors, not failing the run. Our own
+    # kernels and references can never declare one.
+    known_inaccurate: Mapping[str, str] = dataclasses.field(default_factory=dict)
     description: str = ""
 
     def unavailable_reason(self, device: str, dtype: str) -> str | None:
@@ -232,10 +237,15 @@ def implementation(
     available: Callable[[str], str | None] | None = None,
     has_backward: bool = True,
     emulated_on: tuple[str, ...] = (),
+    known_inaccurate: Mapping[str, str] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``fn(inputs, params) -> Tensor`` as an implementation."""
     if kind not in IMPL_KINDS:
         raise RegistryError(f"implementation kind must be one of {IMPL_KINDS}, got {kind!r}")
+    if known_inaccurate and kind != "peer":
+        raise RegistryError(
+            f"{op}/{name}: only peers may declare known_inaccurate dtypes, not a {kind}"
+        )
 
     def register(fn: Callable) -> Callable:
         key = (op, name)
@@ -251,6 +261,7 @@ def implementation(
             available=available or (lambda device: None),
             has_backward=has_backward,
             emulated_on=tuple(emulated_on),
+            known_inaccurate=dict(known_inaccurate or {}),
             description=(fn.__doc__ or "").strip().split("\n")[0],
         )
         return fn

@@ -25,7 +25,7 @@ from harness.environment import utc_now
 SCHEMA_VERSION = 1
 METADATA = "metadata.json"
 RESULTS = "results.jsonl"
-STATUSES = ("ok", "fail", "error", "skipped")
+STATUSES = ("ok", "fail", "xfail", "error", "skipped")
 DIRECTIONS = ("forward", "backward")
 
 

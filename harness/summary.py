@@ -13,7 +13,8 @@ from rich.table import Table
 from harness import registry
 from harness.results import DIRECTIONS, STATUSES
 
-STATUS_STYLE = {"ok": "green", "fail": "bold red", "error": "bold magenta", "skipped": "dim"}
+STATUS_STYLE = {"ok": "green", "fail": "bold red", "xfail": "yellow", "error": "bold magenta",
+                "skipped": "dim"}
 
 
 def _status_cell(counts: Counter) -> str:

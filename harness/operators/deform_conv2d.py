@@ -314,6 +314,12 @@ def _forward(load_module: Callable[[], Any], op: str, modulated: bool, doc: str)
     return forward
 
 
+# Measured on the CPU: forward just over the float16 bound, grad_offset 12-50x
+# over it. Kept as a visible xfail rather than a looser bound for everyone.
+TORCHVISION_HALF = ("torchvision computes sample positions, bilinear blends and sums "
+                    "in float16, not float32 as the contract asks")
+
+
 def _register_implementations(op: str, modulated: bool) -> None:
     """reference, torchvision and cupy for one operator: each calls its module's ``op``."""
     with_mask = " with mask" if modulated else ""
@@ -322,7 +328,8 @@ def _register_implementations(op: str, modulated: bool) -> None:
                  f"kernels.reference.deform_conv2d.{op}: plain PyTorch from the contract, in float64.")))
     # No bfloat16: torchvision's CPU kernel rejects it and its CUDA kernel
     # dispatches floating types and half only.
-    implementation(op, "torchvision", kind="peer", dtypes=("float32", "float16"))(
+    implementation(op, "torchvision", kind="peer", dtypes=("float32", "float16"),
+                   known_inaccurate={"float16": TORCHVISION_HALF})(
         _forward(lambda: torchvision_ops, op, modulated,
                  f"torchvision.ops.deform_conv2d{with_mask}, in the case's dtype."))
     implementation(op, "cupy", kind="kernel", dtypes=KERNEL_DTYPES, available=_kernel_available,

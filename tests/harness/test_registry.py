@@ -44,6 +44,8 @@ def test_duplicate_registrations_are_refused(toy):
         registry.implementation(TOY, "good", kind="peer")(lambda inputs, params: None)
     with pytest.raises(registry.RegistryError, match="kind must be one of"):
         registry.implementation(TOY, "other", kind="fast")
+    with pytest.raises(registry.RegistryError, match="only peers may declare known_inaccurate"):
+        registry.implementation(TOY, "excused", kind="kernel", known_inaccurate={"float16": "x"})
 
 
 def test_implementation_records_its_declaration(toy):

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from harness_toy import CORRECT_IMPLS, TOY
+from harness_toy import CORRECT_IMPLS, TOY, toy_math
 from rich.console import Console
 
 from harness import execution, registry, results, runner, suites, timing
@@ -227,6 +227,28 @@ def test_a_reference_that_returns_nan_is_an_error_not_a_pass(toy, toy_suite, tmp
     assert ran and {r["status"] for r in ran} == {"error"}
     assert ran[0]["reason"].startswith(
         "preparing the case: ValueError: the reference's output has 80 non-finite values")
+
+
+def test_a_known_inaccurate_peer_is_xfail_but_its_nan_still_fails(toy, toy_suite, tmp_path):
+    half = {"float32": "computes in half precision"}
+
+    @registry.implementation(TOY, "sloppy", kind="peer", known_inaccurate=half)
+    def sloppy(inputs, params):
+        """1% off: outside the float32 bound, declared known-inaccurate."""
+        return toy_math(inputs, params) * 1.01
+
+    assert run(toy_suite, tmp_path / "xfail", impls=["sloppy"], dtypes=["float32"]) == 0
+    row = by(results.read_rows(tmp_path / "xfail"), "sloppy")[0]
+    assert row["status"] == "xfail" and row["rel_l2"] == pytest.approx(0.01, rel=1e-3)
+    assert row["reason"].startswith("known inaccuracy (computes in half precision): output:")
+
+    @registry.implementation(TOY, "sloppy_nan", kind="peer", known_inaccurate=half)
+    def sloppy_nan(inputs, params):
+        """Declared known-inaccurate, but a NaN is never excused."""
+        return toy_math(inputs, params) * float("nan")
+
+    assert run(toy_suite, tmp_path / "nan", impls=["sloppy_nan"], dtypes=["float32"]) == 1
+    assert {r["status"] for r in by(results.read_rows(tmp_path / "nan"), "sloppy_nan")} == {"fail"}
 
 
 def test_smoke_slice_runs_the_real_operators(tmp_path):
