@@ -1,0 +1,366 @@
+"""Launching our CUDA kernels from PyTorch: CuPy on a GPU, ``kernels.emulator`` on the CPU.
+
+Every op family builds its kernels the same way::
+
+    kernel = launch.module(SOURCE, tensor.device).function("my_kernel<float>")
+    kernel(grid, block, (tensor_a, tensor_b, launch.int32(n)))
+
+The backend follows the tensors' device: CUDA tensors run through
+``cupy.RawModule`` (imported lazily, so CPU-only machines need no CuPy), CPU
+tensors through ``kernels.emulator.RawModule``, which runs the very same
+``.cu`` source on the CPU. Both get the source's registered options and name
+expressions (``kernels.cuda_sources``), so what the build check compiles is
+what runs.
+
+Kernel arguments are passed as CuPy passes them: tensors (and, on the CPU,
+numpy arrays) become pointers to their data, zero-copy; value parameters must be numpy
+scalars of the exact declared width (:func:`int32`, :func:`int64`,
+:func:`float32`). A bare Python ``int`` or ``float`` is rejected: CuPy would
+silently pass it as 64 bits, which a kernel declaring ``int`` misreads.
+A null pointer is :func:`null` (an empty tensor of the parameter's dtype: the
+emulator checks pointer dtypes, and an empty tensor has no storage).
+
+On the GPU, kernels are launched on PyTorch's current stream of the tensors'
+device, so they order correctly with the PyTorch work around them (and inside
+CUDA graphs / ``torch.cuda.stream`` blocks). Launch errors that CUDA reports
+at launch time (a bad configuration, too many resources) are raised at once,
+naming the kernel and its configuration; errors inside a kernel (an illegal
+address) surface, as with any CUDA work, at the next synchronisation --
+``CUDA_LAUNCH_BLOCKING=1`` makes them surface at their launch.
+
+Launch configurations are derived from :func:`device_properties`:
+``torch.cuda.get_device_properties`` on a GPU, the emulator's on the CPU.
+Before either backend sees it, a configuration is checked against CUDA's
+limits (block size, grid dimensions), so the emulator rejects what a GPU would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from kernels.cuda_sources import CudaSource
+
+# CUDA's architectural launch limits (every GPU since compute capability 3.0).
+MAX_THREADS_PER_BLOCK = 1024
+MAX_GRID_DIM = (2**31 - 1, 65535, 65535)
+INT32_MAX = 2**31 - 1
+
+Dim3 = tuple[int, int, int]
+
+
+# --------------------------------------------------------------------------- #
+# Output allocation: NaN-poisoned during correctness runs.
+# --------------------------------------------------------------------------- #
+
+# A process-wide depth, not a thread-local: autograd runs CUDA backward passes
+# on its own worker threads, and their outputs must be poisoned as well.
+_poison_depth = 0
+_poison_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def poisoned_outputs() -> Iterator[None]:
+    """While active, :func:`new_output` fills every tensor it returns with NaN.
+
+    The harness enables it around correctness runs: a kernel that leaves an
+    output element unwritten then shows up as NaN instead of passing with
+    whatever the allocator left there.
+    """
+    global _poison_depth
+    with _poison_lock:
+        _poison_depth += 1
+    try:
+        yield
+    finally:
+        with _poison_lock:
+            _poison_depth -= 1
+
+
+def outputs_poisoned() -> bool:
+    return _poison_depth > 0
+
+
+def new_output(
+    shape: Sequence[int], dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
+    """Uninitialised tensor for a kernel to write every element of (NaN-filled when poisoned).
+
+    Every tensor a kernel writes goes through here, scratch buffers included.
+    Accumulators that must start at zero use ``torch.zeros`` instead.
+    """
+    if outputs_poisoned():
+        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------- #
+# Value parameters of the exact declared width.
+# --------------------------------------------------------------------------- #
+
+
+def int32(value: int) -> np.int32:
+    """An ``int`` kernel parameter; raises if ``value`` does not fit in 32 bits."""
+    if not -(2**31) <= value <= INT32_MAX:
+        raise OverflowError(f"{value} does not fit a 32-bit int kernel parameter")
+    return np.int32(value)
+
+
+def int64(value: int) -> np.int64:
+    """A ``long long`` kernel parameter."""
+    if not -(2**63) <= value < 2**63:
+        raise OverflowError(f"{value} does not fit a 64-bit kernel parameter")
+    return np.int64(value)
+
+
+def float32(value: float) -> np.float32:
+    """A ``float`` kernel parameter."""
+    return np.float32(value)
+
+
+# --------------------------------------------------------------------------- #
+# Device properties and launch-configuration helpers.
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceProperties:
+    """What launch configurations are computed from."""
+
+    name: str
+    multiprocessor_count: int
+    max_threads_per_multiprocessor: int
+    total_memory: int  # bytes
+
+    @property
+    def resident_threads(self) -> int:
+        """Threads the device runs at once at full occupancy."""
+        return self.multiprocessor_count * self.max_threads_per_multiprocessor
+
+
+@functools.cache
+def _device_properties(device_type: str, index: int | None) -> DeviceProperties:
+    if device_type == "cuda":
+        props = torch.cuda.get_device_properties(index)
+        return DeviceProperties(
+            name=props.name,
+            multiprocessor_count=props.multi_processor_count,
+            max_threads_per_multiprocessor=props.max_threads_per_multi_processor,
+            total_memory=props.total_memory,
+        )
+    from kernels import emulator
+
+    props = emulator.PROPERTIES
+    return DeviceProperties(
+        name=props.name,
+        multiprocessor_count=props.multiProcessorCount,
+        max_threads_per_multiprocessor=props.maxThreadsPerMultiProcessor,
+        total_memory=props.totalGlobalMem,
+    )
+
+
+def device_properties(device: torch.device | str) -> DeviceProperties:
+    """Properties of ``device``: the GPU's, or the emulator's for the CPU."""
+    device = _resolve(device)
+    return _device_properties(device.type, device.index)
+
+
+def null(dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A null pointer argument of element type ``dtype``: an empty tensor, which owns no memory."""
+    tensor = torch.empty(0, dtype=dtype, device=device)
+    assert tensor.data_ptr() == 0, "an empty tensor must have no storage"
+    return tensor
+
+
+def blocks(items: int, block_size: int) -> int:
+    """Blocks of ``block_size`` threads that cover ``items`` threads."""
+    return -(-items // block_size)
+
+
+def _dim3(value: int | Sequence[int], what: str) -> Dim3:
+    values = (value,) if isinstance(value, int) else tuple(value)
+    if not 1 <= len(values) <= 3 or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values
+    ):
+        raise TypeError(f"{what} must be an int or 1-3 ints, got {value!r}")
+    return tuple(int(v) for v in values) + (1,) * (3 - len(values))  # type: ignore[return-value]
+
+
+def _check_configuration(name: str, grid: Dim3, block: Dim3, shared_mem: int) -> None:
+    threads = block[0] * block[1] * block[2]
+    if min(block) < 1 or threads > MAX_THREADS_PER_BLOCK:
+        raise ValueError(
+            f"{name}: block {block} has {threads} threads; CUDA allows 1 to {MAX_THREADS_PER_BLOCK}"
+        )
+    for axis, (size, limit) in enumerate(zip(grid, MAX_GRID_DIM, strict=True)):
+        if not 1 <= size <= limit:
+            raise ValueError(f"{name}: grid {grid} dimension {axis} must be in 1..{limit}")
+    if shared_mem < 0:
+        raise ValueError(f"{name}: negative dynamic shared memory {shared_mem}")
+
+
+# --------------------------------------------------------------------------- #
+# Modules and kernels.
+# --------------------------------------------------------------------------- #
+
+
+def _resolve(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"our kernels run on CUDA devices or, emulated, on the CPU; got {device}")
+    return device
+
+
+class Kernel:
+    """One kernel of a module, callable as CuPy's ``RawKernel``: ``kernel(grid, block, args)``."""
+
+    def __init__(self, name: str, function: Any, device: torch.device) -> None:
+        self.name = name
+        self.device = device
+        self._function = function
+
+    def __call__(
+        self,
+        grid: int | Sequence[int],
+        block: int | Sequence[int],
+        args: Sequence[Any],
+        shared_mem: int = 0,
+    ) -> None:
+        grid3, block3 = _dim3(grid, "grid"), _dim3(block, "block")
+        _check_configuration(self.name, grid3, block3, shared_mem)
+        converted = tuple(self._argument(i, arg) for i, arg in enumerate(args))
+        if self.device.type == "cuda":
+            self._launch_cupy(grid3, block3, converted, shared_mem)
+        else:
+            self._function(grid3, block3, converted, shared_mem=shared_mem)
+
+    def _argument(self, position: int, arg: Any) -> Any:
+        if isinstance(arg, np.generic):
+            return arg
+        if isinstance(arg, torch.Tensor):
+            if arg.device != self.device:
+                raise ValueError(
+                    f"{self.name}: argument {position} is on {arg.device}, the kernel runs on {self.device}"
+                )
+            if not arg.is_contiguous():
+                raise ValueError(
+                    f"{self.name}: argument {position} is not contiguous; kernels index raw memory densely"
+                )
+            if self.device.type == "cpu":
+                return arg
+            return _device_pointer(arg)  # an empty tensor's is 0: null
+        if isinstance(arg, np.ndarray) and self.device.type == "cpu":
+            return arg
+        raise TypeError(
+            f"{self.name}: argument {position} is a {type(arg).__name__}; pass tensors for pointers "
+            "(launch.null for a null one) and numpy scalars of the declared width "
+            "(launch.int32/int64/float32) for values"
+        )
+
+    def _launch_cupy(self, grid: Dim3, block: Dim3, args: tuple[Any, ...], shared_mem: int) -> None:
+        import cupy
+
+        index = self.device.index
+        stream = _external_stream(torch.cuda.current_stream(index).cuda_stream, index)
+        try:
+            with _on_device(self.device), stream:
+                self._function(grid, block, args, shared_mem=shared_mem)
+        except cupy.cuda.driver.CUDADriverError as error:
+            raise RuntimeError(
+                f"launching {self.name} on {self.device} with grid {grid}, block {block}, "
+                f"{shared_mem} B dynamic shared memory failed: {error}"
+            ) from error
+
+
+@functools.cache
+def _external_stream(pointer: int, device_index: int) -> Any:
+    import cupy
+
+    return cupy.cuda.ExternalStream(pointer, device_index)
+
+
+def _device_pointer(tensor: torch.Tensor) -> np.uint64:
+    """A CUDA tensor as the kernel sees it: its data address, by value.
+
+    This is exactly what CuPy passes for a ``cupy.ndarray`` argument (an
+    8-byte pointer value), without building a CuPy array through
+    ``__cuda_array_interface__`` on every launch (microseconds per argument)
+    and without a dtype, which matters for bfloat16: CuPy has none. The
+    tensor is shared, never copied; the caller keeps it alive for the launch,
+    and PyTorch's caching allocator orders reuse on the stream we launch on.
+    """
+    return np.uint64(tensor.data_ptr())
+
+
+class Module:
+    """The compiled kernels of one :class:`CudaSource` on one device."""
+
+    def __init__(self, source: CudaSource, device: torch.device) -> None:
+        self.source = source
+        self.device = device
+        self._raw = _raw_module(source, device)
+        self._kernels: dict[str, Kernel] = {}
+
+    def function(self, name_expression: str) -> Kernel:
+        """The kernel ``name_expression`` (one of the source's registered name expressions)."""
+        if name_expression not in self.source.name_expressions:
+            raise KeyError(
+                f"{name_expression!r} is not a registered name expression of {self.source.filename}; "
+                f"registered: {', '.join(self.source.name_expressions)}"
+            )
+        kernel = self._kernels.get(name_expression)
+        if kernel is None:
+            with _on_device(self.device):
+                function = self._raw.get_function(name_expression)
+            kernel = self._kernels[name_expression] = Kernel(name_expression, function, self.device)
+        return kernel
+
+
+@contextlib.contextmanager
+def _on_device(device: torch.device) -> Iterator[None]:
+    """Makes ``device`` CuPy's current device (CuPy compiles and loads per device)."""
+    if device.type != "cuda":
+        yield
+        return
+    import cupy
+
+    with cupy.cuda.Device(device.index):
+        yield
+
+
+def _raw_module(source: CudaSource, device: torch.device) -> Any:
+    if device.type == "cuda":
+        import cupy
+
+        return cupy.RawModule(
+            code=source.code(), options=source.options, name_expressions=source.name_expressions
+        )
+    from kernels import emulator
+
+    return emulator.RawModule(
+        code=source.code(), options=source.options, name_expressions=source.name_expressions
+    )
+
+
+_modules: dict[tuple[str, str, int | None], Module] = {}
+_modules_lock = threading.Lock()
+
+
+def module(source: CudaSource, device: torch.device | str) -> Module:
+    """The kernels of ``source`` for ``device``, compiled once per (source, backend, device)."""
+    device = _resolve(device)
+    key = (source.filename, device.type, device.index)
+    with _modules_lock:
+        found = _modules.get(key)
+        if found is None:
+            found = _modules[key] = Module(source, device)
+    return found

@@ -1,0 +1,894 @@
+"""Our DCNv1 / DCNv2 kernels: ``deform_conv2d`` and ``modulated_deform_conv2d``.
+
+Semantics: ``shared/ops-semantics.md`` (those of ``torchvision.ops.deform_conv2d``),
+NCHW, float32 / float16 / bfloat16 with float32 accumulation. Design notes and
+what to measure: ``docs/kernels/deform_conv2d.md``.
+
+Forward, per chunk of samples: ``deform_im2col`` (``kernels/cuda/deform_conv2d.cu``)
+builds columns [chunk, C_in·kh·kw, H_out·W_out] in the input dtype, then one
+strided-batched cuBLAS GEMM per weight group (stride-0 weight batch) writes the
+output in place, bias fused as the GEMM's C operand.
+
+Backward, per chunk: the transposed-weight GEMM gives grad_columns, the fused
+``deform_col2im`` scatters grad_input (float32 atomics) and reduces
+grad_offset / grad_mask; for grad_weight the columns are rebuilt (cheaper than
+keeping them from the forward) and multiplied by grad_output with a float32
+result; grad_bias is a float32 sum of grad_output. Only requested gradients are
+computed.
+
+GEMMs run through ``torch.bmm`` / ``torch.baddbmm`` (cuBLAS on a GPU) and
+follow PyTorch's global flags: ``torch.backends.cuda.matmul.allow_tf32`` for
+float32 and ``allow_fp16_reduced_precision_reduction`` /
+``allow_bf16_reduced_precision_reduction`` for half types. We never change
+them: the caller decides, and the contract's float32 accumulation needs all
+three off (split-K partial sums otherwise round to TF32 / half).
+
+On a CPU tensor everything runs the same way, the kernels through
+``kernels.emulator``: for correctness checks, never for timing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from kernels import launch
+from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
+
+__all__ = [
+    "DeformConv2d",
+    "ModulatedDeformConv2d",
+    "deform_conv2d",
+    "modulated_deform_conv2d",
+]
+
+# Threads per block of both kernels; the .cu file gets it as a macro so its
+# __launch_bounds__ and our grids cannot disagree.
+BLOCK_SIZE = 256
+# A thread locates its sampling point once and loops over channels; below this
+# many channels that fixed cost is no longer amortised, so channels are not
+# split finer even when the GPU is not full.
+MIN_CHANNELS_PER_THREAD = 4
+# Aim for this many waves of resident threads when choosing channel slices.
+TARGET_WAVES = 2
+# Scratch (columns, float32 accumulators) per chunk of samples; the batch is
+# processed in chunks that fit, so any N works.
+WORKSPACE_BUDGET_BYTES = 256 * 2**20
+
+_CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+SUPPORTED_DTYPES = tuple(_CTYPES)
+_KERNELS = ("deform_im2col", "deform_col2im")
+
+
+def _name_expression(kernel: str, dtype: torch.dtype, has_mask: bool) -> str:
+    return f"{kernel}<{_CTYPES[dtype]}, {'true' if has_mask else 'false'}>"
+
+
+SOURCE = register(
+    CudaSource(
+        filename="deform_conv2d.cu",
+        name_expressions=tuple(
+            _name_expression(kernel, dtype, has_mask)
+            for kernel in _KERNELS
+            for dtype in SUPPORTED_DTYPES
+            for has_mask in (False, True)
+        ),
+        block_sizes=dict.fromkeys(_KERNELS, BLOCK_SIZE),
+        options=(*COMPILE_OPTIONS, f"-DDEFORM_CONV_BLOCK_SIZE={BLOCK_SIZE}"),
+    )
+)
+
+
+# --------------------------------------------------------------------------- #
+# Argument checking.
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Every size of one call, checked against the contract."""
+
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel_h: int
+    kernel_w: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    offset_groups: int
+    out_h: int
+    out_w: int
+
+    @property
+    def taps(self) -> int:
+        return self.kernel_h * self.kernel_w
+
+    @property
+    def pixels(self) -> int:
+        return self.out_h * self.out_w
+
+    @property
+    def group_columns(self) -> int:
+        """Rows of one weight group's columns: (C_in/groups)·kh·kw."""
+        return self.in_channels // self.groups * self.taps
+
+    @property
+    def output_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.out_channels, self.out_h, self.out_w)
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    values = (value, value) if isinstance(value, int) else tuple(value)
+    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return values  # type: ignore[return-value]
+
+
+def _check_tensor(name: str, tensor: object, ndim: int) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(tensor.shape)}")
+    return tensor
+
+
+def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], why: str) -> None:
+    if tuple(tensor.shape) != expected:
+        raise ValueError(f"{name} must have shape {expected} ({why}), got {tuple(tensor.shape)}")
+
+
+def check_arguments(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int | Sequence[int],
+    padding: int | Sequence[int],
+    dilation: int | Sequence[int],
+    groups: int,
+    offset_groups: int | None,
+) -> Geometry:
+    """Check every argument against the contract; return the call's sizes.
+
+    Each error names the argument, what was expected and what was given.
+    ``offset_groups=None`` infers it from offset's channels.
+    """
+    _check_tensor("input", input, 4)
+    _check_tensor("offset", offset, 4)
+    _check_tensor("weight", weight, 4)
+    if mask is not None:
+        _check_tensor("mask", mask, 4)
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+    stride_hw = _pair(stride, "stride")
+    padding_hw = _pair(padding, "padding")
+    dilation_hw = _pair(dilation, "dilation")
+    if min(stride_hw) < 1:
+        raise ValueError(f"stride must be >= 1, got {stride_hw}")
+    if min(padding_hw) < 0:
+        raise ValueError(f"padding must be >= 0, got {padding_hw}")
+    if min(dilation_hw) < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation_hw}")
+
+    if input.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"input has dtype {input.dtype}; supported: {', '.join(map(str, SUPPORTED_DTYPES))}"
+        )
+    if input.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"input is on {input.device}; supported: CUDA, or CPU (emulated)")
+    for name, tensor in (("offset", offset), ("mask", mask), ("weight", weight), ("bias", bias)):
+        if tensor is None:
+            continue
+        if tensor.dtype != input.dtype:
+            raise TypeError(
+                f"{name} has dtype {tensor.dtype}, expected input's dtype {input.dtype}"
+            )
+        if tensor.device != input.device:
+            raise ValueError(
+                f"{name} is on {tensor.device}, expected input's device {input.device}"
+            )
+
+    batch, in_channels, height, width = input.shape
+    out_channels, weight_channels, kernel_h, kernel_w = weight.shape
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f"groups={groups} must divide input's channels ({in_channels}) and weight's "
+            f"output channels ({out_channels})"
+        )
+    if min(in_channels, height, width, out_channels, kernel_h, kernel_w) < 1:
+        raise ValueError(
+            f"input {tuple(input.shape)} and weight {tuple(weight.shape)} must have non-empty "
+            "channel, spatial and kernel sizes"
+        )
+    if weight_channels * groups != in_channels:
+        raise ValueError(
+            f"weight must have shape ({out_channels}, {in_channels // groups}, {kernel_h}, {kernel_w}) "
+            f"(C_in/groups = {in_channels}/{groups} input channels), got {tuple(weight.shape)}"
+        )
+    out_h = (height + 2 * padding_hw[0] - dilation_hw[0] * (kernel_h - 1) - 1) // stride_hw[0] + 1
+    out_w = (width + 2 * padding_hw[1] - dilation_hw[1] * (kernel_w - 1) - 1) // stride_hw[1] + 1
+    if out_h < 1 or out_w < 1:
+        raise ValueError(
+            f"the output would be {out_h}x{out_w}: input {height}x{width} is smaller than the "
+            f"dilated {kernel_h}x{kernel_w} kernel with padding {padding_hw}"
+        )
+
+    taps = kernel_h * kernel_w
+    if offset_groups is None:
+        if offset.shape[1] == 0 or offset.shape[1] % (2 * taps):
+            raise ValueError(
+                f"offset must have a positive multiple of 2·kh·kw = {2 * taps} channels, "
+                f"got {offset.shape[1]}"
+            )
+        offset_groups = offset.shape[1] // (2 * taps)
+    if not isinstance(offset_groups, int) or isinstance(offset_groups, bool) or offset_groups < 1:
+        raise ValueError(f"offset_groups must be a positive int, got {offset_groups!r}")
+    if in_channels % offset_groups:
+        raise ValueError(
+            f"offset_groups={offset_groups} must divide input's channels ({in_channels})"
+        )
+    _check_shape(
+        "offset",
+        offset,
+        (batch, 2 * offset_groups * taps, out_h, out_w),
+        f"N, 2·offset_groups·kh·kw with offset_groups={offset_groups}, H_out, W_out",
+    )
+    if mask is not None:
+        _check_shape(
+            "mask",
+            mask,
+            (batch, offset_groups * taps, out_h, out_w),
+            f"N, offset_groups·kh·kw with offset_groups={offset_groups}, H_out, W_out",
+        )
+    if bias is not None:
+        _check_shape("bias", bias, (out_channels,), "C_out")
+    # 32-bit indices inside the kernels (see the .cu header).
+    if height * width > launch.INT32_MAX:
+        raise ValueError(f"input planes of {height}x{width} exceed 2^31 elements")
+    if 2 * offset_groups * taps * out_h * out_w > launch.INT32_MAX:
+        raise ValueError(f"offset {tuple(offset.shape)} exceeds 2^31 elements per sample")
+    return Geometry(
+        batch=batch,
+        in_channels=in_channels,
+        height=height,
+        width=width,
+        out_channels=out_channels,
+        kernel_h=kernel_h,
+        kernel_w=kernel_w,
+        stride=stride_hw,
+        padding=padding_hw,
+        dilation=dilation_hw,
+        groups=groups,
+        offset_groups=offset_groups,
+        out_h=out_h,
+        out_w=out_w,
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Launch configuration.
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slicing:
+    """How the channels of an offset group are split among threads."""
+
+    channels_per_thread: int
+    slices: int
+
+
+def _channel_slicing(g: Geometry, samples: int, device: torch.device) -> _Slicing:
+    """One slice (each thread loops over its group's channels) when the
+    (sample, offset group, tap, pixel) items alone give ``TARGET_WAVES`` waves
+    of resident threads; otherwise enough slices to get there, each of at
+    least ``MIN_CHANNELS_PER_THREAD`` channels."""
+    group_channels = g.in_channels // g.offset_groups
+    items = samples * g.offset_groups * g.taps * g.pixels
+    target = TARGET_WAVES * launch.device_properties(device).resident_threads
+    most = min(
+        -(-group_channels // MIN_CHANNELS_PER_THREAD),
+        launch.INT32_MAX // (g.offset_groups * g.taps * g.pixels),
+    )
+    wanted = max(1, min(-(-target // max(items, 1)), most))
+    per_thread = -(-group_channels // wanted)
+    return _Slicing(per_thread, -(-group_channels // per_thread))
+
+
+def _chunk_size(g: Geometry, bytes_per_sample: int) -> int:
+    """Samples per chunk: as many as the workspace budget holds (at least 1,
+    at most the grid's y limit, since blockIdx.y is the sample)."""
+    chunk = max(1, WORKSPACE_BUDGET_BYTES // max(bytes_per_sample, 1))
+    return min(chunk, max(g.batch, 1), launch.MAX_GRID_DIM[1])
+
+
+def _launch_sampling_kernel(
+    kernel: launch.Kernel,
+    g: Geometry,
+    samples: int,
+    slicing: _Slicing,
+    tensors: Sequence[torch.Tensor],
+) -> None:
+    items = g.offset_groups * slicing.slices * g.taps * g.pixels
+    geometry = (
+        g.in_channels,
+        g.height,
+        g.width,
+        g.kernel_h,
+        g.kernel_w,
+        *g.stride,
+        *g.padding,
+        *g.dilation,
+        g.offset_groups,
+        g.out_h,
+        g.out_w,
+        slicing.channels_per_thread,
+        slicing.slices,
+    )
+    kernel(
+        (launch.blocks(items, BLOCK_SIZE), samples),
+        BLOCK_SIZE,
+        (*tensors, *(launch.int32(v) for v in geometry)),
+    )
+
+
+def _im2col(
+    g: Geometry,
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor | None,
+    columns: torch.Tensor,
+) -> None:
+    """columns [n, C_in·kh·kw, H_out·W_out] of the samples in input/offset/mask."""
+    samples = input.shape[0]
+    has_mask = mask is not None
+    kernel = launch.module(SOURCE, input.device).function(
+        _name_expression("deform_im2col", input.dtype, has_mask)
+    )
+    if not has_mask:
+        mask = launch.null(input.dtype, input.device)  # unread without HAS_MASK
+    slicing = _channel_slicing(g, samples, input.device)
+    _launch_sampling_kernel(kernel, g, samples, slicing, (input, offset, mask, columns))
+
+
+# --------------------------------------------------------------------------- #
+# Forward and backward on already checked, contiguous tensors.
+# --------------------------------------------------------------------------- #
+
+
+def _forward_into(
+    out: torch.Tensor,
+    g: Geometry,
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> None:
+    group_out = g.out_channels // g.groups
+    chunk = _chunk_size(g, g.in_channels * g.taps * g.pixels * input.element_size())
+    columns = launch.new_output(
+        (chunk, g.in_channels * g.taps, g.pixels), input.dtype, input.device
+    )
+    weights = weight.view(g.groups, group_out, g.group_columns)
+    for start in range(0, g.batch, chunk):
+        stop = min(start + chunk, g.batch)
+        samples = stop - start
+        cols = columns[:samples]
+        _im2col(
+            g,
+            input[start:stop],
+            offset[start:stop],
+            mask if mask is None else mask[start:stop],
+            cols,
+        )
+        cols_by_group = cols.view(samples, g.groups, g.group_columns, g.pixels)
+        out_by_group = out[start:stop].view(samples, g.groups, group_out, g.pixels)
+        for group in range(g.groups):
+            # The weight expanded with batch stride 0 (a view): one strided-batched GEMM.
+            w = weights[group].expand(samples, group_out, g.group_columns)
+            if bias is None:
+                torch.bmm(w, cols_by_group[:, group], out=out_by_group[:, group])
+            else:
+                # The bias as C with beta = 1: added in float32 before the one rounding.
+                bias_rows = bias[group * group_out : (group + 1) * group_out].view(group_out, 1)
+                torch.baddbmm(bias_rows, w, cols_by_group[:, group], out=out_by_group[:, group])
+
+
+def _forward(
+    g: Geometry,
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    out = launch.new_output(g.output_shape, input.dtype, input.device)
+    _forward_into(out, g, input, offset, mask, weight, bias)
+    return out
+
+
+def _float32_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched a @ b with a float32 result, accumulated in float32.
+
+    cuBLAS takes half inputs with a float32 output directly; PyTorch's CPU
+    backend has no such kernel, so there the operands are widened (exact).
+    """
+    if a.dtype == torch.float32:
+        return torch.bmm(a, b)
+    if a.is_cuda:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
+def _sum_slices(partial: torch.Tensor) -> torch.Tensor:
+    """Sum of the channel slices' partial offset / mask gradients (float32)."""
+    return partial[0] if partial.shape[0] == 1 else partial.sum(0)
+
+
+def _backward(
+    g: Geometry,
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor | None,
+    weight: torch.Tensor,
+    output_mask: Sequence[bool],
+) -> tuple[torch.Tensor, ...]:
+    """Gradients (input, offset, mask, weight, bias); an empty tensor for each
+    one ``output_mask`` does not ask for."""
+    want_input, want_offset, want_mask, want_weight, want_bias = output_mask
+    want_mask = want_mask and mask is not None
+    want_sampling = want_input or want_offset or want_mask
+    dtype, device = input.dtype, input.device
+    group_out = g.out_channels // g.groups
+
+    def empty() -> torch.Tensor:  # a fresh one each: op outputs must not alias
+        return input.new_empty(0)
+
+    # Per sample: the columns (reused: grad_columns, then the rebuilt
+    # columns), the float32 grad_input accumulator for half types, and one
+    # group's float32 grad_weight partial product.
+    bytes_per_sample = g.in_channels * g.taps * g.pixels * input.element_size()
+    if want_input and dtype != torch.float32:
+        bytes_per_sample += g.in_channels * g.height * g.width * 4
+    if want_weight:
+        bytes_per_sample += group_out * g.group_columns * 4
+    chunk = _chunk_size(g, bytes_per_sample)
+    columns = launch.new_output((chunk, g.in_channels * g.taps, g.pixels), dtype, device)
+    weights = weight.view(g.groups, group_out, g.group_columns)
+
+    # grad_input accumulates with float32 atomics: into grad_input itself for
+    # float32, else into a per-chunk float32 buffer rounded once at the end of
+    # the chunk (half-precision atomics would round at every one of the many
+    # additions, and small contributions would vanish against large sums).
+    input_accumulator = None
+    if not want_input:
+        grad_input = empty()
+    elif dtype == torch.float32:
+        grad_input = torch.zeros_like(input)
+    else:
+        grad_input = launch.new_output(input.shape, dtype, device)
+        input_accumulator = torch.zeros(
+            (chunk, g.in_channels, g.height, g.width), dtype=torch.float32, device=device
+        )
+    grad_offset = launch.new_output(offset.shape, dtype, device) if want_offset else empty()
+    grad_mask = launch.new_output(mask.shape, dtype, device) if want_mask else empty()
+    weight_accumulator = (
+        torch.zeros((g.groups, group_out, g.group_columns), dtype=torch.float32, device=device)
+        if want_weight
+        else None
+    )
+
+    col2im = launch.module(SOURCE, device).function(
+        _name_expression("deform_col2im", dtype, mask is not None)
+    )
+    for start in range(0, g.batch, chunk):
+        stop = min(start + chunk, g.batch)
+        samples = stop - start
+        cols = columns[:samples]
+        cols_by_group = cols.view(samples, g.groups, g.group_columns, g.pixels)
+        grad_out_by_group = grad_output[start:stop].view(samples, g.groups, group_out, g.pixels)
+        chunk_offset = offset[start:stop]
+        chunk_mask = None if mask is None else mask[start:stop]
+        if want_sampling:
+            for group in range(g.groups):
+                w_t = weights[group].t().expand(samples, g.group_columns, group_out)
+                torch.bmm(w_t, grad_out_by_group[:, group], out=cols_by_group[:, group])
+            if not want_input:
+                accumulator = launch.null(torch.float32, device)  # the kernel skips the scatter
+            elif input_accumulator is None:
+                accumulator = grad_input[start:stop]
+            else:
+                accumulator = input_accumulator[:samples]
+                if start:  # the first chunk has fresh zeros
+                    accumulator.zero_()
+            slicing = _channel_slicing(g, samples, device)
+            offset_partial = launch.new_output(
+                (slicing.slices, *chunk_offset.shape), torch.float32, device
+            )
+            if mask is None:  # HAS_MASK = false reads no mask and writes no mask gradient
+                kernel_mask = launch.null(dtype, device)
+                mask_partial = launch.null(torch.float32, device)
+            else:
+                kernel_mask = chunk_mask
+                mask_partial = launch.new_output(
+                    (slicing.slices, *chunk_mask.shape), torch.float32, device
+                )
+            _launch_sampling_kernel(
+                col2im,
+                g,
+                samples,
+                slicing,
+                (
+                    input[start:stop],
+                    chunk_offset,
+                    kernel_mask,
+                    cols,
+                    accumulator,
+                    offset_partial,
+                    mask_partial,
+                ),
+            )
+            if input_accumulator is not None:
+                grad_input[start:stop].copy_(accumulator)
+            if want_offset:
+                grad_offset[start:stop].copy_(_sum_slices(offset_partial))
+            if want_mask:
+                grad_mask[start:stop].copy_(_sum_slices(mask_partial))
+        if want_weight:
+            _im2col(g, input[start:stop], chunk_offset, chunk_mask, cols)
+            for group in range(g.groups):
+                partial = _float32_bmm(
+                    grad_out_by_group[:, group], cols_by_group[:, group].transpose(1, 2)
+                )
+                weight_accumulator[group] += partial.sum(0)
+
+    grad_weight = weight_accumulator.view(weight.shape).to(dtype) if want_weight else empty()
+    grad_bias = (
+        grad_output.sum(dim=(0, 2, 3), dtype=torch.float32).to(dtype) if want_bias else empty()
+    )
+    return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
+
+
+# --------------------------------------------------------------------------- #
+# torch.library operators: what autograd and torch.compile see.
+# --------------------------------------------------------------------------- #
+
+_PARAMS_SCHEMA = (
+    "int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, "
+    "int groups, int offset_groups"
+)
+
+
+def _geometry_from_op(input, offset, mask, weight, params) -> Geometry:
+    stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, offset_groups = params
+    return check_arguments(
+        input,
+        offset,
+        mask,
+        weight,
+        None,
+        (stride_h, stride_w),
+        (pad_h, pad_w),
+        (dilation_h, dilation_w),
+        groups,
+        offset_groups,
+    )
+
+
+@torch.library.custom_op(
+    "dcnbench::deform_conv2d",
+    mutates_args=(),
+    schema="(Tensor input, Tensor offset, Tensor? mask, Tensor weight, Tensor? bias, "
+    f"{_PARAMS_SCHEMA}) -> Tensor",
+)
+def _deform_conv2d_op(input, offset, mask, weight, bias, *params):
+    g = _geometry_from_op(input, offset, mask, weight, params)
+    return _forward(g, input, offset, mask, weight, bias)
+
+
+@_deform_conv2d_op.register_fake
+def _(input, offset, mask, weight, bias, *params):
+    stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, _, _ = params
+    kernel_h, kernel_w = weight.shape[2], weight.shape[3]
+    out_h = (input.shape[2] + 2 * pad_h - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
+    out_w = (input.shape[3] + 2 * pad_w - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
+    return input.new_empty((input.shape[0], weight.shape[0], out_h, out_w))
+
+
+@torch.library.custom_op(
+    "dcnbench::deform_conv2d_backward",
+    mutates_args=(),
+    schema="(Tensor grad_output, Tensor input, Tensor offset, Tensor? mask, Tensor weight, "
+    f"{_PARAMS_SCHEMA}, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def _deform_conv2d_backward_op(grad_output, input, offset, mask, weight, *params_and_mask):
+    *params, output_mask = params_and_mask
+    g = _geometry_from_op(input, offset, mask, weight, params)
+    return _backward(g, grad_output.contiguous(), input, offset, mask, weight, output_mask)
+
+
+@_deform_conv2d_backward_op.register_fake
+def _(grad_output, input, offset, mask, weight, *params_and_mask):
+    output_mask = params_and_mask[-1]
+    shapes = (
+        input.shape,
+        offset.shape,
+        mask.shape if mask is not None else (0,),
+        weight.shape,
+        (weight.shape[0],),
+    )
+    return tuple(
+        input.new_empty(shape if wanted else (0,))
+        for shape, wanted in zip(shapes, output_mask, strict=True)
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    input, offset, mask, weight, bias, *params = inputs
+    ctx.save_for_backward(input, offset, mask, weight)
+    ctx.params = params
+    ctx.has_bias = bias is not None
+
+
+def _autograd_backward(ctx, grad_output):
+    input, offset, mask, weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    output_mask = [
+        needs[0],
+        needs[1],
+        mask is not None and needs[2],
+        needs[3],
+        ctx.has_bias and needs[4],
+    ]
+    grads = torch.ops.dcnbench.deform_conv2d_backward(
+        grad_output, input, offset, mask, weight, *ctx.params, output_mask
+    )
+    tensor_grads = tuple(
+        grad if wanted else None for grad, wanted in zip(grads, output_mask, strict=True)
+    )
+    return (*tensor_grads, *(None for _ in ctx.params))
+
+
+_deform_conv2d_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- #
+# Public functions.
+# --------------------------------------------------------------------------- #
+
+
+def _deform_conv(
+    input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups, out
+):
+    g = check_arguments(
+        input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups
+    )
+    # Kernels read dense NCHW: a non-contiguous argument is copied once here.
+    input, offset, weight = input.contiguous(), offset.contiguous(), weight.contiguous()
+    mask = None if mask is None else mask.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    if out is None:
+        return torch.ops.dcnbench.deform_conv2d(
+            input,
+            offset,
+            mask,
+            weight,
+            bias,
+            *g.stride,
+            *g.padding,
+            *g.dilation,
+            g.groups,
+            g.offset_groups,
+        )
+    _check_out(out, g, input)
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, offset, mask, weight, bias)
+    ):
+        raise RuntimeError(
+            "deform_conv2d with out=... does not support automatic differentiation, but one of "
+            "the arguments requires grad"
+        )
+    _forward_into(out, g, input, offset, mask, weight, bias)
+    return out
+
+
+def _check_out(out: object, g: Geometry, input: torch.Tensor) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    _check_shape("out", out, g.output_shape, "N, C_out, H_out, W_out")
+    if out.dtype != input.dtype or out.device != input.device:
+        raise TypeError(
+            f"out must be {input.dtype} on {input.device}, got {out.dtype} on {out.device}"
+        )
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+
+
+def deform_conv2d(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = (1, 1),
+    padding: int | tuple[int, int] = (0, 0),
+    dilation: int | tuple[int, int] = (1, 1),
+    groups: int = 1,
+    offset_groups: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Deformable convolution (DCNv1) with our CUDA kernels; differentiable.
+
+    ``torchvision.ops.deform_conv2d`` without ``mask``. CUDA tensors run on
+    the GPU (PyTorch's current stream), CPU tensors through the emulator.
+
+    Args:
+        input: [N, C_in, H, W], float32 / float16 / bfloat16.
+        offset: [N, 2·offset_groups·kh·kw, H_out, W_out]; channel 2·(g·kh·kw + k)
+            is dy and the next one dx of tap k = i·kw + j of offset group g.
+        weight: [C_out, C_in/groups, kh, kw].
+        bias: [C_out] or None.
+        stride, padding, dilation: ints or (h, w) pairs.
+        groups: weight groups; divides C_in and C_out.
+        offset_groups: divides C_in; None infers it from offset's channels
+            (a given value must match them).
+        out: optional [N, C_out, H_out, W_out] contiguous tensor to write into
+            (no autograd then).
+
+    All tensors share one dtype and device; non-contiguous ones are copied.
+
+    Returns:
+        [N, C_out, H_out, W_out], H_out = (H + 2·pad_h − dilation_h·(kh − 1) − 1) // stride_h + 1,
+        likewise W_out.
+    """
+    return _deform_conv(
+        input, offset, None, weight, bias, stride, padding, dilation, groups, offset_groups, out
+    )
+
+
+def modulated_deform_conv2d(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = (1, 1),
+    padding: int | tuple[int, int] = (0, 0),
+    dilation: int | tuple[int, int] = (1, 1),
+    groups: int = 1,
+    offset_groups: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Modulated deformable convolution (DCNv2) with our CUDA kernels; differentiable.
+
+    :func:`deform_conv2d` with every sampled value multiplied by ``mask``
+    (used as given: no sigmoid), i.e. ``torchvision.ops.deform_conv2d`` with mask.
+
+    Args:
+        input: [N, C_in, H, W].
+        offset: [N, 2·offset_groups·kh·kw, H_out, W_out].
+        mask: [N, offset_groups·kh·kw, H_out, W_out]; channel g·kh·kw + k
+            modulates tap k of offset group g.
+        weight: [C_out, C_in/groups, kh, kw].
+        bias: [C_out] or None.
+        stride, padding, dilation, groups, offset_groups, out: as :func:`deform_conv2d`.
+
+    Returns:
+        [N, C_out, H_out, W_out].
+    """
+    if mask is None:
+        raise TypeError("mask must be a torch.Tensor (use deform_conv2d for DCNv1), got None")
+    return _deform_conv(
+        input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups, out
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Modules.
+# --------------------------------------------------------------------------- #
+
+
+class _DeformConv2dBase(nn.Module):
+    """Weight and bias of a deformable convolution, initialised like torchvision's."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        offset_groups: int = 1,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"groups={groups} must divide in_channels ({in_channels}) and out_channels "
+                f"({out_channels})"
+            )
+        if in_channels % offset_groups:
+            raise ValueError(
+                f"offset_groups={offset_groups} must divide in_channels ({in_channels})"
+            )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.padding = _pair(padding, "padding")
+        self.dilation = _pair(dilation, "dilation")
+        self.groups = groups
+        self.offset_groups = offset_groups
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory)
+        )
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight.shape[1] * self.kernel_size[0] * self.kernel_size[1]
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"groups={self.groups}, offset_groups={self.offset_groups}, bias={self.bias is not None}"
+        )
+
+
+class DeformConv2d(_DeformConv2dBase):
+    """DCNv1 layer: ``forward(input, offset)`` with offset [N, 2·offset_groups·kh·kw, H_out, W_out]."""
+
+    def forward(self, input: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        return deform_conv2d(
+            input,
+            offset,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.offset_groups,
+        )
+
+
+class ModulatedDeformConv2d(_DeformConv2dBase):
+    """DCNv2 layer: ``forward(input, offset, mask)``, mask [N, offset_groups·kh·kw, H_out, W_out]."""
+
+    def forward(
+        self, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        return modulated_deform_conv2d(
+            input,
+            offset,
+            mask,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.offset_groups,
+        )
