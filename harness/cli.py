@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from harness import casefile, execution, registry, runner, suites
+from harness import casefile, environment, execution, registry, runner, suites
 from harness.cases import format_value, make_case
 from harness.timing import TimingConfig
 
@@ -183,6 +183,7 @@ def cmd_case(args: argparse.Namespace, console: Console) -> int:
     where = "emulated on cpu" if impl.is_emulated(args.device) else f"on {args.device}"
     console.print(f"case [bold]{case.id}[/] · {impl.name} {where} · seed {args.seed}")
     todo = [(impl, d) for d in (["forward", "backward"] if args.backward else ["forward"])]
+    environment.use_contract_precision()  # as in `run`, so the case reproduces its row
     try:
         case_run = execution.prepare(case, args.device, args.seed, args.backward)
     except Exception as exc:

@@ -53,6 +53,19 @@ def _version(module: str) -> str | None:
         return None
 
 
+def use_contract_precision() -> None:
+    """GEMMs as the contract asks: float32 without TF32, half types reduced in float32.
+
+    torch allows fp16/bf16 GEMMs to reduce partial sums in half by default,
+    which breaks "accumulate in float32"; TF32 would judge float32 by TF32's
+    tolerance. ``collect`` records the settings with every run.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+
+
 def collect(device: str) -> dict[str, Any]:
     """Metadata of this machine and software for a run on ``device``."""
     cuda = device == "cuda"
@@ -74,6 +87,10 @@ def collect(device: str) -> dict[str, Any]:
         "tf32": {
             "matmul": torch.backends.cuda.matmul.allow_tf32,
             "cudnn": torch.backends.cudnn.allow_tf32,
+        },
+        "half_reduced_precision_reduction": {
+            "fp16": torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+            "bf16": torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
         },
         "torch_threads": torch.get_num_threads(),
         "argv": sys.argv,

@@ -14,7 +14,6 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -142,9 +141,7 @@ def run_suite(options: RunOptions, console: Console | None = None) -> int:
     """Run the selected cases; returns the exit status (0, 1 on any fail/error, 130 on Ctrl-C)."""
     console = console or Console()
     selected = select(options)
-    # The contract: float32 GEMMs run without TF32 (and the metadata says so).
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    environment.use_contract_precision()  # before collect(): the metadata records it
     run_dir, metadata, rows = _open_run_dir(options, console)
     console.print(f"run directory: [bold]{escape(str(run_dir.path))}")
     copy_gbps = _copy_bandwidth(options, run_dir, metadata, console)
