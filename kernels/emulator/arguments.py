@@ -141,6 +141,8 @@ def pack(values: Sequence[ArrayArg | bytes]) -> ctypes.Array:
 
 def _check(kernel: str, param: Param, arg: Any) -> ArrayArg | bytes:
     where = f"kernel '{kernel}', {param.describe()}"
+    if arg is None and param.is_pointer:
+        return ArrayArg(None, 0, 0, True)  # a null pointer, as CuPy passes None
     array = as_array(arg, where)
     if param.is_pointer:
         if array is None:

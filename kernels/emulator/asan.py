@@ -55,8 +55,9 @@ def launch(module, kernel: str, grid: tuple[int, int, int], block: tuple[int, in
         "code": module.code, "options": module.options,
         "name_expressions": module.name_expressions, "kernel": kernel,
         "grid": grid, "block": block, "shared_mem": shared_mem,
-        "args": [(ctypes.string_at(v.address, v.nbytes), v.writable) if isinstance(v, ArrayArg)
-                 else v for v in values],
+        # A null pointer (address 0) stays null: no buffer, so no redzone to hit.
+        "args": [(ctypes.string_at(v.address, v.nbytes) if v.address else None, v.writable)
+                 if isinstance(v, ArrayArg) else v for v in values],
     }
     with tempfile.TemporaryDirectory(prefix="dcnbench-asan-") as tmp:
         payload_path, result_path = Path(tmp) / "payload.pkl", Path(tmp) / "result.pkl"
@@ -125,6 +126,9 @@ def _child_main(payload_path: str, result_path: str, regions_path: str) -> None:
             values.append(arg)
             continue
         data, writable = arg
+        if data is None:
+            values.append(ArrayArg(None, 0, 0, writable))
+            continue
         address = libc.malloc(len(data))  # exact size: the next byte is a redzone
         ctypes.memmove(address, data, len(data))
         values.append(ArrayArg(None, address, len(data), writable))

@@ -72,15 +72,17 @@ def guarded(kernel_name: str, params: Sequence[Param], values: Sequence[ArrayArg
     """Yields ``values`` with each array replaced by a guarded copy; on exit
     copies the data back and raises MemcheckError for any guard hit."""
     copies: dict[tuple[int, int], _GuardedCopy] = {}
-    arrays = [(p, v) for p, v in zip(params, values, strict=True) if isinstance(v, ArrayArg)]
+    # Null pointers stay null: a kernel tests them, and there is nothing to guard.
+    arrays = [(p, v) for p, v in zip(params, values, strict=True)
+              if isinstance(v, ArrayArg) and v.address]
     for param, value in arrays:
         key = (value.address, value.nbytes)
         if key not in copies:
             _refuse_partial_overlap(kernel_name, param, value, copies)
             copies[key] = _GuardedCopy(value)
     try:
-        yield [copies[(v.address, v.nbytes)].as_arg() if isinstance(v, ArrayArg) else v
-               for v in values]
+        yield [copies[(v.address, v.nbytes)].as_arg() if isinstance(v, ArrayArg) and v.address
+               else v for v in values]
     finally:
         for copy in copies.values():
             copy.copy_back()

@@ -54,3 +54,26 @@ def test_asan_mode_runs_fibers_cleanly_and_returns_results(rng):
     reversed_blocks = x.reshape(2, 64)[:, ::-1].ravel()
     expected = reversed_blocks + reversed_blocks.reshape(-1, 2)[:, ::-1].ravel()
     np.testing.assert_array_equal(y, expected)
+
+
+NULLABLE_SOURCE = r"""
+extern "C" __global__ void scale_or_negate(const float* scale, float* y, int n) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = scale ? y[i] * scale[0] : -y[i];
+}
+"""
+
+
+@pytest.mark.parametrize("mode", ["normal", "memcheck", "asan"])
+@pytest.mark.parametrize("null", [None, "empty tensor"], ids=["None", "empty"])
+def test_null_pointers_arrive_as_null_in_every_mode(mode, null):
+    import torch
+
+    kernel = emulator.RawKernel(NULLABLE_SOURCE, "scale_or_negate")
+    pointer = None if null is None else torch.empty(0)
+    y = np.arange(1, 9, dtype=np.float32)
+    with emulator.mode(mode):
+        kernel((1,), (32,), (pointer, y, np.int32(y.size)))
+        np.testing.assert_array_equal(y, -np.arange(1, 9, dtype=np.float32))
+        kernel((1,), (32,), (np.full(1, 3, np.float32), y, np.int32(y.size)))
+    np.testing.assert_array_equal(y, -3 * np.arange(1, 9, dtype=np.float32))
