@@ -1,7 +1,12 @@
 """Operator and implementation registrations, one module per operator family.
 
-Importing this package registers everything; ``harness.registry.load_all``
-does so on first use.
+Importing this package imports every module in it, and each registers its
+operators and implementations: adding an operator family is adding a module.
+``harness.registry.load_all`` does so on first use.
 """
 
-from harness.operators import conv2d, deform_conv2d  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
