@@ -23,6 +23,7 @@ implementation's gradients are whatever its autograd (or its own
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -214,6 +215,27 @@ class Implementation:
     def is_emulated(self, device: str) -> bool:
         """Whether running on ``device`` goes through ``kernels.emulator``."""
         return device in self.emulated_on
+
+
+def kernel_availability(module: str) -> Callable[[str], str | None]:
+    """``available`` for our CuPy kernels in ``module`` (e.g. "kernels.ops.dcnv3").
+
+    On a GPU they launch through CuPy, on the CPU through ``kernels.emulator``;
+    the reason names what is missing here.
+    """
+
+    def available(device: str) -> str | None:
+        backend = "cupy" if device == "cuda" else "kernels.emulator"
+        for name in (module, backend):
+            try:
+                importlib.import_module(name)
+            except (ImportError, OSError) as error:
+                return f"{name} is not importable: {error}"
+        if device == "cuda" and not torch.cuda.is_available():
+            return "no CUDA GPU visible to torch"
+        return None
+
+    return available
 
 
 OPERATORS: dict[str, Operator] = {}

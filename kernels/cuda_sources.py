@@ -16,8 +16,10 @@ CUDA_DIR = Path(__file__).parent / "cuda"
 
 # Options CuPy passes to NVRTC for every kernel source. ``-std=c++17`` for
 # templates and ``if constexpr``; no ``--use_fast_math``: the contract wants
-# float32 accuracy, and kernels opt into fast intrinsics explicitly.
-COMPILE_OPTIONS: tuple[str, ...] = ("-std=c++17",)
+# float32 accuracy, and kernels opt into fast intrinsics explicitly. ``-I``:
+# sources include the shared ``.cuh`` headers beside them, and CuPy compiles a
+# copy of the source elsewhere.
+COMPILE_OPTIONS: tuple[str, ...] = ("-std=c++17", f"-I{CUDA_DIR}")
 
 
 @dataclasses.dataclass(frozen=True)

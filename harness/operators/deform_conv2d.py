@@ -61,7 +61,6 @@ Counts, with P = N·H_out·W_out output pixels, K = kh·kw, G = offset_groups:
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -88,6 +87,7 @@ from harness.registry import (
     Operator,
     TensorSpec,
     implementation,
+    kernel_availability,
     register_operator,
 )
 from kernels.peers import torchvision_ops
@@ -280,23 +280,6 @@ def _call(function, inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any
                     **conv_arguments(params), offset_groups=params["offset_groups"])
 
 
-def _kernel_available(device: str) -> str | None:
-    """The CuPy kernels run on a GPU through CuPy, on the CPU through the emulator."""
-    needed = ["kernels.ops.deform_conv2d", "cupy" if device == "cuda" else "kernels.emulator"]
-    modules = {}
-    for name in needed:
-        try:
-            modules[name] = importlib.import_module(name)
-        except (ImportError, OSError) as error:
-            return f"{name} is not importable: {error}"
-    # kernels.launch runs CPU launches through emulator.RawModule.
-    if device == "cpu" and not hasattr(modules["kernels.emulator"], "RawModule"):
-        return "kernels.emulator has no RawModule (the CPU emulator is incomplete)"
-    if device == "cuda" and not torch.cuda.is_available():
-        return "no CUDA GPU visible to torch"
-    return None
-
-
 def _kernel_module():
     """``kernels.ops.deform_conv2d``, imported on first use: it needs CuPy or the emulator."""
     from kernels.ops import deform_conv2d
@@ -332,7 +315,7 @@ def _register_implementations(op: str, modulated: bool) -> None:
                    known_inaccurate={"float16": TORCHVISION_HALF})(
         _forward(lambda: torchvision_ops, op, modulated,
                  f"torchvision.ops.deform_conv2d{with_mask}, in the case's dtype."))
-    implementation(op, "cupy", kind="kernel", dtypes=KERNEL_DTYPES, available=_kernel_available,
+    implementation(op, "cupy", kind="kernel", dtypes=KERNEL_DTYPES, available=kernel_availability("kernels.ops.deform_conv2d"),
                    emulated_on=("cpu",))(
         _forward(_kernel_module, op, modulated,
                  f"kernels.ops.deform_conv2d.{op}: our CuPy kernels (CPU: the emulator)."))

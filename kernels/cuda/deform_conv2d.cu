@@ -28,25 +28,13 @@
 // multiplies in the batch or the channel count (input, column and
 // grad_input offsets) is long long.
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
+#include "scalar_conversions.cuh"
 
 #ifndef DEFORM_CONV_BLOCK_SIZE
 #error "compile with -DDEFORM_CONV_BLOCK_SIZE=<threads per block> (kernels/ops/deform_conv2d.py sets it)"
 #endif
 
 namespace {
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-    return __float2bfloat16_rn(v);
-}
 
 // Where one deformed tap samples the input, by rule B0.
 struct Sample {

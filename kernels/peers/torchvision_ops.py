@@ -10,6 +10,11 @@ dtypes: torchvision's CPU kernel takes float64, float32 and float16 (not
 bfloat16: "deformable_im2col" not implemented for 'BFloat16'); its CUDA
 kernel dispatches floating types and half. Nothing is upcast here: a dtype
 torchvision does not take is an error from torchvision.
+
+The RoI pooling adapters (``roi_align``, ``deform_psroi_pool``) take the
+keyword parameters of ``kernels.reference.roi_align`` and
+``kernels.reference.deform_psroi_pool``; see ``docs/operators/roi_pool.md``
+for where ``ps_roi_align`` computes the contract's ``deform_psroi_pool``.
 """
 
 from __future__ import annotations
@@ -73,3 +78,85 @@ def _check_groups(input, offset, weight, groups, offset_groups):
             f"offset must have 2·offset_groups·kh·kw = {2 * offset_groups * taps} channels, "
             f"got shape {tuple(offset.shape)}"
         )
+
+
+# --- RoI pooling --------------------------------------------------------------
+
+
+def roi_align(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    *,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    sampling_ratio: int,
+) -> torch.Tensor:
+    """RoIAlign by torchvision with ``aligned=True``: the contract's ``roi_align``.
+    input [N, C, H, W], rois [K, 5] (batch_index, x1, y1, x2, y2); returns
+    [K, C, pooled_h, pooled_w]."""
+    return torchvision.ops.roi_align(
+        input, rois, (pooled_h, pooled_w), spatial_scale, sampling_ratio, aligned=True
+    )
+
+
+def deform_psroi_pool(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    trans: torch.Tensor | None,
+    *,
+    spatial_scale: float,
+    output_dim: int,
+    group_size: int,
+    pooled_size: int,
+    part_size: int,
+    sample_per_part: int,
+    trans_std: float,
+    no_trans: bool,
+) -> torch.Tensor:
+    """``deform_psroi_pool`` by ``torchvision.ops.ps_roi_align``, where the two agree.
+
+    They compute the same function when ``no_trans``, ``group_size ==
+    pooled_size`` and no sample falls outside [-0.5, H-0.5]×[-0.5, W-0.5]
+    (there B1 and B2 blend alike); anything else is refused with a
+    ValueError. The RoIs are moved so that ps_roi_align's samples (at
+    (i + 0.5)/sample_per_part of a bin from its unrounded corners, no +1) land
+    on the contract's (at i/sample_per_part of a bin from the rounded corners,
+    x2 + 1): x1' = round(x1) − sub_w/(2·spatial_scale) and
+    x2' = x1' + roi_w/spatial_scale, computed in float64 and rounded to the
+    input's dtype (so only float32 and float64 stay within the contract's
+    tolerance). input [N, output_dim·pooled_size², H, W], rois [K, 5];
+    returns [K, output_dim, pooled_size, pooled_size].
+    """
+    from kernels.reference.deform_psroi_pool import c_round, sample_positions
+
+    if not no_trans or group_size != pooled_size:
+        raise ValueError(
+            "torchvision.ops.ps_roi_align computes deform_psroi_pool only with no_trans=True and "
+            f"group_size == pooled_size, got no_trans={no_trans}, group_size={group_size}, "
+            f"pooled_size={pooled_size}"
+        )
+    exact = rois.detach().to(torch.float64)
+    height, width = input.shape[2:]
+    ys, xs = sample_positions(exact, None, spatial_scale=spatial_scale, pooled_size=pooled_size,
+                              part_size=part_size or pooled_size, sample_per_part=sample_per_part,
+                              trans_std=trans_std, num_classes=1)
+    outside = (xs < -0.5) | (xs > width - 0.5)
+    outside = outside.any() | ((ys < -0.5) | (ys > height - 0.5)).any()
+    if bool(outside):
+        raise ValueError(
+            "torchvision.ops.ps_roi_align differs from deform_psroi_pool when a sample falls "
+            "outside [-0.5, H-0.5]×[-0.5, W-0.5] (B1 averages it in, B2 skips it); these RoIs "
+            "have such samples"
+        )
+    moved = [exact[:, 0]]
+    for low, high in ((1, 3), (2, 4)):
+        start = c_round(exact[:, low])
+        size = torch.clamp((c_round(exact[:, high]) + 1 - start) * spatial_scale, min=0.1)
+        moved_low = start - size / (2 * pooled_size * sample_per_part * spatial_scale)
+        moved.append(moved_low)
+        moved.append(moved_low + size / spatial_scale)
+    moved_rois = torch.stack([moved[0], moved[1], moved[3], moved[2], moved[4]], dim=1)
+    return torchvision.ops.ps_roi_align(
+        input, moved_rois.to(rois.dtype), pooled_size, spatial_scale, sample_per_part
+    )

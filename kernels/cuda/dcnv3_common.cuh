@@ -1,0 +1,191 @@
+// What both DCNv3/DCNv4 designs (dcnv3_direct.cu, dcnv3_vectorized.cu) share:
+// scalar conversions, the tap geometry, where the offsets and the mask of a
+// tap live (three layouts), B0 sampling and the softmax over taps.
+// Semantics: shared/ops-semantics.md, "DCNv3 and DCNv4". Channels-last:
+// input [N, H, W, G*D], output [N, H_out, W_out, G*D].
+//
+// Index widths: a map's pixel index (y * W + x, < H*W) and a pixel's
+// offset/mask row fit in int (checked on the host); anything multiplied by
+// the batch, the output pixel count or the channel count is long long.
+
+#pragma once
+
+#include "scalar_conversions.cuh"
+
+namespace dcnv3 {
+
+// Where the modulation of a tap is read from (the template argument MODULATION).
+enum Modulation : int {
+    MASK = 0,               // dcnv3: offset [.., G*P*2], mask [.., G*P], used as given
+    SOFTMAX_MASK = 1,       // dcnv3 with softmax: mask holds logits, softmax over P per group
+    FUSED_OFFSET_MASK = 2,  // dcnv4: offset_mask [.., M], group g at g*3P: 2P offsets then P masks
+};
+
+// Every size of a call; built once per thread from the kernel's int arguments.
+struct Geometry {
+    int height, width, group, group_channels;
+    int kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+    int out_h, out_w;
+    bool remove_center;
+    float offset_scale;
+
+    __device__ __forceinline__ int channels() const { return group * group_channels; }
+    __device__ __forceinline__ int taps() const {
+        return kernel_h * kernel_w - (remove_center ? 1 : 0);
+    }
+};
+
+// Offsets of tap p of group g are (dx, dy) at row[offset_index], row[offset_index + 1];
+// its mask at row[mask_index]. Rows are per output pixel.
+template <int MODULATION>
+struct Layout {
+    int offset_row, mask_row;  // elements per output pixel
+    int offset_group, mask_group, mask_first;
+
+    __device__ __forceinline__ explicit Layout(const Geometry& g) {
+        const int P = g.taps();
+        if (MODULATION == FUSED_OFFSET_MASK) {
+            offset_row = mask_row = (g.group * P * 3 + 7) / 8 * 8;
+            offset_group = mask_group = 3 * P;
+            mask_first = 2 * P;
+        } else {
+            offset_row = 2 * g.group * P;
+            mask_row = g.group * P;
+            offset_group = 2 * P;
+            mask_group = P;
+            mask_first = 0;
+        }
+    }
+    __device__ __forceinline__ long long offset_index(long long pixel, int g, int p) const {
+        return pixel * offset_row + g * offset_group + 2 * p;
+    }
+    __device__ __forceinline__ long long mask_index(long long pixel, int g, int p) const {
+        return pixel * mask_row + g * mask_group + mask_first + p;
+    }
+};
+
+// The softmax of a (pixel, group)'s P mask logits, as max and 1/sum: m_p =
+// exp(l_p - max) * inv_sum. In float32 whatever the dtype. For the other
+// layouts m_p is the mask as given.
+struct Softmax {
+    float max, inv_sum;
+};
+
+template <int MODULATION, typename scalar_t>
+__device__ __forceinline__ Softmax softmax_of(const scalar_t* mask, long long first, int taps) {
+    Softmax s{0.f, 1.f};
+    if (MODULATION != SOFTMAX_MASK) return s;
+    s.max = to_float(mask[first]);
+    for (int p = 1; p < taps; ++p) s.max = fmaxf(s.max, to_float(mask[first + p]));
+    float sum = 0.f;
+    for (int p = 0; p < taps; ++p) sum += expf(to_float(mask[first + p]) - s.max);
+    // sum is in [1, P] (the largest term is exp(0)): __fdividef is exact to
+    // 2 ulp there and, unlike '/', has no slow-path call (which spilled on sm_80).
+    s.inv_sum = __fdividef(1.f, sum);
+    return s;
+}
+
+template <int MODULATION>
+__device__ __forceinline__ float modulation(float mask_value, const Softmax& s) {
+    return MODULATION == SOFTMAX_MASK ? expf(mask_value - s.max) * s.inv_sum : mask_value;
+}
+
+// grad_mask[first .. first + P) holds d out / d m_p; with SOFTMAX_MASK it is
+// turned in place into the gradient of the logits:
+// d / d l_p = m_p (g_p - sum_q m_q g_q). Only the thread that wrote the row calls it.
+template <int MODULATION, typename scalar_t>
+__device__ __forceinline__ void finish_mask_gradient(float* grad_mask, const scalar_t* mask,
+                                                     long long first, int taps,
+                                                     const Softmax& s) {
+    if (MODULATION != SOFTMAX_MASK) return;
+    float dot = 0.f;
+    for (int p = 0; p < taps; ++p)
+        dot += modulation<MODULATION>(to_float(mask[first + p]), s) * grad_mask[first + p];
+    for (int p = 0; p < taps; ++p)
+        grad_mask[first + p] =
+            modulation<MODULATION>(to_float(mask[first + p]), s) * (grad_mask[first + p] - dot);
+}
+
+// Where tap p of output pixel (ho, wo) samples, before its offsets:
+// x = base_x + (tap_x + dx) * offset_scale (likewise y). Taps run column-major:
+// i over kernel_w outer, j over kernel_h inner, the centre skipped with remove_center.
+struct Tap {
+    float base_x, base_y, tap_x, tap_y;
+};
+
+__device__ __forceinline__ Tap tap_of(const Geometry& g, int ho, int wo, int p) {
+    const int half_w = g.dilation_w * (g.kernel_w - 1) / 2;
+    const int half_h = g.dilation_h * (g.kernel_h - 1) / 2;
+    int raw = p;
+    if (g.remove_center && raw >= (g.kernel_w / 2) * g.kernel_h + g.kernel_h / 2) ++raw;
+    const int i = raw / g.kernel_h, j = raw % g.kernel_h;
+    Tap t;
+    t.base_x = static_cast<float>(wo * g.stride_w - g.pad_w + half_w);
+    t.base_y = static_cast<float>(ho * g.stride_h - g.pad_h + half_h);
+    t.tap_x = static_cast<float>(i * g.dilation_w - half_w);
+    t.tap_y = static_cast<float>(j * g.dilation_h - half_h);
+    return t;
+}
+
+// B0 at (y, x) of an H x W map: four corners (pixel index y*W + x, -1
+// outside) and their bilinear weights (0 outside).
+struct Sample {
+    bool in_range;  // false: B0 gives 0 and every gradient through it is 0
+    float ly, lx;   // fractional parts
+    int corner[4];  // (y0, x0), (y0, x1), (y1, x0), (y1, x1)
+    float weight[4];
+};
+
+__device__ __forceinline__ Sample locate(const Geometry& g, const Tap& t, float dx, float dy) {
+    Sample s;
+    const float x = t.base_x + (t.tap_x + dx) * g.offset_scale;
+    const float y = t.base_y + (t.tap_y + dy) * g.offset_scale;
+    // Written as "inside", so that a NaN offset lands outside: no NaN becomes an index.
+    s.in_range = y > -1.f && y < static_cast<float>(g.height) && x > -1.f &&
+                 x < static_cast<float>(g.width);
+    if (!s.in_range) return s;
+    const float y_floor = floorf(y), x_floor = floorf(x);
+    s.ly = y - y_floor;
+    s.lx = x - x_floor;
+    const int y0 = static_cast<int>(y_floor), x0 = static_cast<int>(x_floor);
+    const bool y0_in = y0 >= 0, y1_in = y0 + 1 < g.height;
+    const bool x0_in = x0 >= 0, x1_in = x0 + 1 < g.width;
+    const int row0 = y0 * g.width, row1 = row0 + g.width;
+    const float hy = 1.f - s.ly, hx = 1.f - s.lx;
+    s.corner[0] = y0_in && x0_in ? row0 + x0 : -1;
+    s.corner[1] = y0_in && x1_in ? row0 + x0 + 1 : -1;
+    s.corner[2] = y1_in && x0_in ? row1 + x0 : -1;
+    s.corner[3] = y1_in && x1_in ? row1 + x0 + 1 : -1;
+    s.weight[0] = s.corner[0] >= 0 ? hy * hx : 0.f;
+    s.weight[1] = s.corner[1] >= 0 ? hy * s.lx : 0.f;
+    s.weight[2] = s.corner[2] >= 0 ? s.ly * hx : 0.f;
+    s.weight[3] = s.corner[3] >= 0 ? s.ly * s.lx : 0.f;
+    return s;
+}
+
+// One tap's gradients with respect to its sampling point and its
+// modulation, before the modulation and offset_scale factors: given
+// dot[q] = sum over the channels of grad_out * (value of corner q) (0 for a
+// corner outside), adds d/dx, d/dy of sum_c grad_out * B0 and d/dm = sum_c grad_out * B0.
+// Working on the four channel sums keeps one corner's values live at a time.
+__device__ __forceinline__ void add_tap_gradient(const Sample& s, const float (&dot)[4],
+                                                 float& d_x, float& d_y, float& d_m) {
+    const float hy = 1.f - s.ly, hx = 1.f - s.lx;
+    d_y += hx * (dot[2] - dot[0]) + s.lx * (dot[3] - dot[1]);
+    d_x += hy * (dot[1] - dot[0]) + s.ly * (dot[3] - dot[2]);
+    d_m += s.weight[0] * dot[0] + s.weight[1] * dot[1] + s.weight[2] * dot[2] +
+           s.weight[3] * dot[3];
+}
+
+}  // namespace dcnv3
+
+// The kernels' shared argument list (after the tensors), in this order.
+#define DCNV3_GEOMETRY_PARAMS                                                                   \
+    int batch, int height, int width, int group, int group_channels, int kernel_h,             \
+        int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h,        \
+        int dilation_w, int out_h, int out_w, int remove_center, float offset_scale
+#define DCNV3_GEOMETRY                                                                          \
+    dcnv3::Geometry {                                                                           \
+        height, width, group, group_channels, kernel_h, kernel_w, stride_h, stride_w, pad_h,   \
+            pad_w, dilation_h, dilation_w, out_h, out_w, remove_center != 0, offset_scale      \
+    }

@@ -1,0 +1,292 @@
+// Deformable position-sensitive RoI pooling (R-FCN; the original Deformable
+// ConvNets semantics): deform_psroi_pool, forward and backward; HAS_TRANS =
+// false is no_trans. Semantics: shared/ops-semantics.md ("RoI pooling, NCHW"),
+// sampling rule B2.
+//
+// Forward: one thread per output element (k, ctop, ph, pw), pw fastest, the
+// order of the output: coalesced stores, and neighbouring threads read
+// neighbouring bins (of the group_size x group_size position-sensitive
+// planes, which for pooled_size == group_size are different planes of the
+// same RoI window; with pooled_size > group_size, runs of bins share one).
+//
+// Backward: one thread per (k, class, channel slice, ph, pw), pw fastest. The
+// output channels of one class share the bin's trans, so its samples: a
+// thread counts the bin's samples (B2's divisor), then walks them once,
+// locating the corners once per sample, and loops over its slice's output
+// channels:
+//  - scatters grad_output / count * weight into grad_input (float32 atomics;
+//    overlapping RoIs and samples meet on the same pixels);
+//  - reduces d out / d trans over the slice's channels and writes it ONCE into
+//    the slice's partial sums [K, num_classes, slices, 2, pooled, pooled];
+//    the host sums the slices and then the bins that share a part cell
+//    (part_size < pooled_size), so no gradient element takes an atomic.
+// One channel per thread when trans needs no gradient.
+//
+// All math is float32 whatever scalar_t is. A batch index outside [0, N)
+// gives a zero bin (the host rejects such rois; this only keeps a bad index
+// from becoming an address).
+//
+// Launch: blockIdx.y is the RoI within the launch's chunk of RoIs (the host
+// launches chunks of at most 65535, gridDim.y's limit; pointers start at the
+// chunk's first RoI); the flat x index covers one RoI's work, pw fastest.
+// Index widths: a plane (H*W) and output_dim*pooled_size^2 fit in int
+// (checked on the host); anything that multiplies in the RoI, the batch index
+// or a channel with a plane is long long.
+
+#include "scalar_conversions.cuh"
+
+#ifndef PSROI_POOL_BLOCK_SIZE
+#error "compile with -DPSROI_POOL_BLOCK_SIZE=<threads per block> (kernels/ops/deform_psroi_pool.py sets it)"
+#endif
+
+namespace {
+
+// The sizes and parameters of one call (the kernels take them as separate
+// value parameters, as every launch path passes plain scalars).
+struct Shape {
+    int batch, channels, height, width;
+    int output_dim, group_size, pooled_size, part_size, sample_per_part, num_classes;
+    float spatial_scale, trans_std;
+};
+
+// Where the samples of bin (k, ph, pw) of class class_id lie: sample (ih, iw)
+// is at (first_y + ih * sub_h, first_x + iw * sub_w).
+struct BinGeometry {
+    int n;                  // batch index; -1 when out of range (the bin is 0)
+    float first_y, first_x; // hstart, wstart (moved by trans)
+    float sub_h, sub_w;     // bin / sample_per_part
+    float roi_h, roi_w;     // d start / d trans = trans_std * roi
+    int part_h, part_w;     // the trans cell of the bin
+};
+
+template <typename scalar_t, bool HAS_TRANS>
+__device__ __forceinline__ BinGeometry bin_geometry(const scalar_t* __restrict__ rois,
+                                                    const scalar_t* __restrict__ trans,
+                                                    const Shape& s, int k, int class_id, int ph,
+                                                    int pw) {
+    BinGeometry g;
+    const scalar_t* roi = rois + static_cast<long long>(k) * 5;
+    const float batch_index = to_float(roi[0]);
+    // Written as "inside" so that a NaN index is outside too.
+    g.n = batch_index >= 0.f && batch_index < static_cast<float>(s.batch)
+              ? static_cast<int>(batch_index)
+              : -1;
+    // roundf: C's round, halves away from zero, as the contract says.
+    const float start_x = roundf(to_float(roi[1])) * s.spatial_scale - 0.5f;
+    const float start_y = roundf(to_float(roi[2])) * s.spatial_scale - 0.5f;
+    const float end_x = (roundf(to_float(roi[3])) + 1.f) * s.spatial_scale - 0.5f;
+    const float end_y = (roundf(to_float(roi[4])) + 1.f) * s.spatial_scale - 0.5f;
+    g.roi_w = fmaxf(end_x - start_x, 0.1f);
+    g.roi_h = fmaxf(end_y - start_y, 0.1f);
+    const float bin_w = g.roi_w / static_cast<float>(s.pooled_size);
+    const float bin_h = g.roi_h / static_cast<float>(s.pooled_size);
+    g.sub_w = bin_w / static_cast<float>(s.sample_per_part);
+    g.sub_h = bin_h / static_cast<float>(s.sample_per_part);
+    // floor(ph / pooled_size * part_size) in exact integer arithmetic.
+    g.part_h = ph * s.part_size / s.pooled_size;
+    g.part_w = pw * s.part_size / s.pooled_size;
+    float trans_x = 0.f, trans_y = 0.f;
+    if (HAS_TRANS) {
+        const int cells = s.part_size * s.part_size;
+        const scalar_t* t = trans + (static_cast<long long>(k) * 2 * s.num_classes + 2 * class_id) *
+                                        cells + g.part_h * s.part_size + g.part_w;
+        trans_x = to_float(t[0]) * s.trans_std;
+        trans_y = to_float(t[cells]) * s.trans_std;
+    }
+    g.first_x = static_cast<float>(pw) * bin_w + start_x + trans_x * g.roi_w;
+    g.first_y = static_cast<float>(ph) * bin_h + start_y + trans_y * g.roi_h;
+    return g;
+}
+
+// The input channel of output channel ctop at bin (ph, pw).
+__device__ __forceinline__ int input_channel(const Shape& s, int ctop, int ph, int pw) {
+    const int gh = min(max(ph * s.group_size / s.pooled_size, 0), s.group_size - 1);
+    const int gw = min(max(pw * s.group_size / s.pooled_size, 0), s.group_size - 1);
+    return (ctop * s.group_size + gh) * s.group_size + gw;
+}
+
+// B2: a sample outside [-0.5, size - 0.5] is skipped and not counted.
+__device__ __forceinline__ bool counted(float y, float x, const Shape& s) {
+    // Written as "inside" so that a NaN coordinate (a NaN trans) is skipped.
+    return y >= -0.5f && y <= static_cast<float>(s.height) - 0.5f && x >= -0.5f &&
+           x <= static_cast<float>(s.width) - 0.5f;
+}
+
+struct Sample {
+    float ly, lx;         // y - floor(y), x - floor(x) after the clamp
+    int corner[4];        // (floor y, floor x), (floor y, ceil x), (ceil y, floor x), (ceil y, ceil x)
+    float weight[4];
+};
+
+// A counted sample: clamp to [0, size - 1], blend floor / ceil corners.
+__device__ __forceinline__ Sample locate(float y, float x, const Shape& s) {
+    Sample p;
+    const float max_y = static_cast<float>(s.height - 1), max_x = static_cast<float>(s.width - 1);
+    y = fminf(fmaxf(y, 0.f), max_y);
+    x = fminf(fmaxf(x, 0.f), max_x);
+    const float y_low = floorf(y), x_low = floorf(x);
+    const int y0 = static_cast<int>(y_low), x0 = static_cast<int>(x_low);
+    const int y1 = static_cast<int>(ceilf(y)), x1 = static_cast<int>(ceilf(x));
+    p.ly = y - y_low;
+    p.lx = x - x_low;
+    const float hy = 1.f - p.ly, hx = 1.f - p.lx;
+    p.corner[0] = y0 * s.width + x0;
+    p.corner[1] = y0 * s.width + x1;
+    p.corner[2] = y1 * s.width + x0;
+    p.corner[3] = y1 * s.width + x1;
+    p.weight[0] = hy * hx;
+    p.weight[1] = hy * p.lx;
+    p.weight[2] = p.ly * hx;
+    p.weight[3] = p.ly * p.lx;
+    return p;
+}
+
+}  // namespace
+
+// output[k, ctop, ph, pw] = mean over the bin's counted samples of
+// B2(input[n, (ctop * group_size + gh) * group_size + gw], y, x); 0 when none
+// is counted. Every element is written.
+template <typename scalar_t, bool HAS_TRANS>
+__global__ void __launch_bounds__(PSROI_POOL_BLOCK_SIZE)
+deform_psroi_pool_forward(const scalar_t* __restrict__ input,  // [N, output_dim * group_size^2, H, W]
+                          const scalar_t* __restrict__ rois,   // [K, 5]
+                          const scalar_t* __restrict__ trans,  // [K, 2 * num_classes, part_size, part_size]; unread without HAS_TRANS
+                          scalar_t* __restrict__ output,       // [K, output_dim, pooled_size, pooled_size]
+                          int batch, int channels, int height, int width, int output_dim,
+                          int group_size, int pooled_size, int part_size, int sample_per_part,
+                          int num_classes, float spatial_scale, float trans_std) {
+    const Shape s{batch,       channels,  height,          width,
+                  output_dim,  group_size, pooled_size,    part_size,
+                  sample_per_part, num_classes, spatial_scale, trans_std};
+    const int bins = pooled_size * pooled_size;
+    const int item = blockIdx.x * PSROI_POOL_BLOCK_SIZE + threadIdx.x;
+    if (item >= output_dim * bins) return;
+    const int k = blockIdx.y;
+    const int ctop = item / bins;
+    const int ph = item % bins / pooled_size, pw = item % pooled_size;
+    const int class_id = ctop / (s.output_dim / s.num_classes);
+    const BinGeometry g = bin_geometry<scalar_t, HAS_TRANS>(rois, trans, s, k, class_id, ph, pw);
+    float sum = 0.f;
+    int count = 0;
+    if (g.n >= 0) {
+        const scalar_t* plane =
+            input + (static_cast<long long>(g.n) * s.channels + input_channel(s, ctop, ph, pw)) *
+                        (static_cast<long long>(s.height) * s.width);
+        for (int ih = 0; ih < s.sample_per_part; ++ih) {
+            const float y = g.first_y + static_cast<float>(ih) * g.sub_h;
+            for (int iw = 0; iw < s.sample_per_part; ++iw) {
+                const float x = g.first_x + static_cast<float>(iw) * g.sub_w;
+                if (!counted(y, x, s)) continue;
+                const Sample p = locate(y, x, s);
+                for (int q = 0; q < 4; ++q)
+                    if (p.weight[q] != 0.f) sum += p.weight[q] * to_float(plane[p.corner[q]]);
+                ++count;
+            }
+        }
+    }
+    output[static_cast<long long>(k) * output_dim * bins + item] =
+        from_float<scalar_t>(count > 0 ? sum / static_cast<float>(count) : 0.f);
+}
+
+// Backward of deform_psroi_pool_forward for output channels
+// class_id * channels_per_class + [slice * per_thread, (slice + 1) * per_thread)
+// of bin (k, ph, pw):
+//  - grad_input[n, channel] += grad_output / count * weight at each corner
+//    (float32 atomics; zero-filled by the host, or null: no scatter);
+//  - grad_trans_partial[k, class_id, slice, 0 / 1, ph, pw] =
+//      trans_std * roi_w / roi_h / count * sum_ctop grad_output * d B2 / d x / d y
+//    summed over samples, written once, or not at all when null (then no
+//    input value is read).
+template <typename scalar_t, bool HAS_TRANS>
+__global__ void __launch_bounds__(PSROI_POOL_BLOCK_SIZE)
+deform_psroi_pool_backward(const scalar_t* __restrict__ input,        // [N, output_dim * group_size^2, H, W]
+                           const scalar_t* __restrict__ rois,         // [K, 5]
+                           const scalar_t* __restrict__ trans,        // [K, 2 * num_classes, part_size, part_size]; unread without HAS_TRANS
+                           const scalar_t* __restrict__ grad_output,  // [K, output_dim, pooled_size, pooled_size]
+                           float* __restrict__ grad_input,            // [N, output_dim * group_size^2, H, W], accumulated; or null
+                           float* __restrict__ grad_trans_partial,    // [K, num_classes, slices, 2, pooled_size, pooled_size]; or null
+                           int batch, int channels, int height, int width, int output_dim,
+                           int group_size, int pooled_size, int part_size, int sample_per_part,
+                           int num_classes, float spatial_scale, float trans_std,
+                           int channels_per_thread, int slices) {
+    const Shape s{batch,       channels,  height,          width,
+                  output_dim,  group_size, pooled_size,    part_size,
+                  sample_per_part, num_classes, spatial_scale, trans_std};
+    const int bins = pooled_size * pooled_size;
+    const int item = blockIdx.x * PSROI_POOL_BLOCK_SIZE + threadIdx.x;
+    if (item >= num_classes * slices * bins) return;
+    const int k = blockIdx.y;
+    const int bin = item % bins;
+    const int ph = bin / pooled_size, pw = bin % pooled_size;
+    const int class_slice = item / bins;  // class_id * slices + slice
+    const int slice = class_slice % slices;
+    const int class_id = class_slice / slices;
+    const BinGeometry g = bin_geometry<scalar_t, HAS_TRANS>(rois, trans, s, k, class_id, ph, pw);
+    const bool scatter = grad_input != nullptr;  // uniform across the launch
+    const bool want_trans = HAS_TRANS && grad_trans_partial != nullptr;
+
+    const int channels_per_class = s.output_dim / s.num_classes;
+    const int ctop_begin = class_id * channels_per_class + slice * channels_per_thread;
+    const int ctop_end =
+        min(ctop_begin + channels_per_thread, (class_id + 1) * channels_per_class);
+    float grad_y = 0.f, grad_x = 0.f;
+    int count = 0;
+    if (g.n >= 0) {
+        for (int ih = 0; ih < s.sample_per_part; ++ih)
+            for (int iw = 0; iw < s.sample_per_part; ++iw)
+                count += counted(g.first_y + static_cast<float>(ih) * g.sub_h,
+                                 g.first_x + static_cast<float>(iw) * g.sub_w, s);
+    }
+    if (count > 0) {
+        const float inv_count = 1.f / static_cast<float>(count);
+        const long long plane = static_cast<long long>(s.height) * s.width;
+        const long long sample_planes = static_cast<long long>(g.n) * s.channels;
+        // Consecutive output channels are group_size^2 input channels apart.
+        const long long channel_step = static_cast<long long>(s.group_size) * s.group_size * plane;
+        const long long first_plane = sample_planes + input_channel(s, ctop_begin, ph, pw);
+        const scalar_t* grad_out_first =
+            grad_output + (static_cast<long long>(k) * s.output_dim + ctop_begin) * bins + bin;
+        for (int ih = 0; ih < s.sample_per_part; ++ih) {
+            const float y = g.first_y + static_cast<float>(ih) * g.sub_h;
+            for (int iw = 0; iw < s.sample_per_part; ++iw) {
+                const float x = g.first_x + static_cast<float>(iw) * g.sub_w;
+                if (!counted(y, x, s)) continue;
+                const Sample p = locate(y, x, s);
+                const float hy = 1.f - p.ly, hx = 1.f - p.lx;
+                const scalar_t* in = input + first_plane * plane;
+                float* grad_in = scatter ? grad_input + first_plane * plane : nullptr;
+                const scalar_t* grad_out = grad_out_first;
+#pragma unroll 1
+                for (int ctop = ctop_begin; ctop < ctop_end; ++ctop, grad_out += bins) {
+                    const float go = to_float(*grad_out);
+                    if (scatter) {
+                        const float scaled = go * inv_count;
+                        if (scaled != 0.f)
+                            for (int q = 0; q < 4; ++q)
+                                if (p.weight[q] != 0.f)
+                                    atomicAdd(grad_in + p.corner[q], p.weight[q] * scaled);
+                        grad_in += channel_step;
+                    }
+                    if (want_trans) {
+                        float v[4];
+                        for (int q = 0; q < 4; ++q) v[q] = to_float(in[p.corner[q]]);
+                        in += channel_step;
+                        // A clamped coordinate is an integer: its floor and ceil
+                        // corners coincide and its slope comes out 0, as it should.
+                        grad_y += go * (hx * (v[2] - v[0]) + p.lx * (v[3] - v[1]));
+                        grad_x += go * (hy * (v[1] - v[0]) + p.ly * (v[3] - v[2]));
+                    }
+                }
+            }
+        }
+        grad_y *= inv_count;
+        grad_x *= inv_count;
+    }
+    if (want_trans) {
+        float* out = grad_trans_partial +
+                     (static_cast<long long>(k) * num_classes * slices + class_slice) * 2 * bins +
+                     bin;
+        out[0] = grad_x * s.trans_std * g.roi_w;
+        out[bins] = grad_y * s.trans_std * g.roi_h;
+    }
+}

@@ -1,0 +1,476 @@
+"""Our DCNv3 kernels: ``dcnv3`` (InternImage's core op), and the code ``dcnv4`` shares.
+
+Semantics: ``shared/ops-semantics.md``, "DCNv3 and DCNv4" (channels-last;
+B0 sampling; taps column-major). float32 / float16 / bfloat16 with float32
+accumulation, any kernel size, any ``group_channels``. Design notes and what
+to measure: ``docs/kernels/dcnv3.md``.
+
+Two designs of the same kernels, picked by ``design=``:
+
+- ``"direct"`` (``kernels/cuda/dcnv3_direct.cu``): upstream DCNv3's mapping,
+  one thread per output element (pixel, group, channel); backward reduces
+  the offset / mask gradients over the channel threads in shared memory.
+- ``"vectorized"`` (``kernels/cuda/dcnv3_vectorized.cu``): a thread owns
+  vectors of channels loaded 16 bytes at a time, sampling computed once per
+  tap and reused across the vector, several pixels per block, softmax fused;
+  backward reduces with warp shuffles.
+
+Both kernels are templated on the layout of the modulation (``Modulation``):
+``dcnv3``'s separate offset and mask (optionally softmax-normalised in the
+kernel) or ``dcnv4``'s fused ``offset_mask``. One ``torch.library`` operator
+pair (``dcnbench::dcnv3``, ``dcnbench::dcnv3_backward``) serves both: a
+``mask`` of None means ``offset`` is ``dcnv4``'s fused ``offset_mask``.
+
+Gradients: grad_input accumulates with float32 atomics in a float32 buffer
+(cast once at the end); grad_offset / grad_mask are written once per element
+in float32 and cast. On a CPU tensor the kernels run through
+``kernels.emulator``: for correctness checks, never for timing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import torch
+
+from kernels import launch
+from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
+from kernels.reference import dcnv3 as contract
+
+__all__ = ["DESIGNS", "SUPPORTED_DTYPES", "dcnv3"]
+
+# Threads per block of every kernel of both designs (a multiple of the warp);
+# passed to the .cu files as a macro, so __launch_bounds__ and our grids agree.
+BLOCK_SIZE = 256
+# Lanes of one warp that share an item in the vectorized design, at most.
+WARP_SIZE = 32
+# The vectorized design's loads: 16 bytes (float4 / 8 halves / 8 bfloat16).
+VECTOR_BYTES = 16
+
+_CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+SUPPORTED_DTYPES = tuple(_CTYPES)
+DESIGNS = ("direct", "vectorized")
+_KERNELS = ("forward", "backward")
+
+
+class Modulation(enum.IntEnum):
+    """Where a tap's offsets and mask are read from (``dcnv3::Modulation`` in the .cu)."""
+
+    MASK = 0
+    SOFTMAX_MASK = 1
+    FUSED_OFFSET_MASK = 2
+
+
+def _vector_widths(dtype: torch.dtype) -> tuple[int, int]:
+    """The vectorized design's channels per vector: one 16-byte load, or 1 (the scalar path)."""
+    return (VECTOR_BYTES // torch.empty((), dtype=dtype).element_size(), 1)
+
+
+def _name_expression(
+    design: str, kernel: str, dtype: torch.dtype, modulation: Modulation, vector: int
+) -> str:
+    arguments = [_CTYPES[dtype], str(int(modulation))]
+    if design == "vectorized":
+        arguments.append(str(vector))
+    return f"dcnv3_{design}_{kernel}<{', '.join(arguments)}>"
+
+
+def _register(design: str) -> CudaSource:
+    vectors = (lambda dtype: (1,)) if design == "direct" else _vector_widths
+    return register(
+        CudaSource(
+            filename=f"dcnv3_{design}.cu",
+            name_expressions=tuple(
+                _name_expression(design, kernel, dtype, modulation, vector)
+                for kernel in _KERNELS
+                for dtype in SUPPORTED_DTYPES
+                for modulation in Modulation
+                for vector in vectors(dtype)
+            ),
+            block_sizes={f"dcnv3_{design}_{kernel}": BLOCK_SIZE for kernel in _KERNELS},
+            options=(*COMPILE_OPTIONS, f"-DDCNV3_BLOCK_SIZE={BLOCK_SIZE}"),
+        )
+    )
+
+
+SOURCES = {design: _register(design) for design in DESIGNS}
+
+
+# --------------------------------------------------------------------------- #
+# Argument checking.
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """Every size of one call: the contract's geometry plus the tensors' sizes."""
+
+    geometry: contract.Geometry
+    batch: int
+    height: int
+    width: int
+    group: int
+    group_channels: int
+    out_h: int
+    out_w: int
+
+    @property
+    def channels(self) -> int:
+        return self.group * self.group_channels
+
+    @property
+    def taps(self) -> int:
+        return self.geometry.taps
+
+    @property
+    def output_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.out_h, self.out_w, self.channels)
+
+    def kernel_arguments(self) -> tuple:
+        """The kernels' DCNV3_GEOMETRY_PARAMS, in order and at their declared widths."""
+        g = self.geometry
+        ints = (
+            self.batch, self.height, self.width, self.group, self.group_channels,
+            g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.pad_h, g.pad_w,
+            g.dilation_h, g.dilation_w, self.out_h, self.out_w, int(g.remove_center),
+        )  # fmt: skip
+        return (*(launch.int32(v) for v in ints), launch.float32(g.offset_scale))
+
+
+def _int_parameter(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return value
+
+
+def check_arguments(
+    input: object,
+    modulation: dict[str, tuple[object, int]],
+    geometry: dict,
+    group: object,
+    group_channels: object,
+) -> Call:
+    """Check every argument against the contract; return the call's sizes.
+
+    ``modulation`` maps the name of each per-pixel tensor (offset and mask,
+    or offset_mask) to (tensor, expected last dimension as a function of P).
+    Each error names the argument, what was expected and what came.
+    """
+    for name, value in geometry.items():
+        if name not in ("offset_scale", "remove_center"):
+            _int_parameter(name, value)
+    if not isinstance(geometry["offset_scale"], (int, float)) or isinstance(
+        geometry["offset_scale"], bool
+    ):
+        raise TypeError(f"offset_scale must be a float, got {geometry['offset_scale']!r}")
+    group = _int_parameter("group", group)
+    group_channels = _int_parameter("group_channels", group_channels)
+    shape = contract.Geometry(**{**geometry, "offset_scale": float(geometry["offset_scale"])})
+    tensors = {"input": input, **{name: t for name, (t, _) in modulation.items()}}
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (channels-last), got shape {tuple(tensor.shape)}")
+    if input.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"input has dtype {input.dtype}; supported: {', '.join(map(str, SUPPORTED_DTYPES))}"
+        )
+    if input.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"input is on {input.device}; supported: CUDA, or CPU (emulated)")
+    out_h, out_w = contract.check_arguments(
+        input,
+        {name: (tensor, last(shape.taps)) for name, (tensor, last) in modulation.items()},
+        shape,
+        group,
+        group_channels,
+    )
+    batch, height, width, _ = input.shape
+    # 32-bit indices inside the kernels (dcnv3_common.cuh).
+    if height * width > launch.INT32_MAX:
+        raise ValueError(f"input maps of {height}x{width} exceed 2^31 pixels")
+    return Call(shape, batch, height, width, group, group_channels, out_h, out_w)
+
+
+def _call_from_op(input: torch.Tensor, offset: torch.Tensor, params) -> Call:
+    """The sizes of an already checked call, from the operator's arguments."""
+    *geometry, group, group_channels = params
+    shape = contract.Geometry(*geometry)
+    out_h, out_w = offset.shape[1], offset.shape[2]
+    batch, height, width, _ = input.shape
+    return Call(shape, batch, height, width, group, group_channels, out_h, out_w)
+
+
+# --------------------------------------------------------------------------- #
+# Launching.
+# --------------------------------------------------------------------------- #
+
+
+def _lanes(design: str, call: Call, vector: int) -> int:
+    """Threads that share one (output pixel, group) item (see the .cu headers)."""
+    if design == "direct":
+        return min(call.group_channels, BLOCK_SIZE)
+    vectors = call.group_channels // vector
+    lanes = 1
+    while lanes < vectors and lanes < WARP_SIZE:
+        lanes *= 2
+    return lanes
+
+
+def _vector(design: str, call: Call, dtype: torch.dtype, *tensors: torch.Tensor) -> int:
+    """16-byte vectors when D·itemsize is a multiple of 16 and every channel
+    vector of ``tensors`` is 16-byte aligned; channels one by one otherwise."""
+    if design == "direct":
+        return 1
+    wide = _vector_widths(dtype)[0]
+    aligned = all(t.data_ptr() % VECTOR_BYTES == 0 for t in tensors)
+    return wide if call.group_channels % wide == 0 and aligned else 1
+
+
+def _launch(
+    kernel: str,
+    design: str,
+    call: Call,
+    modulation: Modulation,
+    vector_tensors: tuple[torch.Tensor, ...],
+    tensors: tuple[torch.Tensor, ...],
+) -> None:
+    input = tensors[0]
+    vector = _vector(design, call, input.dtype, *vector_tensors)
+    function = launch.module(SOURCES[design], input.device).function(
+        _name_expression(design, kernel, input.dtype, modulation, vector)
+    )
+    items = call.batch * call.out_h * call.out_w * call.group
+    items_per_block = BLOCK_SIZE // _lanes(design, call, vector)
+    function(
+        launch.blocks(items, items_per_block), BLOCK_SIZE, (*tensors, *call.kernel_arguments())
+    )
+
+
+def _modulation(mask: torch.Tensor | None, softmax: bool) -> Modulation:
+    if mask is None:
+        return Modulation.FUSED_OFFSET_MASK
+    return Modulation.SOFTMAX_MASK if softmax else Modulation.MASK
+
+
+def _forward(call: Call, input, offset, mask, softmax: bool, design: str) -> torch.Tensor:
+    output = launch.new_output(call.output_shape, input.dtype, input.device)
+    modulation = _modulation(mask, softmax)
+    # dcnv4: the kernel reads offsets and masks from the one offset_mask.
+    mask_or_fused = offset if mask is None else mask
+    _launch(
+        "forward", design, call, modulation, (input, output), (input, offset, mask_or_fused, output)
+    )
+    return output
+
+
+def _backward(
+    call: Call, grad_output, input, offset, mask, softmax: bool, design: str, want_input: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dtype, device = input.dtype, input.device
+    modulation = _modulation(mask, softmax)
+    grad_input = (
+        torch.zeros(input.shape, dtype=torch.float32, device=device)
+        if want_input
+        else launch.null(torch.float32, device)  # the kernel skips the scatter
+    )
+    grad_offset = launch.new_output(offset.shape, torch.float32, device)
+    if mask is None:  # dcnv4: one buffer in offset_mask's layout; padding columns are 0
+        grad_offset[..., call.group * call.taps * 3 :] = 0
+        grad_mask = grad_offset
+    else:
+        grad_mask = launch.new_output(mask.shape, torch.float32, device)
+    _launch(
+        "backward", design, call, modulation, (input, grad_output),
+        (input, offset, offset if mask is None else mask, grad_output, grad_input, grad_offset,
+         grad_mask),
+    )  # fmt: skip
+    return (
+        grad_input.to(dtype) if want_input else input.new_empty(0),
+        grad_offset.to(dtype),
+        input.new_empty(0) if mask is None else grad_mask.to(dtype),
+    )
+
+
+# --------------------------------------------------------------------------- #
+# torch.library operators: what autograd and torch.compile see.
+# --------------------------------------------------------------------------- #
+
+_PARAMS_SCHEMA = (
+    "int kernel_h, int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w, "
+    "int dilation_h, int dilation_w, float offset_scale, bool remove_center, "
+    "int group, int group_channels"
+)
+
+
+@torch.library.custom_op(
+    "dcnbench::dcnv3",
+    mutates_args=(),
+    schema=f"(Tensor input, Tensor offset, Tensor? mask, {_PARAMS_SCHEMA}, bool softmax, "
+    "str design) -> Tensor",
+)
+def _dcnv3_op(input, offset, mask, *params_softmax_design):
+    *params, softmax, design = params_softmax_design
+    return _forward(_call_from_op(input, offset, params), input, offset, mask, softmax, design)
+
+
+@_dcnv3_op.register_fake
+def _(input, offset, mask, *params_softmax_design):
+    batch, out_h, out_w = offset.shape[:3]
+    return input.new_empty((batch, out_h, out_w, input.shape[3]))
+
+
+@torch.library.custom_op(
+    "dcnbench::dcnv3_backward",
+    mutates_args=(),
+    schema=f"(Tensor grad_output, Tensor input, Tensor offset, Tensor? mask, {_PARAMS_SCHEMA}, "
+    "bool softmax, str design, bool input_grad) -> (Tensor, Tensor, Tensor)",
+)
+def _dcnv3_backward_op(grad_output, input, offset, mask, *rest):
+    *params, softmax, design, input_grad = rest
+    call = _call_from_op(input, offset, params)
+    return _backward(
+        call, grad_output.contiguous(), input, offset, mask, softmax, design, input_grad
+    )
+
+
+@_dcnv3_backward_op.register_fake
+def _(grad_output, input, offset, mask, *rest):
+    input_grad = rest[-1]
+    return (
+        input.new_empty(input.shape if input_grad else (0,)),
+        offset.new_empty(offset.shape),
+        offset.new_empty(mask.shape if mask is not None else (0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    input, offset, mask, *rest = inputs
+    ctx.save_for_backward(input, offset, mask)
+    ctx.rest = rest
+
+
+def _autograd_backward(ctx, grad_output):
+    input, offset, mask = ctx.saved_tensors
+    grad_input, grad_offset, grad_mask = torch.ops.dcnbench.dcnv3_backward(
+        grad_output, input, offset, mask, *ctx.rest, ctx.needs_input_grad[0]
+    )
+    needs = ctx.needs_input_grad
+    return (
+        grad_input if needs[0] else None,
+        grad_offset if needs[1] else None,
+        grad_mask if mask is not None and needs[2] else None,
+        *(None for _ in ctx.rest),
+    )
+
+
+_dcnv3_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- #
+# Public functions.
+# --------------------------------------------------------------------------- #
+
+
+def run(
+    input,
+    offset,
+    mask,
+    modulation: dict,
+    *,
+    group,
+    group_channels,
+    softmax: bool,
+    design: str,
+    **geometry,
+) -> torch.Tensor:
+    """Check the arguments, then run the operator; ``dcnv3`` and ``dcnv4`` both end here.
+
+    ``mask`` None: ``offset`` is dcnv4's ``offset_mask``. ``modulation`` as
+    :func:`check_arguments`.
+    """
+    if design not in DESIGNS:
+        raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
+    call = check_arguments(input, modulation, geometry, group, group_channels)
+    g = call.geometry
+    return torch.ops.dcnbench.dcnv3(
+        input, offset, mask,
+        g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.pad_h, g.pad_w,
+        g.dilation_h, g.dilation_w, g.offset_scale, g.remove_center,
+        call.group, call.group_channels, softmax, design,
+    )  # fmt: skip
+
+
+def dcnv3(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    kernel_h: int = 3,
+    kernel_w: int = 3,
+    stride_h: int = 1,
+    stride_w: int = 1,
+    pad_h: int = 1,
+    pad_w: int = 1,
+    dilation_h: int = 1,
+    dilation_w: int = 1,
+    group: int,
+    group_channels: int,
+    offset_scale: float = 1.0,
+    remove_center: bool = False,
+    softmax: bool = False,
+    design: str = "vectorized",
+) -> torch.Tensor:
+    """InternImage's DCNv3 core op with our CUDA kernels; differentiable.
+
+    out[n, ho, wo, g·D + d] = Σ_p m(g, p) · B0(input[n, :, :, g·D + d], y, x) with
+    x = wo·stride_w − pad_w + half_w + (i·dilation_w − half_w + dx)·offset_scale
+    (y likewise), taps column-major (i over kernel_w outer, j over kernel_h
+    inner, the centre skipped with ``remove_center``), m the mask as given or,
+    with ``softmax``, its softmax over the P taps of group g (computed in the
+    kernel, in float32). CUDA tensors run on the GPU (PyTorch's current
+    stream), CPU tensors through the emulator.
+
+    Args:
+        input: [N, H, W, group·group_channels], contiguous (channels-last),
+            float32 / float16 / bfloat16.
+        offset: [N, H_out, W_out, group·P·2]; (dx, dy) of tap p of group g at
+            g·P·2 + 2p and + 1. P = kernel_h·kernel_w (− 1 with remove_center).
+        mask: [N, H_out, W_out, group·P]; tap p of group g at g·P + p (logits
+            when ``softmax``).
+        kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+        dilation_w, offset_scale, remove_center: the sampling geometry
+            (remove_center needs odd kernel sizes).
+        group, group_channels: G and D; input has G·D channels.
+        softmax: normalise the mask over the taps of each group in the kernel.
+        design: ``"vectorized"`` or ``"direct"`` (the module docstring).
+
+    All tensors are contiguous and share one dtype and device.
+
+    Returns:
+        [N, H_out, W_out, group·group_channels], H_out =
+        (H + 2·pad_h − dilation_h·(kernel_h − 1) − 1) // stride_h + 1, likewise W_out.
+    """
+    geometry = dict(
+        kernel_h=kernel_h, kernel_w=kernel_w, stride_h=stride_h, stride_w=stride_w,
+        pad_h=pad_h, pad_w=pad_w, dilation_h=dilation_h, dilation_w=dilation_w,
+        offset_scale=offset_scale, remove_center=remove_center,
+    )  # fmt: skip
+    if mask is None:
+        raise TypeError("mask must be a torch.Tensor (dcnv4 takes a fused offset_mask), got None")
+    modulation = {
+        "offset": (offset, lambda taps: group * taps * 2),
+        "mask": (mask, lambda taps: group * taps),
+    }
+    return run(
+        input,
+        offset,
+        mask,
+        modulation,
+        group=group,
+        group_channels=group_channels,
+        softmax=bool(softmax),
+        design=design,
+        **geometry,
+    )

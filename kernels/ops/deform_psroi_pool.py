@@ -1,0 +1,432 @@
+"""Our deformable position-sensitive RoI pooling kernels: ``deform_psroi_pool``.
+
+Semantics: ``shared/ops-semantics.md`` ("RoI pooling, NCHW"): R-FCN's
+deformable PSRoI pooling as in the original Deformable ConvNets (and mmcv's
+DeformRoIPoolingFunction of mmdet v1), sampling rule B2. float32 / float16 /
+bfloat16, float32 accumulation. Design notes: ``docs/kernels/roi_pool.md``.
+
+Forward and backward kernels: ``kernels/cuda/deform_psroi_pool.cu``
+(HAS_TRANS = false for ``no_trans``). The backward scatters grad_input with
+float32 atomics into a float32 buffer (cast once at the end) and writes
+per-bin, per-channel-slice partial sums of the trans gradient; here they are
+summed over slices and over the bins that share a part cell. Only requested
+gradients are computed. ``rois`` and ``trans`` values are checked on the host,
+as in :mod:`kernels.ops.deform_roi_pool` (one synchronisation per forward on a GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from kernels import launch
+from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
+from kernels.ops.deform_conv2d import _check_shape, _check_tensor
+from kernels.ops.deform_roi_pool import (
+    SUPPORTED_DTYPES,
+    channel_slicing,
+    check_finite_float,
+    check_input_and_rois,
+    check_positive_int,
+    check_same_dtype_and_device,
+    check_values,
+    roi_chunks,
+    roi_rows,
+)
+
+__all__ = ["deform_psroi_pool"]
+
+# Threads per block of both kernels (a macro in the .cu, see deform_roi_pool).
+BLOCK_SIZE = 256
+
+_CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+_KERNELS = ("deform_psroi_pool_forward", "deform_psroi_pool_backward")
+
+
+def _name_expression(kernel: str, dtype: torch.dtype, has_trans: bool) -> str:
+    return f"{kernel}<{_CTYPES[dtype]}, {'true' if has_trans else 'false'}>"
+
+
+SOURCE = register(
+    CudaSource(
+        filename="deform_psroi_pool.cu",
+        name_expressions=tuple(
+            _name_expression(kernel, dtype, has_trans)
+            for kernel in _KERNELS
+            for dtype in SUPPORTED_DTYPES
+            for has_trans in (False, True)
+        ),
+        block_sizes=dict.fromkeys(_KERNELS, BLOCK_SIZE),
+        options=(*COMPILE_OPTIONS, f"-DPSROI_POOL_BLOCK_SIZE={BLOCK_SIZE}"),
+    )
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Every size and parameter of one call, checked against the contract."""
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+    num_rois: int
+    output_dim: int
+    group_size: int
+    pooled_size: int
+    part_size: int  # resolved: pooled_size when given as 0
+    sample_per_part: int
+    num_classes: int  # 1 without trans
+    spatial_scale: float
+    trans_std: float
+
+    @property
+    def bins(self) -> int:
+        return self.pooled_size * self.pooled_size
+
+    @property
+    def output_shape(self) -> tuple[int, int, int, int]:
+        return (self.num_rois, self.output_dim, self.pooled_size, self.pooled_size)
+
+
+def check_arguments(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    trans: torch.Tensor | None,
+    spatial_scale: float,
+    output_dim: int,
+    group_size: int,
+    pooled_size: int,
+    part_size: int,
+    sample_per_part: int,
+    trans_std: float,
+) -> Geometry:
+    """Check shapes, dtypes, devices and parameters (not values); ``trans``
+    None means no_trans. Returns the call's sizes."""
+    num_rois = check_input_and_rois(input, rois)
+    spatial_scale = check_finite_float("spatial_scale", spatial_scale, positive=True)
+    check_positive_int("output_dim", output_dim)
+    check_positive_int("group_size", group_size)
+    check_positive_int("pooled_size", pooled_size)
+    check_positive_int("part_size", part_size, minimum=0)
+    check_positive_int("sample_per_part", sample_per_part)
+    trans_std = check_finite_float("trans_std", trans_std)
+    part_size = part_size or pooled_size
+    batch, channels, height, width = input.shape
+    if channels != output_dim * group_size * group_size:
+        raise ValueError(
+            f"input must have output_dim·group_size² = {output_dim}·{group_size}² = "
+            f"{output_dim * group_size * group_size} channels, got {channels}"
+        )
+    num_classes = 1
+    if trans is not None:
+        _check_tensor("trans", trans, 4)
+        check_same_dtype_and_device("trans", trans, input)
+        trans_channels = trans.shape[1]
+        if trans_channels == 0 or trans_channels % 2:
+            raise ValueError(
+                f"trans must have 2·num_classes channels (an even number >= 2), got {trans_channels}"
+            )
+        num_classes = trans_channels // 2
+        if output_dim % num_classes:
+            raise ValueError(
+                f"trans has {trans_channels} channels, i.e. num_classes = {num_classes}, which must "
+                f"divide output_dim ({output_dim})"
+            )
+        _check_shape(
+            "trans",
+            trans,
+            (num_rois, trans_channels, part_size, part_size),
+            "K, 2·num_classes, part_size, part_size",
+        )
+    if output_dim * pooled_size * pooled_size > launch.INT32_MAX:
+        raise ValueError(f"{output_dim} channels of {pooled_size}² bins exceed 2^31 per RoI")
+    return Geometry(
+        batch=batch,
+        channels=channels,
+        height=height,
+        width=width,
+        num_rois=num_rois,
+        output_dim=output_dim,
+        group_size=group_size,
+        pooled_size=pooled_size,
+        part_size=part_size,
+        sample_per_part=sample_per_part,
+        num_classes=num_classes,
+        spatial_scale=spatial_scale,
+        trans_std=trans_std,
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Launches on already checked, contiguous tensors.
+# --------------------------------------------------------------------------- #
+
+
+def _geometry_arguments(g: Geometry) -> tuple:
+    ints = (
+        g.batch,
+        g.channels,
+        g.height,
+        g.width,
+        g.output_dim,
+        g.group_size,
+        g.pooled_size,
+        g.part_size,
+        g.sample_per_part,
+        g.num_classes,
+    )
+    return (
+        *(launch.int32(v) for v in ints),
+        launch.float32(g.spatial_scale),
+        launch.float32(g.trans_std),
+    )
+
+
+def _forward(
+    g: Geometry, input: torch.Tensor, rois: torch.Tensor, trans: torch.Tensor | None
+) -> torch.Tensor:
+    output = launch.new_output(g.output_shape, input.dtype, input.device)
+    kernel = launch.module(SOURCE, input.device).function(
+        _name_expression("deform_psroi_pool_forward", input.dtype, trans is not None)
+    )
+    null = launch.null(input.dtype, input.device)  # unread without HAS_TRANS
+    for start, stop in roi_chunks(g.num_rois):
+        kernel(
+            (launch.blocks(g.output_dim * g.bins, BLOCK_SIZE), stop - start),
+            BLOCK_SIZE,
+            (
+                input,
+                rois[start:stop],
+                roi_rows(trans, start, stop, null),
+                output[start:stop],
+                *_geometry_arguments(g),
+            ),
+        )
+    return output
+
+
+def _sum_into_part_cells(g: Geometry, grad: torch.Tensor) -> torch.Tensor:
+    """[K, 2·num_classes, pooled, pooled] per bin -> [K, 2·num_classes, part, part]:
+    bin (ph, pw) reads trans cell (ph·part // pooled, pw·part // pooled)."""
+    if g.part_size == g.pooled_size:
+        return grad
+    cell = torch.arange(g.pooled_size, device=grad.device) * g.part_size // g.pooled_size
+    rows = grad.new_zeros((*grad.shape[:2], g.part_size, g.pooled_size)).index_add_(2, cell, grad)
+    return rows.new_zeros((*grad.shape[:2], g.part_size, g.part_size)).index_add_(3, cell, rows)
+
+
+def _backward(
+    g: Geometry,
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    trans: torch.Tensor | None,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_input, grad_trans); unrequested ones are empty tensors."""
+    dtype, device = input.dtype, input.device
+    want_input = output_mask[0]
+    want_trans = output_mask[1] and trans is not None
+    # float32 accumulation: see kernels.ops.deform_roi_pool._backward.
+    grad_input = (
+        torch.zeros(input.shape, dtype=torch.float32, device=device) if want_input else None
+    )
+    channels_per_class = g.output_dim // g.num_classes
+    slicing = channel_slicing(
+        channels_per_class, g.num_rois * g.num_classes * g.bins, want_trans, device
+    )
+    trans_partial = (
+        launch.new_output(
+            (g.num_rois, g.num_classes, slicing.slices, 2, g.pooled_size, g.pooled_size),
+            torch.float32,
+            device,
+        )
+        if want_trans
+        else None
+    )
+    if want_input or want_trans:
+        kernel = launch.module(SOURCE, device).function(
+            _name_expression("deform_psroi_pool_backward", dtype, trans is not None)
+        )
+        null, null_float = launch.null(dtype, device), launch.null(torch.float32, device)
+        for start, stop in roi_chunks(g.num_rois):
+            kernel(
+                (launch.blocks(g.num_classes * slicing.slices * g.bins, BLOCK_SIZE), stop - start),
+                BLOCK_SIZE,
+                (
+                    input,
+                    rois[start:stop],
+                    roi_rows(trans, start, stop, null),
+                    grad_output[start:stop],
+                    null_float if grad_input is None else grad_input,
+                    roi_rows(trans_partial, start, stop, null_float),
+                    *_geometry_arguments(g),
+                    launch.int32(slicing.channels_per_thread),
+                    launch.int32(slicing.slices),
+                ),
+            )
+    if trans_partial is None:
+        grad_trans = torch.empty(0, dtype=dtype, device=device)
+    else:
+        per_bin = trans_partial.sum(2).view(
+            g.num_rois, 2 * g.num_classes, g.pooled_size, g.pooled_size
+        )
+        grad_trans = _sum_into_part_cells(g, per_bin).to(dtype)
+    grad_input = (
+        torch.empty(0, dtype=dtype, device=device) if grad_input is None else grad_input.to(dtype)
+    )
+    return grad_input, grad_trans
+
+
+# --------------------------------------------------------------------------- #
+# torch.library operators: what autograd and torch.compile see.
+# --------------------------------------------------------------------------- #
+
+_PARAMS_SCHEMA = (
+    "float spatial_scale, int output_dim, int group_size, int pooled_size, int part_size, "
+    "int sample_per_part, float trans_std"
+)
+
+
+@torch.library.custom_op(
+    "dcnbench::deform_psroi_pool",
+    mutates_args=(),
+    schema=f"(Tensor input, Tensor rois, Tensor? trans, {_PARAMS_SCHEMA}) -> Tensor",
+)
+def _deform_psroi_pool_op(input, rois, trans, *params):
+    g = check_arguments(input, rois, trans, *params)
+    check_values(rois, g.batch, trans=trans)
+    return _forward(g, input, rois, trans)
+
+
+@_deform_psroi_pool_op.register_fake
+def _(input, rois, trans, spatial_scale, output_dim, group_size, pooled_size, *params):
+    return input.new_empty((rois.shape[0], output_dim, pooled_size, pooled_size))
+
+
+@torch.library.custom_op(
+    "dcnbench::deform_psroi_pool_backward",
+    mutates_args=(),
+    schema="(Tensor grad_output, Tensor input, Tensor rois, Tensor? trans, "
+    f"{_PARAMS_SCHEMA}, bool[] output_mask) -> (Tensor, Tensor)",
+)
+def _deform_psroi_pool_backward_op(grad_output, input, rois, trans, *params_and_mask):
+    *params, output_mask = params_and_mask
+    g = check_arguments(input, rois, trans, *params)
+    _check_shape(
+        "grad_output", grad_output, g.output_shape, "K, output_dim, pooled_size, pooled_size"
+    )
+    check_same_dtype_and_device("grad_output", grad_output, input)
+    return _backward(g, grad_output.contiguous(), input, rois, trans, output_mask)
+
+
+@_deform_psroi_pool_backward_op.register_fake
+def _(grad_output, input, rois, trans, *params_and_mask):
+    output_mask = params_and_mask[-1]
+    return (
+        input.new_empty(input.shape if output_mask[0] else (0,)),
+        input.new_empty(trans.shape if output_mask[1] and trans is not None else (0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    input, rois, trans, *params = inputs
+    ctx.save_for_backward(input, rois, trans)
+    ctx.params = params
+
+
+def _autograd_backward(ctx, grad_output):
+    input, rois, trans = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    output_mask = [needs[0], trans is not None and needs[2]]
+    grad_input, grad_trans = torch.ops.dcnbench.deform_psroi_pool_backward(
+        grad_output, input, rois, trans, *ctx.params, output_mask
+    )
+    return (
+        grad_input if output_mask[0] else None,
+        None,
+        grad_trans if output_mask[1] else None,
+        *(None for _ in ctx.params),
+    )
+
+
+_deform_psroi_pool_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- #
+# Public function.
+# --------------------------------------------------------------------------- #
+
+
+def deform_psroi_pool(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    trans: torch.Tensor | None,
+    *,
+    spatial_scale: float,
+    output_dim: int,
+    group_size: int,
+    pooled_size: int,
+    part_size: int = 0,
+    sample_per_part: int,
+    trans_std: float,
+    no_trans: bool,
+) -> torch.Tensor:
+    """Deformable position-sensitive RoI pooling (R-FCN, Deformable ConvNets) with our CUDA kernels.
+
+    Bin (ph, pw) of output channel ctop averages, by rule B2, a
+    sample_per_part² grid of input channel (ctop·group_size + gh)·group_size + gw,
+    moved by trans_std·(roi_w, roi_h)·trans of the bin's class and part cell.
+    Differentiable in ``input`` and ``trans``.
+
+    Args:
+        input: [N, output_dim·group_size², H, W], float32 / float16 / bfloat16.
+        rois: [K, 5] of (batch_index, x1, y1, x2, y2) in image coordinates
+            (rounded to integers, C's round), same dtype and device as input;
+            batch indices integral in [0, N), coordinates finite (checked: one
+            host synchronisation on a GPU).
+        trans: [K, 2·num_classes, part_size, part_size] (channel 2·cls moves
+            x, 2·cls + 1 moves y; num_classes divides output_dim), or None
+            with ``no_trans`` (ignored when no_trans is true).
+        spatial_scale: image to feature-map scale (> 0).
+        output_dim, group_size, pooled_size: output channels, position-sensitive
+            grid side, output bins per side.
+        part_size: trans cells per side; 0 means pooled_size.
+        sample_per_part: samples per bin side.
+        trans_std: scale of trans.
+        no_trans: pool without moving the bins.
+
+    Returns:
+        [K, output_dim, pooled_size, pooled_size].
+    """
+    if not isinstance(no_trans, bool):
+        raise TypeError(f"no_trans must be a bool, got {no_trans!r}")
+    if no_trans:
+        trans = None
+    elif trans is None:
+        raise TypeError("trans must be a torch.Tensor unless no_trans=True, got None")
+    params = (
+        spatial_scale,
+        output_dim,
+        group_size,
+        pooled_size,
+        part_size,
+        sample_per_part,
+        trans_std,
+    )
+    g = check_arguments(input, rois, trans, *params)
+    # Kernels read dense tensors: a non-contiguous argument is copied once here.
+    return torch.ops.dcnbench.deform_psroi_pool(
+        input.contiguous(),
+        rois.contiguous(),
+        None if trans is None else trans.contiguous(),
+        g.spatial_scale,
+        output_dim,
+        group_size,
+        pooled_size,
+        part_size,
+        sample_per_part,
+        g.trans_std,
+    )

@@ -1,0 +1,507 @@
+"""Our RoI pooling kernels (``kernels.ops.deform_roi_pool``): ``roi_align``,
+``deform_roi_pool``, ``modulated_deform_roi_pool``, against the float64 reference.
+
+On the CPU the very CUDA source the GPU runs goes through ``kernels.emulator``.
+Every kernel call here runs with outputs poisoned with NaN, so an element a
+kernel forgets to write fails the comparison. The oracle is the float64
+reference (``kernels.reference.deform_roi_pool``, from the contract) on the
+same (already rounded) inputs; ``roi_align`` is also compared with
+``torchvision.ops.roi_align(aligned=True)``. Errors are relative L2 and
+max-abs relative to max |ref|.
+
+``TestOnGPU`` runs the same comparisons on CUDA; it is skipped without a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torchvision
+
+from kernels import emulator, launch
+from kernels.ops import deform_roi_pool as ops
+from kernels.reference import deform_roi_pool as reference
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Relative L2 bound per dtype: a few units of the dtype's rounding (the
+# output and each gradient are rounded once; float32 sample positions differ
+# from float64 ones by an ulp of the coordinate).
+REL_L2 = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+MAX_ABS = {dtype: 2 * bound for dtype, bound in REL_L2.items()}
+OPS = ("roi_align", "deform_roi_pool", "modulated_deform_roi_pool")
+
+
+@pytest.fixture(autouse=True)
+def poisoned():
+    with launch.poisoned_outputs():
+        yield
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    N: int = 2
+    C: int = 3
+    H: int = 7
+    W: int = 9
+    pooled_h: int = 3
+    pooled_w: int = 2
+    spatial_scale: float = 0.5
+    sampling_ratio: int = 0
+    # Not 0.1: with bfloat16 / float16 RoIs and offsets (few mantissa bits),
+    # gamma = 0.1 puts samples within float32 rounding of integer positions,
+    # where B1's slope jumps and float32 and float64 positions can fall on
+    # different sides (a true gradient difference, not a kernel error).
+    gamma: float = 0.0917
+
+    def params(self, op: str) -> dict:
+        params = dict(
+            pooled_h=self.pooled_h,
+            pooled_w=self.pooled_w,
+            spatial_scale=self.spatial_scale,
+            sampling_ratio=self.sampling_ratio,
+        )
+        if op != "roi_align":
+            params["gamma"] = self.gamma
+        return params
+
+
+CASES = {
+    "adaptive_grid": Case(),
+    "sampling_ratio_2": Case(sampling_ratio=2, gamma=0.2917),
+    "pooled_1x1": Case(N=1, C=2, pooled_h=1, pooled_w=1, spatial_scale=0.25),
+    "pooled_14x14": Case(N=1, C=2, H=5, W=6, pooled_h=14, pooled_w=14, sampling_ratio=1),
+}
+
+
+def make_rois(case: Case, generator: torch.Generator) -> torch.Tensor:
+    """RoIs in image coordinates (feature map = image·spatial_scale): inside,
+    partly outside, wholly outside, zero-size, sub-pixel, on the last image,
+    plus random ones."""
+    image_h, image_w = case.H / case.spatial_scale, case.W / case.spatial_scale
+    last = case.N - 1
+    fixed = torch.tensor(
+        [
+            [0, 1.3, 2.2, image_w - 3.1, image_h - 1.7],  # inside
+            [last, -0.4 * image_w, -3.3, 0.6 * image_w, 0.5 * image_h],  # partly outside
+            [last, 1.7 * image_w, 1.2 * image_h, 2.3 * image_w, 1.9 * image_h],  # wholly outside
+            [0, 0.37 * image_w, 0.41 * image_h, 0.37 * image_w, 0.41 * image_h],  # zero size
+            [last, 0.52 * image_w, 0.33 * image_h, 0.52 * image_w + 0.3, 0.33 * image_h + 0.2],
+        ]
+    )
+    k = 4
+    x = torch.rand(k, 2, generator=generator) * 1.4 * image_w - 0.2 * image_w
+    y = torch.rand(k, 2, generator=generator) * 1.4 * image_h - 0.2 * image_h
+    index = torch.randint(case.N, (k,), generator=generator).float()
+    random = torch.stack(
+        [index, x.min(1).values, y.min(1).values, x.max(1).values, y.max(1).values], dim=1
+    )
+    return torch.cat([fixed, random])
+
+
+def make_inputs(case: Case, op: str, dtype: torch.dtype, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    rois = make_rois(case, generator)
+    bins = (rois.shape[0], 1, case.pooled_h, case.pooled_w)
+    inputs = {
+        "input": torch.randn(case.N, case.C, case.H, case.W, generator=generator),
+        "rois": rois,
+        # up to ±3 moves a bin by 0.3 of its RoI (gamma 0.1): some off the map
+        "offset": (torch.rand(bins[0], 2, *bins[2:], generator=generator) * 6 - 3)
+        if op != "roi_align"
+        else None,
+        "mask": torch.rand(bins, generator=generator)
+        if op == "modulated_deform_roi_pool"
+        else None,
+    }
+    return {name: None if t is None else t.to(dtype) for name, t in inputs.items()}
+
+
+def call(module, op: str, inputs: dict, params: dict) -> torch.Tensor:
+    """``op`` of ``module`` (ours or the reference) on ``inputs``."""
+    if op == "roi_align":
+        return module.roi_align(inputs["input"], inputs["rois"], **params)
+    if op == "deform_roi_pool":
+        return module.deform_roi_pool(inputs["input"], inputs["rois"], inputs["offset"], **params)
+    return module.modulated_deform_roi_pool(
+        inputs["input"], inputs["rois"], inputs["offset"], inputs["mask"], **params
+    )
+
+
+def reference_call(op: str, inputs: dict, params: dict) -> torch.Tensor:
+    if op == "roi_align":
+        return reference.deform_roi_pool(inputs["input"], inputs["rois"], None, **params)
+    return call(reference, op, inputs, params)
+
+
+def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype):
+    assert actual.dtype == dtype, f"{name}: dtype {actual.dtype}, expected {dtype}"
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} vs {expected.shape}"
+    actual = actual.double()
+    assert torch.isfinite(actual).all(), f"{name}: NaN or Inf (unwritten or poisoned elements?)"
+    scale = expected.abs().max().item()
+    if scale == 0:
+        assert actual.abs().max().item() == 0, f"{name}: nonzero where the reference is 0"
+        return
+    rel_l2 = ((actual - expected).norm() / expected.norm()).item()
+    max_abs = (actual - expected).abs().max().item() / scale
+    assert rel_l2 <= REL_L2[dtype] and max_abs <= MAX_ABS[dtype], (
+        f"{name}: rel L2 {rel_l2:.2e} (bound {REL_L2[dtype]:.0e}), "
+        f"max abs / max |ref| {max_abs:.2e} (bound {MAX_ABS[dtype]:.0e})"
+    )
+
+
+def check_against_reference(
+    op: str,
+    inputs: dict,
+    params: dict,
+    dtype: torch.dtype,
+    requires_grad: tuple[str, ...] = ("input", "offset", "mask"),
+) -> torch.Tensor:
+    """Forward and the requested gradients of ours vs the float64 reference; returns ours."""
+    leaves = {
+        name: None if t is None else t.detach().clone().requires_grad_(name in requires_grad)
+        for name, t in inputs.items()
+    }
+    references = {
+        name: None if t is None else t.detach().double().requires_grad_(name in requires_grad)
+        for name, t in inputs.items()
+    }
+    out = call(ops, op, leaves, params)
+    expected = reference_call(op, references, params)
+    assert_close("output", out, expected, dtype)
+
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    differentiable = [n for n in requires_grad if leaves.get(n) is not None]
+    grads = torch.autograd.grad(out, [leaves[n] for n in differentiable], grad_output)
+    expected_grads = torch.autograd.grad(
+        expected, [references[n] for n in differentiable], grad_output.double()
+    )
+    for name, grad, expected_grad in zip(differentiable, grads, expected_grads, strict=True):
+        assert_close(f"grad_{name}", grad, expected_grad, dtype)
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Forward and gradients vs the reference.
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_forward_and_gradients(case_name, op, dtype):
+    case = CASES[case_name]
+    check_against_reference(op, make_inputs(case, op, dtype), case.params(op), dtype)
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_roi_align_matches_torchvision(sampling_ratio):
+    """roi_align = torchvision.ops.roi_align(aligned=True), forward and grad_input."""
+    case = dataclasses.replace(CASES["adaptive_grid"], sampling_ratio=sampling_ratio)
+    inputs = make_inputs(case, "roi_align", torch.float32, seed=2)
+    x = inputs["input"].clone().requires_grad_()
+    out = ops.roi_align(x, inputs["rois"], **case.params("roi_align"))
+    x_tv = inputs["input"].double().requires_grad_()
+    expected = torchvision.ops.roi_align(
+        x_tv,
+        inputs["rois"].double(),
+        (case.pooled_h, case.pooled_w),
+        case.spatial_scale,
+        sampling_ratio,
+        aligned=True,
+    )
+    assert_close("output", out, expected, torch.float32)
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    out.backward(grad_output)
+    expected.backward(grad_output.double())
+    assert_close("grad_input", x.grad, x_tv.grad, torch.float32)
+
+
+def test_zero_size_roi_with_adaptive_grid_is_zero():
+    """sampling_ratio 0 and a zero-size RoI: an empty grid, the bin is 0 and
+    nothing has a gradient (the reference's graph does not even reach the inputs)."""
+    case = CASES["adaptive_grid"]
+    op = "modulated_deform_roi_pool"
+    inputs = make_inputs(case, op, torch.float32, seed=4)
+    inputs = {
+        "input": inputs["input"].requires_grad_(),
+        "rois": torch.tensor([[1, 5.0, 6.0, 5.0, 6.0]]),
+        "offset": inputs["offset"][:1].clone().requires_grad_(),
+        "mask": inputs["mask"][:1].clone().requires_grad_(),
+    }
+    out = call(ops, op, inputs, case.params(op))
+    assert (out == 0).all()
+    grads = torch.autograd.grad(
+        out, [inputs[n] for n in ("input", "offset", "mask")], torch.ones_like(out)
+    )
+    for grad in grads:
+        assert (grad == 0).all()
+
+
+@pytest.mark.parametrize(
+    "min_channels, waves",
+    [(1, 10**6), (2, 10**6), (4, 0)],
+    ids=["slice_per_channel", "uneven_slices", "one_slice"],
+)
+def test_channel_slices(monkeypatch, min_channels, waves):
+    """Every way the backward splits channels gives the reference's gradients
+    (C = 5: slices of 1, of 2+2+1, one of 5)."""
+    monkeypatch.setattr(ops, "MIN_CHANNELS_PER_THREAD", min_channels)
+    monkeypatch.setattr(ops, "TARGET_WAVES", waves)
+    case = dataclasses.replace(CASES["adaptive_grid"], C=5)
+    op = "modulated_deform_roi_pool"
+    check_against_reference(
+        op, make_inputs(case, op, torch.float32, seed=5), case.params(op), torch.float32
+    )
+
+
+def test_rois_in_several_launches(monkeypatch):
+    """More RoIs than one launch's gridDim.y: chunks of 4 RoIs (the real limit is 65535)."""
+    monkeypatch.setattr(launch, "MAX_GRID_DIM", (2**31 - 1, 4, 65535))
+    case = CASES["sampling_ratio_2"]
+    op = "modulated_deform_roi_pool"
+    check_against_reference(
+        op, make_inputs(case, op, torch.float32, seed=6), case.params(op), torch.float32
+    )
+
+
+@pytest.mark.parametrize(
+    "requires_grad", [("input",), ("offset",), ("mask",), ("offset", "mask")], ids="+".join
+)
+def test_only_requested_gradients(requires_grad):
+    case = CASES["adaptive_grid"]
+    op = "modulated_deform_roi_pool"
+    inputs = make_inputs(case, op, torch.float32, seed=7)
+    check_against_reference(op, inputs, case.params(op), torch.float32, requires_grad)
+
+
+def test_modulated_without_offset():
+    case = CASES["sampling_ratio_2"]
+    op = "modulated_deform_roi_pool"
+    inputs = dict(make_inputs(case, op, torch.float32, seed=8), offset=None)
+    check_against_reference(op, inputs, case.params(op), torch.float32)
+
+
+def test_deform_roi_pool_without_offset_is_roi_align():
+    case = CASES["adaptive_grid"]
+    inputs = make_inputs(case, "roi_align", torch.float32, seed=9)
+    pooled = ops.deform_roi_pool(
+        inputs["input"], inputs["rois"], None, **case.params("deform_roi_pool")
+    )
+    aligned = ops.roi_align(inputs["input"], inputs["rois"], **case.params("roi_align"))
+    torch.testing.assert_close(pooled, aligned, rtol=0, atol=0)
+
+
+def test_no_rois_and_noncontiguous_inputs():
+    case = CASES["adaptive_grid"]
+    op = "modulated_deform_roi_pool"
+    inputs = make_inputs(case, op, torch.float32, seed=10)
+    empty = {n: t[:0] if n != "input" else t for n, t in inputs.items()}
+    assert call(ops, op, empty, case.params(op)).shape == (0, case.C, case.pooled_h, case.pooled_w)
+    expected = call(ops, op, inputs, case.params(op))
+    transposed = {n: t.transpose(-1, -2).contiguous().transpose(-1, -2) for n, t in inputs.items()}
+    assert not transposed["input"].is_contiguous()
+    torch.testing.assert_close(call(ops, op, transposed, case.params(op)), expected, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- #
+# Memory safety: every kernel once under the emulator's memcheck.
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_memcheck(op):
+    """No out-of-bounds write in any forward or backward instantiation used by ``op``
+    (RoIs outside the map, offsets pushing bins off it, the last image)."""
+    case = CASES["sampling_ratio_2"]
+    inputs = make_inputs(case, op, torch.float32, seed=11)
+    with emulator.mode("memcheck"):
+        check_against_reference(op, inputs, case.params(op), torch.float32)
+
+
+# --------------------------------------------------------------------------- #
+# Bad input.
+# --------------------------------------------------------------------------- #
+
+
+def _bad(**changes):
+    """A valid modulated_deform_roi_pool call on ``adaptive_grid`` with some arguments replaced."""
+    case = CASES["adaptive_grid"]
+    op = "modulated_deform_roi_pool"
+    arguments = dict(make_inputs(case, op, torch.float32), **case.params(op))
+    arguments.update(changes)
+    return arguments
+
+
+def _rois_with(k: int, column: int, value: float) -> torch.Tensor:
+    rois = _bad()["rois"].clone()
+    rois[k, column] = value
+    return rois
+
+
+BAD_ARGUMENTS = {
+    "rois_not_k_by_5": (_bad(rois=torch.zeros(9, 4)), ValueError, r"rois must have shape \(K, 5\)"),
+    "rois_1d": (_bad(rois=torch.zeros(5)), ValueError, r"rois must be 2-D"),
+    "batch_index_out_of_range": (
+        _bad(rois=_rois_with(3, 0, 2.0)),
+        ValueError,
+        r"integer batch indices in \[0, 2\) .* got 2.0 in RoI 3",
+    ),
+    "batch_index_negative": (_bad(rois=_rois_with(0, 0, -1.0)), ValueError, r"got -1.0 in RoI 0"),
+    "batch_index_fraction": (_bad(rois=_rois_with(2, 0, 0.5)), ValueError, r"got 0.5 in RoI 2"),
+    "nan_coordinate": (
+        _bad(rois=_rois_with(4, 2, float("nan"))),
+        ValueError,
+        r"rois\[:, 1:\] must be finite coordinates, .* in RoI 4",
+    ),
+    "inf_coordinate": (
+        _bad(rois=_rois_with(1, 3, float("inf"))),
+        ValueError,
+        r"finite coordinates",
+    ),
+    "nan_offset": (
+        _bad(offset=torch.full((9, 2, 3, 2), float("nan"))),
+        ValueError,
+        r"offset must be finite",
+    ),
+    "offset_shape": (
+        _bad(offset=torch.zeros(9, 2, 2, 3)),
+        ValueError,
+        r"offset must have shape \(9, 2, 3, 2\) \(K, 2, pooled_h, pooled_w\), got \(9, 2, 2, 3\)",
+    ),
+    "mask_shape": (
+        _bad(mask=torch.zeros(9, 2, 3, 2)),
+        ValueError,
+        r"mask must have shape \(9, 1, 3, 2\)",
+    ),
+    "input_ndim": (_bad(input=torch.zeros(3, 7, 9)), ValueError, r"input must be 4-D"),
+    "float64": (
+        {**_bad(), **{n: t.double() for n, t in _bad().items() if isinstance(t, torch.Tensor)}},
+        TypeError,
+        r"input has dtype torch.float64; supported",
+    ),
+    "rois_dtype": (
+        _bad(rois=_bad()["rois"].half()),
+        TypeError,
+        r"rois has dtype torch.float16, expected input's dtype torch.float32",
+    ),
+    "offset_device": (
+        _bad(offset=torch.zeros(9, 2, 3, 2, device="meta")),
+        ValueError,
+        r"offset is on meta, expected input's device cpu",
+    ),
+    "pooled_h": (_bad(pooled_h=0), ValueError, r"pooled_h must be an int >= 1, got 0"),
+    "sampling_ratio": (_bad(sampling_ratio=-1), ValueError, r"sampling_ratio must be an int >= 0"),
+    "spatial_scale": (_bad(spatial_scale=0.0), ValueError, r"spatial_scale must be a positive"),
+    "gamma": (_bad(gamma=float("nan")), ValueError, r"gamma must be a finite number"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_ARGUMENTS))
+def test_bad_arguments(name):
+    arguments, error, message = BAD_ARGUMENTS[name]
+    with pytest.raises(error, match=message):
+        ops.modulated_deform_roi_pool(**arguments)
+
+
+def test_missing_mask():
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
+        ops.modulated_deform_roi_pool(**_bad(mask=None))
+
+
+# --------------------------------------------------------------------------- #
+# torch.library.
+# --------------------------------------------------------------------------- #
+
+
+def _tiny_op_arguments(with_offset: bool, with_mask: bool):
+    case = Case(N=2, C=2, H=4, W=5, pooled_h=2, pooled_w=2)
+    inputs = make_inputs(case, "modulated_deform_roi_pool", torch.float32, seed=12)
+    input = inputs["input"].requires_grad_()
+    offset = inputs["offset"].requires_grad_() if with_offset else None
+    mask = inputs["mask"].requires_grad_() if with_mask else None
+    return (input, inputs["rois"], offset, mask, 2, 2, 0.5, 0, 0.1)
+
+
+@pytest.mark.parametrize(
+    "with_offset, with_mask", [(False, False), (True, False), (True, True)], ids=OPS
+)
+def test_opcheck(with_offset, with_mask):
+    """Schema, fake (meta) kernel, autograd registration and AOT dispatch of our op."""
+    torch.library.opcheck(
+        torch.ops.dcnbench.deform_roi_pool.default, _tiny_op_arguments(with_offset, with_mask)
+    )
+
+
+def test_opcheck_backward():
+    input, rois, offset, mask, *params = (
+        a.detach() if isinstance(a, torch.Tensor) else a for a in _tiny_op_arguments(True, True)
+    )
+    grad_output = torch.randn(rois.shape[0], 2, 2, 2)
+    torch.library.opcheck(
+        torch.ops.dcnbench.deform_roi_pool_backward.default,
+        (grad_output, input, rois, offset, mask, *params, [True, True, True]),
+    )
+
+
+def test_torch_compile_fullgraph():
+    """A function using the op compiles with fullgraph=True and matches eager, forward and backward."""
+    case = CASES["sampling_ratio_2"]
+    op = "modulated_deform_roi_pool"
+    inputs = make_inputs(case, op, torch.float32, seed=14)
+
+    def pooled_sum(input, offset, mask):
+        out = ops.modulated_deform_roi_pool(input, inputs["rois"], offset, mask, **case.params(op))
+        return out.square().sum()
+
+    tensors = [inputs[n].clone().requires_grad_() for n in ("input", "offset", "mask")]
+    eager = pooled_sum(*tensors)
+    eager_grads = torch.autograd.grad(eager, tensors)
+    compiled = torch.compile(pooled_sum, fullgraph=True, backend="aot_eager")
+    result = compiled(*tensors)
+    torch.testing.assert_close(result, eager, rtol=1e-6, atol=1e-6)
+    for grad, expected in zip(torch.autograd.grad(result, tensors), eager_grads, strict=True):
+        torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- #
+# On a GPU.
+# --------------------------------------------------------------------------- #
+
+
+def _gpu_unavailable() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return "CuPy is not installed"
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_unavailable() is not None, reason=str(_gpu_unavailable()))
+class TestOnGPU:
+    @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+    @pytest.mark.parametrize("op", OPS)
+    @pytest.mark.parametrize("case_name", list(CASES))
+    def test_against_reference(self, case_name, op, dtype):
+        case = CASES[case_name]
+        inputs = {
+            n: None if t is None else t.cuda() for n, t in make_inputs(case, op, dtype).items()
+        }
+        check_against_reference(op, inputs, case.params(op), dtype)
+
+    def test_roi_align_against_torchvision(self):
+        """A larger case (many RoIs, 256 channels) vs torchvision's CUDA roi_align."""
+        case = Case(N=2, C=256, H=38, W=50, pooled_h=7, pooled_w=7, spatial_scale=1 / 16)
+        generator = torch.Generator().manual_seed(13)
+        rois = torch.cat([make_rois(case, generator) for _ in range(30)]).cuda()
+        x = torch.randn(case.N, case.C, case.H, case.W, generator=generator).cuda()
+        ours = ops.roi_align(x, rois, **case.params("roi_align"))
+        expected = torchvision.ops.roi_align(
+            x, rois, (7, 7), case.spatial_scale, case.sampling_ratio, aligned=True
+        )
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
