@@ -33,6 +33,7 @@ PAIRS = {
     "stride_h": ("stride_w", "s", False),
     "pad_h": ("pad_w", "p", False),
     "dilation_h": ("dilation_w", "d", False),
+    "pooled_h": ("pooled_w", "pooled", False),
 }
 PAIR_SECONDS = {second for second, _, _ in PAIRS.values()}
 
@@ -61,8 +62,11 @@ def params_token(params: Mapping[str, Any], order: Mapping[str, Any]) -> str:
             tokens.append(f"{key}{format_value(value)}x{format_value(other)}" if both
                           else f"{key}{format_value(value)}")
         elif isinstance(value, bool):
-            key = name.replace("_", "")
-            tokens.append(key if value else f"no{key}")
+            # A flag reads as its feature: "bias"/"nobias"; a negated one
+            # ("no_trans") as "notrans"/"trans", never "nonotrans".
+            feature = name.removeprefix("no_").replace("_", "")
+            present = value != name.startswith("no_")
+            tokens.append(feature if present else f"no{feature}")
         else:
             tokens.append(f"{SHORT_KEYS.get(name, name.replace('_', ''))}{format_value(value)}")
     return "_".join(tokens)

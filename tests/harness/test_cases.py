@@ -34,6 +34,17 @@ def test_deform_conv2d_id_reads_as_documented():
         "deform_conv2d/N2_Cin64_Cout64_H28_W28_k3x3_s1_p1_d1_g1_og1_bias/float32/random")
 
 
+def test_psroi_id_reads_negated_flags_and_pooled_pairs_plainly():
+    op = registry.get_operator("deform_psroi_pool")
+    with_trans = make_case(op, {"no_trans": False}, "float32", "random").id
+    without = make_case(op, {"no_trans": True}, "float32", "random").id
+    assert "_trans_" in f"_{with_trans.split('/')[1]}_" and "nonotrans" not in with_trans
+    assert "_notrans_" in f"_{without.split('/')[1]}_"
+    pooled = make_case(registry.get_operator("roi_align"), {"pooled_h": 7, "pooled_w": 7},
+                       "float32", "random").id
+    assert "_pooled7_" in pooled and "pooledw" not in pooled
+
+
 def test_make_case_rejects_unknown_dtype_and_mode(toy):
     op = registry.get_operator(TOY)
     with pytest.raises(ValueError, match="not checked at dtype 'float8'; expected one of: float64"):
