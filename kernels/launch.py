@@ -179,6 +179,38 @@ def null(dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     return tensor
 
 
+# A kernel thread that loops over channels sets up its work (sampling points,
+# weights) once; below this many channels that fixed cost is no longer
+# amortised, so channels are not split finer even when the GPU is not full.
+MIN_CHANNELS_PER_THREAD = 4
+# Aim for this many waves of resident threads when choosing channel slices.
+TARGET_WAVES = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Slicing:
+    """How the channels a thread loops over are split among threads."""
+
+    channels_per_thread: int
+    slices: int
+
+
+def channel_slicing(channels: int, items: int, device: torch.device | str,
+                    max_slices: int | None = None) -> Slicing:
+    """Split ``channels`` among threads, each of the ``items`` work items
+    getting one thread per slice: one slice when the items alone give
+    ``TARGET_WAVES`` waves of resident threads, otherwise enough slices (at
+    most ``max_slices``) of at least ``MIN_CHANNELS_PER_THREAD`` channels to
+    get there."""
+    target = TARGET_WAVES * device_properties(device).resident_threads
+    most = -(-channels // MIN_CHANNELS_PER_THREAD)
+    if max_slices is not None:
+        most = min(most, max_slices)
+    wanted = max(1, min(-(-target // max(items, 1)), most))
+    per_thread = -(-channels // wanted)
+    return Slicing(per_thread, -(-channels // per_thread))
+
+
 def blocks(items: int, block_size: int) -> int:
     """Blocks of ``block_size`` threads that cover ``items`` threads."""
     return -(-items // block_size)

@@ -236,8 +236,8 @@ def test_channel_slices_and_batch_chunks(monkeypatch, min_channels, waves, budge
     channel slices (1, 3 of 3+3+1 channels, 7 of 1) and N=5 in chunks that
     do not divide it."""
     case = Case(N=5, C_in=7, C_out=3, H=4, W=5, offset_groups=1)
-    monkeypatch.setattr(dcn, "MIN_CHANNELS_PER_THREAD", min_channels)
-    monkeypatch.setattr(dcn, "TARGET_WAVES", waves)
+    monkeypatch.setattr(launch, "MIN_CHANNELS_PER_THREAD", min_channels)
+    monkeypatch.setattr(launch, "TARGET_WAVES", waves)
     columns_per_sample = case.C_in * case.taps * case.out_size[0] * case.out_size[1] * 4
     monkeypatch.setattr(dcn, "WORKSPACE_BUDGET_BYTES", budget_samples * columns_per_sample)
     inputs = make_inputs(case, torch.float32, modulated=True, seed=3)

@@ -18,7 +18,6 @@ from test_deform_roi_pool import DTYPES, assert_close
 
 from kernels import emulator, launch
 from kernels.ops import deform_psroi_pool as ops
-from kernels.ops import deform_roi_pool as roi_ops
 from kernels.reference import deform_psroi_pool as reference
 
 
@@ -170,8 +169,8 @@ def test_c_round_and_minimum_roi_size():
 def test_channel_slices(monkeypatch, min_channels, waves):
     """The trans gradient's per-slice partial sums (5 channels per class: 1,
     2+2+1 ... slices) add up to the reference's."""
-    monkeypatch.setattr(roi_ops, "MIN_CHANNELS_PER_THREAD", min_channels)
-    monkeypatch.setattr(roi_ops, "TARGET_WAVES", waves)
+    monkeypatch.setattr(launch, "MIN_CHANNELS_PER_THREAD", min_channels)
+    monkeypatch.setattr(launch, "TARGET_WAVES", waves)
     case = dataclasses.replace(CASES["basic"], output_dim=10, num_classes=2)
     check_against_reference(case, make_inputs(case, torch.float32, seed=3), torch.float32)
 

@@ -248,8 +248,8 @@ def test_zero_size_roi_with_adaptive_grid_is_zero():
 def test_channel_slices(monkeypatch, min_channels, waves):
     """Every way the backward splits channels gives the reference's gradients
     (C = 5: slices of 1, of 2+2+1, one of 5)."""
-    monkeypatch.setattr(ops, "MIN_CHANNELS_PER_THREAD", min_channels)
-    monkeypatch.setattr(ops, "TARGET_WAVES", waves)
+    monkeypatch.setattr(launch, "MIN_CHANNELS_PER_THREAD", min_channels)
+    monkeypatch.setattr(launch, "TARGET_WAVES", waves)
     case = dataclasses.replace(CASES["adaptive_grid"], C=5)
     op = "modulated_deform_roi_pool"
     check_against_reference(

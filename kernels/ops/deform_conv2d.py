@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from kernels import launch
+from kernels.checks import check_shape, check_tensor
 from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
 
 __all__ = [
@@ -49,12 +50,6 @@ __all__ = [
 # Threads per block of both kernels; the .cu file gets it as a macro so its
 # __launch_bounds__ and our grids cannot disagree.
 BLOCK_SIZE = 256
-# A thread locates its sampling point once and loops over channels; below this
-# many channels that fixed cost is no longer amortised, so channels are not
-# split finer even when the GPU is not full.
-MIN_CHANNELS_PER_THREAD = 4
-# Aim for this many waves of resident threads when choosing channel slices.
-TARGET_WAVES = 2
 # Scratch (columns, float32 accumulators) per chunk of samples; the batch is
 # processed in chunks that fit, so any N works.
 WORKSPACE_BUDGET_BYTES = 256 * 2**20
@@ -132,19 +127,6 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return values  # type: ignore[return-value]
 
 
-def _check_tensor(name: str, tensor: object, ndim: int) -> torch.Tensor:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(tensor.shape)}")
-    return tensor
-
-
-def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], why: str) -> None:
-    if tuple(tensor.shape) != expected:
-        raise ValueError(f"{name} must have shape {expected} ({why}), got {tuple(tensor.shape)}")
-
-
 def check_arguments(
     input: torch.Tensor,
     offset: torch.Tensor,
@@ -162,13 +144,13 @@ def check_arguments(
     Each error names the argument, what was expected and what was given.
     ``offset_groups=None`` infers it from offset's channels.
     """
-    _check_tensor("input", input, 4)
-    _check_tensor("offset", offset, 4)
-    _check_tensor("weight", weight, 4)
+    check_tensor("input", input, 4)
+    check_tensor("offset", offset, 4)
+    check_tensor("weight", weight, 4)
     if mask is not None:
-        _check_tensor("mask", mask, 4)
+        check_tensor("mask", mask, 4)
     if bias is not None:
-        _check_tensor("bias", bias, 1)
+        check_tensor("bias", bias, 1)
     stride_hw = _pair(stride, "stride")
     padding_hw = _pair(padding, "padding")
     dilation_hw = _pair(dilation, "dilation")
@@ -238,21 +220,21 @@ def check_arguments(
         raise ValueError(
             f"offset_groups={offset_groups} must divide input's channels ({in_channels})"
         )
-    _check_shape(
+    check_shape(
         "offset",
         offset,
         (batch, 2 * offset_groups * taps, out_h, out_w),
         f"N, 2·offset_groups·kh·kw with offset_groups={offset_groups}, H_out, W_out",
     )
     if mask is not None:
-        _check_shape(
+        check_shape(
             "mask",
             mask,
             (batch, offset_groups * taps, out_h, out_w),
             f"N, offset_groups·kh·kw with offset_groups={offset_groups}, H_out, W_out",
         )
     if bias is not None:
-        _check_shape("bias", bias, (out_channels,), "C_out")
+        check_shape("bias", bias, (out_channels,), "C_out")
     # 32-bit indices inside the kernels (see the .cu header).
     if height * width > launch.INT32_MAX:
         raise ValueError(f"input planes of {height}x{width} exceed 2^31 elements")
@@ -281,29 +263,12 @@ def check_arguments(
 # --------------------------------------------------------------------------- #
 
 
-@dataclasses.dataclass(frozen=True)
-class _Slicing:
-    """How the channels of an offset group are split among threads."""
-
-    channels_per_thread: int
-    slices: int
-
-
-def _channel_slicing(g: Geometry, samples: int, device: torch.device) -> _Slicing:
-    """One slice (each thread loops over its group's channels) when the
-    (sample, offset group, tap, pixel) items alone give ``TARGET_WAVES`` waves
-    of resident threads; otherwise enough slices to get there, each of at
-    least ``MIN_CHANNELS_PER_THREAD`` channels."""
-    group_channels = g.in_channels // g.offset_groups
-    items = samples * g.offset_groups * g.taps * g.pixels
-    target = TARGET_WAVES * launch.device_properties(device).resident_threads
-    most = min(
-        -(-group_channels // MIN_CHANNELS_PER_THREAD),
-        launch.INT32_MAX // (g.offset_groups * g.taps * g.pixels),
-    )
-    wanted = max(1, min(-(-target // max(items, 1)), most))
-    per_thread = -(-group_channels // wanted)
-    return _Slicing(per_thread, -(-group_channels // per_thread))
+def _channel_slicing(g: Geometry, samples: int, device: torch.device) -> launch.Slicing:
+    """Slices of an offset group's channels over the (sample, offset group,
+    tap, pixel) items; the slice count times the items must stay an int."""
+    per_slice_items = g.offset_groups * g.taps * g.pixels
+    return launch.channel_slicing(g.in_channels // g.offset_groups, samples * per_slice_items,
+                                  device, max_slices=launch.INT32_MAX // per_slice_items)
 
 
 def _chunk_size(g: Geometry, bytes_per_sample: int) -> int:
@@ -317,7 +282,7 @@ def _launch_sampling_kernel(
     kernel: launch.Kernel,
     g: Geometry,
     samples: int,
-    slicing: _Slicing,
+    slicing: launch.Slicing,
     tensors: Sequence[torch.Tensor],
 ) -> None:
     items = g.offset_groups * slicing.slices * g.taps * g.pixels
@@ -708,7 +673,7 @@ def _deform_conv(
 def _check_out(out: object, g: Geometry, input: torch.Tensor) -> None:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    _check_shape("out", out, g.output_shape, "N, C_out, H_out, W_out")
+    check_shape("out", out, g.output_shape, "N, C_out, H_out, W_out")
     if out.dtype != input.dtype or out.device != input.device:
         raise TypeError(
             f"out must be {input.dtype} on {input.device}, got {out.dtype} on {out.device}"

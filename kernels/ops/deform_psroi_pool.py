@@ -21,8 +21,8 @@ import dataclasses
 import torch
 
 from kernels import launch
+from kernels.checks import check_shape, check_tensor
 from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
-from kernels.ops.deform_conv2d import _check_shape, _check_tensor
 from kernels.ops.deform_roi_pool import (
     SUPPORTED_DTYPES,
     channel_slicing,
@@ -121,7 +121,7 @@ def check_arguments(
         )
     num_classes = 1
     if trans is not None:
-        _check_tensor("trans", trans, 4)
+        check_tensor("trans", trans, 4)
         check_same_dtype_and_device("trans", trans, input)
         trans_channels = trans.shape[1]
         if trans_channels == 0 or trans_channels % 2:
@@ -134,7 +134,7 @@ def check_arguments(
                 f"trans has {trans_channels} channels, i.e. num_classes = {num_classes}, which must "
                 f"divide output_dim ({output_dim})"
             )
-        _check_shape(
+        check_shape(
             "trans",
             trans,
             (num_rois, trans_channels, part_size, part_size),
@@ -315,7 +315,7 @@ def _(input, rois, trans, spatial_scale, output_dim, group_size, pooled_size, *p
 def _deform_psroi_pool_backward_op(grad_output, input, rois, trans, *params_and_mask):
     *params, output_mask = params_and_mask
     g = check_arguments(input, rois, trans, *params)
-    _check_shape(
+    check_shape(
         "grad_output", grad_output, g.output_shape, "K, output_dim, pooled_size, pooled_size"
     )
     check_same_dtype_and_device("grad_output", grad_output, input)

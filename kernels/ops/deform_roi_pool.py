@@ -29,20 +29,14 @@ import math
 import torch
 
 from kernels import launch
+from kernels.checks import check_shape, check_tensor
 from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
-from kernels.ops.deform_conv2d import _check_shape, _check_tensor
 
 __all__ = ["deform_roi_pool", "modulated_deform_roi_pool", "roi_align"]
 
 # Threads per block of both kernels; the .cu gets it as a macro so its
 # __launch_bounds__ and our grids cannot disagree.
 BLOCK_SIZE = 256
-# Backward with offset / mask gradients: a thread walks its bin's samples once
-# and loops over a slice of channels, reducing their gradients; below this
-# many channels a slice no longer amortises the walk.
-MIN_CHANNELS_PER_THREAD = 4
-# Aim for this many waves of resident threads when choosing channel slices.
-TARGET_WAVES = 2
 
 _CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 SUPPORTED_DTYPES = tuple(_CTYPES)
@@ -78,8 +72,8 @@ SOURCE = register(
 def check_input_and_rois(input: object, rois: object) -> int:
     """input [N, C, H, W] of a supported dtype on CUDA or CPU, rois [K, 5] of
     the same dtype and device; returns K."""
-    _check_tensor("input", input, 4)
-    _check_tensor("rois", rois, 2)
+    check_tensor("input", input, 4)
+    check_tensor("rois", rois, 2)
     if input.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"input has dtype {input.dtype}; supported: {', '.join(map(str, SUPPORTED_DTYPES))}"
@@ -202,9 +196,9 @@ def check_arguments(
     for name, tensor, channels in (("offset", offset, 2), ("mask", mask, 1)):
         if tensor is None:
             continue
-        _check_tensor(name, tensor, 4)
+        check_tensor(name, tensor, 4)
         check_same_dtype_and_device(name, tensor, input)
-        _check_shape(
+        check_shape(
             name,
             tensor,
             (num_rois, channels, pooled_h, pooled_w),
@@ -232,26 +226,14 @@ def check_arguments(
 # --------------------------------------------------------------------------- #
 
 
-@dataclasses.dataclass(frozen=True)
-class Slicing:
-    """How the channels reduced by one backward thread are split."""
-
-    channels_per_thread: int
-    slices: int
-
-
-def channel_slicing(channels: int, items: int, reduce: bool, device: torch.device) -> Slicing:
-    """One channel per thread when nothing is reduced over channels; else one
-    slice when ``items`` threads alone give ``TARGET_WAVES`` waves of resident
-    threads, or enough slices of at least ``MIN_CHANNELS_PER_THREAD`` channels
-    to get there. Shared with ``kernels.ops.deform_psroi_pool``."""
+def channel_slicing(channels: int, items: int, reduce: bool,
+                    device: torch.device) -> launch.Slicing:
+    """One channel per thread when nothing is reduced over channels (the
+    backward of the input gradient alone); else ``launch.channel_slicing``.
+    Shared with ``kernels.ops.deform_psroi_pool``."""
     if not reduce:
-        return Slicing(1, channels)
-    target = TARGET_WAVES * launch.device_properties(device).resident_threads
-    most = -(-channels // MIN_CHANNELS_PER_THREAD)
-    wanted = max(1, min(-(-target // max(items, 1)), most))
-    per_thread = -(-channels // wanted)
-    return Slicing(per_thread, -(-channels // per_thread))
+        return launch.Slicing(1, channels)
+    return launch.channel_slicing(channels, items, device)
 
 
 def _geometry_arguments(g: Geometry) -> tuple:
@@ -413,7 +395,7 @@ def _(input, rois, offset, mask, pooled_h, pooled_w, *params):
 def _deform_roi_pool_backward_op(grad_output, input, rois, offset, mask, *params_and_mask):
     *params, output_mask = params_and_mask
     g = check_arguments(input, rois, offset, mask, *params)
-    _check_shape("grad_output", grad_output, g.output_shape, "K, C, pooled_h, pooled_w")
+    check_shape("grad_output", grad_output, g.output_shape, "K, C, pooled_h, pooled_w")
     check_same_dtype_and_device("grad_output", grad_output, input)
     return _backward(g, grad_output.contiguous(), input, rois, offset, mask, output_mask)
 
