@@ -1,7 +1,13 @@
 """nox sessions: `tests` (CPU, what CI runs), `lint`, `bench` (the default suite on this
-machine's device) and `gpu` (GPU tests and suites, for GPU hosts)."""
+machine's device, then the report), `report` (the site of every run under results/),
+`nightly` (the GPU suites, compared with the last stored run of the same device, then
+the report) and `gpu` (GPU tests and suites, for GPU hosts)."""
+
+import json
+from pathlib import Path
 
 import nox
+import nox.command
 
 nox.options.sessions = ["tests"]
 nox.options.reuse_venv = "yes"
@@ -24,7 +30,7 @@ def has_cuda(session: nox.Session) -> bool:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The CPU test suite: emulated kernels, harness, references, build check."""
-    install(session, "test")
+    install(session, "test,report")
     session.run("dcnbench", "kernels")
     session.run("python", "-m", "pytest", "-q", *session.posargs)
 
@@ -35,14 +41,99 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".")
 
 
+RESULTS = Path("results")
+SITE = Path("site")
+
+
+def new_run_dir(suite: str) -> Path:
+    """Where this session's run goes: results/local/<UTC time>-<suite> (the runner's default
+    adds the host; here the session must know the path to report and compare it)."""
+    import datetime
+
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return RESULTS / "local" / f"{stamp}-{suite}"
+
+
+def passes(session: nox.Session, *args: str) -> bool:
+    """Run a dcnbench command whose exit status 1 means "ran, found a problem" (a failing
+    row, a slowdown): False then, so the session carries on to the report; any other
+    failure stops the session."""
+    try:
+        session.run(*args)
+    except nox.command.CommandFailed as exc:
+        if exc.return_code != 1:
+            raise
+        return False
+    return True
+
+
+def build_report(session: nox.Session) -> None:
+    session.run("dcnbench", "report", str(RESULTS), "-o", str(SITE))
+    session.log(f"report: open {(SITE / 'index.html').resolve().as_uri()}")
+
+
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Run the default suite on this machine's device: `smoke` on a CPU, `resnet50-dcn` on a GPU."""
-    install(session, "test")
-    if has_cuda(session):
-        session.run("dcnbench", "run", "--suite", "resnet50-dcn", "--device", "cuda", *session.posargs)
-    else:
-        session.run("dcnbench", "run", "--suite", "smoke", "--device", "cpu", *session.posargs)
+    """Run the default suite on this machine's device (`smoke` on a CPU, `resnet50-dcn` on a
+    GPU), then build the report and print where to open it."""
+    install(session, "test,report")
+    device, suite = ("cuda", "resnet50-dcn") if has_cuda(session) else ("cpu", "smoke")
+    # A failing row must not stop the report that shows it: the exit status comes last.
+    passed = passes(session, "dcnbench", "run", "--suite", suite, "--device", device,
+                    "--out", str(new_run_dir(suite)), *session.posargs)
+    build_report(session)
+    if not passed:
+        session.error("some rows failed: see the report's run page")
+
+
+@nox.session
+def report(session: nox.Session) -> None:
+    """Build the static site of every run under results/ into site/."""
+    install(session, "report")
+    build_report(session)
+
+
+def last_run_of(device: str, suite: str, before: Path) -> Path | None:
+    """The newest stored run of ``suite`` on the GPU (or CPU) named ``device``, other than
+    ``before``."""
+    runs = []
+    for metadata_path in RESULTS.glob("**/metadata.json"):
+        metadata = json.loads(metadata_path.read_text())
+        name = metadata.get("gpu") or metadata.get("cpu")
+        if (metadata_path.parent != before and name == device
+                and metadata["suite"]["name"] == suite):
+            runs.append((metadata.get("time", ""), metadata_path.parent))
+    return max(runs)[1] if runs else None
+
+
+NIGHTLY_SUITES = ("smoke", "resnet50-dcn", "dtypes")
+NIGHTLY_FAIL_ABOVE = "5"  # percent slower, beyond the noise, that fails the night
+
+
+@nox.session
+def nightly(session: nox.Session) -> None:
+    """The GPU suites, each compared with the last stored run of the same GPU and suite
+    (failing on a slowdown beyond 5 % with confidence), then the report."""
+    install(session, "test,report")
+    if not has_cuda(session):
+        session.error("nightly: needs a CUDA GPU")
+    probe = "import torch; print(torch.cuda.get_device_name())"
+    gpu = session.run("python", "-c", probe, silent=True).strip()
+    failed = []
+    for suite in NIGHTLY_SUITES:
+        run_dir = new_run_dir(suite)
+        if not passes(session, "dcnbench", "run", "--suite", suite, "--device", "cuda",
+                      "--out", str(run_dir)):
+            failed.append(f"{suite}: failing rows")
+        previous = last_run_of(gpu, suite, run_dir)
+        if previous is None:
+            session.log(f"{suite}: no earlier run on {gpu} to compare with")
+        elif not passes(session, "dcnbench", "compare", str(previous), str(run_dir),
+                        "--fail-above", NIGHTLY_FAIL_ABOVE):
+            failed.append(f"{suite}: slower than {previous.name}")
+    build_report(session)
+    if failed:
+        session.error("; ".join(failed))
 
 
 @nox.session(venv_backend="none")

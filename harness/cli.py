@@ -7,6 +7,8 @@
     dcnbench case OP [--param NAME=VALUE ...] [--dtype DTYPE] [--mode MODE] [--impl NAME]
                   [--device cpu|cuda] [--seed S] [--backward] [--save FILE.npz]
     dcnbench kernels [...]   (the NVRTC build check: kernels.build_check)
+    dcnbench report RUN_DIR... [-o SITE_DIR] [--case FILE.npz ...]
+    dcnbench compare BASE NEW [--fail-above PCT] [--min-effect PCT] [--all]
 """
 
 from __future__ import annotations
@@ -233,6 +235,39 @@ def cmd_kernels(args: argparse.Namespace, console: Console) -> int:
     return build_check.run(parser.parse_args(args.kernel_args))
 
 
+# ---------------------------------------------------------------------------- report
+
+
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    # Imported here: the site needs plotly and jinja2, which the run paths (and the GPU
+    # machines) do without.
+    from reports import site
+
+    built = site.build(args.run_dirs, args.out, cases=args.case)
+    console.print(f"report: {len(built.pages)} pages from {built.rows} rows of "
+                  f"{built.runs} runs in {built.seconds:.1f} s")
+    console.print(f"open [bold]{built.index.resolve().as_uri()}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- compare
+
+
+def cmd_compare(args: argparse.Namespace, console: Console) -> int:
+    from harness import compare
+
+    comparison = compare.compare_runs(args.base, args.new, args.min_effect / 100)
+    compare.print_comparison(comparison, console, limit=None if args.all else 40)
+    if args.fail_above is None:
+        return 0
+    slower = compare.regressions(comparison, args.fail_above)
+    if len(slower):
+        console.print(f"[bold red]{len(slower)} cases slower than {args.fail_above:g}% "
+                      "beyond their noise")
+        return 1
+    return 0
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -295,6 +330,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("kernels", add_help=False,
                             help="NVRTC build check of every CUDA source (dcnbench kernels --help)")
     p.set_defaults(handler=cmd_kernels)
+
+    p = commands.add_parser("report", help="build the static HTML report of some runs")
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                   help="run directories, or folders of them (e.g. results/)")
+    p.add_argument("-o", "--out", type=Path, default=Path("site"), metavar="SITE_DIR",
+                   help="where to write the site (default: site/)")
+    p.add_argument("--case", action="extend", nargs="+", type=Path, default=[],
+                   metavar="FILE.npz", help="saved cases (dcnbench case --save) to draw in "
+                   "the sampling view (default: one case per deformable operator of the runs)")
+    p.set_defaults(handler=cmd_report)
+
+    p = commands.add_parser("compare", help="compare two runs case by case")
+    p.add_argument("base", type=Path, metavar="BASE", help="the run directory to compare with")
+    p.add_argument("new", type=Path, metavar="NEW", help="the run directory being judged")
+    p.add_argument("--fail-above", type=float, metavar="PCT",
+                   help="exit 1 when any case is slower by more than PCT percent beyond its noise")
+    p.add_argument("--min-effect", type=float, default=2.0, metavar="PCT",
+                   help="smallest change called faster or slower (default 2)")
+    p.add_argument("--all", action="store_true", help="print every case, not the 40 extremes")
+    p.set_defaults(handler=cmd_compare)
     return parser
 
 

@@ -1,0 +1,140 @@
+"""The sampling view: where one output location of a deformable operator samples its input.
+
+Each deformable operator has a small adapter that reads a saved case (the
+``.npz`` of ``dcnbench case … --save``: ``params`` plus the tensors by their
+contract names) and returns a :class:`SamplingPicture`: a heat map of the
+input the output location reads, the regular (undeformed) sample grid and the
+deformed sample points, with each point's modulation weight where the
+operator has one. Adapters use the reference's own geometry code, so the
+picture follows the contract (``docs/ops-semantics.md``) exactly.
+
+Adding an operator = one function registered in ``ADAPTERS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class SamplingPicture:
+    op: str
+    case_id: str
+    title: str  # which output location, batch element and group
+    heat: np.ndarray  # [H, W]: the input the location reads (mean over its channels)
+    regular: np.ndarray  # [P, 2]: (y, x) of each tap without offsets
+    deformed: np.ndarray  # [P, 2]: (y, x) of each tap with the case's offsets
+    weight: np.ndarray | None  # [P]: each tap's modulation (mask), None without one
+    labels: list[str]  # one per tap
+
+
+def _conv_picture(params: dict[str, Any], arrays: dict[str, np.ndarray]) -> SamplingPicture:
+    """DCNv1/DCNv2 (NCHW): tap k = i·kw + j; offset channel 2·(g·kh·kw + k) is dy, +1 dx."""
+    import torch
+
+    from kernels.reference.deform_conv2d import base_coordinates, sample_coordinates
+
+    kernel = (params["kernel_h"], params["kernel_w"])
+    stride = (params["stride_h"], params["stride_w"])
+    padding = (params["pad_h"], params["pad_w"])
+    dilation = (params["dilation_h"], params["dilation_w"])
+    offset = torch.from_numpy(arrays["offset"].astype(np.float64))
+    _, _, out_h, out_w = offset.shape
+    ho, wo = out_h // 2, out_w // 2
+    y, x = sample_coordinates(offset, kernel, stride, padding, dilation, params["offset_groups"])
+    base_y, base_x = base_coordinates((out_h, out_w), kernel, stride, padding, dilation,
+                                      dtype=torch.float64, device="cpu")
+    group_channels = params["C_in"] // params["offset_groups"]
+    heat = arrays["input"][0, :group_channels].astype(np.float64).mean(axis=0)
+    mask = arrays.get("mask")
+    taps = kernel[0] * kernel[1]
+    return SamplingPicture(
+        op=params["op"], case_id=params["case_id"],
+        title=f"output (ho={ho}, wo={wo}) of batch element 0, offset group 0",
+        heat=heat,
+        regular=np.stack([base_y[:, ho, wo].numpy(), base_x[:, ho, wo].numpy()], axis=1),
+        deformed=np.stack([y[0, 0, :, ho, wo].numpy(), x[0, 0, :, ho, wo].numpy()], axis=1),
+        weight=None if mask is None else mask[0, :taps, ho, wo].astype(np.float64),
+        labels=[f"tap {k} (i={k // kernel[1]}, j={k % kernel[1]})" for k in range(taps)],
+    )
+
+
+def _dcnv3_picture(params: dict[str, Any], arrays: dict[str, np.ndarray]) -> SamplingPicture:
+    """DCNv3/DCNv4 (channels-last): taps column-major, (dx, dy) at g·P·2 + 2p, x first;
+    DCNv4's fused ``offset_mask`` unpacked as the contract says."""
+    import torch
+
+    from kernels.reference.dcnv3 import Geometry, unpack_offset_mask
+
+    geometry, group = Geometry.from_params(params), params["group"]
+    taps = geometry.taps
+    if "offset_mask" in arrays:
+        offset, mask = unpack_offset_mask(
+            torch.from_numpy(arrays["offset_mask"].astype(np.float64)), group, taps)
+    else:
+        offset = torch.from_numpy(arrays["offset"].astype(np.float64))
+        mask = torch.from_numpy(arrays["mask"].astype(np.float64))
+    _, out_h, out_w, _ = offset.shape
+    ho, wo = out_h // 2, out_w // 2
+    y, x = geometry.sample_positions(offset, group)
+    base_y, base_x = geometry.sample_positions(torch.zeros_like(offset), group)
+    weight = mask[0, ho, wo, :taps]
+    if params.get("softmax"):
+        weight = torch.softmax(weight, dim=0)
+    tap_y, tap_x = geometry.tap_grid(dtype=torch.float64, device="cpu")
+    heat = arrays["input"][0, :, :, :params["group_channels"]].astype(np.float64).mean(axis=-1)
+    return SamplingPicture(
+        op=params["op"], case_id=params["case_id"],
+        title=f"output (ho={ho}, wo={wo}) of batch element 0, group 0",
+        heat=heat,
+        regular=np.stack([base_y[0, ho, wo, 0].numpy(), base_x[0, ho, wo, 0].numpy()], axis=1),
+        deformed=np.stack([y[0, ho, wo, 0].numpy(), x[0, ho, wo, 0].numpy()], axis=1),
+        weight=weight.numpy(),
+        labels=[f"tap {p} (dy={ty:g}, dx={tx:g})"
+                for p, (ty, tx) in enumerate(zip(tap_y.tolist(), tap_x.tolist(), strict=True))],
+    )
+
+
+ADAPTERS: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], SamplingPicture]] = {
+    "deform_conv2d": _conv_picture,
+    "modulated_deform_conv2d": _conv_picture,
+    "dcnv3": _dcnv3_picture,
+    "dcnv4": _dcnv3_picture,
+}
+
+
+def picture(path: Path) -> SamplingPicture:
+    """The sampling picture of a saved case; ``ValueError`` for an operator without an
+    adapter."""
+    from harness import casefile
+
+    params, arrays = casefile.load(Path(path))
+    adapter = ADAPTERS.get(params["op"])
+    if adapter is None:
+        raise ValueError(f"{path}: no sampling view for operator {params['op']!r}; "
+                         f"expected one of: {', '.join(ADAPTERS)}")
+    return adapter(params, arrays)
+
+
+def save_case(op: str, params: dict[str, Any], dtype: str, mode: str, seed: int,
+              path: Path) -> Path:
+    """Run ``op``'s reference on one case on the CPU and save it as ``dcnbench case
+    --save`` would (the same inputs as the run that holds the case)."""
+    from harness import casefile, execution, registry
+    from harness.cases import make_case
+
+    operator = registry.get_operator(op)
+    # Parameters read back from a results table may have become floats (a column with
+    # gaps): give each the type of its default.
+    typed = {name: type(operator.params[name])(value) for name, value in params.items()}
+    case = make_case(operator, typed, dtype, mode)
+    case_run = execution.prepare(case, "cpu", seed, backward=False)
+    row, tensors = execution.run(case_run, registry.reference_of(op), "forward", timing=None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    casefile.save(path, case_run, row.impl, tensors, row.status)
+    return path

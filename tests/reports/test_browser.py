@@ -1,0 +1,113 @@
+"""Every page of a built site in headless Chromium: no console errors, every chart drawn
+with data, every link resolving. A screenshot of each page type goes to
+test-artifacts/screenshots/.
+
+Needs Debian's chromium (/usr/bin/chromium; .ci/run installs it) and the playwright
+package (never its browser download). Without them the tests skip, except under CI
+(CI=true), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _missing() -> str | None:
+    if not CHROMIUM.is_file():
+        return f"{CHROMIUM} is not installed (apt-get install chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if (reason := _missing()) is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"browser tests cannot run in CI: {reason}")
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(profile), executable_path=str(CHROMIUM), headless=True, args=FLAGS,
+            viewport={"width": 1400, "height": 900})
+        yield context
+        context.close()
+
+
+def _page_type(path: str) -> str:
+    if path == "index.html":
+        return "index"
+    if path.startswith("runs/"):
+        return "operator" if path.count("/") == 2 else "run"
+    return path.split("/")[0]  # compare, history, sampling
+
+
+def test_every_page_renders(site, browser):
+    out = site.index.parent
+    if SCREENSHOTS.exists():
+        shutil.rmtree(SCREENSHOTS)
+    SCREENSHOTS.mkdir(parents=True)
+    page = browser.new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
+            if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    shot: set[str] = set()
+    for html in sorted(site.pages):
+        name = html.relative_to(out).as_posix()
+        page.goto(html.as_uri())
+        page.evaluate("window.dcnRenderAll()")
+        page.wait_for_function(
+            "Array.from(document.querySelectorAll('.chart'))"
+            ".every(d => d.dataset.rendered === 'done')", timeout=30_000)
+        charts = page.evaluate(
+            "Array.from(document.querySelectorAll('.chart')).map(d => ({id: d.id, "
+            "points: (d.data || []).reduce((n, t) => n + ((t.x || t.z || []).length), 0), "
+            "svg: d.querySelectorAll('.main-svg').length}))")
+        for chart in charts:
+            assert chart["points"] > 0 and chart["svg"] > 0, f"{name}: {chart['id']} is empty"
+        links = page.evaluate("Array.from(document.querySelectorAll('a[href]'))"
+                              ".map(a => a.href)")
+        for link in links:
+            url = urlparse(link)
+            assert url.scheme == "file", f"{name}: link leaves the site: {link}"
+            assert Path(unquote(url.path)).is_file(), f"{name}: broken link {link}"
+            if url.fragment:
+                target = page if Path(unquote(url.path)) == html else None
+                if target is not None:
+                    assert page.locator(f"#{url.fragment}").count() == 1, link
+        assert not problems, f"{name}: {problems}"
+        kind = _page_type(name)
+        if kind not in shot:
+            shot.add(kind)
+            page.screenshot(path=str(SCREENSHOTS / f"{kind}.png"), full_page=kind != "operator")
+    assert shot == {"index", "run", "operator", "compare", "history", "sampling"}
+
+
+def test_tables_sort_on_click(site, browser):
+    compare_page = next(p for p in site.pages if "compare/" in p.as_posix())
+    page = browser.new_page()
+    page.goto(compare_page.as_uri())
+    header = page.locator("table.sortable").last.locator("th", has_text="change %")
+    header.click()
+    header.click()  # descending
+    changes = page.evaluate(
+        "Array.from(document.querySelectorAll('table.sortable:last-of-type tbody tr'))"
+        ".map(r => parseFloat(r.cells[5].dataset.sort))")
+    assert changes == sorted(changes, reverse=True)
+    assert len(changes) > 1

@@ -1,0 +1,75 @@
+"""The sampling view's geometry, checked against the contract's formulas written out here."""
+
+import numpy as np
+import pytest
+
+from harness import casefile
+from reports import figures, sampling
+
+PARAMS = {"N": 1, "C_in": 4, "C_out": 4, "H": 9, "W": 11, "kernel_h": 3, "kernel_w": 3,
+          "stride_h": 2, "stride_w": 1, "pad_h": 1, "pad_w": 2, "dilation_h": 1,
+          "dilation_w": 2, "groups": 1, "offset_groups": 2, "bias": True}
+
+
+@pytest.mark.parametrize("op", ["deform_conv2d", "modulated_deform_conv2d"])
+def test_conv_sampling_follows_the_contract(op, tmp_path):
+    path = sampling.save_case(op, PARAMS, "float32", "random", 0, tmp_path / "case.npz")
+    picture = sampling.picture(path)
+    params, arrays = casefile.load(path)
+    offset = arrays["offset"]
+    out_h, out_w = offset.shape[2:]
+    ho, wo = out_h // 2, out_w // 2
+    for k in range(9):
+        i, j = divmod(k, 3)
+        # docs/ops-semantics.md: y = ho·stride_h − pad_h + i·dilation_h + dy, with dy in
+        # channel 2·(g·kh·kw + k) and dx in the next; group 0 here.
+        y0, x0 = ho * 2 - 1 + i * 1, wo * 1 - 2 + j * 2
+        assert picture.regular[k].tolist() == [y0, x0]
+        assert picture.deformed[k] == pytest.approx(
+            [y0 + offset[0, 2 * k, ho, wo], x0 + offset[0, 2 * k + 1, ho, wo]])
+    if op == "modulated_deform_conv2d":
+        assert picture.weight == pytest.approx(arrays["mask"][0, :9, ho, wo])
+    else:
+        assert picture.weight is None
+    # The heat map is offset group 0's channels (C_in / offset_groups = 2) averaged.
+    assert picture.heat == pytest.approx(arrays["input"][0, :2].mean(axis=0))
+    assert params["case_id"] == picture.case_id
+    figure = figures.sampling(picture)
+    assert [t["name"] for t in figure["data"]] == ["input", "regular grid",
+                                                   "deformed samples", "offset"]
+
+
+def test_operator_without_adapter(tmp_path):
+    path = tmp_path / "case.npz"
+    np.savez(path, params=np.array('{"op": "conv2d"}'), input=np.zeros((1, 1, 2, 2)))
+    with pytest.raises(ValueError, match="no sampling view for operator 'conv2d'"):
+        sampling.picture(path)
+
+
+DCN34 = {"N": 1, "H": 7, "W": 9, "group": 2, "group_channels": 4, "kernel_h": 3, "kernel_w": 3,
+         "stride_h": 1, "stride_w": 2, "pad_h": 1, "pad_w": 1, "dilation_h": 2,
+         "dilation_w": 1, "offset_scale": 0.5, "remove_center": False}
+
+
+@pytest.mark.parametrize("op", ["dcnv3", "dcnv4"])
+def test_dcnv3_dcnv4_sampling_follows_the_contract(op, tmp_path):
+    params = {**DCN34, **({"softmax": False} if op == "dcnv3" else {})}
+    path = sampling.save_case(op, params, "float32", "random", 0, tmp_path / "case.npz")
+    picture = sampling.picture(path)
+    _, arrays = casefile.load(path)
+    if op == "dcnv3":
+        offset, mask = arrays["offset"], arrays["mask"]
+    else:  # offset_mask: group g's (dx, dy) of tap p at g·3P + 2p, its mask at g·3P + 2P + p
+        offset, mask = arrays["offset_mask"][..., :18], arrays["offset_mask"][..., 18:27]
+    out_h, out_w = offset.shape[1:3]
+    ho, wo = out_h // 2, out_w // 2
+    half_h, half_w = 2 * (3 - 1) // 2, 1 * (3 - 1) // 2
+    for p in range(9):
+        i, j = divmod(p, 3)  # column-major: i over kernel_w outer, j over kernel_h inner
+        dx, dy = offset[0, ho, wo, 2 * p], offset[0, ho, wo, 2 * p + 1]  # group 0, x first
+        x = wo * 2 - 1 + half_w + (i * 1 - half_w + dx) * 0.5
+        y = ho * 1 - 1 + half_h + (j * 2 - half_h + dy) * 0.5
+        assert picture.deformed[p] == pytest.approx([y, x])
+        assert picture.regular[p] == pytest.approx([y - dy * 0.5, x - dx * 0.5])
+        assert picture.weight[p] == pytest.approx(mask[0, ho, wo, p])
+    assert picture.heat == pytest.approx(arrays["input"][0, :, :, :4].mean(axis=-1))
