@@ -167,9 +167,11 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _run_dirs(path: Path) -> list[Path]:
+    """``path`` itself when it is a run, else every run below it at any depth
+    (results/ holds results/local/<run>, results/<device>/<run>, ...)."""
     if (path / METADATA).is_file():
         return [path]
-    found = sorted(p.parent for p in path.glob(f"*/{METADATA}"))
+    found = sorted(p.parent for p in path.glob(f"**/{METADATA}"))
     if not found:
         raise FileNotFoundError(f"{path}: neither a run directory nor a folder of run directories")
     return found
@@ -178,8 +180,8 @@ def _run_dirs(path: Path) -> list[Path]:
 def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     """Rows of one or several runs as a DataFrame.
 
-    ``paths`` is a run directory, a folder of run directories, or a list of
-    either. Each row gains ``run_id`` (its directory's name); parameters are
+    ``paths`` is a run directory, a folder holding run directories at any
+    depth, or a list of either. Each row gains ``run_id`` (its directory's name); parameters are
     spread into ``params.<name>`` columns. ``df.attrs["metadata"]`` maps each
     ``run_id`` to its metadata.
     """

@@ -62,6 +62,10 @@ def test_load_returns_a_dataframe_of_one_or_several_runs(tmp_path):
     assert sorted(both["run_id"]) == ["run-a", "run-a", "run-b"]
     listed = results.load([tmp_path / "runs" / "run-a", str(tmp_path / "runs" / "run-b")])
     assert len(listed) == 3 and set(listed.attrs["metadata"]) == {"run-a", "run-b"}
+    nested = RunDir(tmp_path / "runs" / "local" / "run-c")  # as results/local/<run>
+    nested.create({"suite": {"name": "run-c"}})
+    nested.append(row(impl="deep"))
+    assert sorted(set(results.load(tmp_path / "runs")["run_id"])) == ["run-a", "run-b", "run-c"]
 
 
 def test_load_of_an_empty_run_has_the_schema_columns(tmp_path):
