@@ -1,5 +1,5 @@
 """Shared test set-up: ``@pytest.mark.gpu`` tests are skipped (never passed) where
-torch sees no CUDA device."""
+torch sees no CUDA device; ``poisoned_outputs`` fills every kernel output with NaN."""
 
 import pytest
 import torch
@@ -12,3 +12,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def poisoned_outputs():
+    """Kernel outputs are NaN until written (``kernels.launch.new_output``)."""
+    from kernels import launch
+
+    with launch.poisoned_outputs():
+        yield
