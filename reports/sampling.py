@@ -100,11 +100,82 @@ def _dcnv3_picture(params: dict[str, Any], arrays: dict[str, np.ndarray]) -> Sam
     )
 
 
+def _points(ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """[len(ys)·len(xs), 2]: every (y, x) of a bin's sample grid, rows outer."""
+    grid_y, grid_x = np.meshgrid(ys, xs, indexing="ij")
+    return np.stack([grid_y.ravel(), grid_x.ravel()], axis=1)
+
+
+def _roi_pool_picture(params: dict[str, Any], arrays: dict[str, np.ndarray]) -> SamplingPicture:
+    """DCNv1/DCNv2 RoI pooling (mmcv semantics): the sample grid of RoI 0's centre bin,
+    moved as a whole by gamma·roi size·offset (channel 0 moves x, channel 1 moves y)."""
+    import torch
+
+    from kernels.reference.deform_roi_pool import roi_boxes, sample_positions, sampling_grid
+
+    pooled_h, pooled_w = params["pooled_h"], params["pooled_w"]
+    ph, pw = pooled_h // 2, pooled_w // 2
+    rois = torch.from_numpy(arrays["rois"][:1].astype(np.float64))
+    offset = torch.from_numpy(arrays["offset"][:1].astype(np.float64))
+    _, _, roi_h, roi_w = roi_boxes(rois, params["spatial_scale"])
+    grid_h, grid_w = sampling_grid(roi_h, roi_w, pooled_h, pooled_w, params["sampling_ratio"])
+    grid = (int(grid_h[0]), int(grid_w[0]))
+    geometry = (pooled_h, pooled_w, params["spatial_scale"], params["gamma"])
+    y, x = sample_positions(rois, offset, grid, *geometry)
+    base_y, base_x = sample_positions(rois, None, grid, *geometry)
+    count = grid[0] * grid[1]
+    mask = arrays.get("mask")
+    return SamplingPicture(
+        op=params["op"], case_id=params["case_id"],
+        title=f"bin (ph={ph}, pw={pw}) of RoI 0 ({grid[0]}×{grid[1]} samples)",
+        heat=arrays["input"][int(arrays["rois"][0, 0])].astype(np.float64).mean(axis=0),
+        regular=_points(base_y[0, ph, pw].numpy(), base_x[0, ph, pw].numpy()),
+        deformed=_points(y[0, ph, pw].numpy(), x[0, ph, pw].numpy()),
+        weight=None if mask is None else np.full(count, float(mask[0, 0, ph, pw])),
+        labels=[f"sample (iy={s // grid[1]}, ix={s % grid[1]})" for s in range(count)],
+    )
+
+
+def _psroi_pool_picture(params: dict[str, Any], arrays: dict[str, np.ndarray]) -> SamplingPicture:
+    """Deformable PS RoI pooling (R-FCN): the samples of RoI 0's centre bin for output
+    channel 0 (class 0), moved by trans·trans_std·roi size, over the position-sensitive
+    input channel that bin reads."""
+    import torch
+
+    from kernels.reference.deform_psroi_pool import sample_positions
+
+    pooled, samples = params["pooled_size"], params["sample_per_part"]
+    group_size = params["group_size"]
+    part_size = params["part_size"] or pooled
+    b = pooled // 2
+    rois = torch.from_numpy(arrays["rois"][:1].astype(np.float64))
+    trans = None if params["no_trans"] else torch.from_numpy(arrays["trans"][:1].astype(np.float64))
+    geometry = dict(spatial_scale=params["spatial_scale"], pooled_size=pooled,
+                    part_size=part_size, sample_per_part=samples,
+                    trans_std=params["trans_std"], num_classes=params["num_classes"])
+    h, w = sample_positions(rois, trans, **geometry)
+    base_h, base_w = sample_positions(rois, None, **geometry)
+    cell = min(b * group_size // pooled, group_size - 1)  # gh = gw for the centre bin
+    channel = cell * group_size + cell  # (ctop·group_size + gh)·group_size + gw, ctop = 0
+    return SamplingPicture(
+        op=params["op"], case_id=params["case_id"],
+        title=f"bin (ph={b}, pw={b}) of RoI 0, output channel 0 (input channel {channel})",
+        heat=arrays["input"][int(arrays["rois"][0, 0]), channel].astype(np.float64),
+        regular=_points(base_h[0, 0, b, b].numpy(), base_w[0, 0, b, b].numpy()),
+        deformed=_points(h[0, 0, b, b].numpy(), w[0, 0, b, b].numpy()),
+        weight=None,
+        labels=[f"sample (ih={s // samples}, iw={s % samples})" for s in range(samples**2)],
+    )
+
+
 ADAPTERS: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], SamplingPicture]] = {
     "deform_conv2d": _conv_picture,
     "modulated_deform_conv2d": _conv_picture,
     "dcnv3": _dcnv3_picture,
     "dcnv4": _dcnv3_picture,
+    "deform_roi_pool": _roi_pool_picture,
+    "modulated_deform_roi_pool": _roi_pool_picture,
+    "deform_psroi_pool": _psroi_pool_picture,
 }
 
 

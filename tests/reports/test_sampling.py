@@ -73,3 +73,64 @@ def test_dcnv3_dcnv4_sampling_follows_the_contract(op, tmp_path):
         assert picture.regular[p] == pytest.approx([y - dy * 0.5, x - dx * 0.5])
         assert picture.weight[p] == pytest.approx(mask[0, ho, wo, p])
     assert picture.heat == pytest.approx(arrays["input"][0, :, :, :4].mean(axis=-1))
+
+
+ROI = {"N": 2, "C": 3, "H": 12, "W": 14, "K": 3, "pooled_h": 3, "pooled_w": 5,
+       "spatial_scale": 0.5, "sampling_ratio": 2, "gamma": 0.1}
+
+
+@pytest.mark.parametrize("op", ["deform_roi_pool", "modulated_deform_roi_pool"])
+def test_roi_pool_sampling_follows_the_contract(op, tmp_path):
+    path = sampling.save_case(op, ROI, "float32", "random", 0, tmp_path / "case.npz")
+    picture = sampling.picture(path)
+    _, arrays = casefile.load(path)
+    batch, x1, y1, x2, y2 = arrays["rois"][0].astype(np.float64)
+    # docs/ops-semantics.md: start = x1·spatial_scale − 0.5, roi_w = end − start,
+    # bin_w = roi_w / pooled_w; start_x += gamma·roi_w·offset[k, 0]; samples at
+    # start + pw·bin_w + (ix + 0.5)·bin_w / grid_w (likewise y with channel 1).
+    start_x, start_y = x1 * 0.5 - 0.5, y1 * 0.5 - 0.5
+    roi_w, roi_h = x2 * 0.5 - 0.5 - start_x, y2 * 0.5 - 0.5 - start_y
+    bin_w, bin_h = roi_w / 5, roi_h / 3
+    dx = 0.1 * roi_w * arrays["offset"][0, 0, 1, 2]
+    dy = 0.1 * roi_h * arrays["offset"][0, 1, 1, 2]
+    expected = [(start_y + 1 * bin_h + (iy + 0.5) * bin_h / 2,
+                 start_x + 2 * bin_w + (ix + 0.5) * bin_w / 2) for iy in range(2) for ix in range(2)]
+    assert picture.regular == pytest.approx(np.array(expected))
+    assert picture.deformed == pytest.approx(np.array(expected) + [dy, dx])
+    assert picture.heat == pytest.approx(arrays["input"][int(batch)].mean(axis=0))
+    if op == "modulated_deform_roi_pool":
+        assert picture.weight == pytest.approx([arrays["mask"][0, 0, 1, 2]] * 4)
+    else:
+        assert picture.weight is None
+
+
+PSROI = {"N": 1, "H": 12, "W": 13, "K": 2, "output_dim": 2, "group_size": 3, "pooled_size": 3,
+         "part_size": 3, "sample_per_part": 2, "trans_std": 0.1, "no_trans": False,
+         "num_classes": 2, "spatial_scale": 0.37}
+
+
+def test_psroi_pool_sampling_follows_the_contract(tmp_path):
+    path = sampling.save_case("deform_psroi_pool", PSROI, "float32", "random", 0,
+                              tmp_path / "case.npz")
+    picture = sampling.picture(path)
+    _, arrays = casefile.load(path)
+    batch, x1, y1, x2, y2 = arrays["rois"][0].astype(np.float64)
+
+    def c_round(v):  # C's round: halves away from zero
+        return np.sign(v) * np.floor(abs(v) + 0.5)
+
+    # start = round(x1)·scale − 0.5, end = (round(x2) + 1)·scale − 0.5, roi = max(end − start,
+    # 0.1), bin = roi / pooled, sub = bin / sample_per_part; class 0's trans moves the bin
+    # by trans·trans_std·roi; samples at pw·bin + start + trans_x·roi + iw·sub.
+    start_x, start_y = c_round(x1) * 0.37 - 0.5, c_round(y1) * 0.37 - 0.5
+    roi_w = max((c_round(x2) + 1) * 0.37 - 0.5 - start_x, 0.1)
+    roi_h = max((c_round(y2) + 1) * 0.37 - 0.5 - start_y, 0.1)
+    trans_x = arrays["trans"][0, 0, 1, 1] * 0.1  # part cell floor(1/3·3) = 1, class 0
+    trans_y = arrays["trans"][0, 1, 1, 1] * 0.1
+    regular = [(1 * roi_h / 3 + start_y + ih * roi_h / 6, 1 * roi_w / 3 + start_x + iw * roi_w / 6)
+               for ih in range(2) for iw in range(2)]
+    assert picture.regular == pytest.approx(np.array(regular))
+    assert picture.deformed == pytest.approx(np.array(regular) + [trans_y * roi_h, trans_x * roi_w])
+    # Output channel 0 of bin (1, 1) reads input channel (0·3 + 1)·3 + 1 = 4.
+    assert picture.heat == pytest.approx(arrays["input"][int(batch), 4])
+    assert picture.weight is None
