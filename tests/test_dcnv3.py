@@ -16,6 +16,7 @@ import dataclasses
 
 import pytest
 import torch
+from kernel_checks import close_to_reference
 
 from kernels import emulator
 from kernels.ops import dcnv3 as ops
@@ -184,22 +185,7 @@ def run_reference(kind: str, inputs: dict, params: dict) -> torch.Tensor:
     )
 
 
-def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype):
-    assert actual.dtype == dtype, f"{name}: dtype {actual.dtype}, expected {dtype}"
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} vs {expected.shape}"
-    actual = actual.double().cpu()
-    expected = expected.cpu()
-    assert torch.isfinite(actual).all(), f"{name}: NaN or Inf (unwritten or poisoned elements?)"
-    scale = expected.abs().max().item()
-    if scale == 0:
-        assert actual.abs().max().item() == 0, f"{name}: nonzero where the reference is 0"
-        return
-    rel_l2 = ((actual - expected).norm() / expected.norm()).item()
-    max_abs = (actual - expected).abs().max().item() / scale
-    assert rel_l2 <= REL_L2[dtype] and max_abs <= MAX_ABS[dtype], (
-        f"{name}: rel L2 {rel_l2:.2e} (bound {REL_L2[dtype]:.0e}), "
-        f"max abs / max |ref| {max_abs:.2e} (bound {MAX_ABS[dtype]:.0e})"
-    )
+assert_close = close_to_reference(REL_L2, MAX_ABS)
 
 
 def check_against_reference(
