@@ -11,6 +11,9 @@ def pytest_addoption(parser):
     group.addoption("--dcn-op", action="append", default=[], help="only this operator")
     group.addoption("--dcn-impl", action="append", default=[], help="only this implementation")
     group.addoption("--dcn-dtype", action="append", default=[], help="only this dtype")
+    group.addoption("--dcn-plugin", action="append", default=[], metavar="MODULE",
+                    help="import this plugin module (implementations, operators, metrics) "
+                         "before collecting; repeatable")
     group.addoption("--dcn-rep-ms", type=float, default=None,
                     help="measured time per case (default: the harness's)")
 

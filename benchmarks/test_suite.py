@@ -6,24 +6,50 @@
 One benchmark per case × implementation × direction of the suite (the same
 selection as ``dcnbench run``: ``--dcn-op/--dcn-impl/--dcn-dtype``). Each is
 checked against the float64 reference first (a ``fail`` or ``error`` fails the
-test), then timed by ``harness.timing``: CUDA events on the current stream with a
-cold L2 per sample on a GPU, ``perf_counter_ns`` on a CPU, never pytest-benchmark's
-host clock. The samples are handed to pytest-benchmark as its rounds, so its
-statistics, ``--benchmark-compare`` and ``--benchmark-compare-fail`` work on them.
-Emulated implementations (our kernels on a CPU) are checked and skipped: they
-are never timed.
+test), then timed by ``harness.timing`` (device time on a GPU, ``docs/timing.md``;
+``perf_counter_ns`` on a CPU), never by pytest-benchmark's host clock. The row
+keeps every sample; they reach pytest-benchmark through its public API alone:
+the ``benchmark`` marker's ``timer`` is ``SAMPLE_CLOCK``, a clock that replays
+the row's samples, and ``benchmark.pedantic`` runs one round per sample (each
+round reads the clock before and after a no-op, which advances it by one
+sample). So pytest-benchmark's statistics, ``--benchmark-compare`` and
+``--benchmark-compare-fail`` work on the real samples. Emulated
+implementations (our kernels on a CPU) are checked and skipped: they are
+never timed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from unittest import mock
+from collections.abc import Sequence
 
 import pytest
 import torch
 
-from harness import environment, execution, registry, runner, suites, timing
+from harness import environment, execution, plugins, registry, results, runner, suites, timing
+
+
+class SampleClock:
+    """A clock for pytest-benchmark that replays measured samples: read twice per
+    round (start, end), it advances by the next sample between the two reads."""
+
+    __name__ = "SampleClock"
+
+    def __init__(self):
+        self._ticks: list[float] = []
+
+    def replay(self, samples_s: Sequence[float]) -> None:
+        now, ticks = 0.0, []
+        for sample in samples_s:
+            ticks += [now, now + sample]
+            now += sample
+        self._ticks = ticks[::-1]
+
+    def __call__(self) -> float:
+        return self._ticks.pop()
+
+
+SAMPLE_CLOCK = SampleClock()
 
 
 def _device(config) -> str:
@@ -34,6 +60,7 @@ def pytest_generate_tests(metafunc):
     if "dcn_row" not in metafunc.fixturenames:
         return
     config = metafunc.config
+    plugins.load(config.getoption("--dcn-plugin"))
     options = runner.RunOptions(
         suite=suites.load(config.getoption("--dcn-suite")), device=_device(config),
         ops=config.getoption("--dcn-op"), impls=config.getoption("--dcn-impl"),
@@ -62,21 +89,11 @@ def _prepared(suite_case: suites.SuiteCase, device: str, seed: int) -> execution
     return _PREPARED[key]
 
 
-@contextlib.contextmanager
-def _timing_samples():
-    """The samples ``harness.timing`` summarises while the block runs (the harness keeps
-    only their statistics)."""
-    samples: list[float] = []
-
-    def keep(samples_ms, *args, **kwargs):
-        samples.extend(samples_ms)
-        return summarize(samples_ms, *args, **kwargs)
-
-    summarize = timing.summarize
-    with mock.patch.object(timing, "summarize", keep):
-        yield samples
+def _no_op() -> None:
+    """The round's "work": the call was done and timed by the harness."""
 
 
+@pytest.mark.benchmark(timer=SAMPLE_CLOCK, warmup=False)
 def test_case(benchmark, dcn_row, dcn_options):
     suite_case, impl_name, direction = dcn_row
     device = _device(dcn_options)
@@ -85,8 +102,7 @@ def test_case(benchmark, dcn_row, dcn_options):
     config = timing.TimingConfig()
     if dcn_options.getoption("--dcn-rep-ms") is not None:
         config = dataclasses.replace(config, rep_ms=dcn_options.getoption("--dcn-rep-ms"))
-    with _timing_samples() as samples:
-        row, _ = execution.run(_prepared(suite_case, device, seed), impl, direction, config)
+    row, _ = execution.run(_prepared(suite_case, device, seed), impl, direction, config)
     if row.status == "skipped":
         pytest.skip(row.reason)
     if row.status in ("fail", "error"):
@@ -95,14 +111,7 @@ def test_case(benchmark, dcn_row, dcn_options):
         pytest.skip(row.timing_skipped)
     benchmark.extra_info.update(
         case_id=row.case_id, impl=row.impl, direction=row.direction, status=row.status,
-        timer=row.timer, rel_l2=row.rel_l2, tflops=row.tflops, gbps=row.gbps,
-        speedup=row.speedup, sm_clock_mhz=row.sm_clock_mhz)
-    if benchmark.disabled:
-        return
-    # pytest-benchmark has no public way to take samples measured elsewhere: record them
-    # as its rounds (one call per round) the way its own runner does, and mark the
-    # fixture used as benchmark(...) and pedantic(...) do.
-    benchmark._mode = "harness.timing"
-    stats = benchmark._make_stats(1)
-    for sample_ms in samples:
-        stats.update(sample_ms / 1e3)
+        timer=row.timer, rel_l2=row.rel_l2, sm_clock_mhz=row.sm_clock_mhz, **row.metrics)
+    samples_ms = results.decode_samples(row.samples["time_ms"])
+    SAMPLE_CLOCK.replay([float(sample) / 1e3 for sample in samples_ms])
+    benchmark.pedantic(_no_op, rounds=len(samples_ms), iterations=1, warmup_rounds=0)

@@ -6,16 +6,18 @@ One benchmark per timed row (case × implementation × direction), named
 ``<case_id>[<impl>-<direction>]`` and grouped by operator and direction.
 ``machine_info`` carries the GPU model, driver and CUDA version next to the
 host's; ``commit_info`` the run's commit; each benchmark's ``extra_info`` the
-row's own metrics (errors, status, TFLOP/s, GB/s, speedup, timer, SM clock).
+row's own fields (errors, status, timer, SM clock) and every registered metric
+the row has (``harness.metrics``: device time, host overhead, TFLOP/s, GB/s,
+speedup, ...).
 
-The harness keeps the median, the inter-quartile range, the minimum and the
-number of samples of each measurement, not the samples. ``stats`` holds those
-(in seconds, as pytest-benchmark does); the statistics pytest-benchmark would
-compute from samples we do not have are filled so that its tables read
-correctly and say nothing false: ``mean`` is the median (``ops`` = 1 / median),
-``q1``/``q3`` are median ∓ IQR/2, ``max`` is ``q3``, ``stddev`` is IQR / 1.349
-(the normal-equivalent spread) and the outlier counts are 0. Compare on
-``min``, ``median`` or ``iqr``, which are exact.
+``stats`` (in seconds, as pytest-benchmark writes them) are pytest-benchmark's
+own statistics (``pytest_benchmark.stats.Stats``) of the row's device-time
+samples, which ``data`` carries whole: mean, standard deviation, outliers,
+quartiles by its method. Rows of a results schema v1 run kept no samples: for
+them the statistics pytest-benchmark would compute from samples are filled so
+that its tables read correctly and say nothing false (``mean`` is the median,
+``q1``/``q3`` are median ∓ IQR/2, ``max`` is ``q3``, ``stddev`` is IQR / 1.349,
+outlier counts 0, no ``data``); compare those on ``min``, ``median`` or ``iqr``.
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ from typing import Any
 
 from harness import results
 
-EXTRA_FIELDS = ("case_id", "op", "impl", "impl_kind", "direction", "dtype", "mode", "device",
-                "status", "rel_l2", "max_abs", "tol_rel_l2", "tol_max_abs", "timer",
-                "time_median_ms", "time_iqr_ms", "time_min_ms", "time_samples", "time_noisy",
-                "sm_clock_mhz", "gpu_temp_c", "flops", "bytes", "tflops", "gbps",
-                "roofline_fraction", "speedup")
+EXTRA_FIELDS = ("case_id", "op", "impl", "impl_kind", "impl_source", "direction", "dtype",
+                "mode", "device", "status", "rel_l2", "max_abs", "tol_rel_l2", "tol_max_abs",
+                "timer", "timing_note", "time_median_ms", "time_iqr_ms", "time_min_ms",
+                "time_samples", "time_noisy", "rechecked", "sm_clock_mhz", "gpu_temp_c",
+                "flops", "bytes")
 IQR_PER_STDDEV = 1.349  # the IQR of a normal distribution in standard deviations
 
 
@@ -55,6 +57,18 @@ def machine_info(metadata: dict[str, Any]) -> dict[str, Any]:
 
 def stats(row: dict[str, Any]) -> dict[str, Any]:
     """pytest-benchmark's ``stats`` of a timed row (seconds); see the module docstring."""
+    if row.get("samples") and "time_ms" in row["samples"]:
+        from pytest_benchmark.stats import Stats  # only the export needs pytest-benchmark
+
+        found = Stats()
+        for sample_ms in results.decode_samples(row["samples"]["time_ms"]):
+            found.update(float(sample_ms) / 1e3)
+        return {**found.as_dict(), "iterations": 1, "data": list(found.data)}
+    return _stats_without_samples(row)
+
+
+def _stats_without_samples(row: dict[str, Any]) -> dict[str, Any]:
+    """A v1 row's summary in pytest-benchmark's fields (module docstring)."""
     median, iqr = row["time_median_ms"] / 1e3, row["time_iqr_ms"] / 1e3
     q1, q3 = max(median - iqr / 2, 0.0), median + iqr / 2
     rounds = row["time_samples"]
@@ -73,7 +87,7 @@ def benchmark(row: dict[str, Any]) -> dict[str, Any]:
         "fullname": f"dcnbench::{row['case_id']}[{param}]",
         "params": {"impl": row["impl"], "direction": row["direction"], **row["params"]},
         "param": param,
-        "extra_info": {k: row.get(k) for k in EXTRA_FIELDS},
+        "extra_info": {**{k: row.get(k) for k in EXTRA_FIELDS}, **row.get("metrics", {})},
         "options": {"disable_gc": False, "timer": row["timer"], "min_rounds": None,
                     "max_time": None, "min_time": None, "warmup": True},
         "stats": stats(row),

@@ -1,5 +1,6 @@
 """The ``dcnbench`` command line (also ``python -m harness`` from a plain checkout).
 
+    dcnbench [--plugin MODULE ...] COMMAND ...
     dcnbench list [--json]
     dcnbench run --suite NAME|PATH [--device cpu|cuda] [--op OP ...] [--impl IMPL ...]
                  [--dtype DTYPE ...] [--out DIR] [--resume] [--seed S] [--no-timing]
@@ -23,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from harness import casefile, environment, execution, registry, runner, suites
+from harness import casefile, environment, execution, plugins, registry, runner, suites
 from harness.cases import format_value, make_case
 from harness.timing import TimingConfig
 
@@ -192,7 +193,7 @@ def cmd_case(args: argparse.Namespace, console: Console) -> int:
         rows = execution.unprepared_rows(case, todo, args.device, args.seed, exc)
         case_run, tensors = None, {}
     else:
-        results = [execution.run(case_run, impl, d, timing=None) for impl, d in todo]
+        results = [execution.run(case_run, impl, d, None) for impl, d in todo]
         rows = [row for row, _ in results]
         tensors = {name: t for _, produced in results for name, t in produced.items()}
     table = Table(title_justify="left")
@@ -276,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dcnbench",
         description="Benchmark and check the deformable-convolution operators.",
     )
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import this plugin module first (implementations, operators, "
+                             "metrics from outside the repository); repeatable")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("list", help="operators, implementations, tolerances, suites")
@@ -362,6 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     console = Console()
     try:
+        plugins.load(args.plugin)
         return args.handler(args, console)
     except (ValueError, LookupError, OSError) as exc:
         # Bad input (unknown names, malformed suites, unwritable paths): one clear line.

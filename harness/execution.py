@@ -2,26 +2,31 @@
 
 ``prepare`` draws a case's inputs once (seeded, rounded to the case's dtype)
 and runs the reference on float64 copies of those very tensors: the oracle.
-``run`` then runs one implementation in one direction on the same inputs,
-judges it against the oracle and times it, and returns its result row. A
-backward pass is autograd of the implementation's forward: the
-differentiable inputs become leaves, and ``torch.autograd.grad`` with a
-seeded ``grad_output`` gives one gradient per leaf.
+``run`` then prepares one implementation in one direction on the same inputs
+(its ``prepare`` once: checks, conversions, host synchronisations), judges
+its timed call's output against the oracle, times that call alone
+(``harness.timing``), judges the last timed call's output again (a cache or
+a race that the first call hides shows here) and returns its result row with
+its metrics (``harness.metrics``). A backward pass is autograd of the
+implementation's call: the differentiable inputs become leaves, and
+``torch.autograd.grad`` with a seeded ``grad_output`` gives one gradient per
+leaf; the timed call is that backward alone, on a graph built once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from harness import checking, nvml, registry
+from harness import checking, metrics, nvml, registry, timing
 from harness.cases import Case
-from harness.results import Row
-from harness.timing import Stats, TimingConfig, time_call
+from harness.results import Row, encode_samples
+from harness.timing import Measurement, TimingConfig
 
 EMULATED_NOT_TIMED = "emulated: checked for correctness, never timed"
 TIMING_OFF = "timing off"
@@ -53,11 +58,11 @@ def wants_backward(case: Case) -> str | None:
     return None
 
 
-def _build_graph(forward, inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any],
+def _build_graph(prepare, inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any],
                  names: tuple[str, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Run ``forward`` with the ``names`` inputs as fresh leaves; the output and those leaves."""
+    """Prepare and call with the ``names`` inputs as fresh leaves; the output and those leaves."""
     leaves = {name: inputs[name].detach().requires_grad_() for name in names}
-    return forward({**inputs, **leaves}, params), list(leaves.values())
+    return prepare({**inputs, **leaves}, params)(), list(leaves.values())
 
 
 def _gradients(out: torch.Tensor, leaves: list[torch.Tensor], grad_output: torch.Tensor,
@@ -95,7 +100,7 @@ def prepare(case: Case, device: str, seed: int, backward: bool) -> CaseRun:
     }
     grad_output = ref_grads = None
     if backward:
-        out, leaves = _build_graph(reference.forward, ref_inputs, case.params, names)
+        out, leaves = _build_graph(reference.prepare, ref_inputs, case.params, names)
         # Drawn after the inputs from the same generator, rounded like them.
         grad_output = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(dtype)
         grads = _gradients(out, leaves, grad_output.to(device=ref_device, dtype=torch.float64))
@@ -169,52 +174,77 @@ def record_error(row: Row, exc: BaseException, context: str = "") -> Row:
 
 
 def run(case_run: CaseRun, impl: registry.Implementation, direction: str,
-        timing: TimingConfig | None, copy_gbps: float | None = None,
-        baseline_ms: float | None = None) -> tuple[Row, dict[str, torch.Tensor]]:
+        timing_config: TimingConfig | None, environment: Mapping[str, Any] | None = None,
+        baseline: Mapping[str, Any] | None = None) -> tuple[Row, dict[str, torch.Tensor]]:
     """Check and time ``impl`` on a prepared case in one direction.
 
-    Returns the row and the tensors the implementation produced (``output``,
-    and ``grad_<name>`` for the backward), for saving a case. An exception
-    becomes an ``error`` row; it never propagates.
+    ``environment`` is the run's metadata and ``baseline`` the stored row of the
+    operator's baseline on this case and direction, when it was timed: the
+    metrics read them. Returns the row and the tensors the implementation
+    produced (``output``, and ``grad_<name>`` for the backward), for saving a
+    case. An exception becomes an ``error`` row; it never propagates.
     """
     case = case_run.case
     row = start_row(case, impl, direction, case_run.device, case_run.seed)
     if row.status == "skipped":
         return row, {}
     row.reference_device = case_run.reference_device
-    try:
-        tensors = _check(row, case_run, impl, direction)
-    except Exception as exc:  # one implementation's failure must not stop the sweep
-        return record_error(row, exc), {}
-    if timing is None:
-        row.timing_skipped = TIMING_OFF
-    elif row.device == "emulated":
-        row.timing_skipped = EMULATED_NOT_TIMED
-    else:
+    row.impl_source = impl.source
+    # The forward is timed as inference: no autograd graph is recorded.
+    with torch.no_grad() if direction == "forward" else contextlib.nullcontext():
         try:
-            _time(row, case_run, impl, direction, timing, copy_gbps, baseline_ms)
-        except Exception as exc:
-            record_error(row, exc, context="timing: ")
+            with _poisoned_outputs():
+                call = timed_call(case_run, impl, direction)
+                tensors = _named(case_run, direction, call())
+            _judge(row, case_run, impl, direction, tensors)
+        except Exception as exc:  # one implementation's failure must not stop the sweep
+            return record_error(row, exc), {}
+        if timing_config is None:
+            row.timing_skipped = TIMING_OFF
+        elif row.device == "emulated":
+            row.timing_skipped = EMULATED_NOT_TIMED
+        else:
+            try:
+                _time(row, case_run, impl, direction, call, timing_config, environment or {},
+                      baseline)
+            except Exception as exc:
+                record_error(row, exc, context="timing: ")
     return row, tensors
 
 
-def _check(row: Row, case_run: CaseRun, impl: registry.Implementation,
-           direction: str) -> dict[str, torch.Tensor]:
+def timed_call(case_run: CaseRun, impl: registry.Implementation,
+               direction: str) -> Callable[[], Any]:
+    """``impl``'s timed call on the case: its prepared call for the forward; for the
+    backward, the gradients of a graph built once (and kept: retain_graph)."""
+    case = case_run.case
+    if direction == "forward":
+        return impl.prepare(case_run.inputs, case.params)
+    out, leaves = _build_graph(impl.prepare, case_run.inputs, case.params,
+                               case_run.differentiable)
+    grad_output = case_run.grad_output
+    return lambda: _gradients(out, leaves, grad_output, retain_graph=True)
+
+
+def _named(case_run: CaseRun, direction: str, produced: Any) -> dict[str, torch.Tensor]:
+    """A timed call's result by name: ``output``, or ``grad_<name>`` per leaf."""
+    if direction == "forward":
+        return {"output": produced.detach()}
+    return {f"grad_{n}": g.detach()
+            for n, g in zip(case_run.differentiable, produced, strict=True)}
+
+
+def _verdict(case_run: CaseRun, direction: str, tensors: dict[str, torch.Tensor]):
     case, dtype = case_run.case, registry.DTYPES[case_run.case.dtype]
-    with _poisoned_outputs():
-        if direction == "forward":
-            with torch.no_grad():
-                out = impl.forward(case_run.inputs, case.params)
-            tensors, refs = {"output": out}, {"output": case_run.ref_output}
-        else:
-            out, leaves = _build_graph(impl.forward, case_run.inputs, case.params,
-                                       case_run.differentiable)
-            grads = _gradients(out, leaves, case_run.grad_output)
-            tensors = {f"grad_{n}": g for n, g in zip(case_run.differentiable, grads, strict=True)}
-            refs = case_run.ref_grads
+    refs = {"output": case_run.ref_output} if direction == "forward" else case_run.ref_grads
     errors = {name: checking.measure(tensors[name], ref, dtype, name) for name, ref in refs.items()}
     tol = case.op.tolerance(case.dtype, direction)
-    verdict = checking.judge(errors, tol)
+    return errors, tol, checking.judge(errors, tol)
+
+
+def _judge(row: Row, case_run: CaseRun, impl: registry.Implementation, direction: str,
+           tensors: dict[str, torch.Tensor]) -> None:
+    case = case_run.case
+    errors, tol, verdict = _verdict(case_run, direction, tensors)
     row.status = "ok" if verdict.passed else "fail"
     row.reason = verdict.reason
     known = impl.known_inaccurate.get(case.dtype)
@@ -224,55 +254,51 @@ def _check(row: Row, case_run: CaseRun, impl: registry.Implementation,
     row.worst_tensor = verdict.worst
     row.tol_rel_l2, row.tol_max_abs = tol.rel_l2, tol.max_abs
     row.tensors = {name: dataclasses.asdict(e) for name, e in errors.items()}
-    return {name: t.detach() for name, t in tensors.items()}
+
+
+def _recheck(row: Row, case_run: CaseRun, direction: str, output: Any) -> None:
+    """Judge the last timed call's output like the first: a row whose first call
+    passed fails when its last one does not (a stale cache, a race)."""
+    if row.status != "ok":  # only a passing row has something to lose
+        return
+    _, _, verdict = _verdict(case_run, direction, _named(case_run, direction, output))
+    row.rechecked = verdict.passed
+    if not row.rechecked:
+        row.status = "fail"
+        row.reason = f"after timing, the last timed call's output: {verdict.reason}"
+        row.rel_l2, row.max_abs, row.nonfinite = verdict.rel_l2, verdict.max_abs, verdict.nonfinite
+        row.worst_tensor = verdict.worst
 
 
 def _time(row: Row, case_run: CaseRun, impl: registry.Implementation, direction: str,
-          timing: TimingConfig, copy_gbps: float | None, baseline_ms: float | None) -> None:
+          call: Callable[[], Any], config: TimingConfig, environment: Mapping[str, Any],
+          baseline: Mapping[str, Any] | None) -> None:
     case, device = case_run.case, case_run.device
-    if direction == "forward":
-        def call():
-            with torch.no_grad():
-                return impl.forward(case_run.inputs, case.params)
-    else:
-        # Time the backward alone, on a graph built once and kept (retain_graph).
-        out, leaves = _build_graph(impl.forward, case_run.inputs, case.params,
-                                   case_run.differentiable)
-
-        def call():
-            return _gradients(out, leaves, case_run.grad_output, retain_graph=True)
-
-        # Autograd runs each backward op on its forward's stream, which cannot join
-        # a graph captured on another stream: backward is always timed eagerly.
-        timing = dataclasses.replace(timing, cuda_graph=False)
-
-    stats = time_call(call, device, timing)
+    found = timing.measure(call, device, config)
+    _recheck(row, case_run, direction, found.output)
     if device == "cuda":
         sensors = nvml.sensors()
         row.sm_clock_mhz, row.gpu_temp_c = sensors["sm_clock_mhz"], sensors["gpu_temp_c"]
-    _record_timing(row, stats, case, direction, copy_gbps, baseline_ms)
+    peak = timing.peak_memory_bytes(call, device)
+    if peak is not None:
+        row.measured["peak_memory_bytes"] = peak
+    # A call may report on itself (torch_compile: graphs, recompiles, eager fallbacks).
+    if hasattr(call, "row_values"):
+        row.measured.update(call.row_values())
+    record_timing(row, found)
+    context = metrics.MetricContext(
+        op=case.op, params=case.params, direction=direction, dtype=case.dtype, impl=impl.name,
+        measurement=found, measured=row.measured, environment=environment, baseline=baseline)
+    row.flops, row.bytes = context.flops, context.bytes
+    row.metrics = metrics.compute(context)
 
 
-def _record_timing(row: Row, stats: Stats, case: Case, direction: str,
-                   copy_gbps: float | None, baseline_ms: float | None) -> None:
-    """Timing statistics and what follows from them: TFLOP/s, GB/s, the fraction
-    of the memory roofline, the speedup over the baseline."""
-    row.timer = stats.timer
-    row.time_median_ms, row.time_iqr_ms = stats.median_ms, stats.iqr_ms
-    row.time_min_ms, row.time_samples, row.time_noisy = stats.min_ms, stats.samples, stats.noisy
-    op, seconds = case.op, stats.median_ms * 1e-3
-    itemsize = registry.DTYPES[case.dtype].itemsize
-    flops_fn, bytes_fn = ((op.flops, op.bytes) if direction == "forward"
-                          else (op.backward_flops, op.backward_bytes))
-    if flops_fn is not None:
-        row.flops = float(flops_fn(case.params))
-        row.tflops = row.flops / seconds / 1e12
-    if bytes_fn is not None:
-        row.bytes = float(bytes_fn(case.params, itemsize))
-        row.gbps = row.bytes / seconds / 1e9
-        if copy_gbps:
-            row.roofline_fraction = row.gbps / copy_gbps
-    if row.impl == op.baseline:
-        baseline_ms = stats.median_ms
-    if baseline_ms is not None:
-        row.speedup = baseline_ms / stats.median_ms
+def record_timing(row: Row, found: Measurement) -> None:
+    """The device time's summary and every measurement's samples."""
+    device = found.device
+    row.timer, row.timing_note = found.method, found.note or None
+    row.time_median_ms, row.time_iqr_ms, row.time_min_ms = device.median, device.iqr, device.min
+    row.time_samples, row.time_noisy = device.count, device.noisy
+    measurements = {"time_ms": device, "host_us": found.host_us, "as_called_ms": found.as_called}
+    row.samples = {name: encode_samples(stats.samples) for name, stats in measurements.items()
+                   if stats is not None}

@@ -6,18 +6,26 @@ and byte counts, per-dtype tolerances and whether it has a backward.
 
 An *implementation* is one way to compute an operator: our CuPy kernels, the
 float64 reference, or a peer users would otherwise pick. Adding one is a
-single registered function::
+single registered ``prepare`` function::
 
     @implementation("deform_conv2d", "torchvision", kind="peer",
                     devices=("cpu", "cuda"), dtypes=("float32", "float16"))
     def torchvision_deform_conv2d(inputs, params):
-        return torchvision.ops.deform_conv2d(inputs["input"], ...)
+        kwargs = conv_arguments(params)           # once per case
+        return functools.partial(torchvision.ops.deform_conv2d, inputs["input"], ..., **kwargs)
 
-The forward takes the generated input tensors (a dict keyed by the contract's
-tensor names) and the case's full parameter dict, and returns the output
-tensor. Backward passes go through autograd of that forward, so an
-implementation's gradients are whatever its autograd (or its own
-``torch.autograd.Function``) computes.
+``prepare(inputs, params)`` takes the generated input tensors (a dict keyed
+by the contract's tensor names) and the case's full parameter dict, does
+everything that is not the operator's work (argument checks, layout
+conversion, imports, workspace allocation, value checks and so every host
+synchronisation) and returns ``call``: a function of no arguments that
+computes the output tensor and nothing else. The harness times ``call``
+alone (``docs/timing.md``). Backward passes go through autograd of ``call``'s
+output, so an implementation's gradients are whatever its autograd (or its
+own ``torch.autograd.Function``) computes.
+
+Implementations, operators and metrics from outside this repository register
+the same way from a plugin module (``harness.plugins``).
 """
 
 from __future__ import annotations
@@ -173,7 +181,8 @@ def _coerce(op: str, key: str, value: Any, default: Any) -> Any:
 class Implementation:
     """One way to compute an operator.
 
-    ``forward(inputs, params)`` returns the output tensor. ``available(device)``
+    ``prepare(inputs, params)`` returns the timed call (module docstring);
+    ``forward(inputs, params)`` prepares and calls once. ``available(device)``
     returns ``None`` when the implementation can run on ``device`` here, or
     the reason it cannot (a missing package, no GPU ...).
     """
@@ -183,7 +192,7 @@ class Implementation:
     kind: ImplKind
     devices: tuple[str, ...]
     dtypes: tuple[str, ...]
-    forward: Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], torch.Tensor]
+    prepare: Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], Callable[[], Any]]
     available: Callable[[str], str | None] = lambda device: None
     has_backward: bool = True
     emulated_on: tuple[str, ...] = ()  # devices where it runs through kernels.emulator
@@ -193,6 +202,11 @@ class Implementation:
     # kernels and references can never declare one.
     known_inaccurate: Mapping[str, str] = dataclasses.field(default_factory=dict)
     description: str = ""
+    source: str = ""  # the module that registered it (a plugin's, for outside ones)
+
+    def forward(self, inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> Any:
+        """Prepare and call once: the output tensor."""
+        return self.prepare(inputs, params)()
 
     def unavailable_reason(self, device: str, dtype: str) -> str | None:
         """Why this implementation cannot run ``dtype`` on ``device``, or None."""
@@ -260,8 +274,11 @@ def implementation(
     has_backward: bool = True,
     emulated_on: tuple[str, ...] = (),
     known_inaccurate: Mapping[str, str] | None = None,
+    description: str | None = None,
 ) -> Callable[[Callable], Callable]:
-    """Decorator registering ``fn(inputs, params) -> Tensor`` as an implementation."""
+    """Decorator registering ``prepare(inputs, params) -> call`` as an implementation
+    of the registered operator ``op``; ``description`` defaults to the first line of
+    its docstring."""
     if kind not in IMPL_KINDS:
         raise RegistryError(f"implementation kind must be one of {IMPL_KINDS}, got {kind!r}")
     if known_inaccurate and kind != "peer":
@@ -271,6 +288,13 @@ def implementation(
 
     def register(fn: Callable) -> Callable:
         key = (op, name)
+        if op not in OPERATORS:  # a plugin imported first: the built-in operators now
+            import harness.operators  # noqa: F401  (registers on import)
+        if op not in OPERATORS:
+            raise RegistryError(
+                f"implementation {op}/{name} names an unknown operator {op!r}; register the "
+                f"operator first (known: {', '.join(sorted(OPERATORS)) or 'none'})"
+            )
         if key in IMPLEMENTATIONS:
             raise RegistryError(f"implementation {op}/{name} is registered twice")
         IMPLEMENTATIONS[key] = Implementation(
@@ -279,12 +303,13 @@ def implementation(
             kind=kind,
             devices=tuple(devices),
             dtypes=tuple(dtypes),
-            forward=fn,
+            prepare=fn,
             available=available or (lambda device: None),
             has_backward=has_backward,
             emulated_on=tuple(emulated_on),
             known_inaccurate=dict(known_inaccurate or {}),
-            description=(fn.__doc__ or "").strip().split("\n")[0],
+            description=description or (fn.__doc__ or "").strip().split("\n")[0],
+            source=getattr(fn, "__module__", "") or "",
         )
         return fn
 
@@ -292,8 +317,12 @@ def implementation(
 
 
 def load_all() -> None:
-    """Import every module that registers operators and implementations."""
+    """Import every module that registers operators and implementations: the
+    built-in ones, then the installed plugins (``harness.plugins``)."""
     import harness.operators  # noqa: F401  (registers on import)
+    from harness import plugins
+
+    plugins.load_entry_points()
 
 
 def get_operator(name: str) -> Operator:

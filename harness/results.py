@@ -6,11 +6,17 @@ every finished row and ``--resume`` carries on from there. A last line without
 its newline is a row whose write was cut short; readers ignore it and a
 resumed run cuts it off. Every field is documented in
 ``docs/results-schema.md``; ``SCHEMA_VERSION`` changes whenever a field
-changes meaning or goes away.
+changes meaning or goes away, and ``load`` migrates every older version it
+knows (``migrate_row``).
+
+Timing samples are kept whole: each measurement's samples as little-endian
+float32, base64-encoded (``encode_samples`` / ``decode_samples``), about 5.3
+bytes a sample.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import math
@@ -18,11 +24,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from harness.environment import utc_now
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# v1 rows had these metrics as columns of their own; v2 keeps them in ``metrics``.
+V1_METRIC_COLUMNS = ("tflops", "gbps", "roofline_fraction", "speedup")
 METADATA = "metadata.json"
 RESULTS = "results.jsonl"
 STATUSES = ("ok", "fail", "xfail", "error", "skipped")
@@ -55,8 +64,9 @@ class Row:
     tol_max_abs: float | None = None
     tensors: dict[str, dict[str, float]] | None = None
     timing_skipped: str | None = None
-    timer: str | None = None
-    time_median_ms: float | None = None
+    timer: str | None = None  # the method that timed the row (harness.timing.METHODS)
+    timing_note: str | None = None  # why a fallback method timed it
+    time_median_ms: float | None = None  # device time, as the samples below
     time_iqr_ms: float | None = None
     time_min_ms: float | None = None
     time_samples: int | None = None
@@ -65,13 +75,48 @@ class Row:
     gpu_temp_c: int | None = None
     flops: float | None = None
     bytes: float | None = None
-    tflops: float | None = None
-    gbps: float | None = None
-    roofline_fraction: float | None = None
-    speedup: float | None = None
+    # measurement name -> its samples (encode_samples): time_ms (device time),
+    # host_us and as_called_ms on a GPU
+    samples: dict[str, str] | None = None
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # harness.metrics
+    measured: dict[str, Any] = dataclasses.field(default_factory=dict)  # for the metrics
+    rechecked: bool | None = None  # the last timed call's output matched the reference too
+    impl_source: str = ""  # the module that registered the implementation (plugins)
     reproduce: str = ""
     finished_at: str = ""
     schema_version: int = SCHEMA_VERSION
+
+
+def encode_samples(samples: Iterable[float]) -> str:
+    """Samples as base64 of little-endian float32 (compact, exact enough for times)."""
+    return base64.b64encode(np.asarray(list(samples), dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_samples(text: str) -> np.ndarray:
+    """The float32 array ``encode_samples`` wrote."""
+    return np.frombuffer(base64.b64decode(text), dtype="<f4")
+
+
+def migrate_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored row of any known schema version as a current one.
+
+    v1 -> v2: ``tflops``, ``gbps``, ``roofline_fraction`` and ``speedup`` move
+    into ``metrics`` (with ``time_ms`` from ``time_median_ms``); v1 kept no
+    samples, measured values or re-check, which stay empty.
+    """
+    version = row.get("schema_version", 1)
+    if version == SCHEMA_VERSION:
+        return row
+    if version != 1:
+        raise ValueError(f"results schema version {version!r} is unknown; expected 1 or "
+                         f"{SCHEMA_VERSION}")
+    row = dict(row)
+    metrics = {name: row.pop(name) for name in V1_METRIC_COLUMNS if name in row}
+    metrics["time_ms"] = row.get("time_median_ms")
+    row.update(metrics={k: v for k, v in metrics.items() if v is not None}, samples=None,
+               measured={}, rechecked=None, timing_note=None, impl_source="",
+               schema_version=SCHEMA_VERSION)
+    return row
 
 
 def row_key(row: dict[str, Any]) -> tuple[str, str, str]:
@@ -161,9 +206,10 @@ def _complete_lines(run_dir: Path) -> tuple[str, str]:
 
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """Every complete row of a run, in the order they finished."""
+    """Every complete row of a run, in the order they finished, migrated to the
+    current schema."""
     _, complete = _complete_lines(run_dir)
-    return [json.loads(line) for line in complete.splitlines()]
+    return [migrate_row(json.loads(line)) for line in complete.splitlines()]
 
 
 def _run_dirs(path: Path) -> list[Path]:
@@ -181,17 +227,31 @@ def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     """Rows of one or several runs as a DataFrame.
 
     ``paths`` is a run directory, a folder holding run directories at any
-    depth, or a list of either. Each row gains ``run_id`` (its directory's name); parameters are
-    spread into ``params.<name>`` columns. ``df.attrs["metadata"]`` maps each
-    ``run_id`` to its metadata.
+    depth, or a list of either, of any schema version (rows are migrated). Each
+    row gains ``run_id`` (its directory's name); parameters are spread into
+    ``params.<name>`` columns; every registered metric (``harness.metrics``) gets
+    a column of its name (NaN where a row has none); ``samples`` holds each
+    row's decoded samples ({measurement: float32 array}, or None).
+    ``df.attrs["metadata"]`` maps each ``run_id`` to its metadata.
     """
+    from harness.metrics import METRICS  # registry of names; it imports nothing of results
+
     if isinstance(paths, (str, Path)):
         paths = [paths]
     rows, metadata = [], {}
     for run_dir in (d for p in paths for d in _run_dirs(Path(p))):
         metadata[run_dir.name] = read_metadata(run_dir)
         rows += [{"run_id": run_dir.name, **row} for row in read_rows(run_dir)]
-    columns = ["run_id"] + [f.name for f in dataclasses.fields(Row)]
+    nested = {name: [row.pop(name, None) for row in rows]
+              for name in ("samples", "metrics", "measured")}
+    columns = ["run_id"] + [f.name for f in dataclasses.fields(Row) if f.name not in nested]
     frame = pd.json_normalize(rows, max_level=1) if rows else pd.DataFrame(columns=columns)
+    frame["samples"] = [None if s is None else {k: decode_samples(v) for k, v in s.items()}
+                        for s in nested["samples"]]
+    frame["metrics"] = [m or {} for m in nested["metrics"]]
+    frame["measured"] = [m or {} for m in nested["measured"]]
+    names = list(METRICS) + sorted({k for m in frame["metrics"] for k in m} - set(METRICS))
+    for name in names:
+        frame[name] = [m.get(name, np.nan) for m in frame["metrics"]]
     frame.attrs["metadata"] = metadata
     return frame

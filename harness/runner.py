@@ -25,7 +25,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from harness import environment, execution, registry
+from harness import environment, execution, plugins, registry
 from harness.results import RunDir, row_key
 from harness.suites import Suite, SuiteCase
 from harness.summary import print_summary
@@ -105,6 +105,7 @@ def _open_run_dir(options: RunOptions, console: Console) -> tuple[RunDir, dict, 
             "selection": {"ops": list(options.ops), "impls": list(options.impls),
                           "dtypes": list(options.dtypes)},
             "timing": dataclasses.asdict(options.timing) if options.timing else None,
+            "plugins": dict(plugins.LOADED),
             **environment.collect(options.device),
         }
         return run_dir, run_dir.create(metadata), []
@@ -126,15 +127,13 @@ def _open_run_dir(options: RunOptions, console: Console) -> tuple[RunDir, dict, 
 
 
 def _copy_bandwidth(options: RunOptions, run_dir: RunDir, metadata: dict,
-                    console: Console) -> float | None:
-    """The device's copy bandwidth, measured once per run and kept in the metadata."""
-    if options.timing is None:
-        return None
-    if metadata.get("copy_bandwidth_gbps") is None:
+                    console: Console) -> None:
+    """The device's copy bandwidth, measured once per run and kept in the metadata
+    (the roofline metric reads it there)."""
+    if options.timing is not None and metadata.get("copy_bandwidth_gbps") is None:
         with console.status(f"measuring {options.device} copy bandwidth"):
             metadata["copy_bandwidth_gbps"] = copy_bandwidth_gbps(options.device, options.timing)
         run_dir.write_metadata(metadata)
-    return metadata["copy_bandwidth_gbps"]
 
 
 def run_suite(options: RunOptions, console: Console | None = None) -> int:
@@ -144,11 +143,11 @@ def run_suite(options: RunOptions, console: Console | None = None) -> int:
     environment.use_contract_precision()  # before collect(): the metadata records it
     run_dir, metadata, rows = _open_run_dir(options, console)
     console.print(f"run directory: [bold]{escape(str(run_dir.path))}")
-    copy_gbps = _copy_bandwidth(options, run_dir, metadata, console)
+    _copy_bandwidth(options, run_dir, metadata, console)
     done = {row_key(row) for row in rows}
-    baseline_ms: dict[tuple[str, str], float] = {}
+    baselines: dict[tuple[str, str], dict] = {}
     for row in rows:
-        _note_baseline(baseline_ms, row)
+        _note_baseline(baselines, row)
     pending = [
         (suite_case, [(impl, d) for impl in impls for d in _directions(suite_case)
                       if (suite_case.case.id, impl.name, d) not in done])
@@ -163,10 +162,10 @@ def run_suite(options: RunOptions, console: Console | None = None) -> int:
         try:
             for suite_case, todo in pending:
                 progress.update(task, description=suite_case.case.id)
-                for row in _run_case(suite_case, todo, options, copy_gbps, baseline_ms):
+                for row in _run_case(suite_case, todo, options, metadata, baselines):
                     stored = run_dir.append(row)
                     rows.append(stored)
-                    _note_baseline(baseline_ms, stored)
+                    _note_baseline(baselines, stored)
                     if row.status in ("fail", "error"):
                         # soft_wrap: the command stays on one line, to copy from a CI log
                         console.print(
@@ -187,15 +186,15 @@ def run_suite(options: RunOptions, console: Console | None = None) -> int:
     return 1 if any(row["status"] in ("fail", "error") for row in rows) else 0
 
 
-def _note_baseline(baseline_ms: dict[tuple[str, str], float], row: dict) -> None:
-    """Keep the baseline's time of a (case, direction): the others' speedups divide it."""
+def _note_baseline(baselines: dict[tuple[str, str], dict], row: dict) -> None:
+    """Keep the baseline's timed row of a (case, direction): the others' metrics
+    (speedup) read it."""
     if row["impl"] == registry.get_operator(row["op"]).baseline and row["time_median_ms"]:
-        baseline_ms[(row["case_id"], row["direction"])] = row["time_median_ms"]
+        baselines[(row["case_id"], row["direction"])] = row
 
 
 def _run_case(suite_case: SuiteCase, todo: list[tuple[registry.Implementation, str]],
-              options: RunOptions, copy_gbps: float | None,
-              baseline_ms: dict[tuple[str, str], float]):
+              options: RunOptions, metadata: dict, baselines: dict[tuple[str, str], dict]):
     """Yield the rows of one case, one (implementation, direction) at a time."""
     case = suite_case.case
     runs_backward = any(d == "backward" for _, d in todo) and execution.wants_backward(case) is None
@@ -205,7 +204,7 @@ def _run_case(suite_case: SuiteCase, todo: list[tuple[registry.Implementation, s
         yield from execution.unprepared_rows(case, todo, options.device, options.run_seed, exc)
         return
     for impl, direction in todo:
-        row, _ = execution.run(case_run, impl, direction, options.timing, copy_gbps,
-                               baseline_ms.get((case.id, direction)))
+        row, _ = execution.run(case_run, impl, direction, options.timing, metadata,
+                               baselines.get((case.id, direction)))
         yield row
 

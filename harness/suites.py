@@ -21,12 +21,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from harness import registry
+from harness import plugins, registry
 from harness.cases import Case
 
 SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
 
-SUITE_KEYS = {"description", "seed", "extends", "override", "sweep"}
+SUITE_KEYS = {"description", "seed", "extends", "override", "sweep", "plugins"}
 SWEEP_KEYS = {"op", "impls", "dtypes", "modes", "backward", "params", "axes", "tied", "filters"}
 # Keys of a sweep that ``override`` may replace in every sweep of a suite.
 OVERRIDE_KEYS = {"impls", "dtypes", "modes", "backward"}
@@ -53,6 +53,7 @@ class Suite:
     seed: int
     sha256: str  # of the file's bytes (and of the suites it extends), for the run metadata
     cases: tuple[SuiteCase, ...]
+    plugins: tuple[str, ...] = ()  # modules imported before the sweeps are expanded
 
 
 def resolve_path(name_or_path: str) -> Path:
@@ -79,6 +80,15 @@ def load(name_or_path: str) -> Suite:
     where = _Where(label)
     description = _get(data, where, "description", str)
     seed = _get(data, where, "seed", int, default=0)
+    plugin_modules = _get(data, where, "plugins", list, default=[])
+    for module in plugin_modules:
+        if not isinstance(module, str) or not module:
+            raise SuiteError(f"{where.at('plugins')}: expected a list of module names, "
+                             f"got {_show(module)} in it")
+    try:
+        plugins.load(plugin_modules, route=f"suite {path}")
+    except plugins.PluginError as exc:
+        raise SuiteError(f"{where.at('plugins')}: {exc}") from None
     sweeps = data["sweep"]
     cases: dict[str, tuple[SuiteCase, str]] = {}
     for index, sweep in enumerate(sweeps):
@@ -100,6 +110,7 @@ def load(name_or_path: str) -> Suite:
         seed=seed,
         sha256=digest,
         cases=tuple(suite_case for suite_case, _ in cases.values()),
+        plugins=tuple(plugin_modules),
     )
 
 

@@ -1,4 +1,5 @@
-"""The end-of-run table: pass/fail and speedups per operator × implementation × dtype."""
+"""The end-of-run tables: pass/fail and speedups per operator × implementation × dtype,
+then the geometric mean of every registered metric (``harness.metrics``) the rows have."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness import registry
+from harness.metrics import METRICS
 from harness.results import DIRECTIONS, STATUSES
 
 STATUS_STYLE = {"ok": "green", "fail": "bold red", "xfail": "yellow", "error": "bold magenta",
@@ -38,8 +40,9 @@ def summary_table(rows: Iterable[dict[str, Any]]) -> Table:
     for row in rows:
         key = (row["op"], row["impl"], row["dtype"])
         counts[key][row["direction"]][row["status"]] += 1
-        if row["speedup"] is not None:
-            speedups[key][row["direction"]].append(row["speedup"])
+        speedup = (row.get("metrics") or {}).get("speedup")
+        if speedup:
+            speedups[key][row["direction"]].append(speedup)
     baselines = ", ".join(f"{op} → {registry.get_operator(op).baseline}"
                           for op in sorted({key[0] for key in counts}))
     table = Table(title="dcnbench results", title_justify="left", caption_justify="left",
@@ -59,7 +62,32 @@ def summary_table(rows: Iterable[dict[str, Any]]) -> Table:
     return table
 
 
+def metrics_table(rows: Iterable[dict[str, Any]]) -> Table | None:
+    """Per operator × implementation × dtype × direction, the geometric mean of each
+    registered metric over the rows that have it; None when no row has any."""
+    values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        for name, value in (row.get("metrics") or {}).items():
+            if name in METRICS and value and value > 0:
+                values[(row["op"], row["impl"], row["dtype"], row["direction"])][name].append(value)
+    shown = [m for m in METRICS.values() if any(m.name in v for v in values.values())]
+    if not shown:
+        return None
+    table = Table(title="metrics (geometric means)", title_justify="left")
+    for header in ("operator", "implementation", "dtype", "direction"):
+        table.add_column(header)
+    for entry in shown:
+        table.add_column(f"{entry.name} ({entry.unit}, {entry.better} is better)".replace(" (, ", " ("),
+                         justify="right")
+    for key in sorted(values):
+        table.add_row(*key, *(f"{geometric_mean(values[key][m.name]):#.3g}"
+                              if values[key][m.name] else "[dim]-[/]" for m in shown))
+    return table
+
+
 def print_summary(rows: list[dict[str, Any]], console: Console) -> None:
     console.print(summary_table(rows))
+    if (table := metrics_table(rows)) is not None:
+        console.print(table)
     totals = Counter(row["status"] for row in rows)
     console.print("  ".join(f"[{STATUS_STYLE[s]}]{totals[s]} {s}[/]" for s in STATUSES))

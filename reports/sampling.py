@@ -205,7 +205,7 @@ def save_case(op: str, params: dict[str, Any], dtype: str, mode: str, seed: int,
     typed = {name: type(operator.params[name])(value) for name, value in params.items()}
     case = make_case(operator, typed, dtype, mode)
     case_run = execution.prepare(case, "cpu", seed, backward=False)
-    row, tensors = execution.run(case_run, registry.reference_of(op), "forward", timing=None)
+    row, tensors = execution.run(case_run, registry.reference_of(op), "forward", None)
     path.parent.mkdir(parents=True, exist_ok=True)
     casefile.save(path, case_run, row.impl, tensors, row.status)
     return path

@@ -256,7 +256,9 @@ def _run_page(site: Site, run: Run, previous: Run | None, compare_path: str | No
 
 def _compare_page(site: Site, base: Run, new: Run, path: str) -> None:
     comparison = compare.compare_frames(base.rows, new.rows)
-    cases = comparison.cases.replace({np.nan: None}).to_dict("records")
+    shown = comparison.cases.drop(columns=["time_samples_ms_base", "time_samples_ms_new",
+                                           "metrics_base", "metrics_new"])
+    cases = shown.replace({np.nan: None}).to_dict("records")
     counts = Counter(comparison.cases["verdict"])
     figs = {}
     if len(comparison.geomeans):
@@ -265,7 +267,8 @@ def _compare_page(site: Site, base: Run, new: Run, path: str) -> None:
                 new=new, cases=cases, counts={v: counts.get(v, 0) for v in compare.VERDICTS},
                 geomeans=comparison.geomeans.to_dict("records"),
                 status_changes=comparison.status_changes.to_dict("records"), figures=figs,
-                slug=slug, min_effect=compare.MIN_EFFECT)
+                metric_changes=comparison.metric_changes.to_dict("records"),
+                slug=slug, min_effect=compare.MIN_EFFECT, alpha=compare.ALPHA)
 
 
 def _history_page(site: Site, group: tuple[str, str], runs: list[Run], path: str) -> Counter:

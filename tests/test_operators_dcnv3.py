@@ -355,15 +355,46 @@ def test_reference_returns_the_case_dtype_and_gradients_reach_the_inputs(op):
     assert all(g.abs().sum() > 0 for name, g in got.items() if name != "grad_offset_mask")
 
 
-def test_torch_compile_caches_one_compiled_function(monkeypatch):
+def test_torch_compile_compiles_per_case_without_dynamic_shapes(monkeypatch):
     calls = []
-    monkeypatch.setattr(torch, "compile", lambda f: calls.append(f) or f)
-    dcnv3_operators.compiled.cache_clear()
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: calls.append(kw) or f)
     params, tensors = inputs("dcnv3", GEOMETRY)
-    forward = get_implementation("dcnv3", "torch_compile").forward
-    first, second = forward(tensors, params), forward(tensors, params)
-    assert calls == [dcnv3_gridsample.dcnv3] and torch.equal(first, second)
-    dcnv3_operators.compiled.cache_clear()
+    prepare = get_implementation("dcnv3", "torch_compile").prepare
+    first, second = prepare(tensors, params), prepare(tensors, params)
+    assert calls == [{"dynamic": False}] * 2  # a compile of its own for each case
+    assert torch.equal(first(), second())
+
+
+def _eager_dynamo(monkeypatch):
+    """Real dynamo tracing without inductor's code generation (seconds on a CPU)."""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: real(f, backend="eager", **kw))
+
+
+@pytest.mark.slow
+def test_torch_compile_rows_count_graphs_and_recompiles(monkeypatch):
+    _eager_dynamo(monkeypatch)
+    params, tensors = inputs("dcnv3")  # the default geometry traces in one graph
+    call = get_implementation("dcnv3", "torch_compile").prepare(tensors, params)
+    call(), call()
+    found = call.row_values()
+    assert found["torch_compile_compiled"] is True and found["torch_compile_graphs"] >= 1, found
+    assert (found["torch_compile_recompiles"], found["torch_compile_eager_frames"]) == (0, 0)
+
+
+@pytest.mark.slow
+def test_torch_compile_that_ran_partly_eagerly_is_never_reported_compiled(monkeypatch):
+    _eager_dynamo(monkeypatch)
+
+    def breaks():
+        x = torch.ones(2) * 2
+        print(end="")  # a graph break: what follows runs in another graph, eager between
+        return x + 1
+
+    call = dcnv3_operators.CompiledCall(breaks)
+    call()
+    found = call.row_values()
+    assert found["torch_compile_graph_breaks"] >= 1 and found["torch_compile_compiled"] is False
 
 
 KERNEL_CASES = [("dcnv3", {**GEOMETRY, "softmax": False}), ("dcnv3", {**GEOMETRY, "softmax": True}),

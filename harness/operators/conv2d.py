@@ -225,19 +225,22 @@ def check_mode(op: str, mode: str, modes: tuple[str, ...]) -> None:
         raise ValueError(f"operator {op!r} has no input mode {mode!r}; expected one of: {', '.join(modes)}")
 
 
-def in_float64(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """Run ``forward(inputs, params)`` on float64 copies and return the case's dtype.
+def in_float64(prepare: Callable[..., Callable[[], torch.Tensor]]
+               ) -> Callable[..., Callable[[], torch.Tensor]]:
+    """``prepare(inputs, params)`` on float64 copies of the inputs (made once, in
+    prepare), its call returning the case's dtype.
 
     The references compute in float64 whatever the case's dtype; autograd flows
     through the casts, so gradients land on the case's tensors.
     """
 
-    @functools.wraps(forward)
-    def run(inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> torch.Tensor:
+    @functools.wraps(prepare)
+    def prepare_in_float64(inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]):
         dtype = inputs["input"].dtype
-        return forward({name: t.to(torch.float64) for name, t in inputs.items()}, params).to(dtype)
+        call = prepare({name: t.to(torch.float64) for name, t in inputs.items()}, params)
+        return lambda: call().to(dtype)
 
-    return run
+    return prepare_in_float64
 
 
 def _make_inputs(params, dtype, device, generator, mode="random"):
@@ -291,18 +294,19 @@ register_operator(
 )
 
 
-def _call_conv2d(inputs, params):
-    return conv2d(inputs["input"], inputs["weight"], inputs.get("bias"), **conv_arguments(params))
+def _bind_conv2d(inputs, params):
+    return functools.partial(conv2d, inputs["input"], inputs["weight"], inputs.get("bias"),
+                             **conv_arguments(params))
 
 
 @implementation("conv2d", "reference", kind="reference", dtypes=tuple(CONV_TOLERANCES))
 @in_float64
 def reference_conv2d(inputs, params):
     """torch.nn.functional.conv2d in float64 (kernels.reference.conv2d)."""
-    return _call_conv2d(inputs, params)
+    return _bind_conv2d(inputs, params)
 
 
 @implementation("conv2d", "pytorch", kind="baseline", dtypes=KERNEL_DTYPES)
 def pytorch_conv2d(inputs, params):
     """torch.nn.functional.conv2d in the case's dtype (cuDNN on a GPU)."""
-    return _call_conv2d(inputs, params)
+    return _bind_conv2d(inputs, params)

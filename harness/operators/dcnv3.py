@@ -374,10 +374,55 @@ def _no_cuda_compile(device: str) -> str | None:
         if device != "cuda" else None
 
 
-@functools.cache
-def compiled(function: Callable) -> Callable:
-    """``torch.compile(function)``, compiled once per process."""
-    return torch.compile(function)
+class CompiledCall:
+    """``torch.compile(call, dynamic=False)``, compiled for this case alone, honest about it.
+
+    ``row_values()`` (attached to the row's ``measured`` after timing) counts the
+    graphs dynamo compiled on the first call, the graphs compiled after it
+    (recompilations), graph breaks (code between graphs runs eagerly) and frames
+    that fell back to eager; the row says ``torch_compile_compiled`` false when
+    any of the call ran eagerly or nothing was compiled, so it never claims
+    compiled code that did not run. Errors are never suppressed (an error row,
+    not a silent eager run).
+    """
+
+    def __init__(self, call: Callable[[], torch.Tensor]):
+        import torch._dynamo
+
+        if torch._dynamo.config.suppress_errors:
+            raise RuntimeError("torch._dynamo.config.suppress_errors is on: a failed compile "
+                               "would run eagerly and be reported as compiled")
+        torch._dynamo.reset()  # per case: nothing compiled for another shape is reused
+        self._counts = [_dynamo_counts()]  # before, then after the first call
+        self._compiled = torch.compile(call, dynamic=False)
+
+    def __call__(self) -> torch.Tensor:
+        out = self._compiled()
+        if len(self._counts) == 1:
+            self._counts.append(_dynamo_counts())
+        return out
+
+    def row_values(self) -> dict[str, int | bool]:
+        before, first = self._counts[0], self._counts[-1]
+        now = _dynamo_counts()
+        found = {
+            "graphs": first["unique_graphs"] - before["unique_graphs"],
+            "recompiles": now["unique_graphs"] - first["unique_graphs"],
+            "graph_breaks": now["graph_breaks"] - before["graph_breaks"],
+            "eager_frames": now["eager_frames"] - before["eager_frames"],
+        }
+        found["compiled"] = (found["graphs"] > 0 and found["eager_frames"] == 0
+                             and found["graph_breaks"] == 0)
+        return {f"torch_compile_{name}": value for name, value in found.items()}
+
+
+def _dynamo_counts() -> dict[str, int]:
+    from torch._dynamo.utils import counters
+
+    frames = counters["frames"]
+    return {"unique_graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "eager_frames": frames["total"] - frames["ok"]}
 
 
 def register_core_implementations(op: str, tensor_names: tuple[str, ...],
@@ -386,31 +431,42 @@ def register_core_implementations(op: str, tensor_names: tuple[str, ...],
     """reference, pytorch_gridsample, torch_compile, cupy_direct and cupy_vectorized of
     ``op``: each calls its module's function named ``op`` on ``tensor_names``."""
 
-    def forward(load_function, doc):
-        def run(inputs, params):
-            return load_function()(*(inputs[name] for name in tensor_names), **arguments(params))
+    def prepare(load_function, doc):
+        def bind(inputs, params):
+            return functools.partial(load_function(), *(inputs[name] for name in tensor_names),
+                                     **arguments(params))
 
-        run.__doc__ = doc
-        return run
+        bind.__doc__ = doc
+        return bind
 
     implementation(op, "reference", kind="reference", dtypes=tuple(CORE_TOLERANCES))(in_float64(
-        forward(lambda: getattr(reference_ops, op),
+        prepare(lambda: getattr(reference_ops, op),
                 f"kernels.reference.dcnv3.{op}: plain PyTorch from the contract, in float64.")))
+    def prepare_gridsample(inputs, params):
+        """InternImage's pure-PyTorch formulation (pad + F.grid_sample per group), in the case's dtype."""
+        return getattr(dcnv3_gridsample, f"prepare_{op}")(
+            *(inputs[name] for name in tensor_names), **arguments(params))
+
+    def prepare_compiled(inputs, params):
+        """torch.compile(dynamic=False) of the grid_sample formulation per case, in the case's dtype."""
+        return CompiledCall(prepare_gridsample(inputs, params))
+
     implementation(op, "pytorch_gridsample", kind="peer", dtypes=KERNEL_DTYPES,
-                   known_inaccurate=GRIDSAMPLE_INACCURATE)(
-        forward(lambda: getattr(dcnv3_gridsample, op),
-                "InternImage's pure-PyTorch formulation (pad + F.grid_sample per group), in the case's dtype."))
+                   known_inaccurate=GRIDSAMPLE_INACCURATE)(prepare_gridsample)
     implementation(op, "torch_compile", kind="peer", dtypes=KERNEL_DTYPES, devices=("cuda",),
                    available=_no_cuda_compile, known_inaccurate=GRIDSAMPLE_INACCURATE)(
-        forward(lambda: compiled(getattr(dcnv3_gridsample, op)),
-                "torch.compile of the grid_sample formulation, in the case's dtype."))
+        prepare_compiled)
     for design in ("direct", "vectorized"):
-        def load(design=design):
-            return functools.partial(getattr(importlib.import_module(kernel_module), op), design=design)
+        def prepare_kernel(inputs, params, design=design):
+            kernel_prepare = importlib.import_module(kernel_module).prepare
+            return kernel_prepare(*(inputs[name] for name in tensor_names), **arguments(params),
+                                  design=design)
 
         implementation(op, f"cupy_{design}", kind="kernel", dtypes=KERNEL_DTYPES,
-                       available=kernel_availability(kernel_module), emulated_on=("cpu",))(
-            forward(load, f"{kernel_module}.{op}(design={design!r}): our CuPy kernels (CPU: the emulator)."))
+                       available=kernel_availability(kernel_module), emulated_on=("cpu",),
+                       description=f"{kernel_module}.{op}(design={design!r}): our CuPy kernels "
+                                   "(CPU: the emulator); checked once, then unchecked.")(
+            prepare_kernel)
 
 
 def _dcnv3_arguments(params):
@@ -572,15 +628,15 @@ def _layer_tensor_specs() -> tuple[TensorSpec, ...]:
         for name in layer_ops.LAYER_WEIGHTS)
 
 
-def _layer_forward(core_loader: Callable[[], Callable], doc: str):
-    def run(inputs, params):
+def _layer_prepare(core_loader: Callable[[], Callable], doc: str):
+    def prepare(inputs, params):
         weights = {name: tensor for name, tensor in inputs.items() if name != "input"}
         options = {name: params[name] for name in LAYER_PARAMS
                    if name not in ("N", "H", "W", "center_feature_scale")}
-        return layer_ops.dcnv3_layer(inputs["input"], weights, core=core_loader(), **options)
+        return layer_ops.prepare_layer(inputs["input"], weights, core=core_loader(), **options)
 
-    run.__doc__ = doc
-    return run
+    prepare.__doc__ = doc
+    return prepare
 
 
 register_operator(Operator(
@@ -601,13 +657,15 @@ register_operator(Operator(
 ))
 
 implementation("dcnv3_layer", "reference", kind="reference", dtypes=tuple(LAYER_TOLERANCES))(in_float64(
-    _layer_forward(lambda: reference_ops.dcnv3, "The layer on kernels.reference.dcnv3.dcnv3, in float64.")))
+    _layer_prepare(lambda: reference_ops.dcnv3, "The layer on kernels.reference.dcnv3.dcnv3, in float64.")))
 implementation("dcnv3_layer", "pytorch_gridsample", kind="peer", dtypes=KERNEL_DTYPES,
                known_inaccurate=GRIDSAMPLE_INACCURATE)(
-    _layer_forward(lambda: dcnv3_gridsample.dcnv3, "The layer on the grid_sample core, in the case's dtype."))
+    _layer_prepare(lambda: dcnv3_gridsample.unchecked_dcnv3,
+                   "The layer on the grid_sample core, in the case's dtype."))
 for _design in ("direct", "vectorized"):
+    # The core runs on offsets and masks the layer computes from checked weights: unchecked.
     implementation("dcnv3_layer", f"cupy_{_design}", kind="kernel", dtypes=KERNEL_DTYPES,
                    available=kernel_availability("kernels.ops.dcnv3"), emulated_on=("cpu",))(
-        _layer_forward(lambda design=_design: functools.partial(
-            importlib.import_module("kernels.ops.dcnv3").dcnv3, design=design),
+        _layer_prepare(lambda design=_design: functools.partial(
+            importlib.import_module("kernels.ops.dcnv3").unchecked_dcnv3, design=design),
             f"The layer on kernels.ops.dcnv3.dcnv3(design={_design!r}) (CPU: the emulator)."))

@@ -61,6 +61,7 @@ Counts, with P = N·H_out·W_out output pixels, K = kh·kw, G = offset_groups:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -271,30 +272,39 @@ def _counters(modulated: bool):
 
 # --- implementations --------------------------------------------------------
 
-def _call(function, inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any], modulated: bool):
+def _bind(function, inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any], modulated: bool):
     """``function(input, offset[, mask], weight, bias, stride=…, padding=…, dilation=…,
-    groups=…, offset_groups=…)``: the signature shared by the reference, the
-    torchvision adapter and the CuPy kernels."""
+    groups=…, offset_groups=…)`` with its arguments bound: the signature shared by the
+    reference and the torchvision adapter."""
     tensors = [inputs["input"], inputs["offset"]] + ([inputs["mask"]] if modulated else [])
-    return function(*tensors, inputs["weight"], inputs.get("bias"),
-                    **conv_arguments(params), offset_groups=params["offset_groups"])
+    return functools.partial(function, *tensors, inputs["weight"], inputs.get("bias"),
+                             **conv_arguments(params), offset_groups=params["offset_groups"])
 
 
-def _kernel_module():
-    """``kernels.ops.deform_conv2d``, imported on first use: it needs CuPy or the emulator."""
-    from kernels.ops import deform_conv2d
+def _prepare(load_module: Callable[[], Any], op: str, modulated: bool, doc: str):
+    """An implementation's prepare: ``op`` of the module ``load_module()`` returns, bound."""
 
-    return deform_conv2d
+    def prepare(inputs, params):
+        return _bind(getattr(load_module(), op), inputs, params, modulated)
+
+    prepare.__doc__ = doc
+    return prepare
 
 
-def _forward(load_module: Callable[[], Any], op: str, modulated: bool, doc: str):
-    """An implementation's forward: ``op`` of the module ``load_module()`` returns."""
+def _prepare_torchvision(inputs, params):
+    """torchvision's group inference checked once; the call is torchvision.ops.deform_conv2d."""
+    return torchvision_ops.prepare_deform_conv2d(
+        inputs["input"], inputs["offset"], inputs.get("mask"), inputs["weight"], inputs.get("bias"),
+        **conv_arguments(params), offset_groups=params["offset_groups"])
 
-    def forward(inputs, params):
-        return _call(getattr(load_module(), op), inputs, params, modulated)
 
-    forward.__doc__ = doc
-    return forward
+def _prepare_kernel(inputs, params):
+    """kernels.ops.deform_conv2d.prepare: checked once, then the unchecked operator."""
+    from kernels.ops import deform_conv2d  # needs CuPy or the emulator
+
+    return deform_conv2d.prepare(inputs["input"], inputs["offset"], inputs.get("mask"),
+                                 inputs["weight"], inputs.get("bias"), **conv_arguments(params),
+                                 offset_groups=params["offset_groups"])
 
 
 # Measured on the CPU: forward just over the float16 bound, grad_offset 12-50x
@@ -307,18 +317,18 @@ def _register_implementations(op: str, modulated: bool) -> None:
     """reference, torchvision and cupy for one operator: each calls its module's ``op``."""
     with_mask = " with mask" if modulated else ""
     implementation(op, "reference", kind="reference", dtypes=tuple(CONV_TOLERANCES))(in_float64(
-        _forward(lambda: reference_ops, op, modulated,
+        _prepare(lambda: reference_ops, op, modulated,
                  f"kernels.reference.deform_conv2d.{op}: plain PyTorch from the contract, in float64.")))
     # No bfloat16: torchvision's CPU kernel rejects it and its CUDA kernel
     # dispatches floating types and half only.
     implementation(op, "torchvision", kind="peer", dtypes=("float32", "float16"),
-                   known_inaccurate={"float16": TORCHVISION_HALF})(
-        _forward(lambda: torchvision_ops, op, modulated,
-                 f"torchvision.ops.deform_conv2d{with_mask}, in the case's dtype."))
+                   known_inaccurate={"float16": TORCHVISION_HALF},
+                   description=f"torchvision.ops.deform_conv2d{with_mask}, in the case's dtype.")(
+        _prepare_torchvision)
     implementation(op, "cupy", kind="kernel", dtypes=KERNEL_DTYPES, available=kernel_availability("kernels.ops.deform_conv2d"),
-                   emulated_on=("cpu",))(
-        _forward(_kernel_module, op, modulated,
-                 f"kernels.ops.deform_conv2d.{op}: our CuPy kernels (CPU: the emulator)."))
+                   emulated_on=("cpu",),
+                   description=f"kernels.ops.deform_conv2d.{op}: our CuPy kernels (CPU: the emulator).")(
+        _prepare_kernel)
 
 
 # --- operators --------------------------------------------------------------

@@ -30,6 +30,7 @@ sample (input gradient), + 14 per sample with trans (position gradients),
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -256,26 +257,30 @@ register_operator(
 )
 
 
-def _call(function, inputs, params):
-    return function(inputs["input"], inputs["rois"], inputs.get("trans"), **psroi_arguments(params))
+def _bind(function, inputs, params):
+    return functools.partial(function, inputs["input"], inputs["rois"], inputs.get("trans"),
+                             **psroi_arguments(params))
 
 
 @implementation(OP, "reference", kind="reference", dtypes=tuple(ROI_TOLERANCES))
 @in_float64
 def reference_deform_psroi_pool(inputs, params):
     """kernels.reference.deform_psroi_pool: plain PyTorch from the contract, in float64."""
-    return _call(reference_ops.deform_psroi_pool, inputs, params)
+    return _bind(reference_ops.deform_psroi_pool, inputs, params)
 
 
 @implementation(OP, "torchvision", kind="peer", dtypes=("float32",))
 def torchvision_deform_psroi_pool(inputs, params):
     """torchvision.ops.ps_roi_align on moved RoIs: only no_trans, group_size == pooled_size, samples inside."""
-    return _call(torchvision_ops.deform_psroi_pool, inputs, params)
+    return torchvision_ops.prepare_deform_psroi_pool(
+        inputs["input"], inputs["rois"], inputs.get("trans"), **psroi_arguments(params))
 
 
 @implementation(OP, "cupy", kind="kernel", dtypes=KERNEL_DTYPES,
                 available=kernel_availability("kernels.ops.deform_psroi_pool"), emulated_on=("cpu",))
 def cupy_deform_psroi_pool(inputs, params):
     """kernels.ops.deform_psroi_pool.deform_psroi_pool: our CuPy kernels (CPU: the emulator)."""
-    return _call(kernel_function("deform_psroi_pool", "deform_psroi_pool"), inputs, params)
+    # prepare checks once (RoI and trans values included); the call never synchronises.
+    prepare = kernel_function("deform_psroi_pool", "prepare")
+    return prepare(inputs["input"], inputs["rois"], inputs.get("trans"), **psroi_arguments(params))
 

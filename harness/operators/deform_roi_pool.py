@@ -31,6 +31,7 @@ times the two position sums, 4).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -162,17 +163,27 @@ def _counters(modulated: bool):
     return flops, bytes_, backward_flops, backward_bytes
 
 
-def _forward(load_function, modulated: bool, doc: str):
-    """An implementation's forward: ``load_function()(input, rois, offset[, mask], **params)``."""
+def _prepare(load_function, modulated: bool, doc: str):
+    """An implementation's prepare: ``load_function()(input, rois, offset[, mask], **params)``
+    with its arguments bound."""
 
-    def forward(inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> torch.Tensor:
+    def prepare(inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]):
         tensors = [inputs["input"], inputs["rois"], inputs["offset"]]
         if modulated:
             tensors.append(inputs["mask"])
-        return load_function()(*tensors, **roi_arguments(params), gamma=params["gamma"])
+        return functools.partial(load_function(), *tensors, **roi_arguments(params),
+                                 gamma=params["gamma"])
 
-    forward.__doc__ = doc
-    return forward
+    prepare.__doc__ = doc
+    return prepare
+
+
+def prepare_kernel(inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]):
+    """kernels.ops.deform_roi_pool.prepare: checked once (RoI values included), then the
+    unchecked operator, which never synchronises."""
+    prepare = kernel_function("deform_roi_pool", "prepare")
+    return prepare(inputs["input"], inputs["rois"], inputs.get("offset"), inputs.get("mask"),
+                   **roi_arguments(params), gamma=params.get("gamma", 0.0))
 
 
 # Operator name -> (whether it takes a mask, summary).
@@ -207,9 +218,9 @@ for _name, (_modulated, _summary) in DEFORM_ROI_OPERATORS.items():
         )
     )
     implementation(_name, "reference", kind="reference", dtypes=tuple(ROI_TOLERANCES))(in_float64(
-        _forward(lambda _op=_name: getattr(reference_ops, _op), _modulated,
+        _prepare(lambda _op=_name: getattr(reference_ops, _op), _modulated,
                  f"kernels.reference.deform_roi_pool.{_name}: plain PyTorch from the contract, in float64.")))
     implementation(_name, "cupy", kind="kernel", dtypes=KERNEL_DTYPES,
-                   available=kernel_availability("kernels.ops.deform_roi_pool"), emulated_on=("cpu",))(
-        _forward(lambda _op=_name: kernel_function("deform_roi_pool", _op), _modulated,
-                 f"kernels.ops.deform_roi_pool.{_name}: our CuPy kernels (CPU: the emulator)."))
+                   available=kernel_availability("kernels.ops.deform_roi_pool"), emulated_on=("cpu",),
+                   description=f"kernels.ops.deform_roi_pool.{_name}: our CuPy kernels (CPU: the emulator).")(
+        prepare_kernel)

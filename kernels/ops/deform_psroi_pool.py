@@ -17,6 +17,8 @@ as in :mod:`kernels.ops.deform_roi_pool` (one synchronisation per forward on a G
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
 import torch
 
@@ -35,7 +37,7 @@ from kernels.ops.deform_roi_pool import (
     roi_rows,
 )
 
-__all__ = ["deform_psroi_pool"]
+__all__ = ["deform_psroi_pool", "prepare"]
 
 # Threads per block of both kernels (a macro in the .cu, see deform_roi_pool).
 BLOCK_SIZE = 256
@@ -284,6 +286,31 @@ def _backward(
 # torch.library operators: what autograd and torch.compile see.
 # --------------------------------------------------------------------------- #
 
+def _geometry_from_op(input, rois, trans, params) -> Geometry:
+    """The sizes of an already checked call, from the operator's arguments (no checks:
+    :func:`deform_psroi_pool` and :func:`prepare` check, values included, before
+    calling the operator, so the operator itself never synchronises)."""
+    spatial_scale, output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std = (
+        params
+    )
+    batch, channels, height, width = input.shape
+    return Geometry(
+        batch=batch,
+        channels=channels,
+        height=height,
+        width=width,
+        num_rois=rois.shape[0],
+        output_dim=output_dim,
+        group_size=group_size,
+        pooled_size=pooled_size,
+        part_size=part_size or pooled_size,
+        sample_per_part=sample_per_part,
+        num_classes=1 if trans is None else trans.shape[1] // 2,
+        spatial_scale=spatial_scale,
+        trans_std=trans_std,
+    )
+
+
 _PARAMS_SCHEMA = (
     "float spatial_scale, int output_dim, int group_size, int pooled_size, int part_size, "
     "int sample_per_part, float trans_std"
@@ -296,9 +323,7 @@ _PARAMS_SCHEMA = (
     schema=f"(Tensor input, Tensor rois, Tensor? trans, {_PARAMS_SCHEMA}) -> Tensor",
 )
 def _deform_psroi_pool_op(input, rois, trans, *params):
-    g = check_arguments(input, rois, trans, *params)
-    check_values(rois, g.batch, trans=trans)
-    return _forward(g, input, rois, trans)
+    return _forward(_geometry_from_op(input, rois, trans, params), input, rois, trans)
 
 
 @_deform_psroi_pool_op.register_fake
@@ -314,11 +339,7 @@ def _(input, rois, trans, spatial_scale, output_dim, group_size, pooled_size, *p
 )
 def _deform_psroi_pool_backward_op(grad_output, input, rois, trans, *params_and_mask):
     *params, output_mask = params_and_mask
-    g = check_arguments(input, rois, trans, *params)
-    check_shape(
-        "grad_output", grad_output, g.output_shape, "K, output_dim, pooled_size, pooled_size"
-    )
-    check_same_dtype_and_device("grad_output", grad_output, input)
+    g = _geometry_from_op(input, rois, trans, params)
     return _backward(g, grad_output.contiguous(), input, rois, trans, output_mask)
 
 
@@ -401,6 +422,41 @@ def deform_psroi_pool(
     Returns:
         [K, output_dim, pooled_size, pooled_size].
     """
+    g, operands = _operands(input, rois, trans, spatial_scale, output_dim, group_size,
+                            pooled_size, part_size, sample_per_part, trans_std, no_trans)
+    torch.ops.dcnbench.check_roi_values(rois, g.batch, operands[2], "trans")
+    return torch.ops.dcnbench.deform_psroi_pool(*operands)
+
+
+def prepare(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    trans: torch.Tensor | None,
+    *,
+    spatial_scale: float,
+    output_dim: int,
+    group_size: int,
+    pooled_size: int,
+    part_size: int = 0,
+    sample_per_part: int,
+    trans_std: float,
+    no_trans: bool,
+) -> Callable[[], torch.Tensor]:
+    """Check the arguments of :func:`deform_psroi_pool` once, values included; the
+    returned call runs the operator on them with no checks and no host
+    synchronisation: the harness's timed call. Differentiable like the public
+    function; the tensors' values must stay valid between calls.
+    """
+    g, operands = _operands(input, rois, trans, spatial_scale, output_dim, group_size,
+                            pooled_size, part_size, sample_per_part, trans_std, no_trans)
+    check_values(rois, g.batch, trans=operands[2])
+    return functools.partial(torch.ops.dcnbench.deform_psroi_pool, *operands)
+
+
+def _operands(input, rois, trans, spatial_scale, output_dim, group_size, pooled_size, part_size,
+              sample_per_part, trans_std, no_trans) -> tuple[Geometry, tuple]:
+    """Check shapes, dtypes, devices and parameters; the call's sizes and the
+    operator's arguments, dense (``trans`` None with ``no_trans``)."""
     if not isinstance(no_trans, bool):
         raise TypeError(f"no_trans must be a bool, got {no_trans!r}")
     if no_trans:
@@ -418,7 +474,7 @@ def deform_psroi_pool(
     )
     g = check_arguments(input, rois, trans, *params)
     # Kernels read dense tensors: a non-contiguous argument is copied once here.
-    return torch.ops.dcnbench.deform_psroi_pool(
+    operands = (
         input.contiguous(),
         rois.contiguous(),
         None if trans is None else trans.contiguous(),
@@ -430,3 +486,4 @@ def deform_psroi_pool(
         sample_per_part,
         g.trans_std,
     )
+    return g, operands

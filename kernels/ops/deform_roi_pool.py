@@ -15,7 +15,8 @@ summed here. Only requested gradients are computed.
 ``rois`` and ``offset`` values are checked on the host (integral batch indices
 in range, finite coordinates and offsets): on a GPU that is one device-to-host
 synchronisation per forward call, the price of a clear error instead of a
-silently wrong result.
+silently wrong result. :func:`prepare` checks them once and returns a call that
+never synchronises (the harness times that).
 
 On a CPU tensor the kernels run through ``kernels.emulator``: for correctness
 checks, never for timing.
@@ -24,7 +25,9 @@ checks, never for timing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -32,7 +35,7 @@ from kernels import launch
 from kernels.checks import check_shape, check_tensor
 from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
 
-__all__ = ["deform_roi_pool", "modulated_deform_roi_pool", "roi_align"]
+__all__ = ["deform_roi_pool", "modulated_deform_roi_pool", "prepare", "roi_align"]
 
 # Threads per block of both kernels; the .cu gets it as a macro so its
 # __launch_bounds__ and our grids cannot disagree.
@@ -367,6 +370,14 @@ def _backward(
 # torch.library operators: what autograd and torch.compile see.
 # --------------------------------------------------------------------------- #
 
+def _geometry_from_op(input, rois, params) -> Geometry:
+    """The sizes of an already checked call, from the operator's arguments (no checks:
+    the public functions and :func:`prepare` check, values included, before calling
+    the operator, so the operator itself never synchronises)."""
+    batch, channels, height, width = input.shape
+    return Geometry(batch, channels, height, width, rois.shape[0], *params)
+
+
 _PARAMS_SCHEMA = "int pooled_h, int pooled_w, float spatial_scale, int sampling_ratio, float gamma"
 
 
@@ -376,9 +387,7 @@ _PARAMS_SCHEMA = "int pooled_h, int pooled_w, float spatial_scale, int sampling_
     schema=f"(Tensor input, Tensor rois, Tensor? offset, Tensor? mask, {_PARAMS_SCHEMA}) -> Tensor",
 )
 def _deform_roi_pool_op(input, rois, offset, mask, *params):
-    g = check_arguments(input, rois, offset, mask, *params)
-    check_values(rois, g.batch, offset=offset)
-    return _forward(g, input, rois, offset, mask)
+    return _forward(_geometry_from_op(input, rois, params), input, rois, offset, mask)
 
 
 @_deform_roi_pool_op.register_fake
@@ -394,9 +403,7 @@ def _(input, rois, offset, mask, pooled_h, pooled_w, *params):
 )
 def _deform_roi_pool_backward_op(grad_output, input, rois, offset, mask, *params_and_mask):
     *params, output_mask = params_and_mask
-    g = check_arguments(input, rois, offset, mask, *params)
-    check_shape("grad_output", grad_output, g.output_shape, "K, C, pooled_h, pooled_w")
-    check_same_dtype_and_device("grad_output", grad_output, input)
+    g = _geometry_from_op(input, rois, params)
     return _backward(g, grad_output.contiguous(), input, rois, offset, mask, output_mask)
 
 
@@ -441,12 +448,28 @@ _deform_roi_pool_op.register_autograd(_autograd_backward, setup_context=_setup_c
 # --------------------------------------------------------------------------- #
 
 
-def _pool(input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma):
+@torch.library.custom_op("dcnbench::check_roi_values", mutates_args=(),
+                         schema="(Tensor rois, int batch, Tensor? moves, str name) -> ()")
+def _check_values_op(rois, batch, moves, name):
+    """:func:`check_values` as an operator: torch.compile keeps it whole (it reads values,
+    which a traced graph cannot) instead of breaking the graph there."""
+    check_values(rois, batch, **{name: moves})
+
+
+@_check_values_op.register_fake
+def _(rois, batch, moves, name):
+    return None
+
+
+def _operands(input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio,
+              gamma) -> tuple[Geometry, tuple]:
+    """Check shapes, dtypes, devices and parameters; the call's sizes and the
+    operator's arguments, dense."""
     g = check_arguments(
         input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma
     )
     # Kernels read dense tensors: a non-contiguous argument is copied once here.
-    return torch.ops.dcnbench.deform_roi_pool(
+    operands = (
         input.contiguous(),
         rois.contiguous(),
         None if offset is None else offset.contiguous(),
@@ -457,6 +480,40 @@ def _pool(input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling
         g.sampling_ratio,
         g.gamma,
     )
+    return g, operands
+
+
+def prepare(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    offset: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    *,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    sampling_ratio: int,
+    gamma: float = 0.1,
+) -> Callable[[], torch.Tensor]:
+    """Check the arguments of :func:`modulated_deform_roi_pool` (``mask`` None:
+    :func:`deform_roi_pool`; ``offset`` None too: :func:`roi_align`) once, values
+    included; the returned call runs the operator on them with no checks and no
+    host synchronisation: the harness's timed call. Differentiable like the public
+    functions; the tensors' values must stay valid between calls.
+    """
+    g, operands = _operands(
+        input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma
+    )
+    check_values(rois, g.batch, offset=offset)
+    return functools.partial(torch.ops.dcnbench.deform_roi_pool, *operands)
+
+
+def _pool(input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma):
+    g, operands = _operands(
+        input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma
+    )
+    torch.ops.dcnbench.check_roi_values(rois, g.batch, offset, "offset")
+    return torch.ops.dcnbench.deform_roi_pool(*operands)
 
 
 def roi_align(

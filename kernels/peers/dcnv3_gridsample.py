@@ -25,6 +25,9 @@ miss the contract's half-precision accuracy (``harness.operators.dcnv3``).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -61,11 +64,66 @@ def dcnv3(
     mask [N, H_out, W_out, group·P]; returns [N, H_out, W_out, group·group_channels].
     The softmax (``softmax``) runs in the mask's dtype, as InternImage's layer does.
     """
+    return prepare_dcnv3(
+        input, offset, mask, kernel_h=kernel_h, kernel_w=kernel_w, stride_h=stride_h, stride_w=stride_w, pad_h=pad_h,
+        pad_w=pad_w, dilation_h=dilation_h, dilation_w=dilation_w, group=group,
+        group_channels=group_channels, offset_scale=offset_scale, remove_center=remove_center,
+        softmax=softmax,
+    )()  # fmt: skip
+
+
+def prepare_dcnv3(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    kernel_h: int = 3,
+    kernel_w: int = 3,
+    stride_h: int = 1,
+    stride_w: int = 1,
+    pad_h: int = 1,
+    pad_w: int = 1,
+    dilation_h: int = 1,
+    dilation_w: int = 1,
+    group: int,
+    group_channels: int,
+    offset_scale: float = 1.0,
+    remove_center: bool = False,
+    softmax: bool = False,
+) -> Callable[[], torch.Tensor]:
+    """Check the arguments of :func:`dcnv3` once; the returned call computes it with
+    no checks, as InternImage's fallback does (the harness's timed call)."""
     geometry = Geometry(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                         dilation_h, dilation_w, offset_scale, remove_center)
     taps = geometry.taps
     check_arguments(input, {"offset": (offset, group * taps * 2), "mask": (mask, group * taps)},
                     geometry, group, group_channels)
+    return functools.partial(_grid_sample_core, input, offset, mask, geometry, group, softmax)
+
+
+def unchecked_dcnv3(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    kernel_h: int = 3,
+    kernel_w: int = 3,
+    stride_h: int = 1,
+    stride_w: int = 1,
+    pad_h: int = 1,
+    pad_w: int = 1,
+    dilation_h: int = 1,
+    dilation_w: int = 1,
+    group: int,
+    group_channels: int,
+    offset_scale: float = 1.0,
+    remove_center: bool = False,
+    softmax: bool = False,
+) -> torch.Tensor:
+    """:func:`dcnv3` with no checks, for callers whose tensors are right by construction
+    (a layer that computes offset and mask from checked weights)."""
+    geometry = Geometry(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                        dilation_h, dilation_w, offset_scale, remove_center)
     return _grid_sample_core(input, offset, mask, geometry, group, softmax)
 
 
@@ -88,12 +146,42 @@ def dcnv4(
 ) -> torch.Tensor:
     """``dcnv3`` (no softmax) on DCNv4's fused ``offset_mask`` [N, H_out, W_out, M],
     unpacked by ``kernels.reference.dcnv3.unpack_offset_mask``."""
+    return prepare_dcnv4(
+        input, offset_mask, kernel_h=kernel_h, kernel_w=kernel_w, stride_h=stride_h, stride_w=stride_w, pad_h=pad_h,
+        pad_w=pad_w, dilation_h=dilation_h, dilation_w=dilation_w, group=group,
+        group_channels=group_channels, offset_scale=offset_scale, remove_center=remove_center,
+    )()  # fmt: skip
+
+
+def prepare_dcnv4(
+    input: torch.Tensor,
+    offset_mask: torch.Tensor,
+    *,
+    kernel_h: int = 3,
+    kernel_w: int = 3,
+    stride_h: int = 1,
+    stride_w: int = 1,
+    pad_h: int = 1,
+    pad_w: int = 1,
+    dilation_h: int = 1,
+    dilation_w: int = 1,
+    group: int,
+    group_channels: int,
+    offset_scale: float = 1.0,
+    remove_center: bool = False,
+) -> Callable[[], torch.Tensor]:
+    """Check the arguments of :func:`dcnv4` once; the returned call unpacks
+    ``offset_mask`` and computes it with no checks (the harness's timed call)."""
     geometry = Geometry(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                         dilation_h, dilation_w, offset_scale, remove_center)
     taps = geometry.taps
     check_arguments(input, {"offset_mask": (offset_mask, offset_mask_channels(group, taps))},
                     geometry, group, group_channels)
-    offset, mask = unpack_offset_mask(offset_mask, group, taps)
+    return functools.partial(_dcnv4_core, input, offset_mask, geometry, group)
+
+
+def _dcnv4_core(input, offset_mask, geometry: Geometry, group: int):
+    offset, mask = unpack_offset_mask(offset_mask, group, geometry.taps)
     return _grid_sample_core(input, offset, mask, geometry, group, softmax=False)
 
 

@@ -19,6 +19,9 @@ for where ``ps_roi_align`` computes the contract's ``deform_psroi_pool``.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torchvision
 
@@ -62,6 +65,25 @@ def modulated_deform_conv2d(
     return torchvision.ops.deform_conv2d(
         input, offset, weight, bias, stride=stride, padding=padding, dilation=dilation, mask=mask
     )
+
+
+def prepare_deform_conv2d(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
+    offset_groups: int = 1,
+) -> Callable[[], torch.Tensor]:
+    """Check once that torchvision infers our group counts; the returned call is
+    ``torchvision.ops.deform_conv2d`` itself (``mask`` None: DCNv1)."""
+    _check_groups(input, offset, weight, groups, offset_groups)
+    return functools.partial(torchvision.ops.deform_conv2d, input, offset, weight, bias,
+                             stride=stride, padding=padding, dilation=dilation, mask=mask)
 
 
 def _check_groups(input, offset, weight, groups, offset_groups):
@@ -128,6 +150,30 @@ def deform_psroi_pool(
     tolerance). input [N, output_dim·pooled_size², H, W], rois [K, 5];
     returns [K, output_dim, pooled_size, pooled_size].
     """
+    return prepare_deform_psroi_pool(
+        input, rois, trans, spatial_scale=spatial_scale, output_dim=output_dim,
+        group_size=group_size, pooled_size=pooled_size, part_size=part_size,
+        sample_per_part=sample_per_part, trans_std=trans_std, no_trans=no_trans,
+    )()  # fmt: skip
+
+
+def prepare_deform_psroi_pool(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    trans: torch.Tensor | None,
+    *,
+    spatial_scale: float,
+    output_dim: int,
+    group_size: int,
+    pooled_size: int,
+    part_size: int,
+    sample_per_part: int,
+    trans_std: float,
+    no_trans: bool,
+) -> Callable[[], torch.Tensor]:
+    """Refuse the cases where ps_roi_align differs (:func:`deform_psroi_pool`) and
+    move the RoIs, once (one host synchronisation); the returned call is
+    ``torchvision.ops.ps_roi_align`` on the moved RoIs."""
     from kernels.reference.deform_psroi_pool import c_round, sample_positions
 
     if not no_trans or group_size != pooled_size:
@@ -157,6 +203,5 @@ def deform_psroi_pool(
         moved.append(moved_low)
         moved.append(moved_low + size / spatial_scale)
     moved_rois = torch.stack([moved[0], moved[1], moved[3], moved[2], moved[4]], dim=1)
-    return torchvision.ops.ps_roi_align(
-        input, moved_rois.to(rois.dtype), pooled_size, spatial_scale, sample_per_part
-    )
+    return functools.partial(torchvision.ops.ps_roi_align, input, moved_rois.to(rois.dtype),
+                             pooled_size, spatial_scale, sample_per_part)

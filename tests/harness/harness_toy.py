@@ -82,52 +82,79 @@ def register_toy(calls: Calls) -> None:
         validate=_validate,
     ))
 
-    def plain(name):
-        def forward(inputs, params):
-            calls.note(name)
-            return toy_math(inputs, params)
-        forward.__doc__ = f"The toy math ({name})."
-        return forward
+    def timed(name, compute):
+        """A prepare whose call notes its poisoning state and runs ``compute``."""
+        def prepare(inputs, params):
+            def call():
+                calls.note(name)
+                return compute(inputs, params)
+            return call
+        prepare.__doc__ = compute.__doc__ or f"The toy math ({name})."
+        return prepare
 
     all_dtypes = tuple(TOY_TOLERANCES)
-    implementation(TOY, "reference", kind="reference", dtypes=all_dtypes)(plain("reference"))
-    implementation(TOY, "baseline", kind="baseline")(plain("baseline"))
-    implementation(TOY, "good", kind="peer")(plain("good"))
+    implementation(TOY, "reference", kind="reference", dtypes=all_dtypes)(
+        timed("reference", toy_math))
+    implementation(TOY, "baseline", kind="baseline")(timed("baseline", toy_math))
+    implementation(TOY, "good", kind="peer")(timed("good", toy_math))
     implementation(TOY, "emulated", kind="kernel", devices=("cuda",),
-                   emulated_on=("cpu",))(plain("emulated"))
+                   emulated_on=("cpu",))(timed("emulated", toy_math))
     implementation(TOY, "missing", kind="peer",
-                   available=lambda device: "needs the frobnicator")(plain("missing"))
-    implementation(TOY, "forward_only", kind="peer", has_backward=False)(plain("forward_only"))
+                   available=lambda device: "needs the frobnicator")(timed("missing", toy_math))
+    implementation(TOY, "forward_only", kind="peer", has_backward=False)(
+        timed("forward_only", toy_math))
 
-    @implementation(TOY, "wrong", kind="kernel")
     def wrong(inputs, params):
         """Planted bug: 1% too large."""
-        calls.note("wrong")
         return toy_math(inputs, params) * 1.01
 
-    @implementation(TOY, "nan", kind="kernel")
     def nan(inputs, params):
         """Planted bug: one NaN, everything else exact."""
-        calls.note("nan")
         out = toy_math(inputs, params)
         mask = torch.zeros_like(out, dtype=torch.bool)
         mask.view(-1)[0] = True
         return out.masked_fill(mask, float("nan"))
 
-    @implementation(TOY, "unwritten", kind="kernel", has_backward=False)
     def unwritten(inputs, params):
         """Planted bug: a kernel-style output whose last element is never written."""
-        calls.note("unwritten")
         result = toy_math(inputs, params).detach()
         out = launch.new_output(result.shape, result.dtype, result.device)
         out.view(-1)[:-1] = result.reshape(-1)[:-1]
         return out
 
-    @implementation(TOY, "crash", kind="kernel")
     def crash(inputs, params):
         """Planted bug: raises."""
-        calls.note("crash")
         raise RuntimeError("boom")
+
+    implementation(TOY, "wrong", kind="kernel")(timed("wrong", wrong))
+    implementation(TOY, "nan", kind="kernel")(timed("nan", nan))
+    implementation(TOY, "unwritten", kind="kernel", has_backward=False)(
+        timed("unwritten", unwritten))
+    implementation(TOY, "crash", kind="kernel")(timed("crash", crash))
+
+    @implementation(TOY, "cached", kind="kernel", has_backward=False)
+    def cached(inputs, params):
+        """Planted bug: right on its first call, then returns a stale buffer it never
+        writes again (a result cache gone wrong): only a check after timing sees it."""
+        first = []
+
+        def call():
+            calls.note("cached")
+            if not first:
+                first.append(toy_math(inputs, params))
+                return first[0]
+            return torch.zeros_like(first[0])
+        return call
+
+    @implementation(TOY, "syncs", kind="kernel", has_backward=False)
+    def syncs(inputs, params):
+        """Planted bug: checks a value on the host inside the timed call."""
+        def call():
+            calls.note("syncs")
+            if inputs["weight"].abs().max().item() > 1e6:
+                raise ValueError("weight too large")
+            return toy_math(inputs, params)
+        return call
 
 
 TOY_SUITE = """

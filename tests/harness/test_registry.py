@@ -68,7 +68,7 @@ def test_unavailable_reasons(toy):
     assert reason("missing", "cpu") == "needs the frobnicator"
     if not torch.cuda.is_available():
         assert reason("good", "cuda") == "no CUDA device here"
-    only_cuda = registry.Implementation(TOY, "x", "peer", ("cuda",), ("float32",), forward=None)
+    only_cuda = registry.Implementation(TOY, "x", "peer", ("cuda",), ("float32",), prepare=None)
     assert only_cuda.unavailable_on("cpu") == "toy_scale/x does not run on cpu (runs on cuda)"
     assert registry.get_implementation(TOY, "emulated").is_emulated("cpu")
     assert not registry.get_implementation(TOY, "good").is_emulated("cpu")

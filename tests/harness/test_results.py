@@ -41,7 +41,7 @@ def test_reopen_cuts_a_half_written_row_and_checks_the_schema(tmp_path):
     assert len(rows) == 1 and metadata["schema_version"] == results.SCHEMA_VERSION
     assert run_dir.results_path.read_text().endswith("}\n")
     run_dir.write_metadata({**metadata, "schema_version": 0})
-    with pytest.raises(ValueError, match="results schema version 0, expected 1; start a new run"):
+    with pytest.raises(ValueError, match=f"results schema version 0, expected {results.SCHEMA_VERSION}; start a new run"):
         run_dir.reopen()
     with pytest.raises(FileNotFoundError, match="no metadata.json; expected a run directory"):
         RunDir(tmp_path / "nothing").reopen()
@@ -80,3 +80,45 @@ def test_schema_document_lists_every_row_field():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "results-schema.md").read_text()
     for field in [f.name for f in dataclasses.fields(Row)]:
         assert f"`{field}`" in doc, f"docs/results-schema.md does not document {field}"
+
+
+COMMITTED_V1_RUN = Path(__file__).resolve().parents[2] / "results/cpu/20261128T174700Z-smoke"
+
+
+def test_the_committed_v1_run_loads_as_v2():
+    raw = [json.loads(line) for line in (COMMITTED_V1_RUN / results.RESULTS).read_text().splitlines()]
+    assert {r["schema_version"] for r in raw} == {1}  # the file on disk stays as written
+    frame = results.load(COMMITTED_V1_RUN)
+    assert len(frame) == len(raw) and set(frame["schema_version"]) == {results.SCHEMA_VERSION}
+    timed = [r for r in raw if r["time_median_ms"]]
+    assert timed, "the committed run has timed rows"
+    loaded = frame.set_index(["case_id", "impl", "direction"])
+    for old in timed:
+        new = loaded.loc[(old["case_id"], old["impl"], old["direction"])]
+        assert new["time_ms"] == old["time_median_ms"]
+        for name in results.V1_METRIC_COLUMNS:  # moved into metrics, same values
+            assert new["metrics"].get(name) == old[name]
+            if old[name] is not None:
+                assert new[name] == old[name]
+        assert new["samples"] is None and new["rechecked"] is None
+    assert all(name not in frame for name in ("metrics.speedup", "samples.time_ms"))
+
+
+def test_an_unknown_schema_version_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="results schema version 7 is unknown; expected 1 or 2"):
+        results.migrate_row({"schema_version": 7})
+
+
+def test_samples_round_trip_as_float32_and_load_decodes_them(tmp_path):
+    samples = [0.125, 1.5, 3.0e-3, 12.75]
+    encoded = results.encode_samples(samples)
+    assert results.decode_samples(encoded).tolist() == pytest.approx(samples, rel=1e-7)
+    assert len(encoded) <= 4 * len(samples) * 4 // 3 + 4  # base64 of 4 bytes a sample
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.create({"suite": {"name": "s"}})
+    run_dir.append(row(samples={"time_ms": encoded}, metrics={"time_ms": 1.0, "speedup": 2.0}))
+    frame = results.load(tmp_path / "run")
+    assert frame["samples"][0]["time_ms"].dtype.name == "float32"
+    assert frame["samples"][0]["time_ms"].tolist() == pytest.approx(samples, rel=1e-7)
+    assert (frame["speedup"][0], frame["time_ms"][0]) == (2.0, 1.0)
+    assert pd.isna(frame["gbps"][0])  # a registered metric the row lacks: a NaN column

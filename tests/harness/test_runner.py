@@ -3,6 +3,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from harness_toy import CORRECT_IMPLS, TOY, toy_math
 from rich.console import Console
@@ -11,7 +12,7 @@ from harness import execution, registry, results, runner, suites, timing
 from harness.timing import TimingConfig
 
 FAST = TimingConfig(warmup_ms=0.5, rep_ms=1, min_samples=3)
-IMPLS = 10  # registered by harness_toy
+IMPLS = 12  # registered by harness_toy
 CASES = 4  # C in (2, 3) × modes (random, zeros)
 
 
@@ -69,6 +70,10 @@ def test_sweep_records_every_implementation_and_goes_on(toy, toy_suite, tmp_path
     assert by(rows, "forward_only", "backward")[0]["reason"] == (
         "toy_scale/forward_only has no backward")
 
+    cached = by(rows, "cached")[0]  # right on its checked call, stale on its timed ones
+    assert cached["status"] == "fail" and cached["rechecked"] is False
+    assert cached["reason"].startswith("after timing, the last timed call's output: output:")
+
     emulated = by(rows, "emulated")[0]
     assert emulated["device"] == "emulated" and emulated["time_median_ms"] is None
     assert emulated["timing_skipped"] == execution.EMULATED_NOT_TIMED
@@ -88,12 +93,20 @@ def test_rows_carry_timing_and_derived_metrics(toy, toy_suite, tmp_path):
         seconds = good["time_median_ms"] * 1e-3
         size = 2 * good["params"]["C"] * 4 * 5
         assert good["flops"] == (3.0 if direction == "forward" else 6.0) * size
-        assert good["tflops"] == pytest.approx(good["flops"] / seconds / 1e12)
-        assert good["gbps"] == pytest.approx(good["bytes"] / seconds / 1e9)
-        assert good["roofline_fraction"] == pytest.approx(good["gbps"] / bandwidth)
-        assert base["speedup"] == 1.0
-        assert good["speedup"] == pytest.approx(base["time_median_ms"] / good["time_median_ms"])
+        metrics = good["metrics"]
+        assert metrics["time_ms"] == good["time_median_ms"]
+        assert metrics["tflops"] == pytest.approx(good["flops"] / seconds / 1e12)
+        assert metrics["gbps"] == pytest.approx(good["bytes"] / seconds / 1e9)
+        assert metrics["roofline_fraction"] == pytest.approx(metrics["gbps"] / bandwidth)
+        assert base["metrics"]["speedup"] == 1.0
+        assert metrics["speedup"] == pytest.approx(base["time_median_ms"] / good["time_median_ms"])
+        # GPU-only metrics are absent on the CPU, not zero.
+        assert not {"host_overhead_us", "as_called_ms", "peak_memory_mib"} & set(metrics)
         assert good["sm_clock_mhz"] is None  # NVML only on CUDA
+        samples = results.decode_samples(good["samples"]["time_ms"])
+        assert len(samples) == good["time_samples"] and set(good["samples"]) == {"time_ms"}
+        assert float(np.median(samples)) == pytest.approx(good["time_median_ms"], rel=1e-6)
+        assert good["rechecked"] is True
 
 
 def test_correctness_runs_are_poisoned_and_timing_runs_are_not(toy, toy_suite, tmp_path):
@@ -217,10 +230,10 @@ def test_a_reference_that_returns_nan_is_an_error_not_a_pass(toy, toy_suite, tmp
     reference = registry.get_implementation(TOY, "reference")
 
     def broken(inputs, params):
-        out = reference.forward(inputs, params)
-        return out * float("nan")
+        call = reference.prepare(inputs, params)
+        return lambda: call() * float("nan")
 
-    registry.IMPLEMENTATIONS[(TOY, "reference")] = dataclasses.replace(reference, forward=broken)
+    registry.IMPLEMENTATIONS[(TOY, "reference")] = dataclasses.replace(reference, prepare=broken)
     assert run(toy_suite, tmp_path / "run", impls=["good"], dtypes=["float32"]) == 1
     rows = results.read_rows(tmp_path / "run")
     ran = [r for r in rows if r["status"] != "skipped"]
@@ -235,7 +248,7 @@ def test_a_known_inaccurate_peer_is_xfail_but_its_nan_still_fails(toy, toy_suite
     @registry.implementation(TOY, "sloppy", kind="peer", known_inaccurate=half)
     def sloppy(inputs, params):
         """1% off: outside the float32 bound, declared known-inaccurate."""
-        return toy_math(inputs, params) * 1.01
+        return lambda: toy_math(inputs, params) * 1.01
 
     assert run(toy_suite, tmp_path / "xfail", impls=["sloppy"], dtypes=["float32"]) == 0
     row = by(results.read_rows(tmp_path / "xfail"), "sloppy")[0]
@@ -245,7 +258,7 @@ def test_a_known_inaccurate_peer_is_xfail_but_its_nan_still_fails(toy, toy_suite
     @registry.implementation(TOY, "sloppy_nan", kind="peer", known_inaccurate=half)
     def sloppy_nan(inputs, params):
         """Declared known-inaccurate, but a NaN is never excused."""
-        return toy_math(inputs, params) * float("nan")
+        return lambda: toy_math(inputs, params) * float("nan")
 
     assert run(toy_suite, tmp_path / "nan", impls=["sloppy_nan"], dtypes=["float32"]) == 1
     assert {r["status"] for r in by(results.read_rows(tmp_path / "nan"), "sloppy_nan")} == {"fail"}

@@ -2,10 +2,10 @@
 
 Each synthetic run copies a real run's rows and metadata (so every field is one the
 harness writes) and changes only what differs from run to run: the run id, start
-time and commit, and the timings, scaled per row by a seeded noise factor and,
-where asked, a planted slowdown. The derived fields (tflops, gbps,
-roofline_fraction, speedup) are recomputed from the scaled times as the harness
-computes them.
+time and commit, and the timings (the samples with their summary), scaled per
+row by a seeded noise factor and, where asked, a planted slowdown. The metrics
+that follow from the time (time_ms, tflops, gbps, roofline_fraction, speedup)
+are recomputed from the scaled times as ``harness.metrics`` computes them.
 """
 
 from __future__ import annotations
@@ -25,23 +25,27 @@ ROW_FIELDS = {f.name for f in dataclasses.fields(Row)}
 def _scaled(rows: list[dict], factor: Callable[[dict], float]) -> list[dict]:
     out = []
     for row in rows:
-        row = dict(row)
+        row = dict(row, metrics=dict(row["metrics"]))
         if row["time_median_ms"] is not None:
             f = factor(row)
             for key in ("time_median_ms", "time_iqr_ms", "time_min_ms"):
                 row[key] *= f
+            if row["samples"]:
+                row["samples"] = dict(row["samples"], time_ms=results.encode_samples(
+                    results.decode_samples(row["samples"]["time_ms"]) * f))
             median_s = row["time_median_ms"] * 1e-3
+            row["metrics"]["time_ms"] = row["time_median_ms"]
             if row["flops"] is not None:
-                row["tflops"] = row["flops"] / median_s / 1e12
+                row["metrics"]["tflops"] = row["flops"] / median_s / 1e12
             if row["bytes"] is not None:
-                row["gbps"] = row["bytes"] / median_s / 1e9
+                row["metrics"]["gbps"] = row["bytes"] / median_s / 1e9
         out.append(row)
     baselines = {(r["case_id"], r["direction"]): r["time_median_ms"] for r in out
                  if r["impl_kind"] == "baseline" and r["time_median_ms"] is not None}
     for row in out:
         base = baselines.get((row["case_id"], row["direction"]))
         if row["time_median_ms"] is not None and base is not None:
-            row["speedup"] = base / row["time_median_ms"]
+            row["metrics"]["speedup"] = base / row["time_median_ms"]
     return out
 
 
@@ -60,8 +64,8 @@ def write_run(source: Path, out: Path, run_id: str, when: dt.datetime, commit: s
     for row in rows:
         if edit is not None:
             row = edit(row)
-        if bandwidth and row["gbps"] is not None:
-            row["roofline_fraction"] = row["gbps"] / bandwidth
+        if bandwidth and "gbps" in row["metrics"]:
+            row["metrics"]["roofline_fraction"] = row["metrics"]["gbps"] / bandwidth
         run.append(Row(**{k: v for k, v in row.items() if k in ROW_FIELDS}))
     return out / run_id
 

@@ -1,22 +1,44 @@
 """`dcnbench compare`: verdicts from ratios and noise, and the exit status CI gates on."""
 
-import pandas as pd
+import numpy as np
 import pytest
 from conftest import SLOW_IMPL
 
 from harness import cli, compare
 
 
-@pytest.mark.parametrize(("ratio", "noise", "verdict"), [
-    (1.50, 0.01, "slower"),
-    (0.70, 0.01, "faster"),
-    (1.005, 0.002, "same"),
-    (1.50, 0.40, "unclear"),   # the change is within twice the noise
-    (1.01, 0.05, "unclear"),   # too noisy to call it the same
-    (1.015, 0.001, "same"),    # precise, but below the minimum effect
+@pytest.mark.parametrize(("new_median", "iqr", "p_value", "expected"), [
+    (1.50, 0.01, 1e-6, "slower"),
+    (0.70, 0.01, 1e-6, "faster"),
+    (1.005, 0.002, 0.5, "same"),
+    (1.50, 0.30, 1e-6, "unclear"),   # up 50 %, but not by twice the larger IQR
+    (1.50, 0.01, 0.2, "unclear"),    # large, but the rank test does not separate the runs
+    (1.01, 0.05, 0.5, "unclear"),    # too noisy to call it the same
+    (1.015, 0.001, 1e-6, "same"),    # significant, but below the minimum effect
+    (1.50, 0.01, float("nan"), "slower"),  # v1 rows: no samples, the effect size alone
 ])
-def test_verdicts(ratio, noise, verdict):
-    assert compare.verdicts(pd.Series([ratio]), pd.Series([noise]))[0] == verdict
+def test_verdicts(new_median, iqr, p_value, expected):
+    assert compare.verdict(1.0, new_median, iqr, iqr, p_value) == expected
+
+
+def test_rank_test_separates_shifted_samples_only():
+    rng = np.random.default_rng(0)
+    base = rng.normal(1.0, 0.01, 50)
+    assert compare.rank_test(base, base * 1.05) < 1e-6
+    assert compare.rank_test(base, rng.normal(1.0, 0.01, 50)) > 0.01
+    assert np.isnan(compare.rank_test(None, base))
+
+
+def test_a_shift_hidden_in_the_medians_noise_is_not_a_slowdown():
+    """The effect size guards the rank test: 3 % up with IQRs of 10 % is unclear even
+    though a rank test on many samples finds the shift."""
+    rng = np.random.default_rng(1)
+    base = rng.normal(1.0, 0.075, 5000)
+    new = base * 1.03
+    p = compare.rank_test(base, new)
+    assert p < compare.ALPHA
+    iqr = float(np.subtract(*np.percentile(base, [75, 25])))
+    assert compare.verdict(1.0, 1.03, iqr, iqr * 1.03, p) == "unclear"
 
 
 def test_planted_slowdown_is_found_and_gates(slow_history, capsys):
