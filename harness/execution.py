@@ -123,6 +123,20 @@ def _poisoned_outputs():
     return poisoned_outputs()
 
 
+def _recorded_launches():
+    """``kernels.launch.recorded_launches()``: the kernels a call launched (for the
+    row's ``kernel_variant``); imported late for the same reason."""
+    from kernels.launch import recorded_launches
+
+    return recorded_launches()
+
+
+def _kernel_variant(log) -> str | None:
+    from kernels.launch import variants
+
+    return variants(log) or None
+
+
 def start_row(case: Case, impl: registry.Implementation, direction: str, device: str,
               seed: int) -> Row:
     """A row for ``impl`` on ``case`` with everything known before running it;
@@ -201,7 +215,7 @@ def run(case_run: CaseRun, impl: registry.Implementation, direction: str,
 def _check(row: Row, case_run: CaseRun, impl: registry.Implementation,
            direction: str) -> dict[str, torch.Tensor]:
     case, dtype = case_run.case, registry.DTYPES[case_run.case.dtype]
-    with _poisoned_outputs():
+    with _poisoned_outputs(), _recorded_launches() as launches:
         if direction == "forward":
             with torch.no_grad():
                 out = impl.forward(case_run.inputs, case.params)
@@ -212,6 +226,7 @@ def _check(row: Row, case_run: CaseRun, impl: registry.Implementation,
             grads = _gradients(out, leaves, case_run.grad_output)
             tensors = {f"grad_{n}": g for n, g in zip(case_run.differentiable, grads, strict=True)}
             refs = case_run.ref_grads
+    row.kernel_variant = _kernel_variant(launches)
     errors = {name: checking.measure(tensors[name], ref, dtype, name) for name, ref in refs.items()}
     tol = case.op.tolerance(case.dtype, direction)
     verdict = checking.judge(errors, tol)
