@@ -10,9 +10,9 @@ rich, pytest, nvidia-ml-py; ncu and compute-sanitizer; no network). The steps
 - the suites on CUDA with short timing windows; InternImage as one case per
   stage (``internimage-stages``), ``torch_compile`` in a step of its own (its
   cold compiles take 20-60 s a graph);
-- ``compute-sanitizer`` memcheck and racecheck over our kernels on the smoke
-  suite's float32 cases (skipped, not failed, where the sanitizer reports the
-  device unsupported);
+- ``compute-sanitizer`` memcheck and racecheck over every kernel of ours on
+  small shapes in every input mode (the ``gpu-probe`` suite; skipped, not
+  failed, where the sanitizer reports the device unsupported);
 - ``ncu`` reading ``NCU_METRICS`` (global-memory sectors and requests of
   loads, stores and atomics, DRAM bytes, achieved occupancy) for those same
   cases into ``ncu.csv``, to calibrate the counter model against hardware.
@@ -61,8 +61,8 @@ MIN_STEP_S = 10  # a step with less time left than this is skipped
 PY = sys.executable
 TIMING = ("--warmup-ms", "5", "--rep-ms", "20")  # short windows: the script must fit one call
 OUR_KERNELS = ("--impl", "cupy", "cupy_direct", "cupy_vectorized")
-# The cases the sanitizers and ncu see: every one of our kernels, every input mode.
-PROBE = ("--suite", "smoke", *OUR_KERNELS, "--dtype", "float32", "--no-timing")
+# The cases the sanitizers and ncu see: every kernel of ours, every input mode.
+PROBE = ("--suite", "gpu-probe", *OUR_KERNELS, "--no-timing")
 NCU_METRICS = (
     "gpu__time_duration.sum",
     "sm__warps_active.avg.pct_of_peak_sustained_active",  # achieved occupancy

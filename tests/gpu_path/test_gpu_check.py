@@ -79,9 +79,27 @@ def test_internimage_is_timed_on_one_case_per_stage():
     assert {h for _, h in stages} == {56, 28, 14, 7}
 
 
-def test_the_sanitizers_and_ncu_cover_every_kernel_of_ours():
+def test_the_sanitizers_and_ncu_cover_every_kernel_of_ours(tmp_path):
+    """Their cases, run through the CUDA branch (the CuPy stand-in), launch every
+    kernel of ours, and pass."""
+    from harness import cli
+    from kernels.emulator import cupy_shim
+
     for name in ("memcheck", "racecheck"):
         assert PLAN[name].argv[:3] == ("compute-sanitizer", "--tool", name)
+    def probe(step: str) -> list[str]:
+        args = gpu_check._harness_arguments(PLAN[step].argv)
+        del args[args.index("--out"):args.index("--out") + 2]
+        return args
+
+    args = probe("ncu")
+    assert args == probe("memcheck") == probe("racecheck")
+    args[args.index("cuda")] = "cpu"
+    args += ["--out", str(tmp_path / "probe")]
+    with cupy_shim.emulated_gpu() as gpu:
+        assert cli.main(args) == 0
+    launched = {launch.kernel.split("<")[0] for launch in gpu.launches}
+    assert launched == set(gpu_check.our_kernel_names())
     ncu = PLAN["ncu"].argv
     kernels = ncu[ncu.index("--kernel-name") + 1]
     assert all(name in kernels for name in (
