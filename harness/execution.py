@@ -128,6 +128,20 @@ def _poisoned_outputs():
     return poisoned_outputs()
 
 
+def _recorded_launches():
+    """``kernels.launch.recorded_launches()``: the kernels a call launched (for the
+    row's ``kernel_variant``); imported late for the same reason."""
+    from kernels.launch import recorded_launches
+
+    return recorded_launches()
+
+
+def _kernel_variant(log) -> str | None:
+    from kernels.launch import variants
+
+    return variants(log) or None
+
+
 def start_row(case: Case, impl: registry.Implementation, direction: str, device: str,
               seed: int) -> Row:
     """A row for ``impl`` on ``case`` with everything known before running it;
@@ -193,9 +207,10 @@ def run(case_run: CaseRun, impl: registry.Implementation, direction: str,
     # The forward is timed as inference: no autograd graph is recorded.
     with torch.no_grad() if direction == "forward" else contextlib.nullcontext():
         try:
-            with _poisoned_outputs():
+            with _poisoned_outputs(), _recorded_launches() as launches:
                 call = timed_call(case_run, impl, direction)
                 tensors = _named(case_run, direction, call())
+            row.kernel_variant = _kernel_variant(launches)
             _judge(row, case_run, impl, direction, tensors)
         except Exception as exc:  # one implementation's failure must not stop the sweep
             return record_error(row, exc), {}

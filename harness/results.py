@@ -56,6 +56,7 @@ class Row:
     reason: str = ""
     traceback: str | None = None
     reference_device: str | None = None
+    kernel_variant: str | None = None
     rel_l2: float | None = None
     max_abs: float | None = None
     nonfinite: int | None = None

@@ -10,6 +10,8 @@ registration here is an error in the build check.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import re
 from pathlib import Path
 
 CUDA_DIR = Path(__file__).parent / "cuda"
@@ -45,13 +47,48 @@ class CudaSource:
         return CUDA_DIR / self.filename
 
     def code(self) -> str:
-        return self.path.read_text()
+        """The source CuPy compiles: the ``.cu`` text, then a comment with a hash of
+        every header it includes. CuPy keys its on-disk kernel cache by the source
+        text and the options alone, so an edited header must change the text."""
+        digest = hashlib.sha256()
+        for header in included_headers(self.path, self.include_dirs):
+            digest.update(f"{header.name}\0".encode() + header.read_bytes())
+        return f"{self.path.read_text()}\n// included headers: sha256 {digest.hexdigest()}\n"
+
+    @property
+    def include_dirs(self) -> tuple[Path, ...]:
+        """The ``-I`` directories of the options."""
+        return tuple(Path(option[2:]) for option in self.options if option.startswith("-I"))
 
     def block_size(self, name: str) -> int:
         """Launch block size of ``name`` (falls back to its template's name)."""
         if name in self.block_sizes:
             return self.block_sizes[name]
         return self.block_sizes[name.split("<", 1)[0]]
+
+
+_QUOTED_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
+
+
+def included_headers(path: Path, include_dirs: tuple[Path, ...]) -> list[Path]:
+    """Every header ``path`` includes with quotes, recursively, in first-include
+    order; each found beside the including file, else in ``include_dirs`` (as
+    NVRTC looks). System headers (``<...>``) belong to the toolkit, whose
+    version CuPy's cache key holds already."""
+    found: dict[Path, None] = {}
+    pending = [path]
+    while pending:
+        including = pending.pop(0)
+        for name in _QUOTED_INCLUDE.findall(including.read_text()):
+            candidates = [including.parent / name, *(d / name for d in include_dirs)]
+            header = next((c.resolve() for c in candidates if c.is_file()), None)
+            if header is None:
+                raise FileNotFoundError(f"{including}: included header {name!r} not found in "
+                                        f"{', '.join(str(c.parent) for c in candidates)}")
+            if header not in found:
+                found[header] = None
+                pending.append(header)
+    return list(found)
 
 
 SOURCES: dict[str, CudaSource] = {}

@@ -25,8 +25,18 @@ device, so they order correctly with the PyTorch work around them (and inside
 CUDA graphs / ``torch.cuda.stream`` blocks). Launch errors that CUDA reports
 at launch time (a bad configuration, too many resources) are raised at once,
 naming the kernel and its configuration; errors inside a kernel (an illegal
-address) surface, as with any CUDA work, at the next synchronisation --
-``CUDA_LAUNCH_BLOCKING=1`` makes them surface at their launch.
+address) surface, as with any CUDA work, at a later launch or synchronisation
+-- the message of a failed launch says so, and ``CUDA_LAUNCH_BLOCKING=1``
+makes them surface at their own launch.
+
+CPU tensors take ``cpu_backend``'s path: ``"emulator"`` (the default) calls
+``kernels.emulator`` directly; ``"cupy"`` runs the CUDA branch above, with
+``cupy.RawModule`` answered by the emulator. Only the CuPy stand-in
+(``kernels.emulator.cupy_shim``) sets it, so that CI exercises the GPU path.
+
+Every launch is appended to the active :func:`recorded_launches` logs, with
+the reason a wrapper gives for the variant it picked (a fallback, say), so
+the harness can record which kernel actually ran.
 
 Launch configurations are derived from :func:`device_properties`:
 ``torch.cuda.get_device_properties`` on a GPU, the emulator's on the CPU.
@@ -102,6 +112,55 @@ def new_output(
 
 
 # --------------------------------------------------------------------------- #
+# The launch log: which kernels ran, and why that variant.
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchRecord:
+    """One kernel launch: the name expression that ran, its configuration, and the
+    reason its wrapper gave for picking it ("" when there was no choice)."""
+
+    kernel: str
+    grid: Dim3
+    block: Dim3
+    shared_mem: int
+    variant_reason: str
+
+    def describe(self) -> str:
+        return f"{self.kernel} ({self.variant_reason})" if self.variant_reason else self.kernel
+
+
+# Process-wide, like the poison depth: autograd may launch from its worker threads.
+_launch_logs: list[list[LaunchRecord]] = []
+_launch_logs_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def recorded_launches() -> Iterator[list[LaunchRecord]]:
+    """While active, every launch is appended to the list it yields."""
+    log: list[LaunchRecord] = []
+    with _launch_logs_lock:
+        _launch_logs.append(log)
+    try:
+        yield log
+    finally:
+        with _launch_logs_lock:
+            _launch_logs.remove(log)
+
+
+def variants(log: Sequence[LaunchRecord]) -> str:
+    """The distinct kernels of ``log``, in launch order, each with its reason."""
+    return "; ".join(dict.fromkeys(record.describe() for record in log))
+
+
+def _record(record: LaunchRecord) -> None:
+    with _launch_logs_lock:
+        for log in _launch_logs:
+            log.append(record)
+
+
+# --------------------------------------------------------------------------- #
 # Value parameters of the exact declared width.
 # --------------------------------------------------------------------------- #
 
@@ -145,9 +204,27 @@ class DeviceProperties:
         return self.multiprocessor_count * self.max_threads_per_multiprocessor
 
 
+# The path CPU tensors take: "emulator" or "cupy" (see the module docstring).
+cpu_backend = "emulator"
+BACKENDS = ("emulator", "cupy")
+
+
+def _backend(device: torch.device) -> str:
+    return "cupy" if device.type == "cuda" else cpu_backend
+
+
+def clear_caches() -> None:
+    """Forget compiled modules and device properties: the CuPy stand-in calls it
+    when it starts and stops answering for CuPy and ``torch.cuda``."""
+    with _modules_lock:
+        _modules.clear()
+    _device_properties.cache_clear()
+    _cupy_stream.cache_clear()
+
+
 @functools.cache
-def _device_properties(device_type: str, index: int | None) -> DeviceProperties:
-    if device_type == "cuda":
+def _device_properties(backend: str, index: int | None) -> DeviceProperties:
+    if backend == "cupy":
         props = torch.cuda.get_device_properties(index)
         return DeviceProperties(
             name=props.name,
@@ -169,7 +246,7 @@ def _device_properties(device_type: str, index: int | None) -> DeviceProperties:
 def device_properties(device: torch.device | str) -> DeviceProperties:
     """Properties of ``device``: the GPU's, or the emulator's for the CPU."""
     device = _resolve(device)
-    return _device_properties(device.type, device.index)
+    return _device_properties(_backend(device), device.index)
 
 
 def null(dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -259,6 +336,7 @@ class Kernel:
         self.name = name
         self.device = device
         self._function = function
+        self._through_cupy = _backend(device) == "cupy"
 
     def __call__(
         self,
@@ -266,11 +344,17 @@ class Kernel:
         block: int | Sequence[int],
         args: Sequence[Any],
         shared_mem: int = 0,
+        *,
+        variant_reason: str = "",
     ) -> None:
+        """Launch; ``variant_reason`` says, for the launch log, why the caller picked
+        this kernel variant (a fallback, say)."""
         grid3, block3 = _dim3(grid, "grid"), _dim3(block, "block")
         _check_configuration(self.name, grid3, block3, shared_mem)
         converted = tuple(self._argument(i, arg) for i, arg in enumerate(args))
-        if self.device.type == "cuda":
+        if _launch_logs:
+            _record(LaunchRecord(self.name, grid3, block3, shared_mem, variant_reason))
+        if self._through_cupy:
             self._launch_cupy(grid3, block3, converted, shared_mem)
         else:
             self._function(grid3, block3, converted, shared_mem=shared_mem)
@@ -287,10 +371,10 @@ class Kernel:
                 raise ValueError(
                     f"{self.name}: argument {position} is not contiguous; kernels index raw memory densely"
                 )
-            if self.device.type == "cpu":
+            if not self._through_cupy:
                 return arg
             return _device_pointer(arg)  # an empty tensor's is 0: null
-        if isinstance(arg, np.ndarray) and self.device.type == "cpu":
+        if isinstance(arg, np.ndarray) and not self._through_cupy:
             return arg
         raise TypeError(
             f"{self.name}: argument {position} is a {type(arg).__name__}; pass tensors for pointers "
@@ -301,23 +385,28 @@ class Kernel:
     def _launch_cupy(self, grid: Dim3, block: Dim3, args: tuple[Any, ...], shared_mem: int) -> None:
         import cupy
 
-        index = self.device.index
-        stream = _external_stream(torch.cuda.current_stream(index).cuda_stream, index)
+        stream = _cupy_stream(torch.cuda.current_stream(self.device.index))
         try:
             with _on_device(self.device), stream:
                 self._function(grid, block, args, shared_mem=shared_mem)
         except cupy.cuda.driver.CUDADriverError as error:
+            # CUDA reports a fault of an asynchronous kernel (an illegal address)
+            # at whatever launch comes next: it may not be this kernel's.
             raise RuntimeError(
                 f"launching {self.name} on {self.device} with grid {grid}, block {block}, "
-                f"{shared_mem} B dynamic shared memory failed: {error}"
+                f"{shared_mem} B dynamic shared memory failed: {error}. The error may be an "
+                "earlier asynchronous kernel's, reported at this launch: rerun with "
+                "CUDA_LAUNCH_BLOCKING=1 to see the launch that failed"
             ) from error
 
 
 @functools.cache
-def _external_stream(pointer: int, device_index: int) -> Any:
+def _cupy_stream(torch_stream: Any) -> Any:
+    """CuPy's view of a torch stream, through the CUDA stream protocol
+    (``__cuda_stream__``; ``cupy.cuda.ExternalStream`` is deprecated in CuPy 14)."""
     import cupy
 
-    return cupy.cuda.ExternalStream(pointer, device_index)
+    return cupy.cuda.Stream.from_external(torch_stream)
 
 
 def _device_pointer(tensor: torch.Tensor) -> np.uint64:
@@ -359,18 +448,19 @@ class Module:
 
 @contextlib.contextmanager
 def _on_device(device: torch.device) -> Iterator[None]:
-    """Makes ``device`` CuPy's current device (CuPy compiles and loads per device)."""
-    if device.type != "cuda":
+    """Makes ``device`` CuPy's current device (CuPy compiles and loads per device;
+    a CPU tensor through CuPy runs on the current one)."""
+    if _backend(device) != "cupy":
         yield
         return
     import cupy
 
-    with cupy.cuda.Device(device.index):
+    with cupy.cuda.Device(device.index):  # None: the current device
         yield
 
 
 def _raw_module(source: CudaSource, device: torch.device) -> Any:
-    if device.type == "cuda":
+    if _backend(device) == "cupy":
         import cupy
 
         return cupy.RawModule(
@@ -383,14 +473,14 @@ def _raw_module(source: CudaSource, device: torch.device) -> Any:
     )
 
 
-_modules: dict[tuple[str, str, int | None], Module] = {}
+_modules: dict[tuple[str, str, str, int | None], Module] = {}
 _modules_lock = threading.Lock()
 
 
 def module(source: CudaSource, device: torch.device | str) -> Module:
     """The kernels of ``source`` for ``device``, compiled once per (source, backend, device)."""
     device = _resolve(device)
-    key = (source.filename, device.type, device.index)
+    key = (source.filename, _backend(device), device.type, device.index)
     with _modules_lock:
         found = _modules.get(key)
         if found is None:

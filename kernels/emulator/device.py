@@ -22,6 +22,7 @@ class DeviceProperties:
     maxThreadsPerMultiProcessor: int = 2048
     warpSize: int = 32
     regsPerBlock: int = 65536
+    regsPerMultiprocessor: int = 65536
     sharedMemPerBlock: int = 48 * 1024
     sharedMemPerBlockOptin: int = 227 * 1024
     sharedMemPerMultiprocessor: int = 228 * 1024

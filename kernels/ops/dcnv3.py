@@ -220,14 +220,23 @@ def _lanes(design: str, call: Call, vector: int) -> int:
     return lanes
 
 
-def _vector(design: str, call: Call, dtype: torch.dtype, *tensors: torch.Tensor) -> int:
+def _vector(
+    design: str, call: Call, dtype: torch.dtype, *tensors: torch.Tensor
+) -> tuple[int, str]:
     """16-byte vectors when D·itemsize is a multiple of 16 and every channel
-    vector of ``tensors`` is 16-byte aligned; channels one by one otherwise."""
+    vector of ``tensors`` is 16-byte aligned; channels one by one otherwise,
+    with the reason (for the launch log: the scalar path is several times slower)."""
     if design == "direct":
-        return 1
+        return 1, ""
     wide = _vector_widths(dtype)[0]
-    aligned = all(t.data_ptr() % VECTOR_BYTES == 0 for t in tensors)
-    return wide if call.group_channels % wide == 0 and aligned else 1
+    if call.group_channels % wide:
+        return 1, (f"scalar fallback: group_channels {call.group_channels} is not a multiple "
+                   f"of {wide}, the {VECTOR_BYTES}-byte vector")
+    misaligned = [t.data_ptr() % VECTOR_BYTES for t in tensors if t.data_ptr() % VECTOR_BYTES]
+    if misaligned:
+        return 1, (f"scalar fallback: tensor data {misaligned[0]} bytes past a "
+                   f"{VECTOR_BYTES}-byte boundary")
+    return wide, ""
 
 
 def _launch(
@@ -239,14 +248,15 @@ def _launch(
     tensors: tuple[torch.Tensor, ...],
 ) -> None:
     input = tensors[0]
-    vector = _vector(design, call, input.dtype, *vector_tensors)
+    vector, why = _vector(design, call, input.dtype, *vector_tensors)
     function = launch.module(SOURCES[design], input.device).function(
         _name_expression(design, kernel, input.dtype, modulation, vector)
     )
     items = call.batch * call.out_h * call.out_w * call.group
     items_per_block = BLOCK_SIZE // _lanes(design, call, vector)
     function(
-        launch.blocks(items, items_per_block), BLOCK_SIZE, (*tensors, *call.kernel_arguments())
+        launch.blocks(items, items_per_block), BLOCK_SIZE, (*tensors, *call.kernel_arguments()),
+        variant_reason=why,
     )
 
 
