@@ -73,12 +73,13 @@ def metrics_table(rows: Iterable[dict[str, Any]]) -> Table | None:
     shown = [m for m in METRICS.values() if any(m.name in v for v in values.values())]
     if not shown:
         return None
-    table = Table(title="metrics (geometric means)", title_justify="left")
+    table = Table(title="metrics (geometric means)", title_justify="left",
+                  caption="↑ higher is better, ↓ lower is better", caption_justify="left")
     for header in ("operator", "implementation", "dtype", "direction"):
         table.add_column(header)
     for entry in shown:
-        table.add_column(f"{entry.name} ({entry.unit}, {entry.better} is better)".replace(" (, ", " ("),
-                         justify="right")
+        arrow = "↑" if entry.better == "higher" else "↓"
+        table.add_column(f"{entry.name} {entry.unit} {arrow}".replace("  ", " "), justify="right")
     for key in sorted(values):
         table.add_row(*key, *(f"{geometric_mean(values[key][m.name]):#.3g}"
                               if values[key][m.name] else "[dim]-[/]" for m in shown))
