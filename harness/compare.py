@@ -32,8 +32,8 @@ from rich.markup import escape
 from rich.table import Table
 from scipy.stats import mannwhitneyu
 
+from harness import metrics as metric_registry
 from harness import results
-from harness.metrics import METRICS
 
 KEY = ["case_id", "impl", "direction"]
 VERDICTS = ("slower", "faster", "same", "unclear")
@@ -116,7 +116,7 @@ def metric_changes(timed: pd.DataFrame) -> pd.DataFrame:
     runs, the geometric mean of new / base."""
     records = []
     for row in timed.itertuples():
-        for name, entry in METRICS.items():
+        for name, entry in metric_registry.METRICS.items():
             old, now = row.metrics_base.get(name), row.metrics_new.get(name)
             if old and now and old > 0 and now > 0:
                 records.append({"op": row.op, "impl": row.impl, "direction": row.direction,

@@ -235,7 +235,7 @@ def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     row's decoded samples ({measurement: float32 array}, or None).
     ``df.attrs["metadata"]`` maps each ``run_id`` to its metadata.
     """
-    from harness.metrics import METRICS  # registry of names; it imports nothing of results
+    from harness.metrics import METRICS  # here: it brings torch, which reading rows does not need
 
     if isinstance(paths, (str, Path)):
         paths = [paths]

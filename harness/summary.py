@@ -11,8 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from harness import registry
-from harness.metrics import METRICS
+from harness import metrics, registry
 from harness.results import DIRECTIONS, STATUSES
 
 STATUS_STYLE = {"ok": "green", "fail": "bold red", "xfail": "yellow", "error": "bold magenta",
@@ -68,9 +67,9 @@ def metrics_table(rows: Iterable[dict[str, Any]]) -> Table | None:
     values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         for name, value in (row.get("metrics") or {}).items():
-            if name in METRICS and value and value > 0:
+            if name in metrics.METRICS and value and value > 0:
                 values[(row["op"], row["impl"], row["dtype"], row["direction"])][name].append(value)
-    shown = [m for m in METRICS.values() if any(m.name in v for v in values.values())]
+    shown = [m for m in metrics.METRICS.values() if any(m.name in v for v in values.values())]
     if not shown:
         return None
     table = Table(title="metrics (geometric means)", title_justify="left",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import plugins, registry, suites
+from harness import plugins, suites
 from harness.registry import RegistryError, implementation
 
 ROOT = Path(__file__).resolve().parents[2]
