@@ -4,7 +4,8 @@
 and runs the reference on float64 copies of those very tensors: the oracle.
 ``run`` then prepares one implementation in one direction on the same inputs
 (its ``prepare`` once: checks, conversions, host synchronisations), judges
-its timed call's output against the oracle, times that call alone
+its timed call's output against the oracle (under ``registry.CHECK_OBSERVERS``:
+our kernels' outputs NaN-poisoned, their launches logged), times that call alone
 (``harness.timing``), judges the last timed call's output again (a cache or
 a race that the first call hides shows here) and returns its result row with
 its metrics (``harness.metrics``). A backward pass is autograd of the
@@ -118,30 +119,6 @@ def prepare(case: Case, device: str, seed: int, backward: bool) -> CaseRun:
                    ref_grads)
 
 
-def _poisoned_outputs():
-    """``kernels.launch.poisoned_outputs()``: kernel wrappers fill the outputs they
-    allocate with NaN while it is active, so an element a kernel never writes
-    cannot pass. Imported here, on first use, to keep ``kernels`` (and CuPy)
-    out of the harness's import."""
-    from kernels.launch import poisoned_outputs
-
-    return poisoned_outputs()
-
-
-def _recorded_launches():
-    """``kernels.launch.recorded_launches()``: the kernels a call launched (for the
-    row's ``kernel_variant``); imported late for the same reason."""
-    from kernels.launch import recorded_launches
-
-    return recorded_launches()
-
-
-def _kernel_variant(log) -> str | None:
-    from kernels.launch import variants
-
-    return variants(log) or None
-
-
 def start_row(case: Case, impl: registry.Implementation, direction: str, device: str,
               seed: int) -> Row:
     """A row for ``impl`` on ``case`` with everything known before running it;
@@ -207,10 +184,13 @@ def run(case_run: CaseRun, impl: registry.Implementation, direction: str,
     # The forward is timed as inference: no autograd graph is recorded.
     with torch.no_grad() if direction == "forward" else contextlib.nullcontext():
         try:
-            with _poisoned_outputs(), _recorded_launches() as launches:
+            with contextlib.ExitStack() as stack:
+                observed = [stack.enter_context(watch()) for watch in registry.CHECK_OBSERVERS]
                 call = timed_call(case_run, impl, direction)
                 tensors = _named(case_run, direction, call())
-            row.kernel_variant = _kernel_variant(launches)
+            for fields in observed:
+                for name, value in fields().items():
+                    setattr(row, name, value)
             _judge(row, case_run, impl, direction, tensors)
         except Exception as exc:  # one implementation's failure must not stop the sweep
             return record_error(row, exc), {}

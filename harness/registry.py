@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
@@ -91,6 +92,10 @@ class Operator:
     backward, when the operator has one. ``backward_tolerances`` judge the
     gradients when they need other bounds than ``tolerances`` (longer sums,
     atomics); without it the gradients are judged by ``tolerances``.
+    ``baseline`` names the implementation speedups are measured against,
+    ``id_keys`` / ``id_pairs`` how the case id writes the parameters and
+    ``sampling_view`` draws a saved case (``harness.sampling``): what is
+    particular to an operator is declared here, never in the harness core.
     """
 
     name: str
@@ -109,6 +114,14 @@ class Operator:
     forward_only_modes: tuple[str, ...] = ()  # modes on a kink: no gradient check
     validate: Callable[[Mapping[str, Any]], None] | None = None
     backward_tolerances: Mapping[str, Tolerance] | None = None
+    # Case ids (harness.cases): a short key per parameter (others are written under
+    # their own name without underscores), and parameter pairs written as one token:
+    # first -> (second, key, always both), e.g. kernel_h -> ("kernel_w", "k", True).
+    id_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    id_pairs: Mapping[str, tuple[str, str, bool]] = dataclasses.field(default_factory=dict)
+    # The view of where one output samples its input (reports' sampling page), from a
+    # saved case's params and arrays; None for an operator without one.
+    sampling_view: Callable[[Mapping[str, Any], Mapping[str, Any]], Any] | None = None
 
     def tolerance(self, dtype: str, direction: str) -> Tolerance:
         """The bounds that judge ``direction`` ("forward" or "backward") at ``dtype``."""
@@ -254,6 +267,10 @@ def kernel_availability(module: str) -> Callable[[str], str | None]:
 
 OPERATORS: dict[str, Operator] = {}
 IMPLEMENTATIONS: dict[tuple[str, str], Implementation] = {}
+# Observers of every checked call (never of a timed one), registered by the modules
+# that know the kernels (harness.operators.launches): each returns a context manager
+# whose value, called after the call, gives the row fields to set ({} for none).
+CHECK_OBSERVERS: list[Callable[[], AbstractContextManager[Callable[[], dict[str, Any]]]]] = []
 
 
 def register_operator(op: Operator) -> Operator:

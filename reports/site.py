@@ -287,10 +287,10 @@ def _history_page(site: Site, group: tuple[str, str], runs: list[Run], path: str
 
 
 def _default_cases(runs: list[Run], folder: Path) -> list[Path]:
-    """One saved case per operator with a sampling adapter: its smallest random-input case
+    """One saved case per operator with a sampling view: its smallest random-input case
     of the newest run, run by the reference on the CPU with that run's seed."""
     saved = []
-    for op in sampling.ADAPTERS:
+    for op in sampling.viewable_operators():
         newest = next((r for r in reversed(runs) if op in set(r.rows["op"])), None)
         if newest is None:
             continue

@@ -35,15 +35,17 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
-from harness.operators.conv2d import check_mode, draw, draw_uniform, in_float64, to_case
+from harness.operators.inputs import check_mode, draw, draw_uniform, in_float64, to_case
 from harness.operators.roi_align import (
     BACKWARD_INPUT_FLOPS,
     BACKWARD_POSITION_FLOPS,
     CHANNEL_SAMPLE_FLOPS,
     FORWARD_ONLY_MODES,
     POINT_FLOPS,
+    POOLED_ID_PAIRS,
     ROI_MODES,
     ROI_PARAMS,
     ROI_TENSORS,
@@ -67,6 +69,7 @@ from harness.registry import (
     kernel_availability,
     register_operator,
 )
+from harness.sampling import SamplingPicture, grid_points
 from kernels.reference import deform_roi_pool as reference_ops
 from kernels.reference.deform_roi_pool import roi_boxes
 
@@ -186,6 +189,38 @@ def prepare_kernel(inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]
                    **roi_arguments(params), gamma=params.get("gamma", 0.0))
 
 
+# --- the sampling view (reports' sampling page) ---------------------------
+
+def sampling_view(params: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> SamplingPicture:
+    """DCNv1/DCNv2 RoI pooling (mmcv semantics): the sample grid of RoI 0's centre bin,
+    moved as a whole by gamma·roi size·offset (channel 0 moves x, channel 1 moves y)."""
+    import torch
+
+    from kernels.reference.deform_roi_pool import roi_boxes, sample_positions, sampling_grid
+
+    pooled_h, pooled_w = params["pooled_h"], params["pooled_w"]
+    ph, pw = pooled_h // 2, pooled_w // 2
+    rois = torch.from_numpy(arrays["rois"][:1].astype(np.float64))
+    offset = torch.from_numpy(arrays["offset"][:1].astype(np.float64))
+    _, _, roi_h, roi_w = roi_boxes(rois, params["spatial_scale"])
+    grid_h, grid_w = sampling_grid(roi_h, roi_w, pooled_h, pooled_w, params["sampling_ratio"])
+    grid = (int(grid_h[0]), int(grid_w[0]))
+    geometry = (pooled_h, pooled_w, params["spatial_scale"], params["gamma"])
+    y, x = sample_positions(rois, offset, grid, *geometry)
+    base_y, base_x = sample_positions(rois, None, grid, *geometry)
+    count = grid[0] * grid[1]
+    mask = arrays.get("mask")
+    return SamplingPicture(
+        op=params["op"], case_id=params["case_id"],
+        title=f"bin (ph={ph}, pw={pw}) of RoI 0 ({grid[0]}×{grid[1]} samples)",
+        heat=arrays["input"][int(arrays["rois"][0, 0])].astype(np.float64).mean(axis=0),
+        regular=grid_points(base_y[0, ph, pw].numpy(), base_x[0, ph, pw].numpy()),
+        deformed=grid_points(y[0, ph, pw].numpy(), x[0, ph, pw].numpy()),
+        weight=None if mask is None else np.full(count, float(mask[0, 0, ph, pw])),
+        labels=[f"sample (iy={s // grid[1]}, ix={s % grid[1]})" for s in range(count)],
+    )
+
+
 # Operator name -> (whether it takes a mask, summary).
 DEFORM_ROI_OPERATORS = {
     "deform_roi_pool": (False, "Deformable RoI pooling DCNv1 (mmcv deform_roi_pool), NCHW"),
@@ -215,6 +250,8 @@ for _name, (_modulated, _summary) in DEFORM_ROI_OPERATORS.items():
             baseline="cupy",
             forward_only_modes=FORWARD_ONLY_MODES,
             validate=validate_roi_params,
+            id_pairs=POOLED_ID_PAIRS,
+            sampling_view=sampling_view,
         )
     )
     implementation(_name, "reference", kind="reference", dtypes=tuple(ROI_TOLERANCES))(in_float64(
