@@ -216,6 +216,9 @@ class Implementation:
     known_inaccurate: Mapping[str, str] = dataclasses.field(default_factory=dict)
     description: str = ""
     source: str = ""  # the module that registered it (a plugin's, for outside ones)
+    # A baseline that computes a related operator on the same inputs (torchvision's
+    # roi_align for the deformable RoI pools): that operator's reference judges it.
+    judged_as: str = ""
 
     def forward(self, inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> Any:
         """Prepare and call once: the output tensor."""
@@ -292,12 +295,18 @@ def implementation(
     emulated_on: tuple[str, ...] = (),
     known_inaccurate: Mapping[str, str] | None = None,
     description: str | None = None,
+    judged_as: str = "",
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``prepare(inputs, params) -> call`` as an implementation
     of the registered operator ``op``; ``description`` defaults to the first line of
-    its docstring."""
+    its docstring. ``judged_as`` names the related operator a baseline computes
+    (its reference judges the rows; the row's case stays ``op``'s, so speedups
+    join)."""
     if kind not in IMPL_KINDS:
         raise RegistryError(f"implementation kind must be one of {IMPL_KINDS}, got {kind!r}")
+    if judged_as and kind != "baseline":
+        raise RegistryError(f"{op}/{name}: only a baseline may be judged as another operator "
+                            f"({judged_as!r}), not a {kind}")
     if known_inaccurate and kind != "peer":
         raise RegistryError(
             f"{op}/{name}: only peers may declare known_inaccurate dtypes, not a {kind}"
@@ -327,6 +336,7 @@ def implementation(
             known_inaccurate=dict(known_inaccurate or {}),
             description=description or (fn.__doc__ or "").strip().split("\n")[0],
             source=getattr(fn, "__module__", "") or "",
+            judged_as=judged_as,
         )
         return fn
 

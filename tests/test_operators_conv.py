@@ -48,9 +48,11 @@ def test_parameters_are_the_contracts():
 
 def test_implementations_and_baselines():
     kinds = {op: {impl.name: impl.kind for impl in implementations_of(op)} for op in CONV_OPS}
-    assert kinds["conv2d"] == {"reference": "reference", "pytorch": "baseline"}
+    # At least these: plugins may add more.
+    assert kinds["conv2d"].items() >= {"reference": "reference", "pytorch": "baseline"}.items()
     for op in DEFORM_OPS:
-        assert kinds[op] == {"reference": "reference", "torchvision": "peer", "cupy": "kernel"}
+        assert kinds[op].items() >= {"reference": "reference", "torchvision": "peer",
+                                     "cupy": "kernel"}.items()
         assert get_operator(op).baseline == "torchvision"
         assert get_implementation(op, "cupy").emulated_on == ("cpu",)
     assert get_operator("conv2d").baseline == "pytorch"

@@ -285,8 +285,9 @@ register_operator(
         backward_bytes=_backward_bytes,
         input_modes=PSROI_MODES,
         # torchvision's ps_roi_align computes this operator on a subset only
-        # (no_trans, group_size == pooled_size, samples inside the map).
-        baseline="cupy",
+        # (no_trans, group_size == pooled_size, samples inside the map): there the
+        # speedups are over it; elsewhere no peer computes it and there are none.
+        baseline="torchvision",
         forward_only_modes=FORWARD_ONLY_MODES,
         validate=validate_psroi_params,
         sampling_view=sampling_view,

@@ -59,6 +59,7 @@ from harness.operators.roi_align import (
     roi_arguments,
     roi_element_counts,
     round_to,
+    torchvision_roi_align,
     validate_roi_params,
 )
 from harness.registry import (
@@ -245,9 +246,10 @@ for _name, (_modulated, _summary) in DEFORM_ROI_OPERATORS.items():
             backward_flops=_backward_flops,
             backward_bytes=_backward_bytes,
             input_modes=DEFORM_ROI_MODES,
-            # No GPU peer computes this operator (mmcv is not a dependency):
-            # speedups are reported against our own kernel, i.e. not at all.
-            baseline="cupy",
+            # No peer computes this operator (mmcv is not a dependency): speedups are
+            # over torchvision's roi_align on the same input and RoIs, what a user
+            # pays for the deformation over plain RoIAlign.
+            baseline="torchvision_roi_align",
             forward_only_modes=FORWARD_ONLY_MODES,
             validate=validate_roi_params,
             id_pairs=POOLED_ID_PAIRS,
@@ -257,6 +259,12 @@ for _name, (_modulated, _summary) in DEFORM_ROI_OPERATORS.items():
     implementation(_name, "reference", kind="reference", dtypes=tuple(ROI_TOLERANCES))(in_float64(
         _prepare(lambda _op=_name: getattr(reference_ops, _op), _modulated,
                  f"kernels.reference.deform_roi_pool.{_name}: plain PyTorch from the contract, in float64.")))
+    # float32 only: a baseline cannot be known-inaccurate, and torchvision's half is.
+    implementation(_name, "torchvision_roi_align", kind="baseline", dtypes=("float32",),
+                   judged_as="roi_align",
+                   description="torchvision.ops.roi_align(aligned=True) on the same input and "
+                               "RoIs, offsets (and mask) left out: the baseline, judged as "
+                               "roi_align")(torchvision_roi_align)
     implementation(_name, "cupy", kind="kernel", dtypes=KERNEL_DTYPES,
                    available=kernel_availability("kernels.ops.deform_roi_pool"), emulated_on=("cpu",),
                    description=f"kernels.ops.deform_roi_pool.{_name}: our CuPy kernels (CPU: the emulator).")(
