@@ -258,9 +258,12 @@ def _named(case_run: CaseRun, direction: str, produced: Any) -> dict[str, torch.
 
 
 def _verdict(case_run: CaseRun, direction: str, tensors: dict[str, torch.Tensor]):
-    case, dtype = case_run.case, registry.DTYPES[case_run.case.dtype]
+    case = case_run.case
     refs = {"output": case_run.ref_output} if direction == "forward" else case_run.ref_grads
-    errors = {name: checking.measure(tensors[name], ref, dtype, name) for name, ref in refs.items()}
+    errors = {name: checking.measure(tensors[name], ref,
+                                     registry.DTYPES[case.op.expected_dtype(name, case.dtype)],
+                                     name)
+              for name, ref in refs.items()}
     tol = case.op.tolerance(case.dtype, direction)
     return errors, tol, checking.judge(errors, tol)
 

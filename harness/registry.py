@@ -93,6 +93,7 @@ class Operator:
     gradients when they need other bounds than ``tolerances`` (longer sums,
     atomics); without it the gradients are judged by ``tolerances``.
     ``baseline`` names the implementation speedups are measured against,
+    ``output_dtype`` the dtype each produced tensor must have,
     ``id_keys`` / ``id_pairs`` how the case id writes the parameters and
     ``sampling_view`` draws a saved case (``harness.sampling``): what is
     particular to an operator is declared here, never in the harness core.
@@ -122,6 +123,13 @@ class Operator:
     # The view of where one output samples its input (reports' sampling page), from a
     # saved case's params and arrays; None for an operator without one.
     sampling_view: Callable[[Mapping[str, Any], Mapping[str, Any]], Any] | None = None
+    # The dtype (name) an implementation must return for tensor ``name`` ("output",
+    # "grad_<input>") of a case at ``dtype``; None: the case's dtype, for every tensor.
+    output_dtype: Callable[[str, str], str] | None = None
+
+    def expected_dtype(self, tensor: str, dtype: str) -> str:
+        """The dtype an implementation's ``tensor`` must have in a case at ``dtype``."""
+        return dtype if self.output_dtype is None else self.output_dtype(tensor, dtype)
 
     def tolerance(self, dtype: str, direction: str) -> Tolerance:
         """The bounds that judge ``direction`` ("forward" or "backward") at ``dtype``."""

@@ -405,9 +405,6 @@ def test_case_save_writes_the_contract_names(tmp_path, op, params, names):
 def test_the_roi_align_baseline_is_judged_by_roi_align(op):
     """torchvision's roi_align leaves the offsets out: right as roi_align (its rows pass,
     gradients too), wrong as the deformable op (judged by that reference, it fails)."""
-    from harness import execution
-    from harness.cases import make_case
-
     case = make_case(get_operator(op), {}, "float32", "random")
     case_run = execution.prepare(case, "cpu", seed=3, backward=True)
     baseline = get_implementation(op, "torchvision_roi_align")
