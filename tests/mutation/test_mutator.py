@@ -18,7 +18,7 @@ template <typename scalar_t>
 __global__ void k(float* out, const float* in, int height, int width) {
     const char* s = "x < y";
     for (int p = 0; p < height; ++p) {
-        if (in[p] >= 0.f && p != width) atomicAdd(out + p, in[p] * 2.f);
+        if (in[p] >= 0.f && p != width || p == 0) atomicAdd(out + p, in[p] * 2.f);
     }
     __syncthreads();
     const float y = floorf(in[0]) + static_cast<float>(width) - 1;
@@ -48,8 +48,8 @@ def test_directive_continuations_are_blanked():
 
 KNOWN_CHANGES = {
     "relational": [(6, " < ", " <= "), (7, " >= ", " > ")],
-    "equality": [(7, " != ", " == ")],
-    "logical": [(7, " && ", " || ")],
+    "equality": [(7, " == ", " != "), (7, " != ", " == ")],
+    "logical": [(7, " && ", " || "), (7, " || ", " && ")],
     "arithmetic": [(7, " + ", " - "), (10, " + ", " - "), (10, " - ", " + ")],
     "bound": [(6, "height", "height - 1"), (6, "height", "height + 1"), (6, "0", "1"),
               (10, " - 1", "")],
@@ -75,7 +75,7 @@ def test_apply_changes_only_the_span_and_refuses_a_changed_file():
     assert mutated.replace("*(out + p) += in[p] * 2.f", "atomicAdd(out + p, in[p] * 2.f)") \
         == SNIPPET
     assert atomic.key == (
-        "if (in[p] >= 0.f && p != width) [[atomicAdd(out + p, in[p] * 2.f)=>"
+        "if (in[p] >= 0.f && p != width || p == 0) [[atomicAdd(out + p, in[p] * 2.f)=>"
         "*(out + p) += in[p] * 2.f]];"
     )
     with pytest.raises(ValueError, match="line 7 no longer holds"):
@@ -120,7 +120,8 @@ def test_every_kernel_file_has_its_operators_tests():
     compile it: a header to every includer's operators."""
     subsets = run_mutants.tests_by_file()
     assert set(subsets) == {p.name for p in KERNEL_FILES}
-    assert "tests/test_deform_conv2d.py" in subsets["deform_conv2d.cu"]
+    assert {"tests/test_deform_conv2d.py", "tests/test_deform_conv2d_edges.py"} \
+        <= set(subsets["deform_conv2d.cu"])
     assert "tests/test_deform_roi_pool.py" not in subsets["deform_psroi_pool.cu"]
     assert "tests/test_dcnv4.py" in subsets["dcnv3_common.cuh"]
     assert {"tests/test_dcnv3.py", "tests/test_deform_conv2d.py",
