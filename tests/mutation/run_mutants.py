@@ -2,6 +2,7 @@
 
     python tests/mutation/run_mutants.py [--out DIR] [--per-operator N] [--jobs J]
                                          [--files NAME ...] [--fail-under PERCENT]
+                                         [--survivors-of MUTANTS_JSON]
 
 Every ``.cu`` / ``.cuh`` file of ``kernels/cuda`` gets the single-change mutants
 of ``mutator.py``; each mutant is built and run against the tests of the
@@ -323,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--files", nargs="*", help="only these kernels/cuda files")
     parser.add_argument("--fail-under", type=float, default=95.0)
+    parser.add_argument("--survivors-of", type=Path, metavar="MUTANTS_JSON",
+                        help="run only the survivors of an earlier report (after new tests)")
     args = parser.parse_args(argv)
 
     started = time.monotonic()
@@ -337,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no tests compile {', '.join(untested)}", file=sys.stderr)
         return 2
     equivalents = equivalent_mutants()
+    survivors = None
+    if args.survivors_of:
+        earlier = json.loads(args.survivors_of.read_text())["mutants"]
+        survivors = {(r["file"], r["key"]) for r in earlier if r["outcome"] == "survived"}
     plan, listed = [], []
     for file in subsets:
         found = mutator.mutants((CUDA_DIR / file).read_text())
@@ -344,7 +351,12 @@ def main(argv: list[str] | None = None) -> int:
         listed += [{"file": f, "mutant": k, "reason": r, "present": k in keys}
                    for (f, k), r in equivalents.items() if f == file]
         runnable = [m for m in found if (file, m.key) not in equivalents]
-        plan += [(file, m) for m in select(runnable, args.per_operator)]
+        if survivors is None:
+            plan += [(file, m) for m in select(runnable, args.per_operator)]
+        else:
+            plan += [(file, m) for m in runnable if (file, m.key) in survivors]
+    if survivors is not None:
+        subsets = {f: t for f, t in subsets.items() if any(f == file for file, _ in plan)}
 
     with tempfile.TemporaryDirectory(prefix="dcnbench-mutants-") as scratch:
         scratch = Path(scratch)
