@@ -46,6 +46,9 @@ SCATTER_HEAVY = {
     "group_channels": 16,
     "K": 48,
 }
+# More cases where a declaration has the parameters: D = 6 sends the vectorized
+# DCNv3 design down its scalar path (no 16-byte vectors: scalar atomics).
+VARIANTS = {"": {}, "D6": {"group_channels": 6}}
 # Blocks the backward of every kernel must launch on such a case at least.
 MIN_BLOCKS = 4
 
@@ -68,21 +71,25 @@ def kernel_implementations() -> list[registry.Implementation]:
             if impl.kind == "kernel" and impl.has_backward and "cpu" in impl.emulated_on]
 
 
-IMPLEMENTATIONS = kernel_implementations()
-# kernels.ops module / operator / implementation: tests/mutation/run_mutants.py
-# picks the racecheck runs of a kernel file's operators by the module.
-IDS = [f"{kernel_module(impl)}/{impl.op}/{impl.name}" for impl in IMPLEMENTATIONS]
-
-
-def scatter_heavy_case(op: str, seed: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:
+def scatter_heavy_case(op: str, variant: str = "", seed: int = 0
+                       ) -> tuple[dict, dict[str, torch.Tensor]]:
     """(params, float32 CPU inputs) of operator ``op``: its declaration's
-    defaults with ``SCATTER_HEAVY`` applied where it has those parameters, and
-    its own ``random`` input generator."""
+    defaults with ``SCATTER_HEAVY`` and ``VARIANTS[variant]`` applied where it
+    has those parameters, and its own ``random`` input generator."""
     operator = registry.get_operator(op)
-    params = operator.resolve({k: v for k, v in SCATTER_HEAVY.items() if k in operator.params})
+    overrides = {**SCATTER_HEAVY, **VARIANTS[variant]}
+    params = operator.resolve({k: v for k, v in overrides.items() if k in operator.params})
     generator = torch.Generator().manual_seed(seed)
     inputs = operator.make_inputs(params, torch.float32, "cpu", generator, "random")
     return params, inputs
+
+
+RUNS = [(impl, variant) for impl in kernel_implementations() for variant, extra in VARIANTS.items()
+        if set(extra) <= set(registry.get_operator(impl.op).params)]
+# kernels.ops module / operator / implementation [/ variant]: tests/mutation/run_mutants.py
+# picks the racecheck runs of a kernel file's operators by the module.
+IDS = ["/".join(filter(None, (kernel_module(impl), impl.op, impl.name, variant)))
+       for impl, variant in RUNS]
 
 
 def forward_and_backward(implementation: registry.Implementation, params: dict,
@@ -99,8 +106,8 @@ def forward_and_backward(implementation: registry.Implementation, params: dict,
     return list(torch.autograd.grad(out, wanted, grad_output))
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS, ids=IDS)
-def test_cases_scatter_from_many_blocks(monkeypatch, implementation):
+@pytest.mark.parametrize("implementation, variant", RUNS, ids=IDS)
+def test_cases_scatter_from_many_blocks(monkeypatch, implementation, variant):
     """On its scatter-heavy case every backward launch of the implementation
     has at least MIN_BLOCKS blocks (of one image: N = 1), so a racecheck run
     sees blocks collide, not just threads of one block."""
@@ -113,7 +120,7 @@ def test_cases_scatter_from_many_blocks(monkeypatch, implementation):
         return call(self, grid, block, args, shared_mem)
 
     monkeypatch.setattr(launch.Kernel, "__call__", counting)
-    params, inputs = scatter_heavy_case(implementation.op)
+    params, inputs = scatter_heavy_case(implementation.op, variant)
     assert params.get("N", 1) == 1
     grads = forward_and_backward(implementation, params, inputs)
     assert grads and all(torch.isfinite(g).all() for g in grads)
@@ -125,11 +132,11 @@ def test_cases_scatter_from_many_blocks(monkeypatch, implementation):
 
 
 @pytest.mark.skipif(RACECHECK_MISSING is not None, reason=str(RACECHECK_MISSING))
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS, ids=IDS)
-def test_backward_has_no_race(monkeypatch, implementation):
+@pytest.mark.parametrize("implementation, variant", RUNS, ids=IDS)
+def test_backward_has_no_race(monkeypatch, implementation, variant):
     """Forward and backward under DCNBENCH_EMULATOR_MODE=racecheck: a race
     raises, naming the kernel, the buffer, the element and both threads."""
-    params, inputs = scatter_heavy_case(implementation.op)
+    params, inputs = scatter_heavy_case(implementation.op, variant)
     monkeypatch.setenv("DCNBENCH_EMULATOR_MODE", "racecheck")
     grads = forward_and_backward(implementation, params, inputs)
     assert all(torch.isfinite(g).all() for g in grads)
