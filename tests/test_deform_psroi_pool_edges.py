@@ -90,6 +90,34 @@ def test_samples_exactly_on_the_counting_borders(no_trans):
 
 
 # --------------------------------------------------------------------------- #
+# RoI corners rounded by C's round: halves away from zero.
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("no_trans", [False, True], ids=["trans", "no_trans"])
+def test_roi_corners_on_halves_round_away_from_zero(no_trans):
+    """Every corner of these RoIs is an even integer plus a half (-2.5, 0.5,
+    2.5, ...), where C's round (away from zero) and rounding half to even
+    differ by a whole pixel: x1, y1, x2 and y2 each move the samples."""
+    generator = torch.Generator().manual_seed(54)
+    N, C, H, W = 2, 4, 9, 10
+    rois = torch.tensor([
+        [0, 0.5, 2.5, 4.5, 6.5],
+        [1, 2.5, 0.5, 6.5, 4.5],
+        [0, -0.5, 4.5, 2.5, 8.5],
+        [1, 4.5, -2.5, 8.5, 2.5],
+    ])  # fmt: skip
+    inputs = {
+        "input": torch.randn(N, C, H, W, generator=generator),
+        "rois": rois,
+        "trans": torch.rand(len(rois), 2, 2, 2, generator=generator) * 2 - 1,
+    }
+    params = params_of(output_dim=C, group_size=1, pooled_size=2, sample_per_part=2,
+                       trans_std=0.0917, no_trans=no_trans)
+    check_against_reference(inputs, params)
+
+
+# --------------------------------------------------------------------------- #
 # Channel slices that end inside a class.
 # --------------------------------------------------------------------------- #
 
