@@ -1,7 +1,8 @@
 """nox sessions: `tests` (CPU, what CI runs), `lint`, `bench` (the default suite on this
 machine's device, then the report), `report` (the site of every run under results/),
-`nightly` (the GPU suites, compared with the last stored run of the same device, then
-the report) and `gpu` (GPU tests and suites, for GPU hosts)."""
+`mutants` (mutation testing of kernels/cuda, CPU), `nightly` (the GPU suites, compared
+with the last stored run of the same device, then the mutants and the report) and `gpu`
+(GPU tests and suites, for GPU hosts)."""
 
 import json
 from pathlib import Path
@@ -43,6 +44,18 @@ def lint(session: nox.Session) -> None:
 
 RESULTS = Path("results")
 SITE = Path("site")
+MUTANTS_REPORT = RESULTS / "local" / "mutants"
+
+
+@nox.session
+def mutants(session: nox.Session) -> None:
+    """Mutation testing of kernels/cuda (tests/mutation/run_mutants.py): every mutant of
+    a sample, in a temporary copy of the tree, against its operators' tests; the report
+    (score, survivors, equivalent mutants) goes to results/local/mutants/; fails when the
+    score is below 95 %. Arguments after -- go to the tool (--per-operator 0: every mutant)."""
+    install(session, "test")
+    session.run("python", "tests/mutation/run_mutants.py", "--out", str(MUTANTS_REPORT),
+                "--fail-under", "95", *session.posargs)
 
 
 def new_run_dir(suite: str) -> Path:
@@ -113,7 +126,8 @@ NIGHTLY_FAIL_ABOVE = "5"  # percent slower, beyond the noise, that fails the nig
 @nox.session
 def nightly(session: nox.Session) -> None:
     """The GPU suites, each compared with the last stored run of the same GPU and suite
-    (failing on a slowdown beyond 5 % with confidence), then the report."""
+    (failing on a slowdown beyond 5 % with confidence), the mutation testing of the
+    kernels (failing below a 95 % score), then the report."""
     install(session, "test,report")
     if not has_cuda(session):
         session.error("nightly: needs a CUDA GPU")
@@ -131,6 +145,9 @@ def nightly(session: nox.Session) -> None:
         elif not passes(session, "dcnbench", "compare", str(previous), str(run_dir),
                         "--fail-above", NIGHTLY_FAIL_ABOVE):
             failed.append(f"{suite}: slower than {previous.name}")
+    if not passes(session, "python", "tests/mutation/run_mutants.py", "--out",
+                  str(MUTANTS_REPORT), "--fail-under", "95"):
+        failed.append(f"mutation score below 95 % (see {MUTANTS_REPORT / 'mutants.md'})")
     build_report(session)
     if failed:
         session.error("; ".join(failed))
