@@ -346,15 +346,11 @@ def _check_torch_device(device: Any) -> None:
 
 def _torch_stream_class(gpu: EmulatedGpu) -> type:
     class Stream:
-        """``torch.cuda.Stream``: a made-up handle, the CUDA stream protocol."""
+        """``torch.cuda.Stream``: a made-up handle."""
 
         def __init__(self, device: Any = None, priority: int = 0, *, handle: int | None = None):
             _check_torch_device(device)
             self.cuda_stream = gpu.new_handle() if handle is None else handle
-            self.device_index = 0
-
-        def __cuda_stream__(self) -> tuple[int, int]:
-            return (0, self.cuda_stream)
 
         def __eq__(self, other: object) -> bool:
             return isinstance(other, Stream) and other.cuda_stream == self.cuda_stream
