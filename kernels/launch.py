@@ -206,7 +206,6 @@ class DeviceProperties:
 
 # The path CPU tensors take: "emulator" or "cupy" (see the module docstring).
 cpu_backend = "emulator"
-BACKENDS = ("emulator", "cupy")
 
 
 def _backend(device: torch.device) -> str:
