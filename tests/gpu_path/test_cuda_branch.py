@@ -141,3 +141,6 @@ def test_arguments_reach_the_kernel_as_cupy_packs_them(emulated_gpu):
         raw((1,), (256,), (*pointers, *([1] * 16), launch.float32(1.0)))
     with pytest.raises(TypeError, match="Unsupported type"):
         raw((1,), (256,), (x, offset, mask, out, *([launch.int32(1)] * 16), launch.float32(1.0)))
+    # A Python bool is an int to CuPy: 8 bytes for the kernel's `int remove_center`.
+    with pytest.raises(KernelArgumentError, match="argument 19 .* got numpy.int64"):
+        raw((1,), (256,), (*pointers, *([launch.int32(1)] * 15), True, launch.float32(1.0)))
