@@ -127,7 +127,7 @@ def steps(work: Path) -> list[Step]:
 
     kernels = "|".join(our_kernel_names())
     return [
-        Step("gpu-tests", 70, (
+        Step("gpu-tests", 90, (  # it pays CuPy's cold compiles (cached after)
             PY, "-m", "pytest", "-q", "-m", "gpu", "tests", "-p", "no:cacheprovider",
             "--maxfail=50", f"--junitxml={work / 'gpu-tests.xml'}",
             # The emulator, build-check, report and stand-in tests hold no GPU tests and
@@ -135,13 +135,13 @@ def steps(work: Path) -> list[Step]:
             "--ignore=tests/emulator", "--ignore=tests/test_build_check.py",
             "--ignore=tests/reports", "--ignore=tests/gpu_path")),
         Step("smoke", 25, timed("smoke")),
-        Step("resnet50-dcn", 40, timed("resnet50-dcn")),
+        Step("resnet50-dcn", 30, timed("resnet50-dcn")),
         # dtypes is resnet50-dcn in three dtypes: its float32 rows are the step above's.
         Step("dtypes", 25, timed("dtypes", "--dtype", "float16", "bfloat16")),
         Step("internimage-stages", 30, timed("internimage-stages")),
         Step("rfcn-dpsroi", 15, timed("rfcn-dpsroi")),
         Step("faster-rcnn-dpool", 15, timed("faster-rcnn-dpool")),
-        Step("torch-compile", 55, harness_run(
+        Step("torch-compile", 45, harness_run(
             "torch-compile", "--suite", "internimage-stages", "--impl", "torch_compile", *TIMING)),
         sanitizer("memcheck"),
         sanitizer("racecheck"),

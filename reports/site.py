@@ -25,7 +25,7 @@ import jinja2
 import numpy as np
 import pandas as pd
 
-from harness import compare, results
+from harness import compare, metrics, results
 from harness.results import DIRECTIONS, STATUSES
 from reports import figures, history, sampling
 
@@ -205,9 +205,16 @@ def _swept_axes(rows: pd.DataFrame) -> list[str]:
     return axes
 
 
+def _metric_columns(rows: pd.DataFrame) -> list[metrics.Metric]:
+    """The registered metrics some of ``rows`` have, beyond the median time itself: the
+    case table shows one column each."""
+    return [m for m in metrics.METRICS.values()
+            if m.name != "time_ms" and m.name in rows and rows[m.name].notna().any()]
+
+
 def _case_table(rows: pd.DataFrame) -> list[dict[str, Any]]:
     keep = ["case_id", "impl", "dtype", "direction", "mode", "status", "time_median_ms",
-            "time_iqr_ms", "speedup", "tflops", "gbps", "rel_l2", "tol_rel_l2"]
+            "time_iqr_ms", *(m.name for m in _metric_columns(rows)), "rel_l2", "tol_rel_l2"]
     table = rows[keep].sort_values(["case_id", "impl", "direction"])
     return table.replace({np.nan: None}).to_dict("records")
 
@@ -251,6 +258,7 @@ def _run_page(site: Site, run: Run, previous: Run | None, compare_path: str | No
         site.render(f"runs/{slug(run.run_id)}/{slug(op)}.html", "operator.html",
                     title=f"{op} · {run.run_id}", run=run, op=op, axes=axes, timed=timed,
                     figures=figs, cases=_case_table(rows[rows["op"] == op]),
+                    metric_columns=_metric_columns(rows[rows["op"] == op]),
                     run_path=f"../{slug(run.run_id)}.html")
 
 
