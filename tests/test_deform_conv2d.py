@@ -250,6 +250,42 @@ def test_zero_mask():
     check_against_reference(inputs, case.params(), torch.float32)
 
 
+def gradients(inputs: dict, params: dict, grad_output: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every gradient of ours, for ``grad_output``."""
+    leaves = {n: None if t is None else t.detach().clone().requires_grad_() for n, t in inputs.items()}
+    out = ours(leaves, params)
+    return torch.autograd.grad(out, [t for t in leaves.values() if t is not None], grad_output)
+
+
+@pytest.mark.usefixtures("deterministic_algorithms")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_deterministic_backward(monkeypatch, dtype):
+    """Under torch.use_deterministic_algorithms(True): as accurate, and the same bits twice
+    (one sample a chunk: one fixed-point accumulator, with its own scale, each)."""
+    monkeypatch.setattr(dcn, "WORKSPACE_BUDGET_BYTES", 1)
+    case = CASES["grouped_strided_dilated_2x3"]
+    inputs = make_inputs(case, dtype, modulated=True, seed=9)
+    check_against_reference(inputs, case.params(), dtype)
+    out_shape = (case.N, case.C_out, *case.out_size)
+    grad_output = torch.randn(out_shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    first = gradients(inputs, case.params(), grad_output)
+    second = gradients(inputs, case.params(), grad_output)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_deterministic_backward_takes_the_fixed_point_path(deterministic_algorithms):
+    """One NaN in grad_output: float atomics spread it to the inputs it samples,
+    the fixed-point sums (no NaN in fixed point) make all of grad_input NaN."""
+    case = CASES["basic"]
+    inputs = make_inputs(case, torch.float32, modulated=True, seed=10)
+    grad_output = torch.ones(case.N, case.C_out, *case.out_size)
+    grad_output[0, 0, 0, 0] = float("nan")
+    assert gradients(inputs, case.params(), grad_output)[0].isnan().all()
+    torch.use_deterministic_algorithms(False)
+    assert not gradients(inputs, case.params(), grad_output)[0].isnan().all()
+
+
 def border_offsets(case: Case, dtype: torch.dtype, seed: int) -> torch.Tensor:
     """Offsets that put samples exactly on B0's borders (y = -1, H - 1, H,
     halves next to them), on integer grid points and far outside."""

@@ -10,7 +10,9 @@ strided-batched cuBLAS GEMM per weight group (stride-0 weight batch) writes the
 output in place, bias fused as the GEMM's C operand.
 
 Backward, per chunk: the transposed-weight GEMM gives grad_columns, the fused
-``deform_col2im`` scatters grad_input (float32 atomics) and reduces
+``deform_col2im`` scatters grad_input (float32 atomics; under
+``torch.use_deterministic_algorithms(True)`` fixed-point int64 atomics, bit-
+reproducible, see ``kernels/determinism.py``) and reduces
 grad_offset / grad_mask; for grad_weight the columns are rebuilt (cheaper than
 keeping them from the forward) and multiplied by grad_output with a float32
 result; grad_bias is a float32 sum of grad_output. Only requested gradients are
@@ -36,7 +38,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kernels import launch
+from kernels import determinism, launch
 from kernels.checks import check_shape, check_tensor
 from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
 
@@ -283,8 +285,9 @@ def _launch_sampling_kernel(
     g: Geometry,
     samples: int,
     slicing: launch.Slicing,
-    tensors: Sequence[torch.Tensor],
+    tensors: Sequence[object],
 ) -> None:
+    """Launches ``kernel`` with ``tensors`` (pointer and scale arguments) then the geometry."""
     items = g.offset_groups * slicing.slices * g.taps * g.pixels
     geometry = (
         g.in_channels,
@@ -425,8 +428,11 @@ def _backward(
     # Per sample: the columns (reused: grad_columns, then the rebuilt
     # columns), the float32 grad_input accumulator for half types, and one
     # group's float32 grad_weight partial product.
+    deterministic = want_input and determinism.enabled()
     bytes_per_sample = g.in_channels * g.taps * g.pixels * input.element_size()
-    if want_input and dtype != torch.float32:
+    if deterministic:
+        bytes_per_sample += g.in_channels * g.height * g.width * 8
+    elif want_input and dtype != torch.float32:
         bytes_per_sample += g.in_channels * g.height * g.width * 4
     if want_weight:
         bytes_per_sample += group_out * g.group_columns * 4
@@ -438,9 +444,13 @@ def _backward(
     # float32, else into a per-chunk float32 buffer rounded once at the end of
     # the chunk (half-precision atomics would round at every one of the many
     # additions, and small contributions would vanish against large sums).
+    # Under torch.use_deterministic_algorithms(True): into per-chunk
+    # fixed-point sums instead (kernels/determinism.py).
     input_accumulator = None
     if not want_input:
         grad_input = empty()
+    elif deterministic:
+        grad_input = launch.new_output(input.shape, dtype, device)
     elif dtype == torch.float32:
         grad_input = torch.zeros_like(input)
     else:
@@ -471,8 +481,21 @@ def _backward(
             for group in range(g.groups):
                 w_t = weights[group].t().expand(samples, g.group_columns, group_out)
                 torch.bmm(w_t, grad_out_by_group[:, group], out=cols_by_group[:, group])
+            fixed_sums = None
+            fixed_args = determinism.FixedPointSum.unused(device)
             if not want_input:
                 accumulator = launch.null(torch.float32, device)  # the kernel skips the scatter
+            elif deterministic:
+                accumulator = launch.null(torch.float32, device)
+                # Each (tap, pixel) item adds at most one value (weight ≤ 1
+                # times mask times grad_column) to an input element.
+                fixed_sums = determinism.FixedPointSum(
+                    (samples, g.in_channels, g.height, g.width),
+                    device,
+                    max_abs=determinism.max_abs(cols) * determinism.max_abs(chunk_mask),
+                    max_addends=g.taps * g.pixels,
+                )
+                fixed_args = fixed_sums.kernel_args()
             elif input_accumulator is None:
                 accumulator = grad_input[start:stop]
             else:
@@ -502,11 +525,14 @@ def _backward(
                     kernel_mask,
                     cols,
                     accumulator,
+                    *fixed_args,
                     offset_partial,
                     mask_partial,
                 ),
             )
-            if input_accumulator is not None:
+            if fixed_sums is not None:
+                grad_input[start:stop].copy_(fixed_sums.result(torch.float32))
+            elif input_accumulator is not None:
                 grad_input[start:stop].copy_(accumulator)
             if want_offset:
                 grad_offset[start:stop].copy_(_sum_slices(offset_partial))
