@@ -45,17 +45,16 @@
 template <typename value_t>
 __device__ __forceinline__ void fixed_point_add(long long* sum, value_t value, double scale,
                                                 int* status) {
-    const double scaled = static_cast<double>(value) * scale;  // exact: scale is 2^e
-    if (!isfinite(scaled)) {
-        atomicOr(status, isfinite(static_cast<double>(value)) ? FIXED_POINT_OVERFLOW
-                                                               : FIXED_POINT_NONFINITE);
-        return;
-    }
+    const double v = static_cast<double>(value);
+    const double scaled = v * scale;  // exact: scale is 2^e
+    // One test for the common path (false for NaN too); v - v is NaN exactly
+    // for a NaN or infinite v. No isfinite / llrint: calls, which made ptxas
+    // spill the backwards on sm_80.
     if (!(fabs(scaled) < 4611686018427387904.0)) {  // 2^62
-        atomicOr(status, FIXED_POINT_OVERFLOW);
+        atomicOr(status, v - v == 0.0 ? FIXED_POINT_OVERFLOW : FIXED_POINT_NONFINITE);
         return;
     }
-    const unsigned long long addend = static_cast<unsigned long long>(llrint(scaled));
+    const unsigned long long addend = static_cast<unsigned long long>(__double2ll_rn(scaled));
     // CUDA has no signed 64-bit atomicAdd; two's complement makes the unsigned
     // one the same operation.
     const unsigned long long old =
