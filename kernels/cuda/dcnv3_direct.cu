@@ -55,14 +55,19 @@ __device__ __forceinline__ Slot slot_of(const dcnv3::Geometry& g, int batch) {
     return s;
 }
 
+// Minimum blocks per SM in the launch bounds: `common` for the storage types
+// computing in float32, 2 (<= 128 registers) for double, whose values take two
+// registers each.
+template <typename scalar_t, int common>
+constexpr int MIN_BLOCKS = sizeof(scalar_t) == 8 ? 2 : common;
+
 }  // namespace
 
 // output[pixel, g*D + d] = sum_p m(g, p) * B0(input[n, :, :, g*D + d], y_p, x_p).
 // offset / mask: see dcnv3::Layout (FUSED_OFFSET_MASK: both point at offset_mask).
-// double: at least 2 blocks per SM (<= 128 registers); left to itself ptxas
-// picked 64 and spilled for the fused layout.
+// double: left to itself ptxas picked 64 registers and spilled for the fused layout.
 template <typename scalar_t, int MODULATION>
-__global__ void __launch_bounds__(DCNV3_BLOCK_SIZE, sizeof(scalar_t) == 8 ? 2 : 1)
+__global__ void __launch_bounds__(DCNV3_BLOCK_SIZE, MIN_BLOCKS<scalar_t, 1>)
 dcnv3_direct_forward(const scalar_t* __restrict__ input,  // [N, H, W, G*D]
                      const scalar_t* __restrict__ offset,
                      const scalar_t* __restrict__ mask,
@@ -110,10 +115,9 @@ dcnv3_direct_forward(const scalar_t* __restrict__ input,  // [N, H, W, G*D]
 //  are not written). With SOFTMAX_MASK grad_mask is the logits' gradient.
 // At least 4 blocks per SM (<= 64 registers): without it ptxas picked 48
 // registers and spilled for the softmax half / bfloat16 instantiations on
-// sm_80 once the fixed-point path was in. 2 for double (<= 128 registers),
-// whose values take two registers each.
+// sm_80 once the fixed-point path was in.
 template <typename scalar_t, int MODULATION>
-__global__ void __launch_bounds__(DCNV3_BLOCK_SIZE, sizeof(scalar_t) == 8 ? 2 : 4)
+__global__ void __launch_bounds__(DCNV3_BLOCK_SIZE, MIN_BLOCKS<scalar_t, 4>)
 dcnv3_direct_backward(const scalar_t* __restrict__ input,        // [N, H, W, G*D]
                       const scalar_t* __restrict__ offset,
                       const scalar_t* __restrict__ mask,
