@@ -98,3 +98,14 @@ def test_gradcheck_of_the_layer_on_the_emulated_kernels():
         weight.requires_grad_(False)
     x = _input(3, 4)[:1].requires_grad_()
     assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("design", ops.DESIGNS)
+def test_an_empty_batch_through_the_layer(design):
+    """N = 0: an empty output and zero gradients for every weight, as the reference core's."""
+    layer = _layer(2, 1, functools.partial(ops.dcnv3, design=design)).float()
+    out = layer(_input()[:0].float())
+    assert out.shape == (0, 4, 3, CHANNELS)
+    out.sum().backward()
+    for name, weight in layer.weights.items():
+        assert weight.grad is not None and not weight.grad.any(), name
