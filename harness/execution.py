@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from harness import checking, metrics, nvml, registry, timing
+from harness import checking, determinism, metrics, nvml, registry, timing
 from harness.cases import Case
 from harness.results import Row, encode_samples
 from harness.timing import Measurement, TimingConfig
@@ -221,6 +221,10 @@ def run(case_run: CaseRun, impl: registry.Implementation, direction: str,
                 for name, value in fields().items():
                     setattr(row, name, value)
             _judge(row, case_run, impl, direction, tensors)
+            if direction == "backward":
+                row.deterministic = determinism.backward_is_reproducible(
+                    impl.forward, case_run.inputs, case.params, case_run.differentiable,
+                    case_run.grad_output)
         except Exception as exc:  # one implementation's failure must not stop the sweep
             return record_error(row, exc), {}
         if timing_config is None:

@@ -64,6 +64,7 @@ class Row:
     tol_rel_l2: float | None = None
     tol_max_abs: float | None = None
     tensors: dict[str, dict[str, float]] | None = None
+    deterministic: bool | None = None
     timing_skipped: str | None = None
     timer: str | None = None  # the method that timed the row (harness.timing.METHODS)
     timing_note: str | None = None  # why a fallback method timed it

@@ -26,7 +26,7 @@ from kernels.reference import dcnv3 as reference
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Relative L2 bound per dtype: a few units of the dtype's rounding (inputs are
 # already rounded, outputs and gradients are rounded once; all sums float32).
-REL_L2 = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 5e-3}
+REL_L2 = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 5e-3, torch.float64: 1e-13}
 MAX_ABS = {dtype: 2 * bound for dtype, bound in REL_L2.items()}
 # The operator variants the kernels are instantiated for.
 KINDS = ("dcnv3", "dcnv3_softmax", "dcnv4")
@@ -248,6 +248,121 @@ def test_input_gradient_not_requested(design):
     )
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("design", ops.DESIGNS)
+@pytest.mark.parametrize("case_name", ["basic_3x3", "5x5_remove_center_D24"])
+def test_float64_kernels(case_name, design, kind):
+    """The float64 instantiations compute in double: the reference's numbers to 1e-13."""
+    case = CASES[case_name]
+    inputs = make_inputs(case, kind, torch.float64)
+    check_against_reference(kind, inputs, case.params(), design, torch.float64)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("design", ops.DESIGNS)
+def test_gradcheck_on_the_emulated_kernels(design, kind):
+    """torch.autograd.gradcheck (float64, as InternImage's and DCNv4's tests run it) on
+    every input of both designs' kernels, sampling points away from B0's kinks."""
+    case = Case(N=1, H=3, W=4, group=2, group_channels=3, offset_scale=2.0)
+    inputs = make_inputs(case, kind, torch.float64, seed=8)
+    names = list(inputs)
+
+    def function(*tensors):
+        return run_ours(kind, dict(zip(names, tensors, strict=True)), case.params(), design)
+
+    leaves = [inputs[n].requires_grad_() for n in names]
+    assert torch.autograd.gradcheck(function, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def gradients(kind: str, inputs: dict, params: dict, design: str, grad_output) -> tuple:
+    """Every gradient of ours, for ``grad_output``."""
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()}
+    out = run_ours(kind, leaves, params, design)
+    return torch.autograd.grad(out, list(leaves.values()), grad_output)
+
+
+@pytest.mark.usefixtures("deterministic_algorithms")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("design", ops.DESIGNS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_id)
+def test_deterministic_backward(dtype, design, kind):
+    """Under torch.use_deterministic_algorithms(True): as accurate, and the same bits twice."""
+    case = CASES["3x5_stride2_dilation2_G3_D16"]
+    inputs = make_inputs(case, kind, dtype, seed=2)
+    check_against_reference(kind, inputs, case.params(), design, dtype)
+    out_h, out_w = case.geometry.output_size(case.H, case.W)
+    grad_output = torch.randn(
+        case.N, out_h, out_w, case.group * case.group_channels,
+        generator=torch.Generator().manual_seed(3),
+    ).to(dtype)  # fmt: skip
+    first = gradients(kind, inputs, case.params(), design, grad_output)
+    second = gradients(kind, inputs, case.params(), design, grad_output)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("design", ops.DESIGNS)
+def test_deterministic_backward_takes_the_fixed_point_path(design, deterministic_algorithms):
+    """One NaN in grad_output: float atomics spread it to the inputs it samples,
+    the fixed-point sums (no NaN in fixed point) make all of grad_input NaN."""
+    case = CASES["basic_3x3"]
+    inputs = make_inputs(case, "dcnv4", torch.float32, seed=4)
+    grad_output = torch.ones(case.N, case.H, case.W, case.group * case.group_channels)
+    grad_output[0, 0, 0, 0] = float("nan")
+    assert gradients("dcnv4", inputs, case.params(), design, grad_output)[0].isnan().all()
+    torch.use_deterministic_algorithms(False)
+    assert not gradients("dcnv4", inputs, case.params(), design, grad_output)[0].isnan().all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("design", ops.DESIGNS)
+@pytest.mark.parametrize("N, group_channels", [(0, 8), (2, 0)], ids=["batch_0", "no_channels"])
+def test_empty_batch_and_channels(N, group_channels, design, kind):
+    """An empty output and zero gradients of the right shapes, as the reference's."""
+    case = dataclasses.replace(CASES["basic_3x3"], N=N, group_channels=group_channels)
+    inputs = make_inputs(case, kind, torch.float32)
+    leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    references = {n: t.double().requires_grad_() for n, t in inputs.items()}
+    out = run_ours(kind, leaves, case.params(), design)
+    expected = run_reference(kind, references, case.params())
+    assert out.shape == expected.shape == (N, case.H, case.W, case.group * group_channels)
+    grads = torch.autograd.grad(out, list(leaves.values()), torch.ones(out.shape))
+    expected_grads = torch.autograd.grad(
+        expected, list(references.values()), torch.ones(out.shape, dtype=torch.float64)
+    )
+    for name, grad, expected_grad in zip(leaves, grads, expected_grads, strict=True):
+        assert grad.shape == inputs[name].shape and not grad.isnan().any(), name
+        assert torch.equal(grad.double(), expected_grad), name
+        assert not grad.any(), name
+
+
+@pytest.mark.usefixtures("deterministic_algorithms")  # bitwise-comparable grad_input
+@pytest.mark.parametrize("design", ops.DESIGNS)
+def test_non_contiguous_and_channels_last_strided_inputs(design):
+    """A permuted NCHW input, a sliced offset and a transposed-memory mask are
+    copied to dense channels-last: the same bits as contiguous ones, gradients
+    included; the reference takes them as they are."""
+    case = CASES["basic_3x3"]
+    inputs = make_inputs(case, "dcnv3_softmax", torch.float32, seed=5)
+    strided = {
+        "input": inputs["input"].permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1),
+        "offset": torch.cat((inputs["offset"], inputs["offset"]), dim=-1)[..., : inputs["offset"].shape[-1]],
+        "mask": inputs["mask"].transpose(1, 2).contiguous().transpose(1, 2),
+    }  # fmt: skip
+    assert not any(t.is_contiguous() for t in strided.values())
+    for name, t in strided.items():
+        assert torch.equal(t, inputs[name]), name
+    grad_output = torch.randn(2, case.H, case.W, 16, generator=torch.Generator().manual_seed(6))
+    expected = gradients("dcnv3_softmax", inputs, case.params(), design, grad_output)
+    got = gradients("dcnv3_softmax", strided, case.params(), design, grad_output)
+    for name, a, b in zip(inputs, got, expected, strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(
+        run_reference("dcnv3_softmax", strided, case.params()),
+        run_reference("dcnv3_softmax", inputs, case.params()),
+    )
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=dtype_id)
 def test_misaligned_input_takes_the_scalar_path(dtype):
     """A contiguous input whose data is not 16-byte aligned (a view one element
@@ -314,11 +429,6 @@ def _bad(**changes):
     return {**arguments, **changes}
 
 
-def _non_channels_last():
-    nchw = make_inputs(CASES["basic_3x3"], "dcnv3", torch.float32)["input"].permute(0, 3, 1, 2)
-    return nchw.contiguous().permute(0, 2, 3, 1)  # NHWC shape, NCHW memory
-
-
 BAD_ARGUMENTS = {
     "channels_not_group_times_group_channels": (
         _bad(group_channels=7),
@@ -341,15 +451,10 @@ BAD_ARGUMENTS = {
         r"offset must have shape .*\(2, 5, 6, 36\)",
     ),
     "input_not_4d": (_bad(input=torch.zeros(5, 6, 16)), ValueError, r"input must be 4-D"),
-    "input_not_channels_last": (
-        _bad(input=_non_channels_last()),
+    "group_channels_negative": (
+        _bad(group_channels=-1),
         ValueError,
-        r"input must be contiguous channels-last",
-    ),
-    "offset_not_contiguous": (
-        _bad(offset=torch.zeros(2, 5, 6, 72)[..., ::2]),
-        ValueError,
-        r"offset must be contiguous",
+        r"group_channels must be >= 0, got -1",
     ),
     "mask_dtype": (
         _bad(mask=torch.zeros(2, 5, 6, 18, dtype=torch.float16)),
@@ -357,9 +462,9 @@ BAD_ARGUMENTS = {
         r"mask must be torch.float32 .* got torch.float16",
     ),
     "unsupported_dtype": (
-        _bad(input=torch.zeros(2, 5, 6, 16, dtype=torch.float64)),
+        _bad(input=torch.zeros(2, 5, 6, 16, dtype=torch.int32)),
         TypeError,
-        r"input has dtype torch.float64",
+        r"input has dtype torch.int32; supported: .*torch.float64",
     ),
     "mask_device": (
         _bad(mask=torch.zeros(2, 5, 6, 18, device="meta")),

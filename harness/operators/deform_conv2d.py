@@ -325,7 +325,9 @@ def _register_implementations(op: str, modulated: bool) -> None:
                    known_inaccurate={"float16": TORCHVISION_HALF},
                    description=f"torchvision.ops.deform_conv2d{with_mask}, in the case's dtype.")(
         _prepare_torchvision)
-    implementation(op, "cupy", kind="kernel", dtypes=KERNEL_DTYPES, available=kernel_availability("kernels.ops.deform_conv2d"),
+    # float64 too: the kernels' double instantiations (for gradcheck).
+    implementation(op, "cupy", kind="kernel", dtypes=(*KERNEL_DTYPES, "float64"),
+                   available=kernel_availability("kernels.ops.deform_conv2d"),
                    emulated_on=("cpu",),
                    description=f"kernels.ops.deform_conv2d.{op}: our CuPy kernels (CPU: the emulator).")(
         _prepare_kernel)

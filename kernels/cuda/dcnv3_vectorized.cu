@@ -18,7 +18,8 @@
 // gives the totals, lane 0 writes them once (no atomics). grad_input by
 // float32 atomics into a float32 buffer (taps of many pixels hit the same
 // input pixel; half / bfloat16 atomics would round every add), 16-byte
-// vector atomics on sm_90. Lanes of
+// vector atomics on sm_90; or, with grad_input_fixed, the order-independent
+// fixed-point atomics of deterministic_atomics.cuh, one per channel. Lanes of
 // items past the end run the tap loop without loading anything, so every
 // shuffle sees the whole warp.
 
@@ -49,8 +50,9 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_bits<__nv_bfloat16>(un
     return __ushort_as_bfloat16(static_cast<unsigned short>(bits));
 }
 
-template <typename scalar_t, int VEC>
-__device__ __forceinline__ void load_vector(const scalar_t* from, float (&to)[VEC]) {
+// real = acc_t<scalar_t> (double for float64, whose VEC is 1: the scalar loop).
+template <typename scalar_t, int VEC, typename real>
+__device__ __forceinline__ void load_vector(const scalar_t* from, real (&to)[VEC]) {
     if constexpr (VEC * sizeof(scalar_t) == 16) {
         constexpr int PER_WORD = 4 / sizeof(scalar_t);
         const uint4 raw = *reinterpret_cast<const uint4*>(from);
@@ -61,12 +63,12 @@ __device__ __forceinline__ void load_vector(const scalar_t* from, float (&to)[VE
                 from_bits<scalar_t>(word[k / PER_WORD] >> (16 * (k % PER_WORD))));
     } else {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) to[k] = to_float(from[k]);
+        for (int k = 0; k < VEC; ++k) to[k] = to_acc(from[k]);
     }
 }
 
-template <typename scalar_t, int VEC>
-__device__ __forceinline__ void store_vector(scalar_t* to, const float (&from)[VEC]) {
+template <typename scalar_t, int VEC, typename real>
+__device__ __forceinline__ void store_vector(scalar_t* to, const real (&from)[VEC]) {
     if constexpr (VEC * sizeof(scalar_t) == 16) {
         constexpr int PER_WORD = 4 / sizeof(scalar_t);
         unsigned word[4] = {0u, 0u, 0u, 0u};
@@ -77,30 +79,37 @@ __device__ __forceinline__ void store_vector(scalar_t* to, const float (&from)[V
         *reinterpret_cast<uint4*>(to) = make_uint4(word[0], word[1], word[2], word[3]);
     } else {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) to[k] = from_float<scalar_t>(from[k]);
+        for (int k = 0; k < VEC; ++k) to[k] = from_acc<scalar_t>(from[k]);
     }
 }
 
-// to[k] += w * grad[k] for the VEC channels of a vector (float32 atomics).
-// sm_90 has 16-byte vector atomics: a quarter of the atomic instructions.
-// Aligned: the buffer is a fresh allocation and the vector's first channel
-// index is a multiple of VEC.
-template <int VEC>
-__device__ __forceinline__ void scatter_vector(float* to, float w, const float (&grad)[VEC]) {
+// to[at + k] += w * grad[k] for the VEC channels of a vector. Float32
+// atomics on sm_90 use its 16-byte vector atomics: a quarter of the atomic
+// instructions (aligned: the buffer is a fresh allocation and the vector's
+// first channel index is a multiple of VEC). Fixed point has no vector
+// atomic: one per channel.
+template <int VEC, typename real>
+__device__ __forceinline__ void scatter_vector(ScatterAdd<real> to, long long at, real w,
+                                               const real (&grad)[VEC]) {
 #if __CUDA_ARCH__ >= 900
-    constexpr bool VECTOR_ATOMICS = VEC % 4 == 0;
+    constexpr bool VECTOR_ATOMICS = VEC % 4 == 0 && sizeof(real) == 4;
 #else
     constexpr bool VECTOR_ATOMICS = false;
 #endif
     if constexpr (VECTOR_ATOMICS) {
+        if (to.fixed == nullptr) {
 #pragma unroll
-        for (int k = 0; k < VEC; k += 4)
-            atomicAdd(reinterpret_cast<float4*>(to + k),
-                      make_float4(w * grad[k], w * grad[k + 1], w * grad[k + 2], w * grad[k + 3]));
-    } else {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) atomicAdd(to + k, w * grad[k]);
+            for (int k = 0; k < VEC; k += 4) {
+                DCNBENCH_COUNT_ATOMIC(0);
+                atomicAdd(reinterpret_cast<float4*>(to.values + at + k),
+                          make_float4(w * grad[k], w * grad[k + 1], w * grad[k + 2],
+                                      w * grad[k + 3]));
+            }
+            return;
+        }
     }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) to.add(at + k, w * grad[k]);
 }
 
 struct Lane {
@@ -132,7 +141,8 @@ __device__ __forceinline__ Lane lane_of(const dcnv3::Geometry& g, int batch) {
     return l;
 }
 
-__device__ __forceinline__ float sum_over_lanes(float value, int lanes) {
+template <typename real>
+__device__ __forceinline__ real sum_over_lanes(real value, int lanes) {
     for (int mask = lanes / 2; mask > 0; mask /= 2)
         value += __shfl_xor_sync(FULL_WARP, value, mask);
     return value;
@@ -150,6 +160,7 @@ dcnv3_vectorized_forward(const scalar_t* __restrict__ input,  // [N, H, W, G*D]
                          const scalar_t* __restrict__ mask,
                          scalar_t* __restrict__ output,       // [N, H_out, W_out, G*D]
                          DCNV3_GEOMETRY_PARAMS) {
+    using real = acc_t<scalar_t>;
     const dcnv3::Geometry g = DCNV3_GEOMETRY;
     const dcnv3::Layout<MODULATION> layout(g);
     const Lane l = lane_of<VEC>(g, batch);
@@ -159,24 +170,24 @@ dcnv3_vectorized_forward(const scalar_t* __restrict__ input,  // [N, H, W, G*D]
     const scalar_t* in =
         input + l.n * g.height * static_cast<long long>(g.width) * C + l.group * g.group_channels;
     scalar_t* out = output + l.pixel * C + l.group * g.group_channels;
-    const dcnv3::Softmax softmax =
+    const dcnv3::Softmax<real> softmax =
         dcnv3::softmax_of<MODULATION>(mask, layout.mask_index(l.pixel, l.group, 0), P);
     for (int vector = l.lane; vector < l.vectors; vector += l.lanes) {
-        float acc[VEC] = {};
+        real acc[VEC] = {};
         for (int p = 0; p < P; ++p) {
             const long long o = layout.offset_index(l.pixel, l.group, p);
-            const dcnv3::Sample s =
-                dcnv3::locate(g, dcnv3::tap_of(g, l.ho, l.wo, p), to_float(offset[o]),
-                              to_float(offset[o + 1]));
+            const dcnv3::Sample<real> s =
+                dcnv3::locate(g, dcnv3::tap_of(g, l.ho, l.wo, p), to_acc(offset[o]),
+                              to_acc(offset[o + 1]));
             if (!s.in_range) continue;
-            const float m = dcnv3::modulation<MODULATION>(
-                to_float(mask[layout.mask_index(l.pixel, l.group, p)]), softmax);
+            const real m = dcnv3::modulation<MODULATION>(
+                to_acc(mask[layout.mask_index(l.pixel, l.group, p)]), softmax);
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 if (s.corner[q] < 0) continue;
-                float v[VEC];
+                real v[VEC];
                 load_vector<scalar_t, VEC>(in + s.corner[q] * static_cast<long long>(C) + vector * VEC, v);
-                const float w = m * s.weight[q];
+                const real w = m * s.weight[q];
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) acc[k] += w * v[k];
             }
@@ -186,16 +197,21 @@ dcnv3_vectorized_forward(const scalar_t* __restrict__ input,  // [N, H, W, G*D]
 }
 
 // Gradients of dcnv3_vectorized_forward; arguments as dcnv3_direct_backward's.
+// At least 3 blocks per SM (<= 85 registers), as the forward: without it
+// ptxas picked 48 or 64 registers and spilled once the fixed-point path was in.
 template <typename scalar_t, int MODULATION, int VEC>
-__global__ void __launch_bounds__(DCNV3_BLOCK_SIZE)
+__global__ void __launch_bounds__(DCNV3_BLOCK_SIZE, 3)
 dcnv3_vectorized_backward(const scalar_t* __restrict__ input,        // [N, H, W, G*D]
                           const scalar_t* __restrict__ offset,
                           const scalar_t* __restrict__ mask,
                           const scalar_t* __restrict__ grad_output,  // [N, H_out, W_out, G*D]
-                          float* __restrict__ grad_input,            // [N, H, W, G*D] or null
-                          float* grad_offset,
-                          float* grad_mask,
+                          acc_t<scalar_t>* __restrict__ grad_input,  // [N, H, W, G*D] or null
+                          long long* __restrict__ grad_input_fixed,  // the same in fixed point, or null
+                          double fixed_scale, int* __restrict__ fixed_status,
+                          acc_t<scalar_t>* grad_offset,
+                          acc_t<scalar_t>* grad_mask,
                           DCNV3_GEOMETRY_PARAMS) {
+    using real = acc_t<scalar_t>;
     const dcnv3::Geometry g = DCNV3_GEOMETRY;
     const dcnv3::Layout<MODULATION> layout(g);
     const Lane l = lane_of<VEC>(g, batch);
@@ -205,36 +221,39 @@ dcnv3_vectorized_backward(const scalar_t* __restrict__ input,        // [N, H, W
         l.n * g.height * static_cast<long long>(g.width) * C + l.group * g.group_channels;
     const scalar_t* in = input + channel0;
     const scalar_t* grad_out = grad_output + l.pixel * C + l.group * g.group_channels;
-    const bool scatter = grad_input != nullptr;  // uniform across the launch
-    const dcnv3::Softmax softmax =
+    const ScatterAdd<real> grad_in =
+        ScatterAdd<real>{grad_input, grad_input_fixed, fixed_scale, fixed_status}.shifted(
+            channel0);
+    const bool scatter = grad_in.enabled();  // uniform across the launch
+    const dcnv3::Softmax<real> softmax =
         l.active ? dcnv3::softmax_of<MODULATION>(mask, layout.mask_index(l.pixel, l.group, 0), P)
-                 : dcnv3::Softmax{0.f, 1.f};
+                 : dcnv3::Softmax<real>{0.f, 1.f};
 
     for (int p = 0; p < P; ++p) {
-        float d_x = 0.f, d_y = 0.f, d_m = 0.f, m = 0.f;
+        real d_x = 0.f, d_y = 0.f, d_m = 0.f, m = 0.f;
         const long long o = layout.offset_index(l.pixel, l.group, p);
         if (l.active) {
-            const dcnv3::Sample s =
-                dcnv3::locate(g, dcnv3::tap_of(g, l.ho, l.wo, p), to_float(offset[o]),
-                              to_float(offset[o + 1]));
+            const dcnv3::Sample<real> s =
+                dcnv3::locate(g, dcnv3::tap_of(g, l.ho, l.wo, p), to_acc(offset[o]),
+                              to_acc(offset[o + 1]));
             m = dcnv3::modulation<MODULATION>(
-                to_float(mask[layout.mask_index(l.pixel, l.group, p)]), softmax);
+                to_acc(mask[layout.mask_index(l.pixel, l.group, p)]), softmax);
             if (s.in_range) {
-                float dot[4] = {0.f, 0.f, 0.f, 0.f};
+                real dot[4] = {0.f, 0.f, 0.f, 0.f};
                 for (int vector = l.lane; vector < l.vectors; vector += l.lanes) {
-                    float grad[VEC];
+                    real grad[VEC];
                     load_vector<scalar_t, VEC>(grad_out + vector * VEC, grad);
 #pragma unroll
                     for (int q = 0; q < 4; ++q) {
                         if (s.corner[q] < 0) continue;
                         const long long at =
                             s.corner[q] * static_cast<long long>(C) + vector * VEC;
-                        float v[VEC];
+                        real v[VEC];
                         load_vector<scalar_t, VEC>(in + at, v);
 #pragma unroll
                         for (int k = 0; k < VEC; ++k) dot[q] += grad[k] * v[k];
                         if (scatter && s.weight[q] != 0.f)
-                            scatter_vector<VEC>(grad_input + channel0 + at, m * s.weight[q], grad);
+                            scatter_vector<VEC>(grad_in, at, m * s.weight[q], grad);
                     }
                 }
                 dcnv3::add_tap_gradient(s, dot, d_x, d_y, d_m);
@@ -244,7 +263,7 @@ dcnv3_vectorized_backward(const scalar_t* __restrict__ input,        // [N, H, W
         d_y = sum_over_lanes(d_y, l.lanes);
         d_m = sum_over_lanes(d_m, l.lanes);
         if (l.active && l.lane == 0) {
-            const float scale = m * g.offset_scale;
+            const real scale = m * g.offset_scale;
             grad_offset[o] = scale * d_x;
             grad_offset[o + 1] = scale * d_y;
             grad_mask[layout.mask_index(l.pixel, l.group, p)] = d_m;

@@ -2,7 +2,8 @@
 
 Semantics: ``shared/ops-semantics.md``, "DCNv3 and DCNv4" (channels-last;
 B0 sampling; taps column-major). float32 / float16 / bfloat16 with float32
-accumulation, any kernel size, any ``group_channels``. Design notes and what
+accumulation, float64 in double throughout (for ``torch.autograd.gradcheck``),
+any kernel size, any ``group_channels``. Design notes and what
 to measure: ``docs/kernels/dcnv3.md``.
 
 Two designs of the same kernels, picked by ``design=``:
@@ -22,7 +23,9 @@ pair (``dcnbench::dcnv3``, ``dcnbench::dcnv3_backward``) serves both: a
 ``mask`` of None means ``offset`` is ``dcnv4``'s fused ``offset_mask``.
 
 Gradients: grad_input accumulates with float32 atomics in a float32 buffer
-(cast once at the end); grad_offset / grad_mask are written once per element
+(cast once at the end); under ``torch.use_deterministic_algorithms(True)``
+with fixed-point int64 atomics instead, bit-reproducible
+(``kernels/determinism.py``); grad_offset / grad_mask are written once per element
 in float32 and cast. On a CPU tensor the kernels run through
 ``kernels.emulator``: for correctness checks, never for timing.
 """
@@ -36,9 +39,10 @@ from collections.abc import Callable
 
 import torch
 
-from kernels import launch
+from kernels import determinism, launch
 from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
 from kernels.reference import dcnv3 as contract
+from kernels.reference.dcnv3 import offset_mask_channels
 
 __all__ = ["DESIGNS", "SUPPORTED_DTYPES", "dcnv3", "prepare", "unchecked_dcnv3"]
 
@@ -50,7 +54,12 @@ WARP_SIZE = 32
 # The vectorized design's loads: 16 bytes (float4 / 8 halves / 8 bfloat16).
 VECTOR_BYTES = 16
 
-_CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+_CTYPES = {
+    torch.float32: "float",
+    torch.float16: "__half",
+    torch.bfloat16: "__nv_bfloat16",
+    torch.float64: "double",
+}
 SUPPORTED_DTYPES = tuple(_CTYPES)
 DESIGNS = ("direct", "vectorized")
 _KERNELS = ("forward", "backward")
@@ -64,8 +73,11 @@ class Modulation(enum.IntEnum):
     FUSED_OFFSET_MASK = 2
 
 
-def _vector_widths(dtype: torch.dtype) -> tuple[int, int]:
-    """The vectorized design's channels per vector: one 16-byte load, or 1 (the scalar path)."""
+def _vector_widths(dtype: torch.dtype) -> tuple[int, ...]:
+    """The vectorized design's channels per vector: one 16-byte load, or 1 (the scalar
+    path); float64 (for gradcheck, not speed) has the scalar path only."""
+    if dtype == torch.float64:
+        return (1,)
     return (VECTOR_BYTES // torch.empty((), dtype=dtype).element_size(), 1)
 
 
@@ -253,7 +265,7 @@ def _launch(
         _name_expression(design, kernel, input.dtype, modulation, vector)
     )
     items = call.batch * call.out_h * call.out_w * call.group
-    items_per_block = BLOCK_SIZE // _lanes(design, call, vector)
+    items_per_block = BLOCK_SIZE // max(_lanes(design, call, vector), 1)
     function(
         launch.blocks(items, items_per_block), BLOCK_SIZE, (*tensors, *call.kernel_arguments()),
         variant_reason=why,
@@ -268,6 +280,8 @@ def _modulation(mask: torch.Tensor | None, softmax: bool) -> Modulation:
 
 def _forward(call: Call, input, offset, mask, softmax: bool, design: str) -> torch.Tensor:
     output = launch.new_output(call.output_shape, input.dtype, input.device)
+    if output.numel() == 0:  # N = 0 or no channels: nothing to compute, no grid to launch
+        return output
     modulation = _modulation(mask, softmax)
     # dcnv4: the kernel reads offsets and masks from the one offset_mask.
     mask_or_fused = offset if mask is None else mask
@@ -277,27 +291,59 @@ def _forward(call: Call, input, offset, mask, softmax: bool, design: str) -> tor
     return output
 
 
+def _max_modulation(call: Call, offset, mask, softmax: bool) -> float:
+    """A bound on |m|: 1 for a softmax, else max |mask| (dcnv4: its mask columns)."""
+    if softmax:
+        return 1.0
+    if mask is None:
+        fused = offset[..., : call.group * call.taps * 3].unflatten(-1, (call.group, 3 * call.taps))
+        mask = fused[..., 2 * call.taps :]
+    return determinism.max_abs(mask)
+
+
 def _backward(
     call: Call, grad_output, input, offset, mask, softmax: bool, design: str, want_input: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dtype, device = input.dtype, input.device
+    # What the kernels accumulate in: float32, float64 for float64.
+    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+    if input.numel() == 0 or grad_output.numel() == 0:  # N = 0 or no channels
+        return (
+            torch.zeros_like(input) if want_input else input.new_empty(0),
+            torch.zeros_like(offset),
+            input.new_empty(0) if mask is None else torch.zeros_like(mask),
+        )
     modulation = _modulation(mask, softmax)
-    grad_input = (
-        torch.zeros(input.shape, dtype=torch.float32, device=device)
-        if want_input
-        else launch.null(torch.float32, device)  # the kernel skips the scatter
-    )
-    grad_offset = launch.new_output(offset.shape, torch.float32, device)
+    fixed_sums = None
+    fixed_args = determinism.FixedPointSum.unused(device)
+    if want_input and determinism.enabled():
+        # Each (output pixel, tap) adds at most one value, bilinear weight (≤ 1)
+        # times modulation times grad_output, to an input element.
+        grad_input = launch.null(accumulate, device)
+        fixed_sums = determinism.FixedPointSum(
+            input.shape,
+            device,
+            max_abs=determinism.max_abs(grad_output) * _max_modulation(call, offset, mask, softmax),
+            max_addends=call.out_h * call.out_w * call.taps,
+        )
+        fixed_args = fixed_sums.kernel_args()
+    elif want_input:
+        grad_input = torch.zeros(input.shape, dtype=accumulate, device=device)
+    else:
+        grad_input = launch.null(accumulate, device)  # the kernel skips the scatter
+    grad_offset = launch.new_output(offset.shape, accumulate, device)
     if mask is None:  # dcnv4: one buffer in offset_mask's layout; padding columns are 0
         grad_offset[..., call.group * call.taps * 3 :] = 0
         grad_mask = grad_offset
     else:
-        grad_mask = launch.new_output(mask.shape, torch.float32, device)
+        grad_mask = launch.new_output(mask.shape, accumulate, device)
     _launch(
         "backward", design, call, modulation, (input, grad_output),
-        (input, offset, offset if mask is None else mask, grad_output, grad_input, grad_offset,
-         grad_mask),
+        (input, offset, offset if mask is None else mask, grad_output, grad_input, *fixed_args,
+         grad_offset, grad_mask),
     )  # fmt: skip
+    if fixed_sums is not None:
+        grad_input = fixed_sums.result(accumulate)
     return (
         grad_input.to(dtype) if want_input else input.new_empty(0),
         grad_offset.to(dtype),
@@ -405,6 +451,15 @@ def prepare_run(
         raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
     call = check_arguments(input, modulation, geometry, group, group_channels)
     g = call.geometry
+    # The kernels read dense channels-last rows: other strides (a permuted
+    # NCHW tensor, a slice) are copied once here, and so is an offset_mask
+    # whose padding is not the kernels' ceil(G·3P / 8)·8 columns.
+    input, offset = input.contiguous(), offset.contiguous()
+    mask = None if mask is None else mask.contiguous()
+    if mask is None and offset.shape[-1] != offset_mask_channels(call.group, call.taps):
+        used = call.group * 3 * call.taps
+        padding = offset_mask_channels(call.group, call.taps) - used
+        offset = torch.nn.functional.pad(offset[..., :used], (0, padding))
     return functools.partial(
         torch.ops.dcnbench.dcnv3, input, offset, mask,
         g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.pad_h, g.pad_w,
@@ -478,8 +533,9 @@ def dcnv3(
     stream), CPU tensors through the emulator.
 
     Args:
-        input: [N, H, W, group·group_channels], contiguous (channels-last),
-            float32 / float16 / bfloat16.
+        input: [N, H, W, group·group_channels] (channels-last), float32 /
+            float16 / bfloat16 / float64. N = 0 and group_channels = 0 give an empty
+            output and zero gradients.
         offset: [N, H_out, W_out, group·P·2]; (dx, dy) of tap p of group g at
             g·P·2 + 2p and + 1. P = kernel_h·kernel_w (− 1 with remove_center).
         mask: [N, H_out, W_out, group·P]; tap p of group g at g·P + p (logits
@@ -491,7 +547,11 @@ def dcnv3(
         softmax: normalise the mask over the taps of each group in the kernel.
         design: ``"vectorized"`` or ``"direct"`` (the module docstring).
 
-    All tensors are contiguous and share one dtype and device.
+    All tensors share one dtype and device. Any strides are accepted: a
+    tensor that is not dense channels-last (say ``x.permute(0, 2, 3, 1)`` of an
+    NCHW ``x``, or a slice) is copied to one first. The backward follows
+    ``torch.use_deterministic_algorithms``: when it is on, grad_input is
+    accumulated in fixed point and bit-reproducible (``kernels/determinism.py``).
 
     Returns:
         [N, H_out, W_out, group·group_channels], H_out =

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from kernels.ops import dcnv3 as family
-from kernels.reference.dcnv3 import offset_mask_channels
+from kernels.reference.dcnv3 import offset_mask_width
 
 __all__ = ["dcnv4", "prepare"]
 
@@ -43,13 +43,17 @@ def dcnv4(
     the fused ``offset_mask``.
 
     Args:
-        input: [N, H, W, group·group_channels], contiguous (channels-last),
-            float32 / float16 / bfloat16.
-        offset_mask: [N, H_out, W_out, M], M = ceil(group·P·3 / 8)·8; group g
-            holds (dx, dy) of tap p at g·3P + 2p and + 1 and the mask of tap p
-            at g·3P + 2P + p; the columns from group·3P on are ignored (their
-            gradient is 0).
+        input: [N, H, W, group·group_channels] (channels-last), float32 /
+            float16 / bfloat16 / float64; any strides (copied when not dense).
+        offset_mask: [N, H_out, W_out, M], M ≥ group·3·P (DCNv4 pads it to
+            ceil(group·P·3 / 8)·8, which the kernels read directly; another
+            width is copied to that one); group g holds (dx, dy) of tap p at
+            g·3P + 2p and + 1 and the mask of tap p at g·3P + 2P + p; the
+            columns from group·3P on are ignored (their gradient is 0).
         kernel_h, ..., remove_center, group, group_channels, design: as ``dcnv3``.
+
+    N = 0 and group_channels = 0 give an empty output and zero gradients. The
+    backward follows ``torch.use_deterministic_algorithms`` as ``dcnv3``'s.
 
     Returns:
         [N, H_out, W_out, group·group_channels].
@@ -71,7 +75,7 @@ def prepare(
 ) -> Callable[[], torch.Tensor]:
     """Check the arguments of :func:`dcnv4` (the same keywords) once; the returned
     call runs the operator on them with no checks: the harness's timed call."""
-    modulation = {"offset_mask": (offset_mask, lambda taps: offset_mask_channels(group, taps))}
+    modulation = {"offset_mask": (offset_mask, lambda taps: offset_mask_width(offset_mask, group, taps))}
     return family.prepare_run(
         input, offset_mask, None, modulation, group=group, group_channels=group_channels,
         softmax=False, design=design, **geometry,
