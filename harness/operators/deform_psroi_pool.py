@@ -84,8 +84,9 @@ TRANS_FLOPS = 4
 
 
 def validate_psroi_params(params: Mapping[str, Any]) -> None:
-    """Reject a case the operator cannot run, naming the parameter."""
-    for name, minimum in (("N", 1), ("H", 1), ("W", 1), ("K", 1), ("output_dim", 1),
+    """Reject a case the operator cannot run, naming the parameter (K = 0 and
+    output_dim = 0 are cases: an empty output)."""
+    for name, minimum in (("N", 1), ("H", 1), ("W", 1), ("K", 0), ("output_dim", 0),
                           ("group_size", 1), ("pooled_size", 1), ("part_size", 0),
                           ("sample_per_part", 1), ("num_classes", 1)):
         if params[name] < minimum:

@@ -22,7 +22,8 @@
 //    (part_size < pooled_size), so no gradient element takes an atomic.
 // One channel per thread when trans needs no gradient.
 //
-// All math is float32 whatever scalar_t is. A batch index outside [0, N)
+// All math is float32 whatever scalar_t is; rois are float32 whatever the
+// input's dtype (see deform_roi_pool.cu). A batch index outside [0, N)
 // gives a zero bin (the host rejects such rois; this only keeps a bad index
 // from becoming an address).
 //
@@ -60,22 +61,22 @@ struct BinGeometry {
 };
 
 template <typename scalar_t, bool HAS_TRANS>
-__device__ __forceinline__ BinGeometry bin_geometry(const scalar_t* __restrict__ rois,
+__device__ __forceinline__ BinGeometry bin_geometry(const float* __restrict__ rois,
                                                     const scalar_t* __restrict__ trans,
                                                     const Shape& s, int k, int class_id, int ph,
                                                     int pw) {
     BinGeometry g;
-    const scalar_t* roi = rois + static_cast<long long>(k) * 5;
-    const float batch_index = to_float(roi[0]);
+    const float* roi = rois + static_cast<long long>(k) * 5;
+    const float batch_index = roi[0];
     // Written as "inside" so that a NaN index is outside too.
     g.n = batch_index >= 0.f && batch_index < static_cast<float>(s.batch)
               ? static_cast<int>(batch_index)
               : -1;
     // roundf: C's round, halves away from zero, as the contract says.
-    const float start_x = roundf(to_float(roi[1])) * s.spatial_scale - 0.5f;
-    const float start_y = roundf(to_float(roi[2])) * s.spatial_scale - 0.5f;
-    const float end_x = (roundf(to_float(roi[3])) + 1.f) * s.spatial_scale - 0.5f;
-    const float end_y = (roundf(to_float(roi[4])) + 1.f) * s.spatial_scale - 0.5f;
+    const float start_x = roundf(roi[1]) * s.spatial_scale - 0.5f;
+    const float start_y = roundf(roi[2]) * s.spatial_scale - 0.5f;
+    const float end_x = (roundf(roi[3]) + 1.f) * s.spatial_scale - 0.5f;
+    const float end_y = (roundf(roi[4]) + 1.f) * s.spatial_scale - 0.5f;
     g.roi_w = fmaxf(end_x - start_x, 0.1f);
     g.roi_h = fmaxf(end_y - start_y, 0.1f);
     const float bin_w = g.roi_w / static_cast<float>(s.pooled_size);
@@ -149,7 +150,7 @@ __device__ __forceinline__ Sample locate(float y, float x, const Shape& s) {
 template <typename scalar_t, bool HAS_TRANS>
 __global__ void __launch_bounds__(PSROI_POOL_BLOCK_SIZE)
 deform_psroi_pool_forward(const scalar_t* __restrict__ input,  // [N, output_dim * group_size^2, H, W]
-                          const scalar_t* __restrict__ rois,   // [K, 5]
+                          const float* __restrict__ rois,      // [K, 5]
                           const scalar_t* __restrict__ trans,  // [K, 2 * num_classes, part_size, part_size]; unread without HAS_TRANS
                           scalar_t* __restrict__ output,       // [K, output_dim, pooled_size, pooled_size]
                           int batch, int channels, int height, int width, int output_dim,
@@ -200,7 +201,7 @@ deform_psroi_pool_forward(const scalar_t* __restrict__ input,  // [N, output_dim
 template <typename scalar_t, bool HAS_TRANS>
 __global__ void __launch_bounds__(PSROI_POOL_BLOCK_SIZE)
 deform_psroi_pool_backward(const scalar_t* __restrict__ input,        // [N, output_dim * group_size^2, H, W]
-                           const scalar_t* __restrict__ rois,         // [K, 5]
+                           const float* __restrict__ rois,            // [K, 5]
                            const scalar_t* __restrict__ trans,        // [K, 2 * num_classes, part_size, part_size]; unread without HAS_TRANS
                            const scalar_t* __restrict__ grad_output,  // [K, output_dim, pooled_size, pooled_size]
                            float* __restrict__ grad_input,            // [N, output_dim * group_size^2, H, W], accumulated; or null

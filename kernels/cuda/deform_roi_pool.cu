@@ -1,8 +1,8 @@
 // RoI pooling kernels: roi_align, deform_roi_pool (DCNv1, HAS_OFFSET) and
 // modulated_deform_roi_pool (DCNv2, HAS_OFFSET and HAS_MASK): one forward and
 // one backward template serve all three. Semantics: shared/ops-semantics.md
-// ("RoI pooling, NCHW"; mmcv's DeformRoIPool; torchvision's
-// roi_align(aligned=True) without offset), sampling rule B1.
+// ("RoI pooling, NCHW"; mmcv's DeformRoIPool; torchvision's roi_align without
+// offset, `aligned` a runtime flag), sampling rule B1.
 //
 // Forward: one thread per output element (k, c, ph, pw), pw fastest, the
 // order of the output: stores are coalesced, and the threads of a warp read
@@ -23,9 +23,14 @@
 // wanted (all parallelism, nothing to reduce), else enough slices to fill
 // the GPU (kernels/ops/deform_roi_pool.py).
 //
-// All math is float32 whatever scalar_t is. A batch index outside [0, N)
-// gives a zero bin (the host rejects such rois before the launch; the check
-// here only keeps a bad index from ever becoming an address).
+// All math is float32 whatever scalar_t is; rois are float32 whatever the
+// input's dtype (the host converts them: half coordinates would round RoIs
+// of a large image by whole pixels, and autocast hands float32 boxes to half
+// features). A batch index outside [0, N) gives a zero bin (the host rejects
+// such rois before the launch; the check here only keeps a bad index from
+// ever becoming an address). Likewise the adaptive grid is clamped to
+// ROI_POOL_MAX_SAMPLES samples a side (the host rejects larger grids), so that a
+// huge RoI can neither overflow int nor run a loop of 2^31 samples.
 //
 // Index widths: a plane (H*W) and C*pooled_h*pooled_w fit in int (checked on
 // the host); anything that multiplies in the RoI, the batch index or the
@@ -35,6 +40,9 @@
 
 #ifndef ROI_POOL_BLOCK_SIZE
 #error "compile with -DROI_POOL_BLOCK_SIZE=<threads per block> (kernels/ops/deform_roi_pool.py sets it)"
+#endif
+#ifndef ROI_POOL_MAX_SAMPLES
+#error "compile with -DROI_POOL_MAX_SAMPLES=<samples> (kernels/ops/deform_roi_pool.py sets it)"
 #endif
 
 namespace {
@@ -62,7 +70,9 @@ __device__ __forceinline__ bool decode(BinIndex& b, int slices, int pooled_h, in
 
 // Where the samples of one bin lie. Sample (iy, ix) is at
 //   y = start_y + ph * bin_h + (iy + 0.5) * bin_h / grid_h, x likewise,
-// with start moved by the offset. An empty grid (sampling_ratio 0 and a zero
+// with start moved by the offset; start_y = y1 * spatial_scale - 0.5 when
+// aligned, y1 * spatial_scale with roi_h clamped below at 1 when not
+// (torchvision's legacy rule). An empty grid (sampling_ratio <= 0 and a zero
 // or negative RoI: ceil <= 0) has no samples and the bin is 0; the divisor is
 // max(grid_h * grid_w, 1), as in mmcv and torchvision.
 struct BinGeometry {
@@ -74,27 +84,40 @@ struct BinGeometry {
     float roi_h, roi_w;       // of the un-moved RoI: d start / d offset = gamma * roi
 };
 
+// ceil(bin) samples, clamped to [0, ROI_POOL_MAX_SAMPLES] before the
+// conversion (a float beyond int's range does not convert).
+__device__ __forceinline__ int adaptive_grid(float bin) {
+    return static_cast<int>(
+        fminf(fmaxf(ceilf(bin), 0.f), static_cast<float>(ROI_POOL_MAX_SAMPLES)));
+}
+
 template <typename scalar_t, bool HAS_OFFSET>
-__device__ __forceinline__ BinGeometry bin_geometry(const scalar_t* __restrict__ rois,
+__device__ __forceinline__ BinGeometry bin_geometry(const float* __restrict__ rois,
                                                     const scalar_t* __restrict__ offset,
                                                     const BinIndex& b, int batch, int pooled_h,
                                                     int pooled_w, float spatial_scale,
-                                                    int sampling_ratio, float gamma) {
+                                                    int sampling_ratio, float gamma,
+                                                    bool aligned) {
     BinGeometry g;
-    const scalar_t* roi = rois + static_cast<long long>(b.k) * 5;
-    const float batch_index = to_float(roi[0]);
+    const float* roi = rois + static_cast<long long>(b.k) * 5;
+    const float batch_index = roi[0];
     // Written as "inside" so that a NaN index is outside too.
     g.n = batch_index >= 0.f && batch_index < static_cast<float>(batch)
               ? static_cast<int>(batch_index)
               : -1;
-    const float start_x = to_float(roi[1]) * spatial_scale - 0.5f;
-    const float start_y = to_float(roi[2]) * spatial_scale - 0.5f;
-    g.roi_w = to_float(roi[3]) * spatial_scale - 0.5f - start_x;
-    g.roi_h = to_float(roi[4]) * spatial_scale - 0.5f - start_y;
+    const float shift = aligned ? 0.5f : 0.f;
+    const float start_x = roi[1] * spatial_scale - shift;
+    const float start_y = roi[2] * spatial_scale - shift;
+    g.roi_w = roi[3] * spatial_scale - shift - start_x;
+    g.roi_h = roi[4] * spatial_scale - shift - start_y;
+    if (!aligned) {
+        g.roi_w = fmaxf(g.roi_w, 1.f);
+        g.roi_h = fmaxf(g.roi_h, 1.f);
+    }
     const float bin_h = g.roi_h / static_cast<float>(pooled_h);
     const float bin_w = g.roi_w / static_cast<float>(pooled_w);
-    g.grid_h = sampling_ratio > 0 ? sampling_ratio : max(static_cast<int>(ceilf(bin_h)), 0);
-    g.grid_w = sampling_ratio > 0 ? sampling_ratio : max(static_cast<int>(ceilf(bin_w)), 0);
+    g.grid_h = sampling_ratio > 0 ? sampling_ratio : adaptive_grid(bin_h);
+    g.grid_w = sampling_ratio > 0 ? sampling_ratio : adaptive_grid(bin_w);
     g.inv_count = 1.f / static_cast<float>(max(g.grid_h * g.grid_w, 1));
     g.step_y = bin_h / static_cast<float>(max(g.grid_h, 1));
     g.step_x = bin_w / static_cast<float>(max(g.grid_w, 1));
@@ -170,16 +193,18 @@ __device__ __forceinline__ Sample locate(float y, float x, int height, int width
 template <typename scalar_t, bool HAS_OFFSET, bool HAS_MASK>
 __global__ void __launch_bounds__(ROI_POOL_BLOCK_SIZE)
 deform_roi_pool_forward(const scalar_t* __restrict__ input,   // [N, C, H, W]
-                        const scalar_t* __restrict__ rois,    // [K, 5]
+                        const float* __restrict__ rois,       // [K, 5]
                         const scalar_t* __restrict__ offset,  // [K, 2, pooled_h, pooled_w]; unread without HAS_OFFSET
                         const scalar_t* __restrict__ mask,    // [K, 1, pooled_h, pooled_w]; unread without HAS_MASK
                         scalar_t* __restrict__ output,        // [K, C, pooled_h, pooled_w]
                         int batch, int channels, int height, int width, int pooled_h,
-                        int pooled_w, float spatial_scale, int sampling_ratio, float gamma) {
+                        int pooled_w, float spatial_scale, int sampling_ratio, float gamma,
+                        int aligned) {
     BinIndex b;
     if (!decode(b, channels, pooled_h, pooled_w)) return;
     const BinGeometry g = bin_geometry<scalar_t, HAS_OFFSET>(
-        rois, offset, b, batch, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma);
+        rois, offset, b, batch, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma,
+        aligned != 0);
     float sum = 0.f;
     if (g.n >= 0) {
         const scalar_t* plane = input + (static_cast<long long>(g.n) * channels + b.slice) *
@@ -224,7 +249,7 @@ deform_roi_pool_forward(const scalar_t* __restrict__ input,   // [N, C, H, W]
 template <typename scalar_t, bool HAS_OFFSET, bool HAS_MASK>
 __global__ void __launch_bounds__(ROI_POOL_BLOCK_SIZE, 3)
 deform_roi_pool_backward(const scalar_t* __restrict__ input,        // [N, C, H, W]
-                         const scalar_t* __restrict__ rois,         // [K, 5]
+                         const float* __restrict__ rois,            // [K, 5]
                          const scalar_t* __restrict__ offset,       // [K, 2, pooled_h, pooled_w]; unread without HAS_OFFSET
                          const scalar_t* __restrict__ mask,         // [K, 1, pooled_h, pooled_w]; unread without HAS_MASK
                          const scalar_t* __restrict__ grad_output,  // [K, C, pooled_h, pooled_w]
@@ -233,11 +258,12 @@ deform_roi_pool_backward(const scalar_t* __restrict__ input,        // [N, C, H,
                          float* __restrict__ grad_mask_partial,     // [K, slices, 1, pooled_h, pooled_w]; or null
                          int batch, int channels, int height, int width, int pooled_h,
                          int pooled_w, float spatial_scale, int sampling_ratio, float gamma,
-                         int channels_per_thread, int slices) {
+                         int aligned, int channels_per_thread, int slices) {
     BinIndex b;
     if (!decode(b, slices, pooled_h, pooled_w)) return;
     const BinGeometry g = bin_geometry<scalar_t, HAS_OFFSET>(
-        rois, offset, b, batch, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma);
+        rois, offset, b, batch, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma,
+        aligned != 0);
     const int bins = pooled_h * pooled_w;
     const int bin = b.ph * pooled_w + b.pw;
     const float m = HAS_MASK ? to_float(mask[static_cast<long long>(b.k) * bins + bin]) : 1.f;

@@ -10,8 +10,11 @@ Forward and backward kernels: ``kernels/cuda/deform_psroi_pool.cu``
 float32 atomics into a float32 buffer (cast once at the end) and writes
 per-bin, per-channel-slice partial sums of the trans gradient; here they are
 summed over slices and over the bins that share a part cell. Only requested
-gradients are computed. ``rois`` and ``trans`` values are checked on the host,
-as in :mod:`kernels.ops.deform_roi_pool` (one synchronisation per forward on a GPU).
+gradients are computed. ``rois`` (a [K, 5] tensor or a list of [L, 4] boxes
+per image, float32 or the input's dtype) and ``trans`` values are checked on
+the host, as in :mod:`kernels.ops.deform_roi_pool` (one synchronisation per
+forward on a GPU). K = 0 RoIs or output_dim = 0 give an empty output and zero
+gradients, without a launch.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from kernels import launch
 from kernels.checks import check_shape, check_tensor
 from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
 from kernels.ops.deform_roi_pool import (
+    ROIS_DTYPE,
     SUPPORTED_DTYPES,
     channel_slicing,
+    check_bool,
     check_finite_float,
     check_input_and_rois,
     check_positive_int,
@@ -34,6 +39,7 @@ from kernels.ops.deform_roi_pool import (
     roi_chunks,
     roi_rows,
 )
+from kernels.rois import as_rois, check_explicit_grid
 
 __all__ = ["deform_psroi_pool"]
 
@@ -89,6 +95,11 @@ class Geometry:
     def output_shape(self) -> tuple[int, int, int, int]:
         return (self.num_rois, self.output_dim, self.pooled_size, self.pooled_size)
 
+    @property
+    def empty(self) -> bool:
+        """No RoI or no output channel: nothing to launch, the output has no element."""
+        return self.num_rois == 0 or self.output_dim == 0
+
 
 def check_arguments(
     input: torch.Tensor,
@@ -106,11 +117,12 @@ def check_arguments(
     None means no_trans. Returns the call's sizes."""
     num_rois = check_input_and_rois(input, rois)
     spatial_scale = check_finite_float("spatial_scale", spatial_scale, positive=True)
-    check_positive_int("output_dim", output_dim)
+    check_positive_int("output_dim", output_dim, minimum=0)
     check_positive_int("group_size", group_size)
     check_positive_int("pooled_size", pooled_size)
     check_positive_int("part_size", part_size, minimum=0)
     check_positive_int("sample_per_part", sample_per_part)
+    check_explicit_grid("sample_per_part", sample_per_part)
     trans_std = check_finite_float("trans_std", trans_std)
     part_size = part_size or pooled_size
     batch, channels, height, width = input.shape
@@ -188,10 +200,13 @@ def _forward(
     g: Geometry, input: torch.Tensor, rois: torch.Tensor, trans: torch.Tensor | None
 ) -> torch.Tensor:
     output = launch.new_output(g.output_shape, input.dtype, input.device)
+    if g.empty:
+        return output
     kernel = launch.module(SOURCE, input.device).function(
         _name_expression("deform_psroi_pool_forward", input.dtype, trans is not None)
     )
     null = launch.null(input.dtype, input.device)  # unread without HAS_TRANS
+    rois = rois.to(ROIS_DTYPE).contiguous()
     for start, stop in roi_chunks(g.num_rois):
         kernel(
             (launch.blocks(g.output_dim * g.bins, BLOCK_SIZE), stop - start),
@@ -229,6 +244,14 @@ def _backward(
     dtype, device = input.dtype, input.device
     want_input = output_mask[0]
     want_trans = output_mask[1] and trans is not None
+    if g.empty:
+        # Nothing pooled: every requested gradient is zero.
+        return tuple(
+            torch.zeros(tensor.shape, dtype=dtype, device=device)
+            if wanted
+            else torch.empty(0, dtype=dtype, device=device)
+            for tensor, wanted in ((input, want_input), (trans, want_trans))
+        )
     # float32 accumulation: see kernels.ops.deform_roi_pool._backward.
     grad_input = (
         torch.zeros(input.shape, dtype=torch.float32, device=device) if want_input else None
@@ -251,6 +274,7 @@ def _backward(
             _name_expression("deform_psroi_pool_backward", dtype, trans is not None)
         )
         null, null_float = launch.null(dtype, device), launch.null(torch.float32, device)
+        rois = rois.to(ROIS_DTYPE).contiguous()
         for start, stop in roi_chunks(g.num_rois):
             kernel(
                 (launch.blocks(g.num_classes * slicing.slices * g.bins, BLOCK_SIZE), stop - start),
@@ -362,51 +386,54 @@ _deform_psroi_pool_op.register_autograd(_autograd_backward, setup_context=_setup
 
 def deform_psroi_pool(
     input: torch.Tensor,
-    rois: torch.Tensor,
-    trans: torch.Tensor | None,
+    rois: torch.Tensor | list[torch.Tensor],
+    trans: torch.Tensor | None = None,
     *,
-    spatial_scale: float,
+    spatial_scale: float = 1.0,
     output_dim: int,
-    group_size: int,
+    group_size: int = 1,
     pooled_size: int,
     part_size: int = 0,
-    sample_per_part: int,
-    trans_std: float,
-    no_trans: bool,
+    sample_per_part: int = 4,
+    trans_std: float = 0.0,
+    no_trans: bool = False,
 ) -> torch.Tensor:
     """Deformable position-sensitive RoI pooling (R-FCN, Deformable ConvNets) with our CUDA kernels.
 
     Bin (ph, pw) of output channel ctop averages, by rule B2, a
     sample_per_part² grid of input channel (ctop·group_size + gh)·group_size + gw,
     moved by trans_std·(roi_w, roi_h)·trans of the bin's class and part cell.
-    Differentiable in ``input`` and ``trans``.
+    Differentiable in ``input`` and ``trans``. Defaults are mmdet v1's
+    ``deform_roi_pooling`` (group_size 1, part_size = pooled_size,
+    sample_per_part 4, trans_std 0).
 
     Args:
         input: [N, output_dim·group_size², H, W], float32 / float16 / bfloat16.
         rois: [K, 5] of (batch_index, x1, y1, x2, y2) in image coordinates
-            (rounded to integers, C's round), same dtype and device as input;
-            batch indices integral in [0, N), coordinates finite (checked: one
-            host synchronisation on a GPU).
+            (rounded to integers, C's round), or a list of [L_i, 4] boxes, one
+            tensor per image; the input's dtype or float32, on its device;
+            batch indices integral in [0, N), coordinates finite (checked:
+            one host synchronisation on a GPU).
         trans: [K, 2·num_classes, part_size, part_size] (channel 2·cls moves
             x, 2·cls + 1 moves y; num_classes divides output_dim), or None
             with ``no_trans`` (ignored when no_trans is true).
-        spatial_scale: image to feature-map scale (> 0).
-        output_dim, group_size, pooled_size: output channels, position-sensitive
-            grid side, output bins per side.
+        spatial_scale: image to feature-map scale (> 0; default 1).
+        output_dim, group_size, pooled_size: output channels (0: an empty
+            output), position-sensitive grid side, output bins per side.
         part_size: trans cells per side; 0 means pooled_size.
-        sample_per_part: samples per bin side.
+        sample_per_part: samples per bin side (1 to 1024).
         trans_std: scale of trans.
         no_trans: pool without moving the bins.
 
     Returns:
         [K, output_dim, pooled_size, pooled_size].
     """
-    if not isinstance(no_trans, bool):
-        raise TypeError(f"no_trans must be a bool, got {no_trans!r}")
+    check_bool("no_trans", no_trans)
     if no_trans:
         trans = None
     elif trans is None:
         raise TypeError("trans must be a torch.Tensor unless no_trans=True, got None")
+    rois = as_rois(rois)
     params = (
         spatial_scale,
         output_dim,

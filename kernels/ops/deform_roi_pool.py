@@ -2,9 +2,9 @@
 
 Semantics: ``shared/ops-semantics.md`` ("RoI pooling, NCHW"): mmcv's
 DeformRoIPool / ModulatedDeformRoIPool, and ``roi_align`` =
-``torchvision.ops.roi_align(aligned=True)`` = ``deform_roi_pool`` without
-offset; sampling rule B1. float32 / float16 / bfloat16, float32 accumulation.
-Design notes: ``docs/kernels/roi_pool.md``.
+``torchvision.ops.roi_align`` (with ``aligned``, ``deform_roi_pool`` without
+offset); sampling rule B1. float32 / float16 / bfloat16, float32
+accumulation. Design notes: ``docs/kernels/roi_pool.md``.
 
 One forward and one backward kernel (``kernels/cuda/deform_roi_pool.cu``),
 templated on HAS_OFFSET / HAS_MASK, serve the three operators. The backward
@@ -12,10 +12,15 @@ scatters grad_input with float32 atomics into a float32 buffer (cast once at
 the end) and writes per-channel-slice partial sums of grad_offset / grad_mask,
 summed here. Only requested gradients are computed.
 
-``rois`` and ``offset`` values are checked on the host (integral batch indices
-in range, finite coordinates and offsets): on a GPU that is one device-to-host
-synchronisation per forward call, the price of a clear error instead of a
-silently wrong result.
+``rois`` (a [K, 5] tensor or a list of [L, 4] boxes per image, see
+``kernels.rois``) and ``offset`` values are checked on the host (integral
+batch indices in range, finite coordinates and offsets, adaptive sampling
+grids within ``kernels.rois.MAX_SAMPLES_PER_BIN``): on a GPU that is one
+device-to-host synchronisation per forward call (:func:`check_values`), the
+price of a clear error instead of a silently wrong result.
+
+K = 0 RoIs or C = 0 channels give an empty output of the right shape and
+zero gradients, without a launch.
 
 On a CPU tensor the kernels run through ``kernels.emulator``: for correctness
 checks, never for timing.
@@ -31,6 +36,13 @@ import torch
 from kernels import launch
 from kernels.checks import check_shape, check_tensor
 from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
+from kernels.rois import (
+    MAX_SAMPLES_PER_BIN,
+    as_rois,
+    check_explicit_grid,
+    grid_too_large,
+    grid_too_large_error,
+)
 
 __all__ = ["deform_roi_pool", "modulated_deform_roi_pool", "roi_align"]
 
@@ -40,6 +52,10 @@ BLOCK_SIZE = 256
 
 _CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 SUPPORTED_DTYPES = tuple(_CTYPES)
+# The kernels read RoI coordinates in float32 whatever the input's dtype:
+# rois may come in the input's dtype or in float32 (what autocast hands to
+# half features); they are converted once.
+ROIS_DTYPE = torch.float32
 _KERNELS = ("deform_roi_pool_forward", "deform_roi_pool_backward")
 
 
@@ -59,7 +75,11 @@ SOURCE = register(
             for has_mask in (False, True)
         ),
         block_sizes=dict.fromkeys(_KERNELS, BLOCK_SIZE),
-        options=(*COMPILE_OPTIONS, f"-DROI_POOL_BLOCK_SIZE={BLOCK_SIZE}"),
+        options=(
+            *COMPILE_OPTIONS,
+            f"-DROI_POOL_BLOCK_SIZE={BLOCK_SIZE}",
+            f"-DROI_POOL_MAX_SAMPLES={MAX_SAMPLES_PER_BIN}",
+        ),
     )
 )
 
@@ -70,8 +90,9 @@ SOURCE = register(
 
 
 def check_input_and_rois(input: object, rois: object) -> int:
-    """input [N, C, H, W] of a supported dtype on CUDA or CPU, rois [K, 5] of
-    the same dtype and device; returns K."""
+    """input [N, C, H, W] of a supported dtype on CUDA or CPU (N and C may be
+    0, H and W not), rois [K, 5] of the input's dtype or float32 on its
+    device; returns K."""
     check_tensor("input", input, 4)
     check_tensor("rois", rois, 2)
     if input.dtype not in SUPPORTED_DTYPES:
@@ -80,13 +101,19 @@ def check_input_and_rois(input: object, rois: object) -> int:
         )
     if input.device.type not in ("cuda", "cpu"):
         raise ValueError(f"input is on {input.device}; supported: CUDA, or CPU (emulated)")
-    if min(input.shape) < 1:
-        raise ValueError(f"input must be non-empty, got shape {tuple(input.shape)}")
+    if min(input.shape[2:]) < 1:
+        raise ValueError(f"input must have H, W >= 1, got shape {tuple(input.shape)}")
     if rois.shape[1] != 5:
         raise ValueError(
             f"rois must have shape (K, 5) (batch_index, x1, y1, x2, y2), got {tuple(rois.shape)}"
         )
-    check_same_dtype_and_device("rois", rois, input)
+    if rois.dtype not in (input.dtype, ROIS_DTYPE):
+        also = "" if input.dtype == ROIS_DTYPE else f" or {ROIS_DTYPE}"
+        raise TypeError(
+            f"rois has dtype {rois.dtype}, expected input's dtype {input.dtype}{also}"
+        )
+    if rois.device != input.device:
+        raise ValueError(f"rois is on {rois.device}, expected input's device {input.device}")
     if input.shape[2] * input.shape[3] > launch.INT32_MAX:
         raise ValueError(f"input planes of {input.shape[2]}x{input.shape[3]} exceed 2^31 elements")
     return rois.shape[0]
@@ -99,21 +126,34 @@ def check_same_dtype_and_device(name: str, tensor: torch.Tensor, input: torch.Te
         raise ValueError(f"{name} is on {tensor.device}, expected input's device {input.device}")
 
 
-def check_values(rois: torch.Tensor, batch: int, **moves: torch.Tensor | None) -> None:
-    """Batch indices integral and in [0, batch), coordinates finite, and every
-    tensor in ``moves`` (offset, trans: they move sample positions) finite.
+def check_values(
+    rois: torch.Tensor,
+    batch: int,
+    adaptive: Geometry | None = None,
+    **moves: torch.Tensor | None,
+) -> None:
+    """Batch indices integral and in [0, batch), coordinates finite, every
+    tensor in ``moves`` (offset, trans: they move sample positions) finite,
+    and, given the ``adaptive`` geometry of a call with sampling_ratio <= 0,
+    every RoI's sampling grid within ``MAX_SAMPLES_PER_BIN``.
 
     Reads values: on a GPU one synchronisation (the error path takes more,
-    to name the first bad element).
+    to name the first bad element). Callers that check a case once (the
+    harness) may call it outside the timed call.
     """
     index = rois[:, 0]
     bad_index = (index != index.floor()) | (index < 0) | (index >= batch)
     bad_coordinates = ~torch.isfinite(rois[:, 1:]).all(dim=1)
     given = {name: tensor for name, tensor in moves.items() if tensor is not None}
+    grid_h, grid_w = (None, None) if adaptive is None else adaptive_grid(rois, adaptive)
+    bad_grid = (
+        torch.zeros_like(bad_index) if adaptive is None else grid_too_large(grid_h, grid_w)
+    )
     flags = torch.stack(
         [
             bad_index.any(),
             bad_coordinates.any(),
+            bad_grid.any(),
             *(~torch.isfinite(tensor).all() for tensor in given.values()),
         ]
     ).tolist()
@@ -128,14 +168,45 @@ def check_values(rois: torch.Tensor, batch: int, **moves: torch.Tensor | None) -
         raise ValueError(
             f"rois[:, 1:] must be finite coordinates, got {rois[k, 1:].tolist()} in RoI {k}"
         )
-    for name, bad in zip(given, flags[2:], strict=True):
+    if flags[2]:
+        k = int(bad_grid.nonzero()[0, 0])
+        raise grid_too_large_error(k, int(grid_h[k]), int(grid_w[k]))
+    for name, bad in zip(given, flags[3:], strict=True):
         if bad:
             raise ValueError(f"{name} must be finite (it moves sample positions), got NaN or Inf")
 
 
-def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+def adaptive_grid(rois: torch.Tensor, g: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grid_h, grid_w), float64 [K]: the adaptive sampling grid of each RoI,
+    ceil(roi size / pooled size) clamped below at 0, as the kernel computes it
+    (in float32 there: this may differ by one sample a side at a ceil's edge)."""
+    rois = rois.double()
+    shift = 0.5 if g.aligned else 0.0
+    size_w = (rois[:, 3] * g.spatial_scale - shift) - (rois[:, 1] * g.spatial_scale - shift)
+    size_h = (rois[:, 4] * g.spatial_scale - shift) - (rois[:, 2] * g.spatial_scale - shift)
+    if not g.aligned:
+        size_w, size_h = size_w.clamp(min=1), size_h.clamp(min=1)
+    return (
+        torch.ceil(size_h / g.pooled_h).clamp(min=0),
+        torch.ceil(size_w / g.pooled_w).clamp(min=0),
+    )
+
+
+def check_positive_int(name: str, value: object, minimum: int | None = 1) -> int:
+    """``value`` an int (not a bool) >= ``minimum`` (None: any int)."""
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or (minimum is not None and value < minimum)
+    ):
+        expected = "an int" if minimum is None else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
     return value
 
 
@@ -163,12 +234,18 @@ class Geometry:
     pooled_h: int
     pooled_w: int
     spatial_scale: float
-    sampling_ratio: int
+    sampling_ratio: int  # <= 0: adaptive
     gamma: float
+    aligned: bool
 
     @property
     def bins(self) -> int:
         return self.pooled_h * self.pooled_w
+
+    @property
+    def empty(self) -> bool:
+        """No RoI or no channel: nothing to launch, the output has no element."""
+        return self.num_rois == 0 or self.channels == 0
 
     @property
     def output_shape(self) -> tuple[int, int, int, int]:
@@ -185,14 +262,17 @@ def check_arguments(
     spatial_scale: float,
     sampling_ratio: int,
     gamma: float,
+    aligned: bool,
 ) -> Geometry:
     """Check shapes, dtypes, devices and parameters (not values); return the call's sizes."""
     num_rois = check_input_and_rois(input, rois)
     check_positive_int("pooled_h", pooled_h)
     check_positive_int("pooled_w", pooled_w)
-    check_positive_int("sampling_ratio", sampling_ratio, minimum=0)
+    check_positive_int("sampling_ratio", sampling_ratio, minimum=None)
+    check_explicit_grid("sampling_ratio", sampling_ratio)
     spatial_scale = check_finite_float("spatial_scale", spatial_scale, positive=True)
     gamma = check_finite_float("gamma", gamma)
+    check_bool("aligned", aligned)
     for name, tensor, channels in (("offset", offset, 2), ("mask", mask, 1)):
         if tensor is None:
             continue
@@ -218,6 +298,7 @@ def check_arguments(
         spatial_scale=spatial_scale,
         sampling_ratio=sampling_ratio,
         gamma=gamma,
+        aligned=aligned,
     )
 
 
@@ -247,6 +328,7 @@ def _geometry_arguments(g: Geometry) -> tuple:
         launch.float32(g.spatial_scale),
         launch.int32(g.sampling_ratio),
         launch.float32(g.gamma),
+        launch.int32(int(g.aligned)),
     )
 
 
@@ -271,12 +353,15 @@ def _forward(
     mask: torch.Tensor | None,
 ) -> torch.Tensor:
     output = launch.new_output(g.output_shape, input.dtype, input.device)
+    if g.empty:
+        return output
     kernel = launch.module(SOURCE, input.device).function(
         _name_expression(
             "deform_roi_pool_forward", input.dtype, offset is not None, mask is not None
         )
     )
     null = launch.null(input.dtype, input.device)  # unread without HAS_OFFSET / HAS_MASK
+    rois = rois.to(ROIS_DTYPE).contiguous()
     for start, stop in roi_chunks(g.num_rois):
         kernel(
             (launch.blocks(g.channels * g.bins, BLOCK_SIZE), stop - start),
@@ -313,6 +398,12 @@ def _backward(
 
     # float32 accumulation: half-precision atomics would round every one of
     # the many additions a pixel receives (and bfloat16 ones are CAS loops).
+    if g.empty:
+        # Nothing pooled: every requested gradient is zero.
+        return tuple(
+            torch.zeros(tensor.shape, dtype=dtype, device=device) if wanted else empty()
+            for tensor, wanted in ((input, want_input), (offset, want_offset), (mask, want_mask))
+        )
     grad_input = (
         torch.zeros(input.shape, dtype=torch.float32, device=device) if want_input else None
     )
@@ -338,6 +429,7 @@ def _backward(
             )
         )
         null, null_float = launch.null(dtype, device), launch.null(torch.float32, device)
+        rois = rois.to(ROIS_DTYPE).contiguous()
         for start, stop in roi_chunks(g.num_rois):
             kernel(
                 (launch.blocks(slicing.slices * g.bins, BLOCK_SIZE), stop - start),
@@ -367,7 +459,9 @@ def _backward(
 # torch.library operators: what autograd and torch.compile see.
 # --------------------------------------------------------------------------- #
 
-_PARAMS_SCHEMA = "int pooled_h, int pooled_w, float spatial_scale, int sampling_ratio, float gamma"
+_PARAMS_SCHEMA = (
+    "int pooled_h, int pooled_w, float spatial_scale, int sampling_ratio, float gamma, bool aligned"
+)
 
 
 @torch.library.custom_op(
@@ -377,7 +471,7 @@ _PARAMS_SCHEMA = "int pooled_h, int pooled_w, float spatial_scale, int sampling_
 )
 def _deform_roi_pool_op(input, rois, offset, mask, *params):
     g = check_arguments(input, rois, offset, mask, *params)
-    check_values(rois, g.batch, offset=offset)
+    check_values(rois, g.batch, g if g.sampling_ratio <= 0 else None, offset=offset)
     return _forward(g, input, rois, offset, mask)
 
 
@@ -441,9 +535,36 @@ _deform_roi_pool_op.register_autograd(_autograd_backward, setup_context=_setup_c
 # --------------------------------------------------------------------------- #
 
 
-def _pool(input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma):
+def pooled_size(output_size: object, pooled_h: object, pooled_w: object) -> tuple[int, int]:
+    """(pooled_h, pooled_w) from torchvision's / mmcv's ``output_size`` (an int
+    or an (h, w) pair) or from the contract's ``pooled_h`` and ``pooled_w``:
+    exactly one of the two forms. Shared with the modules."""
+    if output_size is None:
+        if pooled_h is None or pooled_w is None:
+            raise TypeError(
+                "give output_size (an int or (h, w)) or both pooled_h and pooled_w, got "
+                f"output_size=None, pooled_h={pooled_h!r}, pooled_w={pooled_w!r}"
+            )
+        return check_positive_int("pooled_h", pooled_h), check_positive_int("pooled_w", pooled_w)
+    if pooled_h is not None or pooled_w is not None:
+        raise TypeError(
+            f"give output_size or pooled_h / pooled_w, not both: got output_size={output_size!r}, "
+            f"pooled_h={pooled_h!r}, pooled_w={pooled_w!r}"
+        )
+    pair = (output_size, output_size) if isinstance(output_size, int) else output_size
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise ValueError(f"output_size must be an int or an (h, w) pair, got {output_size!r}")
+    return check_positive_int("output_size[0]", pair[0]), check_positive_int(
+        "output_size[1]", pair[1]
+    )
+
+
+def _pool(input, rois, offset, mask, size, spatial_scale, sampling_ratio, gamma, aligned):
+    pooled_h, pooled_w = size
+    rois = as_rois(rois)
     g = check_arguments(
-        input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma
+        input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma,
+        aligned,
     )
     # Kernels read dense tensors: a non-contiguous argument is copied once here.
     return torch.ops.dcnbench.deform_roi_pool(
@@ -456,100 +577,116 @@ def _pool(input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling
         g.spatial_scale,
         g.sampling_ratio,
         g.gamma,
+        g.aligned,
     )
 
 
 def roi_align(
     input: torch.Tensor,
-    rois: torch.Tensor,
+    rois: torch.Tensor | list[torch.Tensor],
+    output_size: int | tuple[int, int] | None = None,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = True,
     *,
-    pooled_h: int,
-    pooled_w: int,
-    spatial_scale: float,
-    sampling_ratio: int,
+    pooled_h: int | None = None,
+    pooled_w: int | None = None,
 ) -> torch.Tensor:
-    """RoIAlign (average) with our CUDA kernels: ``torchvision.ops.roi_align(aligned=True)``.
+    """RoIAlign (average) with our CUDA kernels: ``torchvision.ops.roi_align``.
 
-    :func:`deform_roi_pool` without offset; differentiable in ``input``.
+    With ``aligned`` (the contract's default, and mmcv's) it is
+    :func:`deform_roi_pool` without offset; ``aligned=False`` is
+    torchvision's legacy rule (its default): no half-pixel shift, RoI sides
+    clamped below at 1. Differentiable in ``input``.
 
     Args:
         input: [N, C, H, W], float32 / float16 / bfloat16.
-        rois: [K, 5] of (batch_index, x1, y1, x2, y2) in image coordinates;
-            same dtype and device as input; batch indices integral in [0, N),
-            coordinates finite (checked: one host synchronisation on a GPU).
-        pooled_h, pooled_w: output bins per RoI (>= 1).
-        spatial_scale: image to feature-map scale (> 0).
-        sampling_ratio: samples per bin side; 0: ceil(roi size / pooled size).
+        rois: [K, 5] of (batch_index, x1, y1, x2, y2) in image coordinates,
+            or a list of [L_i, 4] boxes (x1, y1, x2, y2), one tensor per image
+            (torchvision's form); the input's dtype or float32 (autocast's
+            boxes for half features), on its device; batch indices integral
+            in [0, N), coordinates finite (checked: one host synchronisation
+            on a GPU).
+        output_size: output bins per RoI, an int or (pooled_h, pooled_w);
+            or give ``pooled_h`` and ``pooled_w`` (>= 1) instead.
+        spatial_scale: image to feature-map scale (> 0; default 1).
+        sampling_ratio: samples per bin side (<= 1024); <= 0 (default -1):
+            adaptive, ceil(roi size / pooled size), at most
+            ``kernels.rois.MAX_SAMPLES_PER_BIN`` a bin (else a ValueError).
+        aligned: shift the RoI by -0.5 pixel (default True).
 
     Returns:
-        [K, C, pooled_h, pooled_w].
+        [K, C, pooled_h, pooled_w]; K = 0 or C = 0: empty.
     """
-    return _pool(input, rois, None, None, pooled_h, pooled_w, spatial_scale, sampling_ratio, 0.0)
+    size = pooled_size(output_size, pooled_h, pooled_w)
+    return _pool(input, rois, None, None, size, spatial_scale, sampling_ratio, 0.0, aligned)
 
 
 def deform_roi_pool(
     input: torch.Tensor,
-    rois: torch.Tensor,
-    offset: torch.Tensor | None,
-    *,
-    pooled_h: int,
-    pooled_w: int,
-    spatial_scale: float,
-    sampling_ratio: int,
+    rois: torch.Tensor | list[torch.Tensor],
+    offset: torch.Tensor | None = None,
+    output_size: int | tuple[int, int] | None = None,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 0,
     gamma: float = 0.1,
+    *,
+    pooled_h: int | None = None,
+    pooled_w: int | None = None,
 ) -> torch.Tensor:
     """Deformable RoI pooling (DCNv1; mmcv's ``deform_roi_pool``) with our CUDA kernels.
 
     Bin (ph, pw) of RoI k moves by gamma·(roi_w·offset[k, 0, ph, pw],
     roi_h·offset[k, 1, ph, pw]) and averages its sampling grid by rule B1.
-    Differentiable in ``input`` and ``offset``.
+    Differentiable in ``input`` and ``offset``. Defaults are mmcv's.
 
     Args:
         input: [N, C, H, W], float32 / float16 / bfloat16.
-        rois: [K, 5], as :func:`roi_align`.
+        rois: [K, 5], or a list of [L_i, 4] per image, as :func:`roi_align`.
         offset: [K, 2, pooled_h, pooled_w] (channel 0 moves x, 1 moves y), or
-            None: exactly :func:`roi_align`.
-        pooled_h, pooled_w, spatial_scale, sampling_ratio: as :func:`roi_align`.
+            None: exactly :func:`roi_align` (aligned).
+        output_size, pooled_h, pooled_w, spatial_scale: as :func:`roi_align`.
+        sampling_ratio: as :func:`roi_align`; default 0 (adaptive, as mmcv).
         gamma: offset scale (default 0.1).
 
-    All tensors share one dtype and device; non-contiguous ones are copied.
+    All tensors but rois share one dtype and device; non-contiguous ones are copied.
 
     Returns:
-        [K, C, pooled_h, pooled_w].
+        [K, C, pooled_h, pooled_w]; K = 0 or C = 0: empty.
     """
-    return _pool(
-        input, rois, offset, None, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma
-    )
+    size = pooled_size(output_size, pooled_h, pooled_w)
+    return _pool(input, rois, offset, None, size, spatial_scale, sampling_ratio, gamma, True)
 
 
 def modulated_deform_roi_pool(
     input: torch.Tensor,
-    rois: torch.Tensor,
+    rois: torch.Tensor | list[torch.Tensor],
     offset: torch.Tensor | None,
     mask: torch.Tensor,
-    *,
-    pooled_h: int,
-    pooled_w: int,
-    spatial_scale: float,
-    sampling_ratio: int,
+    output_size: int | tuple[int, int] | None = None,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 0,
     gamma: float = 0.1,
+    *,
+    pooled_h: int | None = None,
+    pooled_w: int | None = None,
 ) -> torch.Tensor:
     """Modulated deformable RoI pooling (DCNv2): :func:`deform_roi_pool` times ``mask``.
 
     Args:
         input: [N, C, H, W].
-        rois: [K, 5].
+        rois: [K, 5], or a list of [L_i, 4] per image, as :func:`roi_align`.
         offset: [K, 2, pooled_h, pooled_w], or None (no offset).
         mask: [K, 1, pooled_h, pooled_w], used as given (already through a sigmoid).
-        pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma: as :func:`deform_roi_pool`.
+        output_size, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma:
+            as :func:`deform_roi_pool`.
 
     Differentiable in ``input``, ``offset`` and ``mask``.
 
     Returns:
-        [K, C, pooled_h, pooled_w].
+        [K, C, pooled_h, pooled_w]; K = 0 or C = 0: empty.
     """
     if mask is None:
         raise TypeError("mask must be a torch.Tensor (use deform_roi_pool without one), got None")
-    return _pool(
-        input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma
-    )
+    size = pooled_size(output_size, pooled_h, pooled_w)
+    return _pool(input, rois, offset, mask, size, spatial_scale, sampling_ratio, gamma, True)
