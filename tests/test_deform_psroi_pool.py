@@ -273,6 +273,22 @@ BAD_ARGUMENTS = {
     "part_size": (_bad(part_size=-1), ValueError, r"part_size must be an int >= 0"),
     "trans_std": (_bad(trans_std=float("inf")), ValueError, r"trans_std must be a finite number"),
     "no_trans_type": (_bad(no_trans=1), TypeError, r"no_trans must be a bool"),
+    "sample_per_part_too_large": (
+        _bad(sample_per_part=1025),
+        ValueError,
+        r"sample_per_part must be at most 1024 .* got 1025",
+    ),
+    "output_dim_negative": (_bad(output_dim=-1), ValueError, r"output_dim must be an int >= 0"),
+    "rois_list_of_wrong_shape": (
+        _bad(rois=[torch.zeros(3, 5)]),
+        ValueError,
+        r"rois\[0\] must have shape \(L, 4\)",
+    ),
+    "rois_float64": (
+        _bad(rois=_bad()["rois"].double()),
+        TypeError,
+        r"rois has dtype torch.float64, expected input's dtype torch.float32$",
+    ),
 }
 
 
@@ -281,6 +297,61 @@ def test_bad_arguments(name):
     arguments, error, message = BAD_ARGUMENTS[name]
     with pytest.raises(error, match=message):
         ops.deform_psroi_pool(**arguments)
+
+
+def test_defaults_are_mmdets():
+    """mmdet v1's deform_roi_pooling defaults: spatial_scale 1, group_size 1,
+    part_size = pooled_size, sample_per_part 4, trans_std 0 (trans then moves
+    nothing: the same as no_trans), with the reference at those values."""
+    case = Case(group_size=1, spatial_scale=1.0, sample_per_part=4, trans_std=0.0)
+    inputs = make_inputs(case, torch.float32, seed=9)
+    ours = ops.deform_psroi_pool(inputs["input"], inputs["rois"], inputs["trans"], output_dim=4,
+                                 pooled_size=3)
+    expected = reference.deform_psroi_pool(
+        inputs["input"].double(), inputs["rois"].double(), inputs["trans"].double(),
+        **case.params())
+    assert_close("output", ours, expected, torch.float32)
+    no_trans = ops.deform_psroi_pool(inputs["input"], inputs["rois"], output_dim=4, pooled_size=3,
+                                     no_trans=True)
+    torch.testing.assert_close(ours, no_trans, rtol=0, atol=0)
+
+
+def test_boxes_per_image_and_float32_boxes_with_half_features():
+    """A list of [L_i, 4] boxes pools as the [K, 5] rows; float32 boxes are
+    accepted with half features (autocast)."""
+    case = CASES["basic"]
+    inputs = make_inputs(case, torch.float32, seed=10)
+    rows = inputs["rois"][:5].clone()
+    rows[:, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0])
+    boxes = [rows[:2, 1:], rows[2:, 1:]]
+    trans = inputs["trans"][:5]
+    expected = ops.deform_psroi_pool(inputs["input"], rows, trans, **case.params())
+    torch.testing.assert_close(
+        ops.deform_psroi_pool(inputs["input"], boxes, trans, **case.params()), expected,
+        rtol=0, atol=0)
+    half = {"input": inputs["input"].half(), "rois": rows, "trans": trans.half()}
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = check_against_reference(case, half, torch.float16)
+    assert out.dtype == torch.float16
+
+
+@pytest.mark.parametrize("empty", ["K", "output_dim"])
+def test_empty_output_and_zero_gradients(empty):
+    """K = 0 RoIs or output_dim = 0: an empty output of the right shape and
+    zero gradients, in ours and in the reference."""
+    case = CASES["basic"] if empty == "K" else dataclasses.replace(
+        CASES["basic"], output_dim=0, num_classes=1)
+    inputs = make_inputs(case, torch.float32, seed=11)
+    if empty == "K":
+        inputs = {n: t if n == "input" else t[:0] for n, t in inputs.items()}
+    for module in (ops, reference):
+        leaves = {n: t.clone().requires_grad_(n != "rois") for n, t in inputs.items()}
+        out = module.deform_psroi_pool(leaves["input"], leaves["rois"], leaves["trans"],
+                                       **case.params())
+        assert out.shape == (inputs["rois"].shape[0], case.output_dim, 3, 3)
+        grads = torch.autograd.grad(out.sum(), [leaves["input"], leaves["trans"]])
+        for name, grad in zip(("input", "trans"), grads, strict=True):
+            assert grad.shape == inputs[name].shape and not grad.any(), name
 
 
 def _tiny_op_arguments(with_trans: bool):
