@@ -354,6 +354,50 @@ def test_empty_output_and_zero_gradients(empty):
             assert grad.shape == inputs[name].shape and not grad.any(), name
 
 
+def test_module_is_the_function():
+    case = CASES["basic"]
+    inputs = make_inputs(case, torch.float32, seed=12)
+    module = ops.DeformPSRoIPool(case.spatial_scale, case.pooled_size, case.output_dim, False,
+                                 case.group_size, case.part_size, case.sample_per_part,
+                                 case.trans_std)
+    torch.testing.assert_close(
+        module(inputs["input"], inputs["rois"], inputs["trans"]),
+        ops.deform_psroi_pool(inputs["input"], inputs["rois"], inputs["trans"], **case.params()),
+        rtol=0, atol=0)
+    assert "sample_per_part=2" in repr(module)
+
+
+def test_a_new_pack_is_the_no_trans_pooling_and_learns_its_trans():
+    """Zero-initialised last layer (mmdet v1): a new Pack pools as no_trans; the
+    layers get gradients through trans and one SGD step moves the bins. An
+    empty list of boxes gives an empty output and zero gradients."""
+    torch.manual_seed(13)
+    case = dataclasses.replace(CASES["basic"], num_classes=1, trans_std=0.1)
+    inputs = make_inputs(case, torch.float32, seed=13)
+    pack = ops.DeformPSRoIPoolPack(case.spatial_scale, case.pooled_size, case.output_dim,
+                                   group_size=case.group_size, sample_per_part=2,
+                                   trans_std=case.trans_std, deform_fc_channels=16)
+    out = pack(inputs["input"], inputs["rois"])
+    expected = ops.deform_psroi_pool(inputs["input"], inputs["rois"], None,
+                                     **dict(case.params(), no_trans=True))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(14)))
+    assert pack.offset_fc[-1].weight.grad.abs().sum() > 0
+    torch.optim.SGD(pack.parameters(), lr=1.0).step()
+    assert (pack(inputs["input"], inputs["rois"]) - out).abs().max() > 1e-3
+    pack.zero_grad(set_to_none=False)
+    empty = pack(inputs["input"], [torch.zeros(0, 4), torch.zeros(0, 4)])
+    assert empty.shape == (0, case.output_dim, case.pooled_size, case.pooled_size)
+    empty.sum().backward()
+    assert all(not p.grad.any() for p in pack.parameters())
+
+
+def test_pack_needs_one_trans_cell_per_bin():
+    with pytest.raises(ValueError, match=r"part_size must be 0 or pooled_size: .* got part_size=2, "
+                                         r"pooled_size=3"):
+        ops.DeformPSRoIPoolPack(0.5, 3, 4, part_size=2)
+
+
 def _tiny_op_arguments(with_trans: bool):
     case = Case(N=2, H=4, W=5, output_dim=2, group_size=2, pooled_size=2, num_classes=1)
     inputs = make_inputs(case, torch.float32, seed=8)

@@ -457,6 +457,80 @@ def test_a_million_pixel_roi_at_one_bin():
 
 
 # --------------------------------------------------------------------------- #
+# Modules.
+# --------------------------------------------------------------------------- #
+
+
+def test_modules_are_the_functions():
+    case = CASES["adaptive_grid"]
+    op = "modulated_deform_roi_pool"
+    inputs = make_inputs(case, op, torch.float32, seed=23)
+    x, rois, offset, mask = (inputs[n] for n in ("input", "rois", "offset", "mask"))
+    size, scale = (case.pooled_h, case.pooled_w), case.spatial_scale
+    pairs = [
+        (ops.RoIAlign(size, scale, 2, aligned=False)(x, rois),
+         ops.roi_align(x, rois, size, scale, 2, aligned=False)),
+        (ops.DeformRoIPool(size, scale, 0, gamma=0.3)(x, rois, offset),
+         ops.deform_roi_pool(x, rois, offset, size, scale, 0, 0.3)),
+        (ops.ModulatedDeformRoIPool(size, scale)(x, rois, offset, mask),
+         ops.modulated_deform_roi_pool(x, rois, offset, mask, size, scale)),
+    ]
+    for module_out, function_out in pairs:
+        torch.testing.assert_close(module_out, function_out, rtol=0, atol=0)
+    assert "aligned=False" in repr(ops.RoIAlign(size, scale, 2, aligned=False))
+
+
+def _pack_inputs(seed: int):
+    case = CASES["sampling_ratio_2"]
+    inputs = make_inputs(case, "roi_align", torch.float32, seed=seed)
+    size = (case.pooled_h, case.pooled_w)
+    return case, inputs["input"], inputs["rois"], size
+
+
+@pytest.mark.parametrize("modulated", [False, True], ids=["DeformRoIPoolPack", "Modulated"])
+def test_a_new_pack_is_roi_align_and_learns_its_offsets(modulated):
+    """Zero-initialised last layers (mmcv): a new Pack is roi_align (the
+    modulated one 0.5·roi_align, sigmoid(0)); its offset (and mask) layers get
+    gradients through the op, and one step of SGD moves the bins."""
+    torch.manual_seed(24)
+    case, x, rois, size = _pack_inputs(24)
+    pack_class = ops.ModulatedDeformRoIPoolPack if modulated else ops.DeformRoIPoolPack
+    pack = pack_class(size, case.C, 16, case.spatial_scale, case.sampling_ratio)
+    out = pack(x, rois)
+    expected = ops.roi_align(x, rois, size, case.spatial_scale, case.sampling_ratio)
+    torch.testing.assert_close(out, 0.5 * expected if modulated else expected, rtol=0, atol=0)
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(25))
+    out.backward(grad_output)
+    layers = [pack.offset_fc[-1], *([pack.mask_fc[-2]] if modulated else [])]
+    for layer in layers:
+        assert layer.weight.grad.abs().sum() > 0 and layer.bias.grad.abs().sum() > 0
+    torch.optim.SGD(pack.parameters(), lr=1.0).step()
+    moved = pack(x, rois)
+    assert (moved - out).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("modulated", [False, True], ids=["DeformRoIPoolPack", "Modulated"])
+def test_pack_without_rois(modulated):
+    """K = 0 (an image without proposals, as an empty list of boxes): an empty
+    output, and zero gradients for the layers."""
+    case, x, _, size = _pack_inputs(26)
+    pack_class = ops.ModulatedDeformRoIPoolPack if modulated else ops.DeformRoIPoolPack
+    pack = pack_class(size, case.C, 8, case.spatial_scale)
+    out = pack(x, [torch.zeros(0, 4), torch.zeros(0, 4)])
+    assert out.shape == (0, case.C, *size)
+    out.sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in pack.parameters())
+
+
+def test_pack_checks_its_channels():
+    case, x, rois, size = _pack_inputs(27)
+    with pytest.raises(ValueError, match=r"input must be \[N, output_channels = 5, H, W\], got"):
+        ops.DeformRoIPoolPack(size, 5)(x, rois)
+    with pytest.raises(ValueError, match=r"output_channels must be an int >= 1, got 0"):
+        ops.DeformRoIPoolPack(size, 0)
+
+
+# --------------------------------------------------------------------------- #
 # Memory safety: every kernel once under the emulator's memcheck.
 # --------------------------------------------------------------------------- #
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch import nn
 
 from kernels import launch
 from kernels.checks import check_shape, check_tensor
@@ -36,12 +37,13 @@ from kernels.ops.deform_roi_pool import (
     check_positive_int,
     check_same_dtype_and_device,
     check_values,
+    fully_connected,
     roi_chunks,
     roi_rows,
 )
 from kernels.rois import as_rois, check_explicit_grid
 
-__all__ = ["deform_psroi_pool"]
+__all__ = ["DeformPSRoIPool", "DeformPSRoIPoolPack", "deform_psroi_pool"]
 
 # Threads per block of both kernels (a macro in the .cu, see deform_roi_pool).
 BLOCK_SIZE = 256
@@ -457,3 +459,136 @@ def deform_psroi_pool(
         sample_per_part,
         g.trans_std,
     )
+
+
+# --------------------------------------------------------------------------- #
+# Modules.
+# --------------------------------------------------------------------------- #
+
+
+class DeformPSRoIPool(nn.Module):
+    """mmdet v1's ``DeformRoIPooling``: ``forward(input, rois, trans=None)`` = :func:`deform_psroi_pool`.
+
+    input [N, output_dim·group_size², H, W]; rois [K, 5] or a list of
+    [L_i, 4] boxes per image; trans [K, 2·num_classes, part_size, part_size]
+    (None with no_trans); output [K, output_dim, pooled_size, pooled_size].
+    Positional order and defaults are mmdet's (spatial_scale, out_size,
+    out_channels, no_trans, group_size=1, part_size=None, sample_per_part=4,
+    trans_std=0), under the contract's names.
+    """
+
+    def __init__(
+        self,
+        spatial_scale: float,
+        pooled_size: int,
+        output_dim: int,
+        no_trans: bool = False,
+        group_size: int = 1,
+        part_size: int = 0,
+        sample_per_part: int = 4,
+        trans_std: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.spatial_scale = spatial_scale
+        self.pooled_size = pooled_size
+        self.output_dim = output_dim
+        self.no_trans = check_bool("no_trans", no_trans)
+        self.group_size = group_size
+        self.part_size = part_size
+        self.sample_per_part = sample_per_part
+        self.trans_std = trans_std
+
+    def _pool(self, input, rois, trans, no_trans):
+        return deform_psroi_pool(
+            input,
+            rois,
+            trans,
+            spatial_scale=self.spatial_scale,
+            output_dim=self.output_dim,
+            group_size=self.group_size,
+            pooled_size=self.pooled_size,
+            part_size=self.part_size,
+            sample_per_part=self.sample_per_part,
+            trans_std=self.trans_std,
+            no_trans=no_trans,
+        )
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        rois: torch.Tensor | list[torch.Tensor],
+        trans: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self._pool(input, rois, trans, self.no_trans)
+
+    def extra_repr(self) -> str:
+        return (
+            f"spatial_scale={self.spatial_scale}, pooled_size={self.pooled_size}, "
+            f"output_dim={self.output_dim}, no_trans={self.no_trans}, "
+            f"group_size={self.group_size}, part_size={self.part_size}, "
+            f"sample_per_part={self.sample_per_part}, trans_std={self.trans_std}"
+        )
+
+
+class DeformPSRoIPoolPack(DeformPSRoIPool):
+    """mmdet v1's ``DeformRoIPoolingPack``: the trans is learnt from the pooled features.
+
+    ``forward(input, rois)``: x = the no_trans pooling [K, output_dim, P, P]
+    (P = pooled_size); trans = ``offset_fc``(x flattened) [K, 2, P, P]
+    (``num_offset_fcs`` linear layers, output_dim·P² -> deform_fc_channels ...
+    -> 2·P², ReLUs between, the last zero-initialised: one class, part_size =
+    pooled_size); returns :func:`deform_psroi_pool` with that trans. With
+    ``no_trans`` there are no layers and it is the no_trans pooling; at
+    initialisation it is that pooling too.
+    """
+
+    def __init__(
+        self,
+        spatial_scale: float,
+        pooled_size: int,
+        output_dim: int,
+        no_trans: bool = False,
+        group_size: int = 1,
+        part_size: int = 0,
+        sample_per_part: int = 4,
+        trans_std: float = 0.0,
+        num_offset_fcs: int = 3,
+        deform_fc_channels: int = 1024,
+    ) -> None:
+        super().__init__(
+            spatial_scale, pooled_size, output_dim, no_trans, group_size, part_size,
+            sample_per_part, trans_std,
+        )
+        check_positive_int("pooled_size", pooled_size)
+        check_positive_int("output_dim", output_dim)
+        if part_size not in (0, pooled_size):
+            raise ValueError(
+                "part_size must be 0 or pooled_size: the layers predict one trans cell per bin, "
+                f"got part_size={part_size}, pooled_size={pooled_size}"
+            )
+        self.num_offset_fcs = check_positive_int("num_offset_fcs", num_offset_fcs)
+        self.deform_fc_channels = check_positive_int("deform_fc_channels", deform_fc_channels)
+        if not no_trans:
+            bins = pooled_size * pooled_size
+            hidden = [deform_fc_channels] * (num_offset_fcs - 1)
+            self.offset_fc = fully_connected([output_dim * bins, *hidden, 2 * bins])
+
+    def forward(  # type: ignore[override]
+        self, input: torch.Tensor, rois: torch.Tensor | list[torch.Tensor]
+    ) -> torch.Tensor:
+        rois = as_rois(rois)
+        plain = self._pool(input, rois, None, True)
+        if self.no_trans:
+            return plain
+        count = plain.shape[0]
+        # An explicit size: with K = 0 a -1 would be ambiguous.
+        trans = self.offset_fc(plain.reshape(count, plain.shape[1:].numel()))
+        return self._pool(
+            input, rois, trans.view(count, 2, self.pooled_size, self.pooled_size), False
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, num_offset_fcs={self.num_offset_fcs}, "
+            f"deform_fc_channels={self.deform_fc_channels}"
+        )

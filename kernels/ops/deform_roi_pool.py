@@ -29,9 +29,11 @@ checks, never for timing.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import torch
+from torch import nn
 
 from kernels import launch
 from kernels.checks import check_shape, check_tensor
@@ -44,7 +46,16 @@ from kernels.rois import (
     grid_too_large_error,
 )
 
-__all__ = ["deform_roi_pool", "modulated_deform_roi_pool", "roi_align"]
+__all__ = [
+    "DeformRoIPool",
+    "DeformRoIPoolPack",
+    "ModulatedDeformRoIPool",
+    "ModulatedDeformRoIPoolPack",
+    "RoIAlign",
+    "deform_roi_pool",
+    "modulated_deform_roi_pool",
+    "roi_align",
+]
 
 # Threads per block of both kernels; the .cu gets it as a macro so its
 # __launch_bounds__ and our grids cannot disagree.
@@ -690,3 +701,213 @@ def modulated_deform_roi_pool(
         raise TypeError("mask must be a torch.Tensor (use deform_roi_pool without one), got None")
     size = pooled_size(output_size, pooled_h, pooled_w)
     return _pool(input, rois, offset, mask, size, spatial_scale, sampling_ratio, gamma, True)
+
+
+# --------------------------------------------------------------------------- #
+# Modules.
+# --------------------------------------------------------------------------- #
+
+
+class RoIAlign(nn.Module):
+    """``torchvision.ops.RoIAlign``: ``forward(input, rois)`` = :func:`roi_align`.
+
+    input [N, C, H, W]; rois [K, 5] or a list of [L_i, 4] boxes per image;
+    output [K, C, pooled_h, pooled_w]. ``aligned`` defaults to True (mmcv's
+    and the contract's default; torchvision's is False).
+    """
+
+    def __init__(
+        self,
+        output_size: int | tuple[int, int],
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = -1,
+        aligned: bool = True,
+    ) -> None:
+        super().__init__()
+        self.output_size = pooled_size(output_size, None, None)
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+
+    def forward(self, input: torch.Tensor, rois: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        return roi_align(
+            input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}"
+        )
+
+
+class DeformRoIPool(nn.Module):
+    """mmcv's ``DeformRoIPool``: ``forward(input, rois, offset=None)`` = :func:`deform_roi_pool`.
+
+    input [N, C, H, W]; rois [K, 5] or a list of [L_i, 4] boxes per image;
+    offset [K, 2, pooled_h, pooled_w] or None; output [K, C, pooled_h, pooled_w].
+    """
+
+    def __init__(
+        self,
+        output_size: int | tuple[int, int],
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        gamma: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.output_size = pooled_size(output_size, None, None)
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.gamma = gamma
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        rois: torch.Tensor | list[torch.Tensor],
+        offset: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return deform_roi_pool(
+            input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio,
+            self.gamma,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio}, gamma={self.gamma}"
+        )
+
+
+class ModulatedDeformRoIPool(DeformRoIPool):
+    """``forward(input, rois, offset, mask)`` = :func:`modulated_deform_roi_pool`:
+    :class:`DeformRoIPool` times mask [K, 1, pooled_h, pooled_w] (offset may be None)."""
+
+    def forward(  # type: ignore[override]
+        self,
+        input: torch.Tensor,
+        rois: torch.Tensor | list[torch.Tensor],
+        offset: torch.Tensor | None,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        return modulated_deform_roi_pool(
+            input, rois, offset, mask, self.output_size, self.spatial_scale,
+            self.sampling_ratio, self.gamma,
+        )
+
+
+def fully_connected(sizes: list[int], last: nn.Module | None = None) -> nn.Sequential:
+    """Linear layers of ``sizes`` with ReLUs between them (and ``last`` after the
+    last one), the last layer zero-initialised as mmcv does: a new Pack starts
+    as the pooling without offset. Shared with kernels.ops.deform_psroi_pool."""
+    layers: list[nn.Module] = []
+    for index, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
+        if index:
+            layers.append(nn.ReLU(inplace=True))
+        layers.append(nn.Linear(fan_in, fan_out))
+    nn.init.zeros_(layers[-1].weight)
+    nn.init.zeros_(layers[-1].bias)
+    if last is not None:
+        layers.append(last)
+    return nn.Sequential(*layers)
+
+
+class DeformRoIPoolPack(DeformRoIPool):
+    """mmcv's ``DeformRoIPoolPack``: the offsets are learnt from the pooled features.
+
+    ``forward(input, rois)``: x = the RoI's pooling without offset [K, C, ph, pw];
+    offset = ``offset_fc``(x flattened) [K, 2, ph, pw] (three linear layers,
+    C·ph·pw -> deform_fc_channels -> deform_fc_channels -> 2·ph·pw, ReLUs
+    between, the last zero-initialised); returns :func:`deform_roi_pool` with
+    that offset, [K, C, ph, pw]. At initialisation it is :func:`roi_align`.
+    input [N, output_channels, H, W]; rois [K, 5] or a list of [L_i, 4].
+    """
+
+    def __init__(
+        self,
+        output_size: int | tuple[int, int],
+        output_channels: int,
+        deform_fc_channels: int = 1024,
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        gamma: float = 0.1,
+    ) -> None:
+        super().__init__(output_size, spatial_scale, sampling_ratio, gamma)
+        self.output_channels = check_positive_int("output_channels", output_channels)
+        self.deform_fc_channels = check_positive_int("deform_fc_channels", deform_fc_channels)
+        bins = self.output_size[0] * self.output_size[1]
+        self.offset_fc = fully_connected(
+            [bins * output_channels, deform_fc_channels, deform_fc_channels, 2 * bins]
+        )
+
+    def _pooled_features(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """[K, C·ph·pw]: the pooling without offset, what the layers see."""
+        if input.dim() != 4 or input.shape[1] != self.output_channels:
+            raise ValueError(
+                f"input must be [N, output_channels = {self.output_channels}, H, W], got shape "
+                f"{tuple(input.shape)}"
+            )
+        plain = deform_roi_pool(
+            input, rois, None, self.output_size, self.spatial_scale, self.sampling_ratio,
+            self.gamma,
+        )
+        # An explicit size: with K = 0 a -1 would be ambiguous.
+        return plain.reshape(plain.shape[0], plain.shape[1:].numel())
+
+    def _offset(self, features: torch.Tensor) -> torch.Tensor:
+        return self.offset_fc(features).view(features.shape[0], 2, *self.output_size)
+
+    def forward(  # type: ignore[override]
+        self, input: torch.Tensor, rois: torch.Tensor | list[torch.Tensor]
+    ) -> torch.Tensor:
+        rois = as_rois(rois)
+        offset = self._offset(self._pooled_features(input, rois))
+        return deform_roi_pool(
+            input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio,
+            self.gamma,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, output_channels={self.output_channels}, "
+            f"deform_fc_channels={self.deform_fc_channels}"
+        )
+
+
+class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
+    """mmcv's ``ModulatedDeformRoIPoolPack``: offsets and mask learnt from the pooled features.
+
+    As :class:`DeformRoIPoolPack`, plus mask = ``mask_fc``(x flattened)
+    [K, 1, ph, pw] (C·ph·pw -> deform_fc_channels -> ph·pw, a ReLU between, the
+    last layer zero-initialised, then a sigmoid); returns
+    :func:`modulated_deform_roi_pool` with both, [K, C, ph, pw]. At
+    initialisation the mask is 0.5 everywhere: 0.5 · :func:`roi_align`, as mmcv.
+    """
+
+    def __init__(
+        self,
+        output_size: int | tuple[int, int],
+        output_channels: int,
+        deform_fc_channels: int = 1024,
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        gamma: float = 0.1,
+    ) -> None:
+        super().__init__(
+            output_size, output_channels, deform_fc_channels, spatial_scale, sampling_ratio, gamma
+        )
+        bins = self.output_size[0] * self.output_size[1]
+        self.mask_fc = fully_connected(
+            [bins * output_channels, deform_fc_channels, bins], last=nn.Sigmoid()
+        )
+
+    def forward(  # type: ignore[override]
+        self, input: torch.Tensor, rois: torch.Tensor | list[torch.Tensor]
+    ) -> torch.Tensor:
+        rois = as_rois(rois)
+        features = self._pooled_features(input, rois)
+        mask = self.mask_fc(features).view(features.shape[0], 1, *self.output_size)
+        return modulated_deform_roi_pool(
+            input, rois, self._offset(features), mask, self.output_size, self.spatial_scale,
+            self.sampling_ratio, self.gamma,
+        )
