@@ -365,6 +365,12 @@ def test_module_is_the_function():
         ops.deform_psroi_pool(inputs["input"], inputs["rois"], inputs["trans"], **case.params()),
         rtol=0, atol=0)
     assert "sample_per_part=2" in repr(module)
+    no_trans = ops.DeformPSRoIPool(case.spatial_scale, case.pooled_size, case.output_dim, True,
+                                   case.group_size, sample_per_part=case.sample_per_part)
+    torch.testing.assert_close(
+        no_trans(inputs["input"], inputs["rois"], inputs["trans"]),
+        ops.deform_psroi_pool(inputs["input"], inputs["rois"], **dict(case.params(), no_trans=True)),
+        rtol=0, atol=0)
 
 
 def test_a_new_pack_is_the_no_trans_pooling_and_learns_its_trans():
