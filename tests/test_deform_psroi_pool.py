@@ -366,7 +366,8 @@ def test_module_is_the_function():
         rtol=0, atol=0)
     assert "sample_per_part=2" in repr(module)
     no_trans = ops.DeformPSRoIPool(case.spatial_scale, case.pooled_size, case.output_dim, True,
-                                   case.group_size, sample_per_part=case.sample_per_part)
+                                   case.group_size, sample_per_part=case.sample_per_part,
+                                   trans_std=case.trans_std)
     torch.testing.assert_close(
         no_trans(inputs["input"], inputs["rois"], inputs["trans"]),
         ops.deform_psroi_pool(inputs["input"], inputs["rois"], **dict(case.params(), no_trans=True)),
