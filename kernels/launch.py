@@ -207,8 +207,9 @@ def channel_slicing(channels: int, items: int, device: torch.device | str,
     if max_slices is not None:
         most = min(most, max_slices)
     wanted = max(1, min(-(-target // max(items, 1)), most))
-    per_thread = -(-channels // wanted)
-    return Slicing(per_thread, -(-channels // per_thread))
+    per_thread = max(1, -(-channels // wanted))
+    # No channels: still one (empty) slice, so that the items write their zeros.
+    return Slicing(per_thread, max(1, -(-channels // per_thread)))
 
 
 def blocks(items: int, block_size: int) -> int:

@@ -21,3 +21,15 @@ def poisoned_outputs():
 
     with launch.poisoned_outputs():
         yield
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    """``torch.use_deterministic_algorithms(True)`` for the test, restored after."""
+    import torch
+
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)

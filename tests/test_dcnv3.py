@@ -248,6 +248,46 @@ def test_input_gradient_not_requested(design):
     )
 
 
+def gradients(kind: str, inputs: dict, params: dict, design: str, grad_output) -> tuple:
+    """Every gradient of ours, for ``grad_output``."""
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()}
+    out = run_ours(kind, leaves, params, design)
+    return torch.autograd.grad(out, list(leaves.values()), grad_output)
+
+
+@pytest.mark.usefixtures("deterministic_algorithms")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("design", ops.DESIGNS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_id)
+def test_deterministic_backward(dtype, design, kind):
+    """Under torch.use_deterministic_algorithms(True): as accurate, and the same bits twice."""
+    case = CASES["3x5_stride2_dilation2_G3_D16"]
+    inputs = make_inputs(case, kind, dtype, seed=2)
+    check_against_reference(kind, inputs, case.params(), design, dtype)
+    out_h, out_w = case.geometry.output_size(case.H, case.W)
+    grad_output = torch.randn(
+        case.N, out_h, out_w, case.group * case.group_channels,
+        generator=torch.Generator().manual_seed(3),
+    ).to(dtype)  # fmt: skip
+    first = gradients(kind, inputs, case.params(), design, grad_output)
+    second = gradients(kind, inputs, case.params(), design, grad_output)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("design", ops.DESIGNS)
+def test_deterministic_backward_takes_the_fixed_point_path(design, deterministic_algorithms):
+    """One NaN in grad_output: float atomics spread it to the inputs it samples,
+    the fixed-point sums (no NaN in fixed point) make all of grad_input NaN."""
+    case = CASES["basic_3x3"]
+    inputs = make_inputs(case, "dcnv4", torch.float32, seed=4)
+    grad_output = torch.ones(case.N, case.H, case.W, case.group * case.group_channels)
+    grad_output[0, 0, 0, 0] = float("nan")
+    assert gradients("dcnv4", inputs, case.params(), design, grad_output)[0].isnan().all()
+    torch.use_deterministic_algorithms(False)
+    assert not gradients("dcnv4", inputs, case.params(), design, grad_output)[0].isnan().all()
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=dtype_id)
 def test_misaligned_input_takes_the_scalar_path(dtype):
     """A contiguous input whose data is not 16-byte aligned (a view one element

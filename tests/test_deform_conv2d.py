@@ -250,6 +250,86 @@ def test_zero_mask():
     check_against_reference(inputs, case.params(), torch.float32)
 
 
+@pytest.mark.parametrize("modulated", [False, True], ids=["dcnv1", "dcnv2"])
+@pytest.mark.parametrize(
+    "N, C_in, C_out", [(0, 4, 6), (2, 0, 6), (2, 4, 0), (0, 0, 0)],
+    ids=["batch_0", "no_input_channels", "no_output_channels", "all_empty"],
+)  # fmt: skip
+def test_empty_batch_and_channels(N, C_in, C_out, modulated):
+    """As torchvision: an empty output (or the bias alone, for C_in = 0) and zero
+    gradients of the right shapes, equal to the reference's."""
+    case = Case(N=N, C_in=C_in, C_out=C_out, offset_groups=1)
+    params = {**case.params(), "groups": 1 if C_in == 0 else None}
+    inputs = make_inputs(case, torch.float32, modulated, seed=13)
+    leaves = {n: None if t is None else t.clone().requires_grad_() for n, t in inputs.items()}
+    references = {
+        n: None if t is None else t.double().requires_grad_() for n, t in inputs.items()
+    }
+    out = ours(leaves, params)
+    expected = theirs(references, params)
+    assert out.shape == expected.shape == (N, C_out, *case.out_size)
+    torch.testing.assert_close(out.double(), expected)
+    names = [n for n, t in leaves.items() if t is not None]
+    grad_output = torch.ones(out.shape)
+    grads = torch.autograd.grad(out, [leaves[n] for n in names], grad_output)
+    expected_grads = torch.autograd.grad(
+        expected, [references[n] for n in names], grad_output.double()
+    )
+    for name, grad, expected_grad in zip(names, grads, expected_grads, strict=True):
+        assert grad.shape == inputs[name].shape, name
+        assert torch.isfinite(grad).all(), name
+        torch.testing.assert_close(grad.double(), expected_grad, msg=name)
+    if C_in == 0 and N > 0:  # only the bias contributes: its gradient is the sum
+        assert grads[-1].eq(N * case.out_size[0] * case.out_size[1]).all()
+
+
+def test_groups_and_offset_groups_inferred_from_shapes():
+    """groups = C_in / weight.shape[1] and offset_groups = offset.shape[1] / (2·kh·kw),
+    as torchvision infers them, here and in the reference."""
+    case = CASES["grouped_strided_dilated_2x3"]
+    inputs = make_inputs(case, torch.float32, modulated=True, seed=14)
+    params = {**case.params(), "groups": None, "offset_groups": None}
+    expected = theirs({n: t.double() for n, t in inputs.items()}, case.params())
+    assert_close("output", ours(inputs, params), expected, torch.float32)
+    assert_close("reference", theirs(inputs, params), expected, torch.float32)
+
+
+def gradients(inputs: dict, params: dict, grad_output: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every gradient of ours, for ``grad_output``."""
+    leaves = {n: None if t is None else t.detach().clone().requires_grad_() for n, t in inputs.items()}
+    out = ours(leaves, params)
+    return torch.autograd.grad(out, [t for t in leaves.values() if t is not None], grad_output)
+
+
+@pytest.mark.usefixtures("deterministic_algorithms")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_deterministic_backward(monkeypatch, dtype):
+    """Under torch.use_deterministic_algorithms(True): as accurate, and the same bits twice
+    (one sample a chunk: one fixed-point accumulator, with its own scale, each)."""
+    monkeypatch.setattr(dcn, "WORKSPACE_BUDGET_BYTES", 1)
+    case = CASES["grouped_strided_dilated_2x3"]
+    inputs = make_inputs(case, dtype, modulated=True, seed=9)
+    check_against_reference(inputs, case.params(), dtype)
+    out_shape = (case.N, case.C_out, *case.out_size)
+    grad_output = torch.randn(out_shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    first = gradients(inputs, case.params(), grad_output)
+    second = gradients(inputs, case.params(), grad_output)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_deterministic_backward_takes_the_fixed_point_path(deterministic_algorithms):
+    """One NaN in grad_output: float atomics spread it to the inputs it samples,
+    the fixed-point sums (no NaN in fixed point) make all of grad_input NaN."""
+    case = CASES["basic"]
+    inputs = make_inputs(case, torch.float32, modulated=True, seed=10)
+    grad_output = torch.ones(case.N, case.C_out, *case.out_size)
+    grad_output[0, 0, 0, 0] = float("nan")
+    assert gradients(inputs, case.params(), grad_output)[0].isnan().all()
+    torch.use_deterministic_algorithms(False)
+    assert not gradients(inputs, case.params(), grad_output)[0].isnan().all()
+
+
 def border_offsets(case: Case, dtype: torch.dtype, seed: int) -> torch.Tensor:
     """Offsets that put samples exactly on B0's borders (y = -1, H - 1, H,
     halves next to them), on integer grid points and far outside."""
@@ -385,6 +465,12 @@ BAD_ARGUMENTS = {
         r"weight must have shape \(6, 4, 3, 3\)",
     ),
     "groups_divide": (_bad(groups=3), ValueError, r"groups=3 must divide"),
+    "groups_type": (_bad(groups=1.0), ValueError, r"groups must be a positive int or None, got 1.0"),
+    "groups_inferred": (
+        _bad(weight=torch.zeros(6, 3, 3, 3), groups=None),
+        ValueError,
+        r"weight's 3 input channels per group must divide input's 4 channels",
+    ),
     "offset_groups_divide": (
         _bad(offset_groups=3, offset=torch.zeros(2, 54, 5, 6), mask=torch.zeros(2, 27, 5, 6)),
         ValueError,
@@ -476,6 +562,19 @@ def test_modules(modulated):
     out.sum().backward()  # an expanded (stride-0) grad_output
     assert layer.weight.grad is not None and layer.bias.grad is not None and x.grad is not None
     assert torch.isfinite(layer.weight.grad).all()
+
+
+def test_deform_conv2d_module_takes_an_optional_mask():
+    """DeformConv2d(input, offset, mask) is DCNv2, as torchvision's; without a mask DCNv1."""
+    torch.manual_seed(16)
+    layer = dcn.DeformConv2d(4, 6, 3, padding=1)
+    modulated = dcn.ModulatedDeformConv2d(4, 6, 3, padding=1)
+    modulated.load_state_dict(layer.state_dict())
+    inputs = make_inputs(CASES["basic"], torch.float32, modulated=True, seed=17)
+    x, offset, mask = inputs["input"], inputs["offset"], inputs["mask"]
+    assert torch.equal(layer(x, offset, mask), modulated(x, offset, mask))
+    assert torch.equal(layer(x, offset), layer(x, offset, torch.ones_like(mask)))
+    assert layer.offset_groups is None  # inferred from the offset, as torchvision
 
 
 def _tiny_op_arguments(modulated: bool):

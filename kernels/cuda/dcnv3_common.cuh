@@ -1,5 +1,5 @@
 // What both DCNv3/DCNv4 designs (dcnv3_direct.cu, dcnv3_vectorized.cu) share:
-// scalar conversions, the tap geometry, where the offsets and the mask of a
+// scalar conversions, the deterministic scatter-add, the tap geometry, where the offsets and the mask of a
 // tap live (three layouts), B0 sampling and the softmax over taps.
 // Semantics: shared/ops-semantics.md, "DCNv3 and DCNv4". Channels-last:
 // input [N, H, W, G*D], output [N, H_out, W_out, G*D].
@@ -10,6 +10,7 @@
 
 #pragma once
 
+#include "deterministic_atomics.cuh"
 #include "scalar_conversions.cuh"
 
 namespace dcnv3 {

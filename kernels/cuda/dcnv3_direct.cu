@@ -10,7 +10,9 @@
 //
 // Backward: grad_input by float32 atomics (many taps of many pixels sample the
 // same input pixel; a float32 buffer keeps the contract's float32
-// accumulation, which half / bfloat16 atomics would round at every add).
+// accumulation, which half / bfloat16 atomics would round at every add), or
+// with grad_input_fixed by the order-independent fixed-point atomics of
+// deterministic_atomics.cuh.
 // The offset and mask gradients of a tap are sums over the D channels: each
 // thread's partial goes to shared memory, a tree reduction over the segment
 // sums it and the segment's first thread writes it, once (no atomics).
@@ -98,17 +100,24 @@ dcnv3_direct_forward(const scalar_t* __restrict__ input,  // [N, H, W, G*D]
 }
 
 // Gradients of dcnv3_direct_forward.
-//  grad_input: [N, H, W, G*D] float32, zero-filled, accumulated; null: skipped.
+//  grad_input: [N, H, W, G*D] float32, zero-filled, accumulated; or
+//  grad_input_fixed: the same in fixed point (deterministic_atomics.cuh);
+//  both null: skipped.
 //  grad_offset / grad_mask: float32, the layout of offset / mask (for
 //  FUSED_OFFSET_MASK both point at one [.., M] buffer; its padding columns
 //  are not written). With SOFTMAX_MASK grad_mask is the logits' gradient.
+// At least 4 blocks per SM (<= 64 registers): without it ptxas picked 48
+// registers and spilled for the softmax half / bfloat16 instantiations on
+// sm_80 once the fixed-point path was in.
 template <typename scalar_t, int MODULATION>
-__global__ void __launch_bounds__(DCNV3_BLOCK_SIZE)
+__global__ void __launch_bounds__(DCNV3_BLOCK_SIZE, 4)
 dcnv3_direct_backward(const scalar_t* __restrict__ input,        // [N, H, W, G*D]
                       const scalar_t* __restrict__ offset,
                       const scalar_t* __restrict__ mask,
                       const scalar_t* __restrict__ grad_output,  // [N, H_out, W_out, G*D]
                       float* __restrict__ grad_input,
+                      long long* __restrict__ grad_input_fixed,
+                      double fixed_scale, int* __restrict__ fixed_status,
                       float* grad_offset,
                       float* grad_mask,
                       DCNV3_GEOMETRY_PARAMS) {
@@ -124,7 +133,10 @@ dcnv3_direct_backward(const scalar_t* __restrict__ input,        // [N, H, W, G*
     const long long channel0 = n * plane * C + slot.group * g.group_channels;
     const scalar_t* in = input + channel0;
     const scalar_t* grad_out = grad_output + slot.pixel * C + slot.group * g.group_channels;
-    const bool scatter = grad_input != nullptr;  // uniform across the launch
+    const ScatterAdd<float> grad_in =
+        ScatterAdd<float>{grad_input, grad_input_fixed, fixed_scale, fixed_status}.shifted(
+            channel0);
+    const bool scatter = grad_in.enabled();  // uniform across the launch
     const dcnv3::Softmax softmax =
         slot.active ? dcnv3::softmax_of<MODULATION>(
                           mask, layout.mask_index(slot.pixel, slot.group, 0), P)
@@ -152,7 +164,7 @@ dcnv3_direct_backward(const scalar_t* __restrict__ input,        // [N, H, W, G*
                         const long long at = s.corner[q] * static_cast<long long>(C) + d;
                         dot[q] += grad * to_float(in[at]);
                         if (scatter && s.weight[q] != 0.f)
-                            atomicAdd(grad_input + channel0 + at, s.weight[q] * m * grad);
+                            grad_in.add(at, s.weight[q] * m * grad);
                     }
                 }
                 dcnv3::add_tap_gradient(s, dot, d_x, d_y, d_m);

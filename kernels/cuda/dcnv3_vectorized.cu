@@ -18,7 +18,8 @@
 // gives the totals, lane 0 writes them once (no atomics). grad_input by
 // float32 atomics into a float32 buffer (taps of many pixels hit the same
 // input pixel; half / bfloat16 atomics would round every add), 16-byte
-// vector atomics on sm_90. Lanes of
+// vector atomics on sm_90; or, with grad_input_fixed, the order-independent
+// fixed-point atomics of deterministic_atomics.cuh, one per channel. Lanes of
 // items past the end run the tap loop without loading anything, so every
 // shuffle sees the whole warp.
 
@@ -81,26 +82,31 @@ __device__ __forceinline__ void store_vector(scalar_t* to, const float (&from)[V
     }
 }
 
-// to[k] += w * grad[k] for the VEC channels of a vector (float32 atomics).
-// sm_90 has 16-byte vector atomics: a quarter of the atomic instructions.
-// Aligned: the buffer is a fresh allocation and the vector's first channel
-// index is a multiple of VEC.
+// to[at + k] += w * grad[k] for the VEC channels of a vector. Float32
+// atomics on sm_90 use its 16-byte vector atomics: a quarter of the atomic
+// instructions (aligned: the buffer is a fresh allocation and the vector's
+// first channel index is a multiple of VEC). Fixed point has no vector
+// atomic: one per channel.
 template <int VEC>
-__device__ __forceinline__ void scatter_vector(float* to, float w, const float (&grad)[VEC]) {
+__device__ __forceinline__ void scatter_vector(ScatterAdd<float> to, long long at, float w,
+                                               const float (&grad)[VEC]) {
 #if __CUDA_ARCH__ >= 900
     constexpr bool VECTOR_ATOMICS = VEC % 4 == 0;
 #else
     constexpr bool VECTOR_ATOMICS = false;
 #endif
     if constexpr (VECTOR_ATOMICS) {
+        if (to.fixed == nullptr) {
 #pragma unroll
-        for (int k = 0; k < VEC; k += 4)
-            atomicAdd(reinterpret_cast<float4*>(to + k),
-                      make_float4(w * grad[k], w * grad[k + 1], w * grad[k + 2], w * grad[k + 3]));
-    } else {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) atomicAdd(to + k, w * grad[k]);
+            for (int k = 0; k < VEC; k += 4)
+                atomicAdd(reinterpret_cast<float4*>(to.values + at + k),
+                          make_float4(w * grad[k], w * grad[k + 1], w * grad[k + 2],
+                                      w * grad[k + 3]));
+            return;
+        }
     }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) to.add(at + k, w * grad[k]);
 }
 
 struct Lane {
@@ -186,13 +192,17 @@ dcnv3_vectorized_forward(const scalar_t* __restrict__ input,  // [N, H, W, G*D]
 }
 
 // Gradients of dcnv3_vectorized_forward; arguments as dcnv3_direct_backward's.
+// At least 3 blocks per SM (<= 85 registers), as the forward: without it
+// ptxas picked 48 or 64 registers and spilled once the fixed-point path was in.
 template <typename scalar_t, int MODULATION, int VEC>
-__global__ void __launch_bounds__(DCNV3_BLOCK_SIZE)
+__global__ void __launch_bounds__(DCNV3_BLOCK_SIZE, 3)
 dcnv3_vectorized_backward(const scalar_t* __restrict__ input,        // [N, H, W, G*D]
                           const scalar_t* __restrict__ offset,
                           const scalar_t* __restrict__ mask,
                           const scalar_t* __restrict__ grad_output,  // [N, H_out, W_out, G*D]
                           float* __restrict__ grad_input,            // [N, H, W, G*D] or null
+                          long long* __restrict__ grad_input_fixed,  // the same in fixed point, or null
+                          double fixed_scale, int* __restrict__ fixed_status,
                           float* grad_offset,
                           float* grad_mask,
                           DCNV3_GEOMETRY_PARAMS) {
@@ -205,7 +215,10 @@ dcnv3_vectorized_backward(const scalar_t* __restrict__ input,        // [N, H, W
         l.n * g.height * static_cast<long long>(g.width) * C + l.group * g.group_channels;
     const scalar_t* in = input + channel0;
     const scalar_t* grad_out = grad_output + l.pixel * C + l.group * g.group_channels;
-    const bool scatter = grad_input != nullptr;  // uniform across the launch
+    const ScatterAdd<float> grad_in =
+        ScatterAdd<float>{grad_input, grad_input_fixed, fixed_scale, fixed_status}.shifted(
+            channel0);
+    const bool scatter = grad_in.enabled();  // uniform across the launch
     const dcnv3::Softmax softmax =
         l.active ? dcnv3::softmax_of<MODULATION>(mask, layout.mask_index(l.pixel, l.group, 0), P)
                  : dcnv3::Softmax{0.f, 1.f};
@@ -234,7 +247,7 @@ dcnv3_vectorized_backward(const scalar_t* __restrict__ input,        // [N, H, W
 #pragma unroll
                         for (int k = 0; k < VEC; ++k) dot[q] += grad[k] * v[k];
                         if (scatter && s.weight[q] != 0.f)
-                            scatter_vector<VEC>(grad_input + channel0 + at, m * s.weight[q], grad);
+                            scatter_vector<VEC>(grad_in, at, m * s.weight[q], grad);
                     }
                 }
                 dcnv3::add_tap_gradient(s, dot, d_x, d_y, d_m);

@@ -28,6 +28,7 @@
 // multiplies in the batch or the channel count (input, column and
 // grad_input offsets) is long long.
 
+#include "deterministic_atomics.cuh"
 #include "scalar_conversions.cuh"
 
 #ifndef DEFORM_CONV_BLOCK_SIZE
@@ -181,15 +182,17 @@ deform_im2col(const scalar_t* __restrict__ input,   // [n, C, H, W]
 }
 
 // Backward of deform_im2col, fused: for each (n, g, slice, k, p) item
-//  - scatters grad_columns * mask * bilinear weight into grad_input (float32
-//    atomics: several taps and pixels sample the same input pixel);
+//  - scatters grad_columns * mask * bilinear weight into grad_input (atomics:
+//    several taps and pixels sample the same input pixel; float32 ones into
+//    grad_input, or with grad_input_fixed the order-independent fixed-point
+//    ones of deterministic_atomics.cuh);
 //  - reduces over the slice's channels
 //      d out / d dy = mask * sum_c grad_col * d B0 / d y   (dx likewise),
 //      d out / d mask = sum_c grad_col * B0
 //    and writes them once into this slice's partial sums (no atomics); the
 //    host sums the slices (one slice: a plain copy).
-// grad_input is zero-filled by the host, or null when the input needs no
-// gradient (the scatter is skipped). Pointers start at the chunk's first
+// grad_input (or grad_input_fixed) is zero-filled by the host; both null when
+// the input needs no gradient (the scatter is skipped). Pointers start at the chunk's first
 // sample, grad_*_partial at slice 0: [slices, n, ...] with n = gridDim.y.
 template <typename scalar_t, bool HAS_MASK>
 __global__ void __launch_bounds__(DEFORM_CONV_BLOCK_SIZE)
@@ -198,6 +201,8 @@ deform_col2im(const scalar_t* __restrict__ input,         // [n, C, H, W]
               const scalar_t* __restrict__ mask,          // [n, G * kh * kw, H_out, W_out]; unread without HAS_MASK
               const scalar_t* __restrict__ grad_columns,  // [n, C * kh * kw, H_out * W_out]
               float* __restrict__ grad_input,             // [n, C, H, W], accumulated; or null
+              long long* __restrict__ grad_input_fixed,   // [n, C, H, W], fixed point; or null
+              double fixed_scale, int* __restrict__ fixed_status,
               float* __restrict__ grad_offset_partial,    // [slices, n, 2 * G * kh * kw, H_out * W_out]
               float* __restrict__ grad_mask_partial,      // [slices, n, G * kh * kw, H_out * W_out]; unwritten without HAS_MASK
               int channels, int height, int width, int kernel_h, int kernel_w, int stride_h,
@@ -229,8 +234,10 @@ deform_col2im(const scalar_t* __restrict__ input,         // [n, C, H, W]
         const long long column_step = static_cast<long long>(taps) * pixels;
         const long long first_plane = static_cast<long long>(w.n) * channels + w.channel_begin;
         const scalar_t* in = input + first_plane * plane;
-        const bool scatter = grad_input != nullptr;  // uniform across the launch
-        float* grad_in = scatter ? grad_input + first_plane * plane : nullptr;
+        const ScatterAdd<float> grad_input_target{grad_input, grad_input_fixed, fixed_scale,
+                                                  fixed_status};
+        const bool scatter = grad_input_target.enabled();  // uniform across the launch
+        ScatterAdd<float> grad_in = grad_input_target.shifted(first_plane * plane);
         const scalar_t* grad_col = grad_columns + first_plane * column_step +
                                    static_cast<long long>(w.tap) * pixels + w.pixel;
         const float hy = 1.f - s.ly, hx = 1.f - s.lx;
@@ -246,9 +253,9 @@ deform_col2im(const scalar_t* __restrict__ input,         // [n, C, H, W]
             for (int q = 0; q < 4; ++q) {
                 v[q] = s.corner[q] >= 0 ? to_float(in[s.corner[q]]) : 0.f;
                 if (scatter && s.weight[q] != 0.f && masked_g != 0.f)
-                    atomicAdd(grad_in + s.corner[q], s.weight[q] * masked_g);
+                    grad_in.add(s.corner[q], s.weight[q] * masked_g);
             }
-            if (scatter) grad_in += plane;
+            if (scatter) grad_in = grad_in.shifted(plane);
             grad_y += g * (hx * (v[2] - v[0]) + s.lx * (v[3] - v[1]));
             grad_x += g * (hy * (v[1] - v[0]) + s.ly * (v[3] - v[2]));
             if (HAS_MASK)

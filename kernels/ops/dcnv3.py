@@ -22,7 +22,9 @@ pair (``dcnbench::dcnv3``, ``dcnbench::dcnv3_backward``) serves both: a
 ``mask`` of None means ``offset`` is ``dcnv4``'s fused ``offset_mask``.
 
 Gradients: grad_input accumulates with float32 atomics in a float32 buffer
-(cast once at the end); grad_offset / grad_mask are written once per element
+(cast once at the end); under ``torch.use_deterministic_algorithms(True)``
+with fixed-point int64 atomics instead, bit-reproducible
+(``kernels/determinism.py``); grad_offset / grad_mask are written once per element
 in float32 and cast. On a CPU tensor the kernels run through
 ``kernels.emulator``: for correctness checks, never for timing.
 """
@@ -34,7 +36,7 @@ import enum
 
 import torch
 
-from kernels import launch
+from kernels import determinism, launch
 from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
 from kernels.reference import dcnv3 as contract
 
@@ -265,16 +267,38 @@ def _forward(call: Call, input, offset, mask, softmax: bool, design: str) -> tor
     return output
 
 
+def _max_modulation(call: Call, offset, mask, softmax: bool) -> float:
+    """A bound on |m|: 1 for a softmax, else max |mask| (dcnv4: its mask columns)."""
+    if softmax:
+        return 1.0
+    if mask is None:
+        fused = offset[..., : call.group * call.taps * 3].unflatten(-1, (call.group, 3 * call.taps))
+        mask = fused[..., 2 * call.taps :]
+    return determinism.max_abs(mask)
+
+
 def _backward(
     call: Call, grad_output, input, offset, mask, softmax: bool, design: str, want_input: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dtype, device = input.dtype, input.device
     modulation = _modulation(mask, softmax)
-    grad_input = (
-        torch.zeros(input.shape, dtype=torch.float32, device=device)
-        if want_input
-        else launch.null(torch.float32, device)  # the kernel skips the scatter
-    )
+    fixed_sums = None
+    fixed_args = determinism.FixedPointSum.unused(device)
+    if want_input and determinism.enabled():
+        # Each (output pixel, tap) adds at most one value, bilinear weight (≤ 1)
+        # times modulation times grad_output, to an input element.
+        grad_input = launch.null(torch.float32, device)
+        fixed_sums = determinism.FixedPointSum(
+            input.shape,
+            device,
+            max_abs=determinism.max_abs(grad_output) * _max_modulation(call, offset, mask, softmax),
+            max_addends=call.out_h * call.out_w * call.taps,
+        )
+        fixed_args = fixed_sums.kernel_args()
+    elif want_input:
+        grad_input = torch.zeros(input.shape, dtype=torch.float32, device=device)
+    else:
+        grad_input = launch.null(torch.float32, device)  # the kernel skips the scatter
     grad_offset = launch.new_output(offset.shape, torch.float32, device)
     if mask is None:  # dcnv4: one buffer in offset_mask's layout; padding columns are 0
         grad_offset[..., call.group * call.taps * 3 :] = 0
@@ -283,9 +307,11 @@ def _backward(
         grad_mask = launch.new_output(mask.shape, torch.float32, device)
     _launch(
         "backward", design, call, modulation, (input, grad_output),
-        (input, offset, offset if mask is None else mask, grad_output, grad_input, grad_offset,
-         grad_mask),
+        (input, offset, offset if mask is None else mask, grad_output, grad_input, *fixed_args,
+         grad_offset, grad_mask),
     )  # fmt: skip
+    if fixed_sums is not None:
+        grad_input = fixed_sums.result(torch.float32)
     return (
         grad_input.to(dtype) if want_input else input.new_empty(0),
         grad_offset.to(dtype),

@@ -10,7 +10,9 @@ strided-batched cuBLAS GEMM per weight group (stride-0 weight batch) writes the
 output in place, bias fused as the GEMM's C operand.
 
 Backward, per chunk: the transposed-weight GEMM gives grad_columns, the fused
-``deform_col2im`` scatters grad_input (float32 atomics) and reduces
+``deform_col2im`` scatters grad_input (float32 atomics; under
+``torch.use_deterministic_algorithms(True)`` fixed-point int64 atomics, bit-
+reproducible, see ``kernels/determinism.py``) and reduces
 grad_offset / grad_mask; for grad_weight the columns are rebuilt (cheaper than
 keeping them from the forward) and multiplied by grad_output with a float32
 result; grad_bias is a float32 sum of grad_output. Only requested gradients are
@@ -36,8 +38,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kernels import launch
-from kernels.checks import check_shape, check_tensor
+from kernels import determinism, launch
+from kernels.checks import check_pair, check_shape, check_tensor, conv_groups, offset_groups_from
 from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
 
 __all__ = [
@@ -120,13 +122,6 @@ class Geometry:
         return (self.batch, self.out_channels, self.out_h, self.out_w)
 
 
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    values = (value, value) if isinstance(value, int) else tuple(value)
-    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return values  # type: ignore[return-value]
-
-
 def check_arguments(
     input: torch.Tensor,
     offset: torch.Tensor,
@@ -136,13 +131,14 @@ def check_arguments(
     stride: int | Sequence[int],
     padding: int | Sequence[int],
     dilation: int | Sequence[int],
-    groups: int,
+    groups: int | None,
     offset_groups: int | None,
 ) -> Geometry:
     """Check every argument against the contract; return the call's sizes.
 
     Each error names the argument, what was expected and what was given.
-    ``offset_groups=None`` infers it from offset's channels.
+    ``groups=None`` infers it from weight's channels, ``offset_groups=None``
+    from offset's, as torchvision does.
     """
     check_tensor("input", input, 4)
     check_tensor("offset", offset, 4)
@@ -151,15 +147,9 @@ def check_arguments(
         check_tensor("mask", mask, 4)
     if bias is not None:
         check_tensor("bias", bias, 1)
-    stride_hw = _pair(stride, "stride")
-    padding_hw = _pair(padding, "padding")
-    dilation_hw = _pair(dilation, "dilation")
-    if min(stride_hw) < 1:
-        raise ValueError(f"stride must be >= 1, got {stride_hw}")
-    if min(padding_hw) < 0:
-        raise ValueError(f"padding must be >= 0, got {padding_hw}")
-    if min(dilation_hw) < 1:
-        raise ValueError(f"dilation must be >= 1, got {dilation_hw}")
+    stride_hw = check_pair("stride", stride, 1)
+    padding_hw = check_pair("padding", padding, 0)
+    dilation_hw = check_pair("dilation", dilation, 1)
 
     if input.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
@@ -181,17 +171,17 @@ def check_arguments(
 
     batch, in_channels, height, width = input.shape
     out_channels, weight_channels, kernel_h, kernel_w = weight.shape
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    groups = conv_groups(groups, in_channels, weight)
     if in_channels % groups or out_channels % groups:
         raise ValueError(
             f"groups={groups} must divide input's channels ({in_channels}) and weight's "
             f"output channels ({out_channels})"
         )
-    if min(in_channels, height, width, out_channels, kernel_h, kernel_w) < 1:
+    # Empty batches and channels are fine (an empty output, zero gradients).
+    if min(height, width, kernel_h, kernel_w) < 1:
         raise ValueError(
             f"input {tuple(input.shape)} and weight {tuple(weight.shape)} must have non-empty "
-            "channel, spatial and kernel sizes"
+            "spatial and kernel sizes"
         )
     if weight_channels * groups != in_channels:
         raise ValueError(
@@ -207,15 +197,7 @@ def check_arguments(
         )
 
     taps = kernel_h * kernel_w
-    if offset_groups is None:
-        if offset.shape[1] == 0 or offset.shape[1] % (2 * taps):
-            raise ValueError(
-                f"offset must have a positive multiple of 2·kh·kw = {2 * taps} channels, "
-                f"got {offset.shape[1]}"
-            )
-        offset_groups = offset.shape[1] // (2 * taps)
-    if not isinstance(offset_groups, int) or isinstance(offset_groups, bool) or offset_groups < 1:
-        raise ValueError(f"offset_groups must be a positive int, got {offset_groups!r}")
+    offset_groups = offset_groups_from(offset_groups, offset, taps)
     if in_channels % offset_groups:
         raise ValueError(
             f"offset_groups={offset_groups} must divide input's channels ({in_channels})"
@@ -283,8 +265,9 @@ def _launch_sampling_kernel(
     g: Geometry,
     samples: int,
     slicing: launch.Slicing,
-    tensors: Sequence[torch.Tensor],
+    tensors: Sequence[object],
 ) -> None:
+    """Launches ``kernel`` with ``tensors`` (pointer and scale arguments) then the geometry."""
     items = g.offset_groups * slicing.slices * g.taps * g.pixels
     geometry = (
         g.in_channels,
@@ -425,8 +408,11 @@ def _backward(
     # Per sample: the columns (reused: grad_columns, then the rebuilt
     # columns), the float32 grad_input accumulator for half types, and one
     # group's float32 grad_weight partial product.
+    deterministic = want_input and determinism.enabled()
     bytes_per_sample = g.in_channels * g.taps * g.pixels * input.element_size()
-    if want_input and dtype != torch.float32:
+    if deterministic:
+        bytes_per_sample += g.in_channels * g.height * g.width * 8
+    elif want_input and dtype != torch.float32:
         bytes_per_sample += g.in_channels * g.height * g.width * 4
     if want_weight:
         bytes_per_sample += group_out * g.group_columns * 4
@@ -438,9 +424,13 @@ def _backward(
     # float32, else into a per-chunk float32 buffer rounded once at the end of
     # the chunk (half-precision atomics would round at every one of the many
     # additions, and small contributions would vanish against large sums).
+    # Under torch.use_deterministic_algorithms(True): into per-chunk
+    # fixed-point sums instead (kernels/determinism.py).
     input_accumulator = None
     if not want_input:
         grad_input = empty()
+    elif deterministic:
+        grad_input = launch.new_output(input.shape, dtype, device)
     elif dtype == torch.float32:
         grad_input = torch.zeros_like(input)
     else:
@@ -471,8 +461,21 @@ def _backward(
             for group in range(g.groups):
                 w_t = weights[group].t().expand(samples, g.group_columns, group_out)
                 torch.bmm(w_t, grad_out_by_group[:, group], out=cols_by_group[:, group])
+            fixed_sums = None
+            fixed_args = determinism.FixedPointSum.unused(device)
             if not want_input:
                 accumulator = launch.null(torch.float32, device)  # the kernel skips the scatter
+            elif deterministic:
+                accumulator = launch.null(torch.float32, device)
+                # Each (tap, pixel) item adds at most one value (weight ≤ 1
+                # times mask times grad_column) to an input element.
+                fixed_sums = determinism.FixedPointSum(
+                    (samples, g.in_channels, g.height, g.width),
+                    device,
+                    max_abs=determinism.max_abs(cols) * determinism.max_abs(chunk_mask),
+                    max_addends=g.taps * g.pixels,
+                )
+                fixed_args = fixed_sums.kernel_args()
             elif input_accumulator is None:
                 accumulator = grad_input[start:stop]
             else:
@@ -502,11 +505,14 @@ def _backward(
                     kernel_mask,
                     cols,
                     accumulator,
+                    *fixed_args,
                     offset_partial,
                     mask_partial,
                 ),
             )
-            if input_accumulator is not None:
+            if fixed_sums is not None:
+                grad_input[start:stop].copy_(fixed_sums.result(torch.float32))
+            elif input_accumulator is not None:
                 grad_input[start:stop].copy_(accumulator)
             if want_offset:
                 grad_offset[start:stop].copy_(_sum_slices(offset_partial))
@@ -690,7 +696,7 @@ def deform_conv2d(
     stride: int | tuple[int, int] = (1, 1),
     padding: int | tuple[int, int] = (0, 0),
     dilation: int | tuple[int, int] = (1, 1),
-    groups: int = 1,
+    groups: int | None = None,
     offset_groups: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -700,19 +706,25 @@ def deform_conv2d(
     the GPU (PyTorch's current stream), CPU tensors through the emulator.
 
     Args:
-        input: [N, C_in, H, W], float32 / float16 / bfloat16.
+        input: [N, C_in, H, W], float32 / float16 / bfloat16. N = 0 and
+            C_in = 0 are allowed (an empty output or one of only the bias;
+            zero gradients), as in torchvision.
         offset: [N, 2·offset_groups·kh·kw, H_out, W_out]; channel 2·(g·kh·kw + k)
             is dy and the next one dx of tap k = i·kw + j of offset group g.
-        weight: [C_out, C_in/groups, kh, kw].
+        weight: [C_out, C_in/groups, kh, kw] (C_out = 0 allowed).
         bias: [C_out] or None.
         stride, padding, dilation: ints or (h, w) pairs.
-        groups: weight groups; divides C_in and C_out.
-        offset_groups: divides C_in; None infers it from offset's channels
-            (a given value must match them).
+        groups: weight groups; divides C_in and C_out. None infers it from
+            the shapes as torchvision does: C_in / weight.shape[1].
+        offset_groups: divides C_in. None infers it from offset's channels
+            as torchvision does: offset.shape[1] / (2·kh·kw).
         out: optional [N, C_out, H_out, W_out] contiguous tensor to write into
             (no autograd then).
 
     All tensors share one dtype and device; non-contiguous ones are copied.
+    The backward follows ``torch.use_deterministic_algorithms``: when it is
+    on, grad_input is accumulated in fixed point and bit-reproducible
+    (``kernels/determinism.py``: same atomics, an int64 buffer, a sync).
 
     Returns:
         [N, C_out, H_out, W_out], H_out = (H + 2·pad_h − dilation_h·(kh − 1) − 1) // stride_h + 1,
@@ -732,7 +744,7 @@ def modulated_deform_conv2d(
     stride: int | tuple[int, int] = (1, 1),
     padding: int | tuple[int, int] = (0, 0),
     dilation: int | tuple[int, int] = (1, 1),
-    groups: int = 1,
+    groups: int | None = None,
     offset_groups: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -766,7 +778,29 @@ def modulated_deform_conv2d(
 
 
 class _DeformConv2dBase(nn.Module):
-    """Weight and bias of a deformable convolution, initialised like torchvision's."""
+    """Weight and bias of a deformable convolution, initialised like torchvision's.
+
+    Defaults against the peers' layers:
+
+    ========================  ===========  ====================  ==================================
+    argument                  ours         torchvision           mmcv
+    ========================  ===========  ====================  ==================================
+    stride, padding,          1, 0, 1      1, 0, 1               1, 0, 1
+    dilation
+    groups                    1            1                     1
+    offset_groups             None         (no argument:         ``deform_groups=1``
+                              (inferred    inferred from the
+                              from offset) offset)
+    bias                      True         True                  False for ``DeformConv2d``, True for
+                                                                 ``ModulatedDeformConv2d``
+    initialisation            torchvision  kaiming_uniform(√5),  uniform(±1/√fan_in) weight,
+                                           bias ±1/√fan_in       zero bias
+    ========================  ===========  ====================  ==================================
+
+    So ``DeformConv2d(c, c, 3, bias=False)`` stands in for mmcv's
+    ``DeformConv2d(c, c, 3)``; the initial values differ from mmcv's (load a
+    state dict to match them).
+    """
 
     def __init__(
         self,
@@ -777,7 +811,7 @@ class _DeformConv2dBase(nn.Module):
         padding: int | tuple[int, int] = 0,
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
-        offset_groups: int = 1,
+        offset_groups: int | None = None,
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -788,16 +822,16 @@ class _DeformConv2dBase(nn.Module):
                 f"groups={groups} must divide in_channels ({in_channels}) and out_channels "
                 f"({out_channels})"
             )
-        if in_channels % offset_groups:
+        if offset_groups is not None and in_channels % offset_groups:
             raise ValueError(
                 f"offset_groups={offset_groups} must divide in_channels ({in_channels})"
             )
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.padding = _pair(padding, "padding")
-        self.dilation = _pair(dilation, "dilation")
+        self.kernel_size = check_pair("kernel_size", kernel_size, 1)
+        self.stride = check_pair("stride", stride, 1)
+        self.padding = check_pair("padding", padding, 0)
+        self.dilation = check_pair("dilation", dilation, 1)
         self.groups = groups
         self.offset_groups = offset_groups
         factory = {"device": device, "dtype": dtype}
@@ -811,7 +845,7 @@ class _DeformConv2dBase(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             fan_in = self.weight.shape[1] * self.kernel_size[0] * self.kernel_size[1]
-            bound = 1 / math.sqrt(fan_in)
+            bound = 1 / math.sqrt(fan_in) if fan_in else 0.0
             nn.init.uniform_(self.bias, -bound, bound)
 
     def extra_repr(self) -> str:
@@ -821,39 +855,35 @@ class _DeformConv2dBase(nn.Module):
             f"groups={self.groups}, offset_groups={self.offset_groups}, bias={self.bias is not None}"
         )
 
+    def _convolve(self, input, offset, mask) -> torch.Tensor:
+        return _deform_conv(
+            input, offset, mask, self.weight, self.bias, self.stride, self.padding,
+            self.dilation, self.groups, self.offset_groups, None,
+        )  # fmt: skip
+
 
 class DeformConv2d(_DeformConv2dBase):
-    """DCNv1 layer: ``forward(input, offset)`` with offset [N, 2·offset_groups·kh·kw, H_out, W_out]."""
+    """Deformable convolution layer, like ``torchvision.ops.DeformConv2d``:
+    ``forward(input, offset, mask=None)``; DCNv1 without a mask, DCNv2 with one.
 
-    def forward(self, input: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        return deform_conv2d(
-            input,
-            offset,
-            self.weight,
-            self.bias,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-            self.offset_groups,
-        )
+    offset [N, 2·offset_groups·kh·kw, H_out, W_out], mask [N,
+    offset_groups·kh·kw, H_out, W_out] (used as given, no sigmoid). Defaults:
+    the table of the base class.
+    """
+
+    def forward(
+        self, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self._convolve(input, offset, mask)
 
 
 class ModulatedDeformConv2d(_DeformConv2dBase):
-    """DCNv2 layer: ``forward(input, offset, mask)``, mask [N, offset_groups·kh·kw, H_out, W_out]."""
+    """DCNv2 layer with the mask required, like mmcv's ``ModulatedDeformConv2d``
+    (which takes the mask as given too): ``forward(input, offset, mask)``."""
 
     def forward(
         self, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        return modulated_deform_conv2d(
-            input,
-            offset,
-            mask,
-            self.weight,
-            self.bias,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-            self.offset_groups,
-        )
+        if mask is None:
+            raise TypeError("mask must be a torch.Tensor (use DeformConv2d for DCNv1), got None")
+        return self._convolve(input, offset, mask)

@@ -32,9 +32,12 @@ shape (N=8, C=512, 3×3, 100×168) runs one tap of one image per chunk.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from kernels.checks import check_pair, conv_groups, offset_groups_from
 from kernels.reference.conv2d import conv_output_size
 
 # Column values (channels × taps × output pixels × images) computed per chunk.
@@ -46,11 +49,11 @@ def deform_conv2d(
     offset: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    stride: tuple[int, int] = (1, 1),
-    padding: tuple[int, int] = (0, 0),
-    dilation: tuple[int, int] = (1, 1),
-    groups: int = 1,
-    offset_groups: int = 1,
+    stride: int | tuple[int, int] = (1, 1),
+    padding: int | tuple[int, int] = (0, 0),
+    dilation: int | tuple[int, int] = (1, 1),
+    groups: int | None = None,
+    offset_groups: int | None = None,
 ) -> torch.Tensor:
     """Deformable convolution (DCNv1), NCHW, in the dtype of its arguments.
 
@@ -61,11 +64,15 @@ def deform_conv2d(
             offset group g.
         weight: [C_out, C_in/groups, kernel_h, kernel_w].
         bias: [C_out] or None.
-        stride: (stride_h, stride_w).
-        padding: (pad_h, pad_w).
-        dilation: (dilation_h, dilation_w).
-        groups: weight groups; divides C_in and C_out.
-        offset_groups: offset groups; divides C_in.
+        stride: (stride_h, stride_w), or one int for both.
+        padding: (pad_h, pad_w), or one int for both.
+        dilation: (dilation_h, dilation_w), or one int for both.
+        groups: weight groups; divides C_in and C_out. None: C_in / weight.shape[1]
+            (torchvision's inference).
+        offset_groups: offset groups; divides C_in. None: offset.shape[1] / (2·kh·kw).
+
+    N = 0 and C_in = 0 or C_out = 0 give an empty output (or the bias alone)
+    whose gradients are zero, as torchvision's.
 
     Returns:
         [N, C_out, H_out, W_out] with
@@ -83,11 +90,11 @@ def modulated_deform_conv2d(
     mask: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    stride: tuple[int, int] = (1, 1),
-    padding: tuple[int, int] = (0, 0),
-    dilation: tuple[int, int] = (1, 1),
-    groups: int = 1,
-    offset_groups: int = 1,
+    stride: int | tuple[int, int] = (1, 1),
+    padding: int | tuple[int, int] = (0, 0),
+    dilation: int | tuple[int, int] = (1, 1),
+    groups: int | None = None,
+    offset_groups: int | None = None,
 ) -> torch.Tensor:
     """Modulated deformable convolution (DCNv2), NCHW, in the dtype of its arguments.
 
@@ -191,8 +198,9 @@ def bilinear_b0(input: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.
     """
     batch, groups, channels, height, width = input.shape
     sample_shape = y.shape[2:]
-    y = y.reshape(batch, groups, -1)
-    x = x.reshape(batch, groups, -1)
+    samples = math.prod(sample_shape)  # not -1: that is ambiguous for an empty batch
+    y = y.reshape(batch, groups, samples)
+    x = x.reshape(batch, groups, samples)
     maps = input.reshape(batch, groups, channels, height * width)
 
     y_low = torch.floor(y).detach()
@@ -226,14 +234,21 @@ def _deform_conv(
     input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups
 ):
     """Both operators; ``mask`` is None for DCNv1. Shapes as in ``modulated_deform_conv2d``."""
-    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    stride = check_pair("stride", stride, 1)
+    padding = check_pair("padding", padding, 0)
+    dilation = check_pair("dilation", dilation, 1)
+    for name, tensor in (("input", input), ("offset", offset), ("mask", mask), ("weight", weight)):
+        if tensor is not None and tensor.dim() != 4:
+            raise ValueError(f"{name} must be 4-D, got shape {tuple(tensor.shape)}")
+    groups = conv_groups(groups, input.shape[1], weight)
+    offset_groups = offset_groups_from(offset_groups, offset, weight.shape[2] * weight.shape[3])
     out_h, out_w = _check_arguments(
         input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups
     )
     batch, in_channels = input.shape[:2]
     out_channels, _, kernel_h, kernel_w = weight.shape
     taps = kernel_h * kernel_w
-    columns_per_image = in_channels * taps * out_h * out_w
+    columns_per_image = max(in_channels * taps * out_h * out_w, 1)
     images_per_chunk = max(1, MAX_CHUNK_ELEMENTS // columns_per_image)
     taps_per_chunk = (
         taps
@@ -243,7 +258,9 @@ def _deform_conv(
     geometry = ((kernel_h, kernel_w), stride, padding, dilation, groups, offset_groups)
 
     outputs = []
-    for first_image in range(0, batch, images_per_chunk):
+    # At least one chunk, empty for N = 0: the output then still depends on
+    # the weight (a zero gradient, not "unused in the graph").
+    for first_image in range(0, max(batch, 1), images_per_chunk):
         images = slice(first_image, first_image + images_per_chunk)
         image_mask = None if mask is None else mask[images]
         out = 0
@@ -286,14 +303,19 @@ def _partial_output(input, offset, mask, weight, tap_range, geometry):
     # [n, G, C_in/G, taps, H_out, W_out]
     sampled = bilinear_b0(grouped_input, y[:, :, taps], x[:, :, taps])
     if mask is not None:
-        group_mask = mask.view(batch, offset_groups, -1, out_h, out_w)[:, :, taps]
+        all_taps = kernel_size[0] * kernel_size[1]
+        group_mask = mask.view(batch, offset_groups, all_taps, out_h, out_w)[:, :, taps]
         sampled = sampled * group_mask[:, :, None]
 
     # Columns [n, groups, (C_in/groups)·taps, H_out·W_out], ordered (channel, tap)
     # like the weight's flattened [C_in/groups, kh·kw].
     columns = sampled.reshape(batch, groups, (in_channels // groups) * n_taps, out_h * out_w)
-    group_weight = weight.reshape(groups, out_channels // groups, in_channels // groups, -1)
-    group_weight = group_weight[..., taps].reshape(groups, out_channels // groups, -1)
+    group_weight = weight.reshape(
+        groups, out_channels // groups, in_channels // groups, kernel_size[0] * kernel_size[1]
+    )
+    group_weight = group_weight[..., taps].reshape(
+        groups, out_channels // groups, (in_channels // groups) * n_taps
+    )
     out = torch.einsum("gok,ngkl->ngol", group_weight, columns)
     return out.reshape(batch, out_channels, out_h, out_w)
 
@@ -305,20 +327,10 @@ def _check_arguments(
 
     Returns (H_out, W_out).
     """
-    for name, tensor in (("input", input), ("offset", offset), ("mask", mask), ("weight", weight)):
-        if tensor is not None and tensor.dim() != 4:
-            raise ValueError(f"{name} must be 4-D, got shape {tuple(tensor.shape)}")
-    for name, pair, minimum in (
-        ("stride", stride, 1),
-        ("padding", padding, 0),
-        ("dilation", dilation, 1),
-    ):
-        if len(pair) != 2 or min(pair) < minimum:
-            raise ValueError(f"{name} must be two integers >= {minimum}, got {pair}")
     batch, in_channels, height, width = input.shape
     out_channels, weight_in_channels, kernel_h, kernel_w = weight.shape
     taps = kernel_h * kernel_w
-    if groups < 1 or in_channels % groups or out_channels % groups:
+    if in_channels % groups or out_channels % groups:
         raise ValueError(
             f"groups must divide C_in and C_out, got groups={groups}, C_in={in_channels}, "
             f"C_out={out_channels}"
@@ -328,7 +340,7 @@ def _check_arguments(
             f"weight must be [C_out, C_in/groups, kh, kw] = [{out_channels}, "
             f"{in_channels // groups}, {kernel_h}, {kernel_w}], got {tuple(weight.shape)}"
         )
-    if offset_groups < 1 or in_channels % offset_groups:
+    if in_channels % offset_groups:
         raise ValueError(
             f"offset_groups must divide C_in, got offset_groups={offset_groups}, C_in={in_channels}"
         )

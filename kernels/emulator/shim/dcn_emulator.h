@@ -141,6 +141,7 @@ inline long long __float2ll_rn(float x) { return (long long)(nearbyintf(x)); }
 inline long long __float2ll_rz(float x) { return (long long)(x); }
 inline int __double2int_rn(double x) { return int(nearbyint(x)); }
 inline int __double2int_rz(double x) { return int(x); }
+inline long long __double2ll_rn(double x) { return (long long)(nearbyint(x)); }
 inline float __double2float_rn(double x) { return float(x); }
 inline float __int2float_rn(int x) { return float(x); }
 inline float __uint2float_rn(unsigned x) { return float(x); }
