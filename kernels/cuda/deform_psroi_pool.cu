@@ -14,8 +14,10 @@
 // thread counts the bin's samples (B2's divisor), then walks them once,
 // locating the corners once per sample, and loops over its slice's output
 // channels:
-//  - scatters grad_output / count * weight into grad_input (float32 atomics;
-//    overlapping RoIs and samples meet on the same pixels);
+//  - scatters grad_output / count * weight into grad_input (atomics:
+//    overlapping RoIs and samples meet on the same pixels; float32 ones, or
+//    under torch.use_deterministic_algorithms(True) the order-independent
+//    fixed-point ones of deterministic_atomics.cuh);
 //  - reduces d out / d trans over the slice's channels and writes it ONCE into
 //    the slice's partial sums [K, num_classes, slices, 2, pooled, pooled];
 //    the host sums the slices and then the bins that share a part cell
@@ -34,6 +36,7 @@
 // (checked on the host); anything that multiplies in the RoI, the batch index
 // or a channel with a plane is long long.
 
+#include "deterministic_atomics.cuh"
 #include "scalar_conversions.cuh"
 
 #ifndef PSROI_POOL_BLOCK_SIZE
@@ -193,7 +196,10 @@ deform_psroi_pool_forward(const scalar_t* __restrict__ input,  // [N, output_dim
 // class_id * channels_per_class + [slice * per_thread, (slice + 1) * per_thread)
 // of bin (k, ph, pw):
 //  - grad_input[n, channel] += grad_output / count * weight at each corner
-//    (float32 atomics; zero-filled by the host, or null: no scatter);
+//    (float32 atomics into grad_input, or fixed-point ones into
+//    grad_input_fixed; zero-filled by the host, both null: no scatter). A
+//    sample adds at most once to a pixel (coinciding corners have weight 0),
+//    so an element receives at most K * pooled_size^2 * sample_per_part^2 values;
 //  - grad_trans_partial[k, class_id, slice, 0 / 1, ph, pw] =
 //      trans_std * roi_w / roi_h / count * sum_ctop grad_output * d B2 / d x / d y
 //    summed over samples, written once, or not at all when null (then no
@@ -205,6 +211,8 @@ deform_psroi_pool_backward(const scalar_t* __restrict__ input,        // [N, out
                            const scalar_t* __restrict__ trans,        // [K, 2 * num_classes, part_size, part_size]; unread without HAS_TRANS
                            const scalar_t* __restrict__ grad_output,  // [K, output_dim, pooled_size, pooled_size]
                            float* __restrict__ grad_input,            // [N, output_dim * group_size^2, H, W], accumulated; or null
+                           long long* __restrict__ grad_input_fixed,  // the same elements, fixed point; or null
+                           double fixed_scale, int* __restrict__ fixed_status,
                            float* __restrict__ grad_trans_partial,    // [K, num_classes, slices, 2, pooled_size, pooled_size]; or null
                            int batch, int channels, int height, int width, int output_dim,
                            int group_size, int pooled_size, int part_size, int sample_per_part,
@@ -223,7 +231,9 @@ deform_psroi_pool_backward(const scalar_t* __restrict__ input,        // [N, out
     const int slice = class_slice % slices;
     const int class_id = class_slice / slices;
     const BinGeometry g = bin_geometry<scalar_t, HAS_TRANS>(rois, trans, s, k, class_id, ph, pw);
-    const bool scatter = grad_input != nullptr;  // uniform across the launch
+    const ScatterAdd<float> grad_input_target{grad_input, grad_input_fixed, fixed_scale,
+                                              fixed_status};
+    const bool scatter = grad_input_target.enabled();  // uniform across the launch
     const bool want_trans = HAS_TRANS && grad_trans_partial != nullptr;
 
     const int channels_per_class = s.output_dim / s.num_classes;
@@ -255,7 +265,7 @@ deform_psroi_pool_backward(const scalar_t* __restrict__ input,        // [N, out
                 const Sample p = locate(y, x, s);
                 const float hy = 1.f - p.ly, hx = 1.f - p.lx;
                 const scalar_t* in = input + first_plane * plane;
-                float* grad_in = scatter ? grad_input + first_plane * plane : nullptr;
+                ScatterAdd<float> grad_in = grad_input_target.shifted(first_plane * plane);
                 const scalar_t* grad_out = grad_out_first;
 #pragma unroll 1
                 for (int ctop = ctop_begin; ctop < ctop_end; ++ctop, grad_out += bins) {
@@ -265,8 +275,8 @@ deform_psroi_pool_backward(const scalar_t* __restrict__ input,        // [N, out
                         if (scaled != 0.f)
                             for (int q = 0; q < 4; ++q)
                                 if (p.weight[q] != 0.f)
-                                    atomicAdd(grad_in + p.corner[q], p.weight[q] * scaled);
-                        grad_in += channel_step;
+                                    grad_in.add(p.corner[q], p.weight[q] * scaled);
+                        grad_in = grad_in.shifted(channel_step);
                     }
                     if (want_trans) {
                         float v[4];

@@ -14,8 +14,10 @@
 // Backward: one thread per (k, channel slice, ph, pw), pw fastest. A thread
 // walks the bin's samples once; for each sample it locates the four corners
 // once and loops over its slice's channels:
-//  - scatters grad_output·mask·weight/count into grad_input (float32 atomics:
-//    bins of overlapping RoIs, and the samples of one bin, hit the same pixels);
+//  - scatters grad_output·mask·weight/count into grad_input (atomics: bins of
+//    overlapping RoIs, and the samples of one bin, hit the same pixels; float32
+//    ones, or under torch.use_deterministic_algorithms(True) the
+//    order-independent fixed-point ones of deterministic_atomics.cuh);
 //  - reduces over the slice's channels the offset and mask gradients, which
 //    every channel of a bin shares, and writes them ONCE into the slice's
 //    partial sums (no atomics); the host sums the slices (one slice: a copy).
@@ -36,6 +38,7 @@
 // the host); anything that multiplies in the RoI, the batch index or the
 // channel with a plane is long long.
 
+#include "deterministic_atomics.cuh"
 #include "scalar_conversions.cuh"
 
 #ifndef ROI_POOL_BLOCK_SIZE
@@ -234,8 +237,11 @@ deform_roi_pool_forward(const scalar_t* __restrict__ input,   // [N, C, H, W]
 // Backward of deform_roi_pool_forward for the channels [slice * per_thread,
 // (slice + 1) * per_thread) of bin (k, ph, pw):
 //  - grad_input[n, c] += grad_output * mask * weight / count at each corner
-//    (float32 atomics; grad_input is zero-filled by the host, or null when
-//    not wanted: the scatter is skipped);
+//    (float32 atomics into grad_input, or fixed-point ones into
+//    grad_input_fixed; zero-filled by the host, both null when not wanted: the
+//    scatter is skipped). A sample adds at most once to a pixel of a channel
+//    (coinciding corners have weight 0), so a grad_input element receives at
+//    most K * pooled_h * pooled_w * grid_h * grid_w values;
 //  - grad_offset_partial[k, slice, 0 / 1, ph, pw] = gamma * roi_w / roi_h * mask / count
 //      * sum_c grad_output * d B1 / d x / d y (summed over samples),
 //    grad_mask_partial[k, slice, 0, ph, pw] = sum_c grad_output * unmasked value;
@@ -254,6 +260,8 @@ deform_roi_pool_backward(const scalar_t* __restrict__ input,        // [N, C, H,
                          const scalar_t* __restrict__ mask,         // [K, 1, pooled_h, pooled_w]; unread without HAS_MASK
                          const scalar_t* __restrict__ grad_output,  // [K, C, pooled_h, pooled_w]
                          float* __restrict__ grad_input,            // [N, C, H, W], accumulated; or null
+                         long long* __restrict__ grad_input_fixed,  // [N, C, H, W], fixed point; or null
+                         double fixed_scale, int* __restrict__ fixed_status,
                          float* __restrict__ grad_offset_partial,   // [K, slices, 2, pooled_h, pooled_w]; or null
                          float* __restrict__ grad_mask_partial,     // [K, slices, 1, pooled_h, pooled_w]; or null
                          int batch, int channels, int height, int width, int pooled_h,
@@ -267,8 +275,9 @@ deform_roi_pool_backward(const scalar_t* __restrict__ input,        // [N, C, H,
     const int bins = pooled_h * pooled_w;
     const int bin = b.ph * pooled_w + b.pw;
     const float m = HAS_MASK ? to_float(mask[static_cast<long long>(b.k) * bins + bin]) : 1.f;
+    const ScatterAdd<float> grad_in{grad_input, grad_input_fixed, fixed_scale, fixed_status};
     // Uniform across the launch.
-    const bool scatter = grad_input != nullptr;
+    const bool scatter = grad_in.enabled();
     const bool want_offset = HAS_OFFSET && grad_offset_partial != nullptr;
     const bool want_mask = HAS_MASK && grad_mask_partial != nullptr;
     const bool read_values = want_offset || want_mask;
@@ -302,7 +311,7 @@ deform_roi_pool_backward(const scalar_t* __restrict__ input,        // [N, C, H,
                     if (scatter && scaled != 0.f)
                         for (int q = 0; q < 4; ++q)
                             if (s.weight[q] != 0.f)
-                                atomicAdd(grad_input + at + s.corner(q), s.weight[q] * scaled);
+                                grad_in.add(at + s.corner(q), s.weight[q] * scaled);
                     if (read_values) {
                         float v[4];
                         for (int q = 0; q < 4; ++q) v[q] = to_float(input[at + s.corner(q)]);

@@ -7,7 +7,9 @@ bfloat16, float32 accumulation. Design notes: ``docs/kernels/roi_pool.md``.
 
 Forward and backward kernels: ``kernels/cuda/deform_psroi_pool.cu``
 (HAS_TRANS = false for ``no_trans``). The backward scatters grad_input with
-float32 atomics into a float32 buffer (cast once at the end) and writes
+float32 atomics into a float32 buffer (cast once at the end; under
+``torch.use_deterministic_algorithms(True)`` fixed-point int64 atomics, see
+``kernels.ops.deform_roi_pool.InputGradient``) and writes
 per-bin, per-channel-slice partial sums of the trans gradient; here they are
 summed over slices and over the bins that share a part cell. Only requested
 gradients are computed. ``rois`` (a [K, 5] tensor or a list of [L, 4] boxes
@@ -24,12 +26,13 @@ import dataclasses
 import torch
 from torch import nn
 
-from kernels import launch
+from kernels import determinism, launch
 from kernels.checks import check_shape, check_tensor
 from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
 from kernels.ops.deform_roi_pool import (
     ROIS_DTYPE,
     SUPPORTED_DTYPES,
+    InputGradient,
     channel_slicing,
     check_bool,
     check_finite_float,
@@ -254,10 +257,15 @@ def _backward(
             else torch.empty(0, dtype=dtype, device=device)
             for tensor, wanted in ((input, want_input), (trans, want_trans))
         )
+    def bound() -> tuple[float, int]:
+        # A value added is grad_output * weight / count, weight <= 1; an
+        # element receives at most one per sample of every bin (group_size 1:
+        # all bins read one plane).
+        samples = g.bins * g.sample_per_part**2
+        return determinism.max_abs(grad_output), g.num_rois * samples
+
     # float32 accumulation: see kernels.ops.deform_roi_pool._backward.
-    grad_input = (
-        torch.zeros(input.shape, dtype=torch.float32, device=device) if want_input else None
-    )
+    grad_input = InputGradient(input.shape, device, bound) if want_input else None
     channels_per_class = g.output_dim // g.num_classes
     slicing = channel_slicing(
         channels_per_class, g.num_rois * g.num_classes * g.bins, want_trans, device
@@ -277,6 +285,9 @@ def _backward(
         )
         null, null_float = launch.null(dtype, device), launch.null(torch.float32, device)
         rois = rois.to(ROIS_DTYPE).contiguous()
+        grad_input_args = (
+            InputGradient.unused(device) if grad_input is None else grad_input.kernel_args()
+        )
         for start, stop in roi_chunks(g.num_rois):
             kernel(
                 (launch.blocks(g.num_classes * slicing.slices * g.bins, BLOCK_SIZE), stop - start),
@@ -286,7 +297,7 @@ def _backward(
                     rois[start:stop],
                     roi_rows(trans, start, stop, null),
                     grad_output[start:stop],
-                    null_float if grad_input is None else grad_input,
+                    *grad_input_args,
                     roi_rows(trans_partial, start, stop, null_float),
                     *_geometry_arguments(g),
                     launch.int32(slicing.channels_per_thread),
@@ -301,7 +312,9 @@ def _backward(
         )
         grad_trans = _sum_into_part_cells(g, per_bin).to(dtype)
     grad_input = (
-        torch.empty(0, dtype=dtype, device=device) if grad_input is None else grad_input.to(dtype)
+        torch.empty(0, dtype=dtype, device=device)
+        if grad_input is None
+        else grad_input.result(dtype)
     )
     return grad_input, grad_trans
 

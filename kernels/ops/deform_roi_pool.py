@@ -9,8 +9,11 @@ accumulation. Design notes: ``docs/kernels/roi_pool.md``.
 One forward and one backward kernel (``kernels/cuda/deform_roi_pool.cu``),
 templated on HAS_OFFSET / HAS_MASK, serve the three operators. The backward
 scatters grad_input with float32 atomics into a float32 buffer (cast once at
-the end) and writes per-channel-slice partial sums of grad_offset / grad_mask,
-summed here. Only requested gradients are computed.
+the end) -- under ``torch.use_deterministic_algorithms(True)`` with
+fixed-point int64 atomics instead, bit-reproducible (:class:`InputGradient`,
+``kernels/determinism.py``) -- and writes per-channel-slice partial sums of
+grad_offset / grad_mask, summed here (no atomics: reproducible either way).
+Only requested gradients are computed.
 
 ``rois`` (a [K, 5] tensor or a list of [L, 4] boxes per image, see
 ``kernels.rois``) and ``offset`` values are checked on the host (integral
@@ -31,11 +34,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from kernels import launch
+from kernels import determinism, launch
 from kernels.checks import check_shape, check_tensor
 from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
 from kernels.rois import (
@@ -328,6 +332,49 @@ def channel_slicing(channels: int, items: int, reduce: bool,
     return launch.channel_slicing(channels, items, device)
 
 
+class InputGradient:
+    """Where a backward scatters grad_input: a zeroed float32 accumulator, or
+    under ``torch.use_deterministic_algorithms(True)`` order-independent
+    fixed-point sums (``kernels/determinism.py``; the same atomics, 64-bit
+    integer ones, plus the bound's reductions and one status read).
+    Shared with ``kernels.ops.deform_psroi_pool``.
+
+    ``bound`` gives (max |value added|, most values one element receives);
+    called only in deterministic mode (it reads values: a synchronisation).
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        device: torch.device,
+        bound: Callable[[], tuple[float, int]],
+    ) -> None:
+        self.device = device
+        self.fixed = None
+        self.accumulator = None
+        if determinism.enabled():
+            max_abs, max_addends = bound()
+            self.fixed = determinism.FixedPointSum(shape, device, max_abs, max(max_addends, 1))
+        else:
+            self.accumulator = torch.zeros(shape, dtype=torch.float32, device=device)
+
+    def kernel_args(self) -> tuple:
+        """``grad_input, grad_input_fixed, fixed_scale, fixed_status`` of a backward kernel."""
+        if self.fixed is None:
+            return (self.accumulator, *determinism.FixedPointSum.unused(self.device))
+        return (launch.null(torch.float32, self.device), *self.fixed.kernel_args())
+
+    @staticmethod
+    def unused(device: torch.device) -> tuple:
+        """The same arguments when grad_input is not wanted: no scatter."""
+        return (launch.null(torch.float32, device), *determinism.FixedPointSum.unused(device))
+
+    def result(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.fixed is None:
+            return self.accumulator.to(dtype)
+        return self.fixed.result(dtype)
+
+
 def _geometry_arguments(g: Geometry) -> tuple:
     return (
         launch.int32(g.batch),
@@ -407,17 +454,28 @@ def _backward(
     def empty():
         return torch.empty(0, dtype=dtype, device=device)
 
-    # float32 accumulation: half-precision atomics would round every one of
-    # the many additions a pixel receives (and bfloat16 ones are CAS loops).
     if g.empty:
         # Nothing pooled: every requested gradient is zero.
         return tuple(
             torch.zeros(tensor.shape, dtype=dtype, device=device) if wanted else empty()
             for tensor, wanted in ((input, want_input), (offset, want_offset), (mask, want_mask))
         )
-    grad_input = (
-        torch.zeros(input.shape, dtype=torch.float32, device=device) if want_input else None
-    )
+    rois = rois.to(ROIS_DTYPE).contiguous()
+
+    def bound() -> tuple[float, int]:
+        # A value added is grad_output * mask * weight / count, weight <= 1;
+        # an element receives at most one per sample of every bin.
+        if g.sampling_ratio > 0:
+            samples = g.sampling_ratio**2
+        else:
+            grid_h, grid_w = adaptive_grid(rois, g)
+            samples = int((grid_h * grid_w).max().clamp(max=MAX_SAMPLES_PER_BIN))
+        max_abs = determinism.max_abs(grad_output) * determinism.max_abs(mask)
+        return max_abs, g.num_rois * g.bins * samples
+
+    # float32 accumulation: half-precision atomics would round every one of
+    # the many additions a pixel receives (and bfloat16 ones are CAS loops).
+    grad_input = InputGradient(input.shape, device, bound) if want_input else None
     slicing = channel_slicing(g.channels, g.num_rois * g.bins, want_offset or want_mask, device)
     offset_partial = (
         launch.new_output(
@@ -440,7 +498,9 @@ def _backward(
             )
         )
         null, null_float = launch.null(dtype, device), launch.null(torch.float32, device)
-        rois = rois.to(ROIS_DTYPE).contiguous()
+        grad_input_args = (
+            InputGradient.unused(device) if grad_input is None else grad_input.kernel_args()
+        )
         for start, stop in roi_chunks(g.num_rois):
             kernel(
                 (launch.blocks(slicing.slices * g.bins, BLOCK_SIZE), stop - start),
@@ -451,7 +511,7 @@ def _backward(
                     roi_rows(offset, start, stop, null),
                     roi_rows(mask, start, stop, null),
                     grad_output[start:stop],
-                    null_float if grad_input is None else grad_input,
+                    *grad_input_args,
                     roi_rows(offset_partial, start, stop, null_float),
                     roi_rows(mask_partial, start, stop, null_float),
                     *_geometry_arguments(g),
@@ -460,7 +520,7 @@ def _backward(
                 ),
             )
     return (
-        empty() if grad_input is None else grad_input.to(dtype),
+        empty() if grad_input is None else grad_input.result(dtype),
         empty() if offset_partial is None else offset_partial.sum(1).to(dtype),
         empty() if mask_partial is None else mask_partial.sum(1).to(dtype),
     )
