@@ -145,6 +145,32 @@ def test_forward_and_gradients(case_name, dtype):
     check_against_reference(case, make_inputs(case, dtype), dtype)
 
 
+@pytest.mark.parametrize("case_name", ["basic", "part_cells_shared_by_bins"])
+def test_float64_kernels(case_name):
+    """The float64 instantiations compute in float64: the reference to ~1e-15."""
+    case = CASES[case_name]
+    check_against_reference(case, make_inputs(case, torch.float64), torch.float64)
+
+
+@pytest.mark.parametrize("no_trans", [False, True], ids=["trans", "no_trans"])
+def test_gradcheck_on_the_kernels(no_trans):
+    """torch.autograd.gradcheck of the emulated kernels in float64, input and
+    trans; RoIs and trans keep every sample off B2's borders and kinks."""
+    generator = torch.Generator().manual_seed(15)
+    x = torch.randn(2, 2 * 4, 5, 6, dtype=torch.float64, generator=generator).requires_grad_()
+    rois = torch.tensor([[0, 1.0, 2.0, 8.0, 7.0], [1, 3.0, 1.0, 9.0, 8.0]], dtype=torch.float64)
+    trans = (torch.rand(2, 2, 2, 2, dtype=torch.float64, generator=generator) * 0.4 - 0.2
+             ).requires_grad_()
+    arguments = dict(spatial_scale=0.53, output_dim=2, group_size=2, pooled_size=2, part_size=2,
+                     sample_per_part=2, trans_std=0.13, no_trans=no_trans)
+    if no_trans:
+        assert torch.autograd.gradcheck(
+            lambda i: ops.deform_psroi_pool(i, rois, None, **arguments), (x,))
+    else:
+        assert torch.autograd.gradcheck(
+            lambda i, t: ops.deform_psroi_pool(i, rois, t, **arguments), (x, trans))
+
+
 def test_c_round_and_minimum_roi_size():
     """Halves round away from zero (2.5 -> 3, -2.5 -> -3, not to even), and a
     RoI whose rounded corners cross still has sides of 0.1 on the map."""

@@ -80,10 +80,14 @@ def gradients(op: str, inputs: dict, grad_output: torch.Tensor, order: torch.Ten
     return [g if n == "input" else g[inverse] for n, g in zip(names, grads, strict=True)]
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_deterministic_backward_does_not_depend_on_the_order(op, deterministic_algorithms):
-    inputs = overlapping_inputs(op, seed=1)
-    grad_output = grad_output_with_spread((K, C, *POOLED), seed=2)
+@pytest.mark.parametrize(
+    "op, dtype",
+    [*((op, torch.float32) for op in OPS), ("modulated_deform_roi_pool", torch.float64)],
+    ids=lambda v: str(v).removeprefix("torch."),
+)
+def test_deterministic_backward_does_not_depend_on_the_order(op, dtype, deterministic_algorithms):
+    inputs = {n: None if t is None else t.to(dtype) for n, t in overlapping_inputs(op, 1).items()}
+    grad_output = grad_output_with_spread((K, C, *POOLED), seed=2).to(dtype)
     order = torch.randperm(K, generator=torch.Generator().manual_seed(3))
     identity = torch.arange(K)
     first = gradients(op, inputs, grad_output, identity)
@@ -96,7 +100,7 @@ def test_deterministic_backward_does_not_depend_on_the_order(op, deterministic_a
                   for n, t in inputs.items()}
     expected = reference_call(op, references, params(op))
     expected_grad = torch.autograd.grad(expected, references["input"], grad_output.double())[0]
-    assert_close("grad_input", first[0], expected_grad, torch.float32)
+    assert_close("grad_input", first[0], expected_grad, dtype)
 
     # The control: the float atomics do see a different order.
     torch.use_deterministic_algorithms(False)

@@ -3,11 +3,12 @@
 Semantics: ``shared/ops-semantics.md`` ("RoI pooling, NCHW"): R-FCN's
 deformable PSRoI pooling as in the original Deformable ConvNets (and mmcv's
 DeformRoIPoolingFunction of mmdet v1), sampling rule B2. float32 / float16 /
-bfloat16, float32 accumulation. Design notes: ``docs/kernels/roi_pool.md``.
+bfloat16 with float32 accumulation, float64 in float64. Design notes:
+``docs/kernels/roi_pool.md``.
 
 Forward and backward kernels: ``kernels/cuda/deform_psroi_pool.cu``
 (HAS_TRANS = false for ``no_trans``). The backward scatters grad_input with
-float32 atomics into a float32 buffer (cast once at the end; under
+atomics into a buffer of the compute dtype (cast once at the end; under
 ``torch.use_deterministic_algorithms(True)`` fixed-point int64 atomics, see
 ``kernels.ops.deform_roi_pool.InputGradient``) and writes
 per-bin, per-channel-slice partial sums of the trans gradient; here they are
@@ -30,7 +31,6 @@ from kernels import determinism, launch
 from kernels.checks import check_shape, check_tensor
 from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
 from kernels.ops.deform_roi_pool import (
-    ROIS_DTYPE,
     SUPPORTED_DTYPES,
     InputGradient,
     channel_slicing,
@@ -40,6 +40,8 @@ from kernels.ops.deform_roi_pool import (
     check_positive_int,
     check_same_dtype_and_device,
     check_values,
+    compute_dtype,
+    compute_scalar,
     fully_connected,
     roi_chunks,
     roi_rows,
@@ -51,7 +53,12 @@ __all__ = ["DeformPSRoIPool", "DeformPSRoIPoolPack", "deform_psroi_pool"]
 # Threads per block of both kernels (a macro in the .cu, see deform_roi_pool).
 BLOCK_SIZE = 256
 
-_CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+_CTYPES = {
+    torch.float32: "float",
+    torch.float16: "__half",
+    torch.bfloat16: "__nv_bfloat16",
+    torch.float64: "double",
+}
 _KERNELS = ("deform_psroi_pool_forward", "deform_psroi_pool_backward")
 
 
@@ -181,7 +188,7 @@ def check_arguments(
 # --------------------------------------------------------------------------- #
 
 
-def _geometry_arguments(g: Geometry) -> tuple:
+def _geometry_arguments(g: Geometry, dtype: torch.dtype) -> tuple:
     ints = (
         g.batch,
         g.channels,
@@ -196,8 +203,8 @@ def _geometry_arguments(g: Geometry) -> tuple:
     )
     return (
         *(launch.int32(v) for v in ints),
-        launch.float32(g.spatial_scale),
-        launch.float32(g.trans_std),
+        compute_scalar(g.spatial_scale, dtype),
+        compute_scalar(g.trans_std, dtype),
     )
 
 
@@ -211,7 +218,7 @@ def _forward(
         _name_expression("deform_psroi_pool_forward", input.dtype, trans is not None)
     )
     null = launch.null(input.dtype, input.device)  # unread without HAS_TRANS
-    rois = rois.to(ROIS_DTYPE).contiguous()
+    rois = rois.to(compute_dtype(input.dtype)).contiguous()
     for start, stop in roi_chunks(g.num_rois):
         kernel(
             (launch.blocks(g.output_dim * g.bins, BLOCK_SIZE), stop - start),
@@ -221,7 +228,7 @@ def _forward(
                 rois[start:stop],
                 roi_rows(trans, start, stop, null),
                 output[start:stop],
-                *_geometry_arguments(g),
+                *_geometry_arguments(g, input.dtype),
             ),
         )
     return output
@@ -257,6 +264,7 @@ def _backward(
             else torch.empty(0, dtype=dtype, device=device)
             for tensor, wanted in ((input, want_input), (trans, want_trans))
         )
+
     def bound() -> tuple[float, int]:
         # A value added is grad_output * weight / count, weight <= 1; an
         # element receives at most one per sample of every bin (group_size 1:
@@ -264,8 +272,9 @@ def _backward(
         samples = g.bins * g.sample_per_part**2
         return determinism.max_abs(grad_output), g.num_rois * samples
 
-    # float32 accumulation: see kernels.ops.deform_roi_pool._backward.
-    grad_input = InputGradient(input.shape, device, bound) if want_input else None
+    # float32 accumulation (float64 for float64): see kernels.ops.deform_roi_pool._backward.
+    grad_input = InputGradient(input.shape, dtype, device, bound) if want_input else None
+    compute = compute_dtype(dtype)
     channels_per_class = g.output_dim // g.num_classes
     slicing = channel_slicing(
         channels_per_class, g.num_rois * g.num_classes * g.bins, want_trans, device
@@ -273,7 +282,7 @@ def _backward(
     trans_partial = (
         launch.new_output(
             (g.num_rois, g.num_classes, slicing.slices, 2, g.pooled_size, g.pooled_size),
-            torch.float32,
+            compute,
             device,
         )
         if want_trans
@@ -283,10 +292,10 @@ def _backward(
         kernel = launch.module(SOURCE, device).function(
             _name_expression("deform_psroi_pool_backward", dtype, trans is not None)
         )
-        null, null_float = launch.null(dtype, device), launch.null(torch.float32, device)
-        rois = rois.to(ROIS_DTYPE).contiguous()
+        null, null_compute = launch.null(dtype, device), launch.null(compute, device)
+        rois = rois.to(compute).contiguous()
         grad_input_args = (
-            InputGradient.unused(device) if grad_input is None else grad_input.kernel_args()
+            InputGradient.unused(dtype, device) if grad_input is None else grad_input.kernel_args()
         )
         for start, stop in roi_chunks(g.num_rois):
             kernel(
@@ -298,8 +307,8 @@ def _backward(
                     roi_rows(trans, start, stop, null),
                     grad_output[start:stop],
                     *grad_input_args,
-                    roi_rows(trans_partial, start, stop, null_float),
-                    *_geometry_arguments(g),
+                    roi_rows(trans_partial, start, stop, null_compute),
+                    *_geometry_arguments(g, dtype),
                     launch.int32(slicing.channels_per_thread),
                     launch.int32(slicing.slices),
                 ),
@@ -423,7 +432,7 @@ def deform_psroi_pool(
     sample_per_part 4, trans_std 0).
 
     Args:
-        input: [N, output_dim·group_size², H, W], float32 / float16 / bfloat16.
+        input: [N, output_dim·group_size², H, W], float32 / float16 / bfloat16 / float64.
         rois: [K, 5] of (batch_index, x1, y1, x2, y2) in image coordinates
             (rounded to integers, C's round), or a list of [L_i, 4] boxes, one
             tensor per image; the input's dtype or float32, on its device;

@@ -3,13 +3,14 @@
 Semantics: ``shared/ops-semantics.md`` ("RoI pooling, NCHW"): mmcv's
 DeformRoIPool / ModulatedDeformRoIPool, and ``roi_align`` =
 ``torchvision.ops.roi_align`` (with ``aligned``, ``deform_roi_pool`` without
-offset); sampling rule B1. float32 / float16 / bfloat16, float32
-accumulation. Design notes: ``docs/kernels/roi_pool.md``.
+offset); sampling rule B1. float32 / float16 / bfloat16 with float32
+accumulation, and float64 computed in float64 (for
+``torch.autograd.gradcheck``). Design notes: ``docs/kernels/roi_pool.md``.
 
 One forward and one backward kernel (``kernels/cuda/deform_roi_pool.cu``),
 templated on HAS_OFFSET / HAS_MASK, serve the three operators. The backward
-scatters grad_input with float32 atomics into a float32 buffer (cast once at
-the end) -- under ``torch.use_deterministic_algorithms(True)`` with
+scatters grad_input with atomics into a buffer of the compute dtype (float32;
+float64 for float64; cast once at the end) -- under ``torch.use_deterministic_algorithms(True)`` with
 fixed-point int64 atomics instead, bit-reproducible (:class:`InputGradient`,
 ``kernels/determinism.py``) -- and writes per-channel-slice partial sums of
 grad_offset / grad_mask, summed here (no atomics: reproducible either way).
@@ -36,6 +37,7 @@ import itertools
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -65,12 +67,27 @@ __all__ = [
 # __launch_bounds__ and our grids cannot disagree.
 BLOCK_SIZE = 256
 
-_CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+_CTYPES = {
+    torch.float32: "float",
+    torch.float16: "__half",
+    torch.bfloat16: "__nv_bfloat16",
+    torch.float64: "double",
+}
 SUPPORTED_DTYPES = tuple(_CTYPES)
-# The kernels read RoI coordinates in float32 whatever the input's dtype:
-# rois may come in the input's dtype or in float32 (what autocast hands to
-# half features); they are converted once.
+# The rois may come in the input's dtype or in float32 (what autocast hands
+# to half features); the kernels read them in the compute dtype.
 ROIS_DTYPE = torch.float32
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernels compute and accumulate in for input of ``dtype``
+    (compute_t in scalar_conversions.cuh): float32, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def compute_scalar(value: float, dtype: torch.dtype):
+    """A real kernel parameter of the compute type of ``dtype``."""
+    return np.float64(value) if dtype == torch.float64 else launch.float32(value)
 _KERNELS = ("deform_roi_pool_forward", "deform_roi_pool_backward")
 
 
@@ -333,7 +350,8 @@ def channel_slicing(channels: int, items: int, reduce: bool,
 
 
 class InputGradient:
-    """Where a backward scatters grad_input: a zeroed float32 accumulator, or
+    """Where a backward scatters grad_input: a zeroed accumulator of the
+    compute dtype (float32, float64 for float64 input), or
     under ``torch.use_deterministic_algorithms(True)`` order-independent
     fixed-point sums (``kernels/determinism.py``; the same atomics, 64-bit
     integer ones, plus the bound's reductions and one status read).
@@ -346,28 +364,33 @@ class InputGradient:
     def __init__(
         self,
         shape: tuple[int, ...],
+        dtype: torch.dtype,
         device: torch.device,
         bound: Callable[[], tuple[float, int]],
     ) -> None:
         self.device = device
+        self.compute = compute_dtype(dtype)
         self.fixed = None
         self.accumulator = None
         if determinism.enabled():
             max_abs, max_addends = bound()
             self.fixed = determinism.FixedPointSum(shape, device, max_abs, max(max_addends, 1))
         else:
-            self.accumulator = torch.zeros(shape, dtype=torch.float32, device=device)
+            self.accumulator = torch.zeros(shape, dtype=self.compute, device=device)
 
     def kernel_args(self) -> tuple:
         """``grad_input, grad_input_fixed, fixed_scale, fixed_status`` of a backward kernel."""
         if self.fixed is None:
             return (self.accumulator, *determinism.FixedPointSum.unused(self.device))
-        return (launch.null(torch.float32, self.device), *self.fixed.kernel_args())
+        return (launch.null(self.compute, self.device), *self.fixed.kernel_args())
 
     @staticmethod
-    def unused(device: torch.device) -> tuple:
-        """The same arguments when grad_input is not wanted: no scatter."""
-        return (launch.null(torch.float32, device), *determinism.FixedPointSum.unused(device))
+    def unused(dtype: torch.dtype, device: torch.device) -> tuple:
+        """The same arguments when grad_input (of ``dtype``) is not wanted: no scatter."""
+        return (
+            launch.null(compute_dtype(dtype), device),
+            *determinism.FixedPointSum.unused(device),
+        )
 
     def result(self, dtype: torch.dtype) -> torch.Tensor:
         if self.fixed is None:
@@ -375,7 +398,7 @@ class InputGradient:
         return self.fixed.result(dtype)
 
 
-def _geometry_arguments(g: Geometry) -> tuple:
+def _geometry_arguments(g: Geometry, dtype: torch.dtype) -> tuple:
     return (
         launch.int32(g.batch),
         launch.int32(g.channels),
@@ -383,9 +406,9 @@ def _geometry_arguments(g: Geometry) -> tuple:
         launch.int32(g.width),
         launch.int32(g.pooled_h),
         launch.int32(g.pooled_w),
-        launch.float32(g.spatial_scale),
+        compute_scalar(g.spatial_scale, dtype),
         launch.int32(g.sampling_ratio),
-        launch.float32(g.gamma),
+        compute_scalar(g.gamma, dtype),
         launch.int32(int(g.aligned)),
     )
 
@@ -419,7 +442,7 @@ def _forward(
         )
     )
     null = launch.null(input.dtype, input.device)  # unread without HAS_OFFSET / HAS_MASK
-    rois = rois.to(ROIS_DTYPE).contiguous()
+    rois = rois.to(compute_dtype(input.dtype)).contiguous()
     for start, stop in roi_chunks(g.num_rois):
         kernel(
             (launch.blocks(g.channels * g.bins, BLOCK_SIZE), stop - start),
@@ -430,7 +453,7 @@ def _forward(
                 roi_rows(offset, start, stop, null),
                 roi_rows(mask, start, stop, null),
                 output[start:stop],
-                *_geometry_arguments(g),
+                *_geometry_arguments(g, input.dtype),
             ),
         )
     return output
@@ -460,7 +483,8 @@ def _backward(
             torch.zeros(tensor.shape, dtype=dtype, device=device) if wanted else empty()
             for tensor, wanted in ((input, want_input), (offset, want_offset), (mask, want_mask))
         )
-    rois = rois.to(ROIS_DTYPE).contiguous()
+    compute = compute_dtype(dtype)
+    rois = rois.to(compute).contiguous()
 
     def bound() -> tuple[float, int]:
         # A value added is grad_output * mask * weight / count, weight <= 1;
@@ -473,20 +497,21 @@ def _backward(
         max_abs = determinism.max_abs(grad_output) * determinism.max_abs(mask)
         return max_abs, g.num_rois * g.bins * samples
 
-    # float32 accumulation: half-precision atomics would round every one of
-    # the many additions a pixel receives (and bfloat16 ones are CAS loops).
-    grad_input = InputGradient(input.shape, device, bound) if want_input else None
+    # float32 accumulation (float64 for float64): half-precision atomics would
+    # round every one of the many additions a pixel receives (and bfloat16
+    # ones are CAS loops).
+    grad_input = InputGradient(input.shape, dtype, device, bound) if want_input else None
     slicing = channel_slicing(g.channels, g.num_rois * g.bins, want_offset or want_mask, device)
     offset_partial = (
         launch.new_output(
-            (g.num_rois, slicing.slices, 2, g.pooled_h, g.pooled_w), torch.float32, device
+            (g.num_rois, slicing.slices, 2, g.pooled_h, g.pooled_w), compute, device
         )
         if want_offset
         else None
     )
     mask_partial = (
         launch.new_output(
-            (g.num_rois, slicing.slices, 1, g.pooled_h, g.pooled_w), torch.float32, device
+            (g.num_rois, slicing.slices, 1, g.pooled_h, g.pooled_w), compute, device
         )
         if want_mask
         else None
@@ -497,9 +522,9 @@ def _backward(
                 "deform_roi_pool_backward", dtype, offset is not None, mask is not None
             )
         )
-        null, null_float = launch.null(dtype, device), launch.null(torch.float32, device)
+        null, null_compute = launch.null(dtype, device), launch.null(compute, device)
         grad_input_args = (
-            InputGradient.unused(device) if grad_input is None else grad_input.kernel_args()
+            InputGradient.unused(dtype, device) if grad_input is None else grad_input.kernel_args()
         )
         for start, stop in roi_chunks(g.num_rois):
             kernel(
@@ -512,9 +537,9 @@ def _backward(
                     roi_rows(mask, start, stop, null),
                     grad_output[start:stop],
                     *grad_input_args,
-                    roi_rows(offset_partial, start, stop, null_float),
-                    roi_rows(mask_partial, start, stop, null_float),
-                    *_geometry_arguments(g),
+                    roi_rows(offset_partial, start, stop, null_compute),
+                    roi_rows(mask_partial, start, stop, null_compute),
+                    *_geometry_arguments(g, dtype),
                     launch.int32(slicing.channels_per_thread),
                     launch.int32(slicing.slices),
                 ),
@@ -671,7 +696,7 @@ def roi_align(
     clamped below at 1. Differentiable in ``input``.
 
     Args:
-        input: [N, C, H, W], float32 / float16 / bfloat16.
+        input: [N, C, H, W], float32 / float16 / bfloat16 / float64.
         rois: [K, 5] of (batch_index, x1, y1, x2, y2) in image coordinates,
             or a list of [L_i, 4] boxes (x1, y1, x2, y2), one tensor per image
             (torchvision's form); the input's dtype or float32 (autocast's
@@ -712,7 +737,7 @@ def deform_roi_pool(
     Differentiable in ``input`` and ``offset``. Defaults are mmcv's.
 
     Args:
-        input: [N, C, H, W], float32 / float16 / bfloat16.
+        input: [N, C, H, W], float32 / float16 / bfloat16 / float64.
         rois: [K, 5], or a list of [L_i, 4] per image, as :func:`roi_align`.
         offset: [K, 2, pooled_h, pooled_w] (channel 0 moves x, 1 moves y), or
             None: exactly :func:`roi_align` (aligned).
