@@ -314,7 +314,7 @@ def test_reference_returns_the_case_dtype_in_every_mode(op):
         check(op, "reference", SMALL, "float16", mode)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
 @pytest.mark.parametrize("op", ALL_OPS)
 def test_cupy_kernel_through_the_registry(op, dtype):
     """Our kernels (through the CPU emulator here) in every mode; skipped, saying why,

@@ -42,6 +42,7 @@ from harness.operators.roi_align import (
     CHANNEL_SAMPLE_FLOPS,
     FORWARD_ONLY_MODES,
     POINT_FLOPS,
+    ROI_KERNEL_DTYPES,
     ROI_MODES,
     ROI_TOLERANCES,
     draw_rois,
@@ -52,7 +53,6 @@ from harness.operators.roi_align import (
     round_to,
 )
 from harness.registry import (
-    KERNEL_DTYPES,
     Operator,
     TensorSpec,
     implementation,
@@ -274,7 +274,7 @@ def torchvision_deform_psroi_pool(inputs, params):
     return _call(torchvision_ops.deform_psroi_pool, inputs, params)
 
 
-@implementation(OP, "cupy", kind="kernel", dtypes=KERNEL_DTYPES,
+@implementation(OP, "cupy", kind="kernel", dtypes=ROI_KERNEL_DTYPES,
                 available=kernel_availability("kernels.ops.deform_psroi_pool"), emulated_on=("cpu",))
 def cupy_deform_psroi_pool(inputs, params):
     """kernels.ops.deform_psroi_pool.deform_psroi_pool: our CuPy kernels (CPU: the emulator)."""

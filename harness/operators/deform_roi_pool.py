@@ -43,6 +43,7 @@ from harness.operators.roi_align import (
     CHANNEL_SAMPLE_FLOPS,
     FORWARD_ONLY_MODES,
     POINT_FLOPS,
+    ROI_KERNEL_DTYPES,
     ROI_MODES,
     ROI_PARAMS,
     ROI_TENSORS,
@@ -59,7 +60,6 @@ from harness.operators.roi_align import (
     validate_roi_params,
 )
 from harness.registry import (
-    KERNEL_DTYPES,
     Operator,
     TensorSpec,
     implementation,
@@ -209,7 +209,7 @@ for _name, (_modulated, _summary) in DEFORM_ROI_OPERATORS.items():
     implementation(_name, "reference", kind="reference", dtypes=tuple(ROI_TOLERANCES))(in_float64(
         _forward(lambda _op=_name: getattr(reference_ops, _op), _modulated,
                  f"kernels.reference.deform_roi_pool.{_name}: plain PyTorch from the contract, in float64.")))
-    implementation(_name, "cupy", kind="kernel", dtypes=KERNEL_DTYPES,
+    implementation(_name, "cupy", kind="kernel", dtypes=ROI_KERNEL_DTYPES,
                    available=kernel_availability("kernels.ops.deform_roi_pool"), emulated_on=("cpu",))(
         _forward(lambda _op=_name: kernel_function("deform_roi_pool", _op), _modulated,
                  f"kernels.ops.deform_roi_pool.{_name}: our CuPy kernels (CPU: the emulator)."))

@@ -332,6 +332,9 @@ def _backward_bytes(params, itemsize):
     return float(itemsize * (counts["rois"] + counts["output"] + counts["input"]))
 
 
+# Our RoI kernels take float64 too (computed in float64, for gradcheck).
+ROI_KERNEL_DTYPES = (*KERNEL_DTYPES, "float64")
+
 ROI_TENSORS = {
     "input": TensorSpec("input", "[N, C, H, W]"),
     "rois": TensorSpec("rois", "[K, 5]", differentiable=False),
@@ -381,7 +384,7 @@ def torchvision_roi_align(inputs, params):
     return _call(torchvision_ops.roi_align, inputs, params)
 
 
-@implementation("roi_align", "cupy", kind="kernel", dtypes=KERNEL_DTYPES,
+@implementation("roi_align", "cupy", kind="kernel", dtypes=ROI_KERNEL_DTYPES,
                 available=kernel_availability("kernels.ops.deform_roi_pool"), emulated_on=("cpu",))
 def cupy_roi_align(inputs, params):
     """kernels.ops.deform_roi_pool.roi_align: our CuPy kernels (CPU: the emulator)."""
