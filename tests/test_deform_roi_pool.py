@@ -570,14 +570,18 @@ def test_pack_checks_its_channels():
 # --------------------------------------------------------------------------- #
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_memcheck(op):
+@pytest.mark.parametrize(
+    "op, dtype",
+    [*((op, torch.float32) for op in OPS), ("modulated_deform_roi_pool", torch.float64)],
+    ids=lambda v: str(v).removeprefix("torch."),
+)
+def test_memcheck(op, dtype):
     """No out-of-bounds write in any forward or backward instantiation used by ``op``
     (RoIs outside the map, offsets pushing bins off it, the last image)."""
     case = CASES["sampling_ratio_2"]
-    inputs = make_inputs(case, op, torch.float32, seed=11)
+    inputs = make_inputs(case, op, dtype, seed=11)
     with emulator.mode("memcheck"):
-        check_against_reference(op, inputs, case.params(op), torch.float32)
+        check_against_reference(op, inputs, case.params(op), dtype)
 
 
 # --------------------------------------------------------------------------- #
@@ -736,22 +740,25 @@ def test_missing_mask():
 # --------------------------------------------------------------------------- #
 
 
-def _tiny_op_arguments(with_offset: bool, with_mask: bool):
+def _tiny_op_arguments(with_offset: bool, with_mask: bool, aligned: bool = True):
     case = Case(N=2, C=2, H=4, W=5, pooled_h=2, pooled_w=2)
     inputs = make_inputs(case, "modulated_deform_roi_pool", torch.float32, seed=12)
     input = inputs["input"].requires_grad_()
     offset = inputs["offset"].requires_grad_() if with_offset else None
     mask = inputs["mask"].requires_grad_() if with_mask else None
-    return (input, inputs["rois"], offset, mask, 2, 2, 0.5, 0, 0.1, True)
+    return (input, inputs["rois"], offset, mask, 2, 2, 0.5, 0, 0.1, aligned)
 
 
 @pytest.mark.parametrize(
-    "with_offset, with_mask", [(False, False), (True, False), (True, True)], ids=OPS
+    "with_offset, with_mask, aligned",
+    [(False, False, True), (False, False, False), (True, False, True), (True, True, True)],
+    ids=[OPS[0], "roi_align_not_aligned", *OPS[1:]],
 )
-def test_opcheck(with_offset, with_mask):
+def test_opcheck(with_offset, with_mask, aligned):
     """Schema, fake (meta) kernel, autograd registration and AOT dispatch of our op."""
     torch.library.opcheck(
-        torch.ops.dcnbench.deform_roi_pool.default, _tiny_op_arguments(with_offset, with_mask)
+        torch.ops.dcnbench.deform_roi_pool.default,
+        _tiny_op_arguments(with_offset, with_mask, aligned),
     )
 
 
