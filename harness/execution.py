@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from harness import checking, nvml, registry
+from harness import checking, determinism, nvml, registry
 from harness.cases import Case
 from harness.results import Row
 from harness.timing import Stats, TimingConfig, time_call
@@ -212,6 +212,9 @@ def _check(row: Row, case_run: CaseRun, impl: registry.Implementation,
             grads = _gradients(out, leaves, case_run.grad_output)
             tensors = {f"grad_{n}": g for n, g in zip(case_run.differentiable, grads, strict=True)}
             refs = case_run.ref_grads
+            row.deterministic = determinism.backward_is_reproducible(
+                impl.forward, case_run.inputs, case.params, case_run.differentiable,
+                case_run.grad_output)
     errors = {name: checking.measure(tensors[name], ref, dtype, name) for name, ref in refs.items()}
     tol = case.op.tolerance(case.dtype, direction)
     verdict = checking.judge(errors, tol)

@@ -54,6 +54,7 @@ class Row:
     tol_rel_l2: float | None = None
     tol_max_abs: float | None = None
     tensors: dict[str, dict[str, float]] | None = None
+    deterministic: bool | None = None
     timing_skipped: str | None = None
     timer: str | None = None
     time_median_ms: float | None = None

@@ -215,6 +215,19 @@ def _case_table(rows: pd.DataFrame) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------- pages
 
 
+def _determinism(rows: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per operator and implementation: of the backward rows checked, how many
+    gave the same bits twice (``deterministic``; harness/determinism.py)."""
+    if "deterministic" not in rows:
+        return []
+    checked = rows[rows["deterministic"].notna()]
+    return [
+        {"op": op, "impl": impl, "reproducible": int(group["deterministic"].astype(bool).sum()),
+         "checked": len(group)}
+        for (op, impl), group in checked.groupby(["op", "impl"], sort=True)
+    ]
+
+
 def _run_page(site: Site, run: Run, previous: Run | None, compare_path: str | None,
               history_path: str | None) -> None:
     rows = run.rows
@@ -225,6 +238,7 @@ def _run_page(site: Site, run: Run, previous: Run | None, compare_path: str | No
                 run=run, counts=run.counts(), matrix=_matrix(rows) if len(rows) else None,
                 environment=_environment(run), failures=failures.to_dict("records"),
                 xfails=xfails.to_dict("records"), ops=ops, slug=slug, previous=previous,
+                determinism=_determinism(rows),
                 compare_path=compare_path, history_path=history_path)
     bandwidth = run.metadata.get("copy_bandwidth_gbps")
     for op in ops:

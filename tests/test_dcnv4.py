@@ -82,19 +82,48 @@ def test_against_reference_bfloat16_backward():
 
 BAD_OFFSET_MASK = {
     # G=2, P=9: G·P·3 = 54, M = 56.
-    "unpadded": (
-        torch.zeros(2, 5, 6, 54),
-        r"offset_mask must have shape .*56.*got \(2, 5, 6, 54\)",
+    "too_narrow": (
+        torch.zeros(2, 5, 6, 53),
+        r"offset_mask must have at least group·3·P = 2·3·9 = 54 columns .*got shape \(2, 5, 6, 53\)",
     ),
-    "dcnv3_offset": (torch.zeros(2, 5, 6, 36), r"offset_mask must have shape .*56"),
-    "over_padded": (torch.zeros(2, 5, 6, 64), r"offset_mask must have shape .*56"),
+    "dcnv3_offset": (torch.zeros(2, 5, 6, 36), r"offset_mask must have at least .* 54 columns"),
     "wrong_spatial_size": (
         torch.zeros(2, 6, 6, 56),
         r"offset_mask must have shape .*\(2, 5, 6, 56\)",
     ),
-    "not_contiguous": (torch.zeros(2, 5, 6, 112)[..., ::2], r"offset_mask must be contiguous"),
     "dtype": (torch.zeros(2, 5, 6, 56, dtype=torch.bfloat16), r"offset_mask must be torch.float32"),
 }
+
+
+@pytest.mark.parametrize("design", ops.DESIGNS)
+@pytest.mark.parametrize("width", [54, 64, "strided"])
+def test_offset_mask_of_any_width(width, design):
+    """Any width >= G·3P (54 here; DCNv4 pads to 56), non-contiguous too: the
+    same output and gradients as the padded offset_mask, zero gradient on the
+    padding, here and in the reference."""
+    case = CASES["basic_3x3"]
+    inputs = make_inputs(case, "dcnv4", torch.float32, seed=7)
+    used = 54
+    if width == "strided":  # every other column of a twice-as-wide tensor
+        wide = torch.zeros(*inputs["offset_mask"].shape[:3], 112)
+        wide[..., ::2] = inputs["offset_mask"]
+        other = wide[..., ::2]
+    else:
+        other = torch.nn.functional.pad(inputs["offset_mask"][..., :used], (0, width - used), value=7.0)
+    outputs, grads = [], []
+    for offset_mask in (inputs["offset_mask"], other):
+        leaf = offset_mask.detach().clone().requires_grad_() if width != "strided" else offset_mask.requires_grad_()
+        out = dcnv4(inputs["input"], leaf, **case.params(), design=design)
+        out.backward(torch.ones_like(out))
+        outputs.append(out)
+        grads.append(leaf.grad)
+    assert torch.equal(outputs[0], outputs[1])
+    assert torch.equal(grads[0][..., :used], grads[1][..., :used])
+    assert not grads[1][..., used:].any()
+    assert torch.equal(
+        reference.dcnv4(inputs["input"], other.detach(), **case.params()),
+        reference.dcnv4(inputs["input"], inputs["offset_mask"], **case.params()),
+    )
 
 
 @pytest.mark.parametrize("name", list(BAD_OFFSET_MASK))

@@ -29,7 +29,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Relative L2 bound per dtype: a few units of the dtype's rounding (columns
 # and outputs are rounded once each; float32 is far below its bound on the
 # CPU, the slack is for TF32-free cuBLAS reduction orders).
-REL_L2 = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+REL_L2 = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-13}
 MAX_ABS = {dtype: 2 * bound for dtype, bound in REL_L2.items()}
 GRADIENTS = ("input", "offset", "mask", "weight", "bias")
 
@@ -209,6 +209,31 @@ def check_against_reference(
 def test_forward_and_gradients(case_name, dtype, modulated):
     case = CASES[case_name]
     check_against_reference(make_inputs(case, dtype, modulated), case.params(), dtype)
+
+
+@pytest.mark.parametrize("modulated", [False, True], ids=["dcnv1", "dcnv2"])
+@pytest.mark.parametrize("case_name", ["basic", "grouped_strided_dilated_2x3"])
+def test_float64_kernels(case_name, modulated):
+    """The float64 instantiations compute in double: the reference's numbers to 1e-13."""
+    case = CASES[case_name]
+    check_against_reference(make_inputs(case, torch.float64, modulated), case.params(), torch.float64)
+
+
+@pytest.mark.parametrize("modulated", [False, True], ids=["dcnv1", "dcnv2"])
+def test_gradcheck_on_the_emulated_kernels(modulated):
+    """torch.autograd.gradcheck (float64, as torchvision's and mmcv's tests run it)
+    on every input of the kernels, offsets away from B0's kinks."""
+    case = Case(N=2, C_in=4, C_out=2, H=4, W=5, kernel=(2, 3), padding=(1, 1), groups=2,
+                offset_groups=2)
+    inputs = make_inputs(case, torch.float64, modulated, seed=18)
+    names = [n for n, t in inputs.items() if t is not None]
+    leaves = [inputs[n].requires_grad_() for n in names]
+
+    def function(*tensors):
+        return ours(dict(inputs, **dict(zip(names, tensors, strict=True))), case.params())
+
+    with launch.poisoned_outputs():
+        assert torch.autograd.gradcheck(function, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -444,10 +469,10 @@ BAD_ARGUMENTS = {
     ),
     "bias_ndim": (_bad(bias=torch.zeros(6, 1)), ValueError, r"bias must be 1-D"),
     "not_a_tensor": (_bad(offset=[1.0]), TypeError, r"offset must be a torch.Tensor"),
-    "float64": (
-        {**_bad(), **{n: t.double() for n, t in _bad().items() if isinstance(t, torch.Tensor)}},
+    "integer_dtype": (
+        {**_bad(), **{n: t.int() for n, t in _bad().items() if isinstance(t, torch.Tensor)}},
         TypeError,
-        r"input has dtype torch.float64; supported",
+        r"input has dtype torch.int32; supported: .*torch.float64",
     ),
     "dtype_mismatch": (
         _bad(weight=torch.zeros(6, 4, 3, 3, dtype=torch.float16)),
@@ -529,7 +554,7 @@ def test_launch_rejects_python_scalars_and_bad_configurations():
         launch.int32(2**31)
     assert isinstance(launch.int32(5), np.int32) and isinstance(launch.int64(5), np.int64)
     with pytest.raises(KeyError, match="not a registered name expression"):
-        launch.module(dcn.SOURCE, "cpu").function("deform_im2col<double, false>")
+        launch.module(dcn.SOURCE, "cpu").function("deform_im2col<int, false>")
 
 
 def test_new_output_is_poisoned():

@@ -64,7 +64,8 @@ def test_implementations_and_baselines():
     [
         ({"groups": 3}, ["'groups'", "C_in % groups == 0", "C_in=16", "groups=3"]),
         ({"C_out": 12, "groups": 8}, ["'groups'", "C_out % groups == 0", "C_out=12", "groups=8"]),
-        ({"N": 0}, ["'N'", ">= 1", "got 0"]),
+        ({"N": -1}, ["'N'", ">= 0", "got -1"]),
+        ({"C_in": 0}, ["'C_in'", ">= 1", "got 0"]),
         ({"kernel_w": 0}, ["'kernel_w'", ">= 1", "got 0"]),
         ({"pad_h": -1}, ["'pad_h'", ">= 0", "got -1"]),
         ({"H": 2, "pad_h": 0}, ["H_out >= 1", "H_out=0"]),
@@ -270,6 +271,19 @@ def test_torchvision_adapter_refuses_groups_its_shapes_contradict(wrong):
     arguments = {"groups": 1, "offset_groups": 1, **wrong}
     with pytest.raises(ValueError, match=next(iter(wrong)) + "|offset must have"):
         torchvision_ops.deform_conv2d(tensors["input"], tensors["offset"], tensors["weight"], **arguments)
+
+
+def test_torchvision_adapter_infers_groups_takes_an_empty_batch_and_refuses_no_channels():
+    params, tensors = inputs("deform_conv2d", dtype="float64")
+    x, offset, weight = tensors["input"], tensors["offset"], tensors["weight"]
+    padding = (params["pad_h"], params["pad_w"])
+    inferred = torchvision_ops.deform_conv2d(x, offset, weight, padding=padding)
+    given = torchvision_ops.deform_conv2d(x, offset, weight, padding=padding, groups=1,
+                                          offset_groups=1)
+    assert torch.equal(inferred, given)
+    assert torchvision_ops.deform_conv2d(x[:0], offset[:0], weight, padding=padding).shape[0] == 0
+    with pytest.raises(ValueError, match="cannot take input with 0 channels"):
+        torchvision_ops.deform_conv2d(x[:, :0], offset, weight[:, :0], padding=padding)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

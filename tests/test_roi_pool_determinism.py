@@ -7,16 +7,17 @@ result must not depend on the order the atomics run in. Permuting the RoIs
 deterministic grad_input must keep its bits, and, as the control that shows
 the permutation changes the order at all, the float-atomic one must not.
 
-The atomics issued are counted by building the very same .cu file with
-``atomicAdd`` wrapped in a counter: the deterministic path must issue as many
+The atomics issued are counted by the counting build of the very same .cu
+file (``-DDCNBENCH_COUNT_ATOMICS``: ``ScatterAdd`` counts what it issues, as
+in ``scripts/count_atomics.py``): the deterministic path must issue as many
 as the float one, exactly the count the geometry gives.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 from test_deform_roi_pool import assert_close, call, reference_call
@@ -137,65 +138,36 @@ def test_deterministic_psroi_backward_does_not_depend_on_the_order(deterministic
 # Atomics issued.
 # --------------------------------------------------------------------------- #
 
-COUNTING_BUILD = r"""
-// The kernels of {filename} with every atomicAdd counted (a test build).
-static unsigned long long atomics_issued = 0;
-
-template <typename T, typename V>
-__device__ T counted_atomic_add(T* address, V value) {{
-    __atomic_fetch_add(&atomics_issued, 1ull, __ATOMIC_RELAXED);
-    return atomicAdd(address, value);
-}}
-
-#define atomicAdd counted_atomic_add
-#include "{filename}"
-#undef atomicAdd
-
-extern "C" __global__ void take_atomics_issued(unsigned long long* count) {{
-    *count = __atomic_exchange_n(&atomics_issued, 0ull, __ATOMIC_RELAXED);
-}}
-"""
-
-
-@dataclasses.dataclass(frozen=True)
-class CountingSource(CudaSource):
-    def code(self) -> str:
-        return COUNTING_BUILD.format(filename=self.filename)
+COUNTING = "-DDCNBENCH_COUNT_ATOMICS"  # deterministic_atomics.cuh counts what ScatterAdd issues
 
 
 @pytest.fixture
 def count_atomics(monkeypatch):
-    """Makes ``source``'s kernels the counting build on the CPU; returns a
-    function giving the atomics issued since the last call."""
-    def install(source: CudaSource):
-        counting = CountingSource(
-            filename=source.filename,
-            name_expressions=(*source.name_expressions, "take_atomics_issued"),
-            block_sizes=source.block_sizes,
-            options=source.options,
-        )
+    """Makes ``source``'s kernels on the CPU its counting build (as
+    scripts/count_atomics.py does); returns its counters [float, fixed point]."""
+
+    def install(source: CudaSource) -> ctypes.Array:
+        counting = dataclasses.replace(source, options=(*source.options, COUNTING))
         module = launch.Module(counting, torch.device("cpu"))
         monkeypatch.setitem(launch._modules, (source.filename, "cpu", None), module)
-
-        def take() -> int:
-            count = np.zeros(1, dtype=np.uint64)
-            module.function("take_atomics_issued")((1,), (1,), (count,))
-            return int(count[0])
-
-        take()
-        return take
+        build = module._raw._build
+        build.entries("plain")  # built once, kept loaded
+        library = build._libraries["plain"]
+        return (ctypes.c_ulonglong * 2).in_dll(library, "dcnbench_atomics_issued")
 
     return install
 
 
-def atomics_of_backward(op: str, deterministic: bool, take) -> int:
+def atomics_of_backward(op: str, deterministic: bool, counters: ctypes.Array) -> list[int]:
+    """[float, fixed-point] atomics of one backward of ``op``."""
     inputs = overlapping_inputs(op, seed=8)
+    counters[0] = counters[1] = 0
     torch.use_deterministic_algorithms(deterministic)
     try:
         gradients(op, inputs, grad_output_with_spread((K, C, *POOLED), seed=9), torch.arange(K))
     finally:
         torch.use_deterministic_algorithms(False)
-    return take()
+    return list(counters)
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -203,7 +175,7 @@ def test_deterministic_backward_issues_the_same_atomics(op, count_atomics):
     """One atomic per (RoI, bin, sample, channel, corner): every sample and
     corner of these RoIs is on the map with a non-zero weight, so the count is
     K·bins·sampling_ratio²·C·4, in both modes (the forward issues none)."""
-    take = count_atomics(ops.SOURCE)
+    counters = count_atomics(ops.SOURCE)
     expected = K * POOLED[0] * POOLED[1] * SAMPLING_RATIO**2 * C * 4
-    assert atomics_of_backward(op, deterministic=False, take=take) == expected
-    assert atomics_of_backward(op, deterministic=True, take=take) == expected
+    assert atomics_of_backward(op, False, counters) == [expected, 0]
+    assert atomics_of_backward(op, True, counters) == [0, expected]

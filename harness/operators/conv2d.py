@@ -123,12 +123,13 @@ def output_size(params: Mapping[str, Any]) -> tuple[int, int]:
 def validate_conv_params(params: Mapping[str, Any]) -> None:
     """Reject a case no convolution can run, naming the parameter.
 
-    Sizes, strides and dilations must be >= 1, paddings >= 0, ``groups`` must
-    divide C_in and C_out, ``offset_groups`` (when present) must divide C_in,
-    and the output must not be empty.
+    Sizes, strides and dilations must be >= 1 (N >= 0: an empty batch is a
+    case, as torchvision tests it), paddings >= 0, ``groups`` must divide C_in
+    and C_out, ``offset_groups`` (when present) must divide C_in, and the
+    output must not be empty.
     """
     minimums = {name: 1 for name in params if name not in ("pad_h", "pad_w", "bias")}
-    minimums.update(pad_h=0, pad_w=0)
+    minimums.update(N=0, pad_h=0, pad_w=0)
     for name, minimum in minimums.items():
         if params[name] < minimum:
             raise ValueError(f"parameter {name!r} must be >= {minimum}, got {params[name]}")

@@ -144,12 +144,13 @@ CORE_TOLERANCES: dict[str, Tolerance] = {
 def validate_core_params(params: Mapping[str, Any]) -> None:
     """Reject a case no implementation can run, naming the parameter.
 
-    ``N, H, W, group, group_channels`` >= 1; the geometry as
-    ``kernels.reference.dcnv3.Geometry`` checks it; a non-empty output.
+    ``H, W, group, group_channels`` >= 1 and ``N`` >= 0 (an empty batch is a
+    case); the geometry as ``kernels.reference.dcnv3.Geometry`` checks it; a
+    non-empty output.
     """
-    for name in ("N", "H", "W", "group", "group_channels"):
-        if params[name] < 1:
-            raise ValueError(f"parameter {name!r} must be >= 1, got {params[name]}")
+    for name, minimum in (("N", 0), ("H", 1), ("W", 1), ("group", 1), ("group_channels", 1)):
+        if params[name] < minimum:
+            raise ValueError(f"parameter {name!r} must be >= {minimum}, got {params[name]}")
     geometry = Geometry.from_params(params)
     out_h, out_w = geometry.output_size(params["H"], params["W"])
     if out_h < 1 or out_w < 1:

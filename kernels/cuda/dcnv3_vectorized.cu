@@ -98,10 +98,12 @@ __device__ __forceinline__ void scatter_vector(ScatterAdd<float> to, long long a
     if constexpr (VECTOR_ATOMICS) {
         if (to.fixed == nullptr) {
 #pragma unroll
-            for (int k = 0; k < VEC; k += 4)
+            for (int k = 0; k < VEC; k += 4) {
+                DCNBENCH_COUNT_ATOMIC(0);
                 atomicAdd(reinterpret_cast<float4*>(to.values + at + k),
                           make_float4(w * grad[k], w * grad[k + 1], w * grad[k + 2],
                                       w * grad[k + 3]));
+            }
             return;
         }
     }

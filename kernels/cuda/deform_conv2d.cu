@@ -20,8 +20,9 @@
 // one slice when the (n, g, k, p) items alone fill the GPU, more when they
 // don't (small batch or feature map), never fewer than a few channels a thread.
 //
-// All math is float32 whatever scalar_t is: values are loaded, converted,
-// blended and rounded once on store.
+// All math is float32 whatever scalar_t is (double for the float64
+// instantiations, acc_t<scalar_t>): values are loaded, converted, blended and
+// rounded once on store.
 //
 // Index widths: a channel plane (H*W) and one sample's offset tensor
 // (2*G*kh*kw*H_out*W_out) fit in int (checked on the host); anything that
@@ -37,13 +38,14 @@
 
 namespace {
 
-// Where one deformed tap samples the input, by rule B0.
+// Where one deformed tap samples the input, by rule B0; real = acc_t<scalar_t>.
+template <typename real>
 struct Sample {
     bool in_range;   // false: B0 gives 0 (y <= -1, y >= H, x <= -1 or x >= W)
-    float ly, lx;    // fractional parts: the point is (y_low + ly, x_low + lx)
+    real ly, lx;     // fractional parts: the point is (y_low + ly, x_low + lx)
     int corner[4];   // y * W + x of (y_low, x_low), (y_low, x_high), (y_high, x_low),
                      // (y_high, x_high); -1 for a corner outside the map
-    float weight[4]; // bilinear weight of each corner; 0 for a corner outside
+    real weight[4];  // bilinear weight of each corner; 0 for a corner outside
 };
 
 // base_y / base_x: the undeformed position (ho * stride - pad + i * dilation),
@@ -56,18 +58,19 @@ struct Sample {
 // except for d in (-1, 0), where it is off by at most 2^-24. So the bilinear
 // weights carry no error from the size of base (torchvision's
 // y = base + d loses ulp(base) of the fraction).
-__device__ __forceinline__ Sample locate(int base_y, int base_x, float dy, float dx, int height,
-                                         int width) {
-    Sample s;
-    const float y = static_cast<float>(base_y) + dy;
-    const float x = static_cast<float>(base_x) + dx;
+template <typename real>
+__device__ __forceinline__ Sample<real> locate(int base_y, int base_x, real dy, real dx,
+                                               int height, int width) {
+    Sample<real> s;
+    const real y = static_cast<real>(base_y) + dy;
+    const real x = static_cast<real>(base_x) + dx;
     // Written as "inside" so that a NaN offset lands outside: no NaN ever
     // becomes an index.
-    s.in_range = y > -1.f && y < static_cast<float>(height) && x > -1.f &&
-                 x < static_cast<float>(width);
+    s.in_range = y > -1.f && y < static_cast<real>(height) && x > -1.f &&
+                 x < static_cast<real>(width);
     if (!s.in_range) return s;
-    const float floor_dy = floorf(dy);
-    const float floor_dx = floorf(dx);
+    const real floor_dy = floor_of(dy);
+    const real floor_dx = floor_of(dx);
     s.ly = dy - floor_dy;
     s.lx = dx - floor_dx;
     // in range: -1 <= y_low <= H - 1, likewise x_low; dy, dx are bounded.
@@ -76,7 +79,7 @@ __device__ __forceinline__ Sample locate(int base_y, int base_x, float dy, float
     const bool y_low_in = y_low >= 0, y_high_in = y_low + 1 < height;
     const bool x_low_in = x_low >= 0, x_high_in = x_low + 1 < width;
     const int row_low = y_low * width, row_high = row_low + width;
-    const float hy = 1.f - s.ly, hx = 1.f - s.lx;
+    const real hy = 1.f - s.ly, hx = 1.f - s.lx;
     s.corner[0] = y_low_in && x_low_in ? row_low + x_low : -1;
     s.corner[1] = y_low_in && x_high_in ? row_low + x_low + 1 : -1;
     s.corner[2] = y_high_in && x_low_in ? row_high + x_low : -1;
@@ -140,6 +143,7 @@ deform_im2col(const scalar_t* __restrict__ input,   // [n, C, H, W]
               int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w,
               int offset_groups, int out_h, int out_w, int channels_per_thread,
               int channel_slices) {
+    using real = acc_t<scalar_t>;
     WorkItem w;
     if (!decode_work_item(w, channels, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                           dilation_h, dilation_w, offset_groups, out_h, out_w,
@@ -151,10 +155,10 @@ deform_im2col(const scalar_t* __restrict__ input,   // [n, C, H, W]
     const int sample_offsets = 2 * offset_groups * taps * pixels;
     const scalar_t* offset_yx = offset + static_cast<long long>(w.n) * sample_offsets +
                                 2 * group_tap * pixels + w.pixel;
-    Sample s = locate(w.base_y, w.base_x, to_float(offset_yx[0]), to_float(offset_yx[pixels]),
-                      height, width);
+    Sample<real> s = locate(w.base_y, w.base_x, to_acc(offset_yx[0]), to_acc(offset_yx[pixels]),
+                            height, width);
     if (HAS_MASK && s.in_range) {
-        const float m = to_float(mask[static_cast<long long>(w.n) * (offset_groups * taps * pixels) +
+        const real m = to_acc(mask[static_cast<long long>(w.n) * (offset_groups * taps * pixels) +
                                       group_tap * pixels + w.pixel]);
         for (int q = 0; q < 4; ++q) s.weight[q] *= m;
     }
@@ -167,17 +171,17 @@ deform_im2col(const scalar_t* __restrict__ input,   // [n, C, H, W]
                     static_cast<long long>(w.tap) * pixels + w.pixel;
     if (!s.in_range) {
         for (int c = w.channel_begin; c < w.channel_end; ++c, col += column_step)
-            *col = from_float<scalar_t>(0.f);
+            *col = from_acc<scalar_t>(0.f);
         return;
     }
     // A corner with weight 0 (outside, zero mask, or an integer coordinate)
     // is not loaded: integer offsets cost one gather per channel, not four.
 #pragma unroll 4
     for (int c = w.channel_begin; c < w.channel_end; ++c, in += plane, col += column_step) {
-        float value = 0.f;
+        real value = 0.f;
         for (int q = 0; q < 4; ++q)
-            if (s.weight[q] != 0.f) value += s.weight[q] * to_float(in[s.corner[q]]);
-        *col = from_float<scalar_t>(value);
+            if (s.weight[q] != 0.f) value += s.weight[q] * to_acc(in[s.corner[q]]);
+        *col = from_acc<scalar_t>(value);
     }
 }
 
@@ -200,11 +204,11 @@ deform_col2im(const scalar_t* __restrict__ input,         // [n, C, H, W]
               const scalar_t* __restrict__ offset,        // [n, 2 * G * kh * kw, H_out, W_out]
               const scalar_t* __restrict__ mask,          // [n, G * kh * kw, H_out, W_out]; unread without HAS_MASK
               const scalar_t* __restrict__ grad_columns,  // [n, C * kh * kw, H_out * W_out]
-              float* __restrict__ grad_input,             // [n, C, H, W], accumulated; or null
+              acc_t<scalar_t>* __restrict__ grad_input,   // [n, C, H, W], accumulated; or null
               long long* __restrict__ grad_input_fixed,   // [n, C, H, W], fixed point; or null
               double fixed_scale, int* __restrict__ fixed_status,
-              float* __restrict__ grad_offset_partial,    // [slices, n, 2 * G * kh * kw, H_out * W_out]
-              float* __restrict__ grad_mask_partial,      // [slices, n, G * kh * kw, H_out * W_out]; unwritten without HAS_MASK
+              acc_t<scalar_t>* __restrict__ grad_offset_partial,  // [slices, n, 2 * G * kh * kw, H_out * W_out]
+              acc_t<scalar_t>* __restrict__ grad_mask_partial,    // [slices, n, G * kh * kw, H_out * W_out]; unwritten without HAS_MASK
               int channels, int height, int width, int kernel_h, int kernel_w, int stride_h,
               int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w,
               int offset_groups, int out_h, int out_w, int channels_per_thread,
@@ -214,6 +218,7 @@ deform_col2im(const scalar_t* __restrict__ input,         // [n, C, H, W]
                           dilation_h, dilation_w, offset_groups, out_h, out_w,
                           channels_per_thread, channel_slices))
         return;
+    using real = acc_t<scalar_t>;
     const int pixels = out_h * out_w;
     const int taps = kernel_h * kernel_w;
     const int group_tap = w.group * taps + w.tap;
@@ -221,37 +226,37 @@ deform_col2im(const scalar_t* __restrict__ input,         // [n, C, H, W]
     const int sample_masks = offset_groups * taps * pixels;
     const scalar_t* offset_yx = offset + static_cast<long long>(w.n) * sample_offsets +
                                 2 * group_tap * pixels + w.pixel;
-    const Sample s = locate(w.base_y, w.base_x, to_float(offset_yx[0]),
-                            to_float(offset_yx[pixels]), height, width);
+    const Sample<real> s = locate(w.base_y, w.base_x, to_acc(offset_yx[0]),
+                                  to_acc(offset_yx[pixels]), height, width);
     const long long mask_index =
         static_cast<long long>(w.n) * sample_masks + group_tap * pixels + w.pixel;
-    const float m = HAS_MASK ? to_float(mask[mask_index]) : 1.f;
+    const real m = HAS_MASK ? to_acc(mask[mask_index]) : real(1);
 
     // Outside (B0 = 0 around the point) every gradient of this item is 0.
-    float grad_y = 0.f, grad_x = 0.f, grad_m = 0.f;
+    real grad_y = 0.f, grad_x = 0.f, grad_m = 0.f;
     if (s.in_range) {
         const long long plane = static_cast<long long>(height) * width;
         const long long column_step = static_cast<long long>(taps) * pixels;
         const long long first_plane = static_cast<long long>(w.n) * channels + w.channel_begin;
         const scalar_t* in = input + first_plane * plane;
-        const ScatterAdd<float> grad_input_target{grad_input, grad_input_fixed, fixed_scale,
-                                                  fixed_status};
+        const ScatterAdd<real> grad_input_target{grad_input, grad_input_fixed, fixed_scale,
+                                                 fixed_status};
         const bool scatter = grad_input_target.enabled();  // uniform across the launch
-        ScatterAdd<float> grad_in = grad_input_target.shifted(first_plane * plane);
+        ScatterAdd<real> grad_in = grad_input_target.shifted(first_plane * plane);
         const scalar_t* grad_col = grad_columns + first_plane * column_step +
                                    static_cast<long long>(w.tap) * pixels + w.pixel;
-        const float hy = 1.f - s.ly, hx = 1.f - s.lx;
+        const real hy = 1.f - s.ly, hx = 1.f - s.lx;
         // Not unrolled: keeps the kernel at <= 64 registers (4 blocks of 256 per
         // SM); the grad_columns load and the four gathers of one iteration are
         // independent already.
 #pragma unroll 1
         for (int c = w.channel_begin; c < w.channel_end;
              ++c, in += plane, grad_col += column_step) {
-            const float g = to_float(*grad_col);
-            const float masked_g = m * g;
-            float v[4];
+            const real g = to_acc(*grad_col);
+            const real masked_g = m * g;
+            real v[4];
             for (int q = 0; q < 4; ++q) {
-                v[q] = s.corner[q] >= 0 ? to_float(in[s.corner[q]]) : 0.f;
+                v[q] = s.corner[q] >= 0 ? to_acc(in[s.corner[q]]) : real(0);
                 if (scatter && s.weight[q] != 0.f && masked_g != 0.f)
                     grad_in.add(s.corner[q], s.weight[q] * masked_g);
             }
@@ -264,7 +269,7 @@ deform_col2im(const scalar_t* __restrict__ input,         // [n, C, H, W]
         }
     }
     const long long batch = gridDim.y;
-    float* grad_offset_yx = grad_offset_partial +
+    real* grad_offset_yx = grad_offset_partial +
                             (w.slice * batch + w.n) * sample_offsets + 2 * group_tap * pixels +
                             w.pixel;
     grad_offset_yx[0] = m * grad_y;

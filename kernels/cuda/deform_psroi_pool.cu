@@ -15,7 +15,7 @@
 // locating the corners once per sample, and loops over its slice's output
 // channels:
 //  - scatters grad_output / count * weight into grad_input (atomics:
-//    overlapping RoIs and samples meet on the same pixels; compute_t ones, or
+//    overlapping RoIs and samples meet on the same pixels; acc_t ones, or
 //    under torch.use_deterministic_algorithms(True) the order-independent
 //    fixed-point ones of deterministic_atomics.cuh);
 //  - reduces d out / d trans over the slice's channels and writes it ONCE into
@@ -24,7 +24,7 @@
 //    (part_size < pooled_size), so no gradient element takes an atomic.
 // One channel per thread when trans needs no gradient.
 //
-// All math is in compute_t<scalar_t> (float32; float64 for double), rois
+// All math is in acc_t<scalar_t> (float32; float64 for double), rois
 // too whatever the input's dtype (see deform_roi_pool.cu). A batch index outside [0, N)
 // gives a zero bin (the host rejects such rois; this only keeps a bad index
 // from becoming an address).
@@ -47,99 +47,99 @@ namespace {
 
 // The sizes and parameters of one call (the kernels take them as separate
 // value parameters, as every launch path passes plain scalars).
-template <typename acc_t>
+template <typename accum_t>
 struct Shape {
     int batch, channels, height, width;
     int output_dim, group_size, pooled_size, part_size, sample_per_part, num_classes;
-    acc_t spatial_scale, trans_std;
+    accum_t spatial_scale, trans_std;
 };
 
 // Where the samples of bin (k, ph, pw) of class class_id lie: sample (ih, iw)
 // is at (first_y + ih * sub_h, first_x + iw * sub_w).
-template <typename acc_t>
+template <typename accum_t>
 struct BinGeometry {
     int n;                  // batch index; -1 when out of range (the bin is 0)
-    acc_t first_y, first_x; // hstart, wstart (moved by trans)
-    acc_t sub_h, sub_w;     // bin / sample_per_part
-    acc_t roi_h, roi_w;     // d start / d trans = trans_std * roi
+    accum_t first_y, first_x; // hstart, wstart (moved by trans)
+    accum_t sub_h, sub_w;     // bin / sample_per_part
+    accum_t roi_h, roi_w;     // d start / d trans = trans_std * roi
     int part_h, part_w;     // the trans cell of the bin
 };
 
-template <typename scalar_t, bool HAS_TRANS, typename acc_t = compute_t<scalar_t>>
-__device__ __forceinline__ BinGeometry<acc_t> bin_geometry(const acc_t* __restrict__ rois,
+template <typename scalar_t, bool HAS_TRANS, typename accum_t = acc_t<scalar_t>>
+__device__ __forceinline__ BinGeometry<accum_t> bin_geometry(const accum_t* __restrict__ rois,
                                                            const scalar_t* __restrict__ trans,
-                                                           const Shape<acc_t>& s, int k,
+                                                           const Shape<accum_t>& s, int k,
                                                            int class_id, int ph, int pw) {
-    BinGeometry<acc_t> g;
-    const acc_t* roi = rois + static_cast<long long>(k) * 5;
-    const acc_t batch_index = roi[0];
+    BinGeometry<accum_t> g;
+    const accum_t* roi = rois + static_cast<long long>(k) * 5;
+    const accum_t batch_index = roi[0];
     // Written as "inside" so that a NaN index is outside too.
-    g.n = batch_index >= acc_t(0) && batch_index < static_cast<acc_t>(s.batch)
+    g.n = batch_index >= accum_t(0) && batch_index < static_cast<accum_t>(s.batch)
               ? static_cast<int>(batch_index)
               : -1;
-    // roundf: C's round, halves away from zero, as the contract says.
-    const acc_t start_x = round(roi[1]) * s.spatial_scale - acc_t(0.5);
-    const acc_t start_y = round(roi[2]) * s.spatial_scale - acc_t(0.5);
-    const acc_t end_x = (round(roi[3]) + acc_t(1)) * s.spatial_scale - acc_t(0.5);
-    const acc_t end_y = (round(roi[4]) + acc_t(1)) * s.spatial_scale - acc_t(0.5);
-    g.roi_w = fmax(end_x - start_x, acc_t(0.1));
-    g.roi_h = fmax(end_y - start_y, acc_t(0.1));
-    const acc_t bin_w = g.roi_w / static_cast<acc_t>(s.pooled_size);
-    const acc_t bin_h = g.roi_h / static_cast<acc_t>(s.pooled_size);
-    g.sub_w = bin_w / static_cast<acc_t>(s.sample_per_part);
-    g.sub_h = bin_h / static_cast<acc_t>(s.sample_per_part);
+    // round_of: C's round, halves away from zero, as the contract says.
+    const accum_t start_x = round_of(roi[1]) * s.spatial_scale - accum_t(0.5);
+    const accum_t start_y = round_of(roi[2]) * s.spatial_scale - accum_t(0.5);
+    const accum_t end_x = (round_of(roi[3]) + accum_t(1)) * s.spatial_scale - accum_t(0.5);
+    const accum_t end_y = (round_of(roi[4]) + accum_t(1)) * s.spatial_scale - accum_t(0.5);
+    g.roi_w = max_of(end_x - start_x, accum_t(0.1));
+    g.roi_h = max_of(end_y - start_y, accum_t(0.1));
+    const accum_t bin_w = g.roi_w / static_cast<accum_t>(s.pooled_size);
+    const accum_t bin_h = g.roi_h / static_cast<accum_t>(s.pooled_size);
+    g.sub_w = bin_w / static_cast<accum_t>(s.sample_per_part);
+    g.sub_h = bin_h / static_cast<accum_t>(s.sample_per_part);
     // floor(ph / pooled_size * part_size) in exact integer arithmetic.
     g.part_h = ph * s.part_size / s.pooled_size;
     g.part_w = pw * s.part_size / s.pooled_size;
-    acc_t trans_x = acc_t(0), trans_y = acc_t(0);
+    accum_t trans_x = accum_t(0), trans_y = accum_t(0);
     if (HAS_TRANS) {
         const int cells = s.part_size * s.part_size;
         const scalar_t* t = trans + (static_cast<long long>(k) * 2 * s.num_classes + 2 * class_id) *
                                         cells + g.part_h * s.part_size + g.part_w;
-        trans_x = to_compute(t[0]) * s.trans_std;
-        trans_y = to_compute(t[cells]) * s.trans_std;
+        trans_x = to_acc(t[0]) * s.trans_std;
+        trans_y = to_acc(t[cells]) * s.trans_std;
     }
-    g.first_x = static_cast<acc_t>(pw) * bin_w + start_x + trans_x * g.roi_w;
-    g.first_y = static_cast<acc_t>(ph) * bin_h + start_y + trans_y * g.roi_h;
+    g.first_x = static_cast<accum_t>(pw) * bin_w + start_x + trans_x * g.roi_w;
+    g.first_y = static_cast<accum_t>(ph) * bin_h + start_y + trans_y * g.roi_h;
     return g;
 }
 
 // The input channel of output channel ctop at bin (ph, pw).
-template <typename acc_t>
-__device__ __forceinline__ int input_channel(const Shape<acc_t>& s, int ctop, int ph, int pw) {
+template <typename accum_t>
+__device__ __forceinline__ int input_channel(const Shape<accum_t>& s, int ctop, int ph, int pw) {
     const int gh = min(max(ph * s.group_size / s.pooled_size, 0), s.group_size - 1);
     const int gw = min(max(pw * s.group_size / s.pooled_size, 0), s.group_size - 1);
     return (ctop * s.group_size + gh) * s.group_size + gw;
 }
 
 // B2: a sample outside [-0.5, size - 0.5] is skipped and not counted.
-template <typename acc_t>
-__device__ __forceinline__ bool counted(acc_t y, acc_t x, const Shape<acc_t>& s) {
+template <typename accum_t>
+__device__ __forceinline__ bool counted(accum_t y, accum_t x, const Shape<accum_t>& s) {
     // Written as "inside" so that a NaN coordinate (a NaN trans) is skipped.
-    return y >= -acc_t(0.5) && y <= static_cast<acc_t>(s.height) - acc_t(0.5) && x >= -acc_t(0.5) &&
-           x <= static_cast<acc_t>(s.width) - acc_t(0.5);
+    return y >= -accum_t(0.5) && y <= static_cast<accum_t>(s.height) - accum_t(0.5) && x >= -accum_t(0.5) &&
+           x <= static_cast<accum_t>(s.width) - accum_t(0.5);
 }
 
-template <typename acc_t>
+template <typename accum_t>
 struct Sample {
-    acc_t ly, lx;         // y - floor(y), x - floor(x) after the clamp
+    accum_t ly, lx;         // y - floor(y), x - floor(x) after the clamp
     int corner[4];        // (floor y, floor x), (floor y, ceil x), (ceil y, floor x), (ceil y, ceil x)
-    acc_t weight[4];
+    accum_t weight[4];
 };
 
 // A counted sample: clamp to [0, size - 1], blend floor / ceil corners.
-template <typename acc_t>
-__device__ __forceinline__ Sample<acc_t> locate(acc_t y, acc_t x, const Shape<acc_t>& s) {
-    Sample<acc_t> p;
-    const acc_t max_y = static_cast<acc_t>(s.height - 1), max_x = static_cast<acc_t>(s.width - 1);
-    y = fmin(fmax(y, acc_t(0)), max_y);
-    x = fmin(fmax(x, acc_t(0)), max_x);
-    const acc_t y_low = floor(y), x_low = floor(x);
+template <typename accum_t>
+__device__ __forceinline__ Sample<accum_t> locate(accum_t y, accum_t x, const Shape<accum_t>& s) {
+    Sample<accum_t> p;
+    const accum_t max_y = static_cast<accum_t>(s.height - 1), max_x = static_cast<accum_t>(s.width - 1);
+    y = min_of(max_of(y, accum_t(0)), max_y);
+    x = min_of(max_of(x, accum_t(0)), max_x);
+    const accum_t y_low = floor_of(y), x_low = floor_of(x);
     const int y0 = static_cast<int>(y_low), x0 = static_cast<int>(x_low);
-    const int y1 = static_cast<int>(ceil(y)), x1 = static_cast<int>(ceil(x));
+    const int y1 = static_cast<int>(ceil_of(y)), x1 = static_cast<int>(ceil_of(x));
     p.ly = y - y_low;
     p.lx = x - x_low;
-    const acc_t hy = acc_t(1) - p.ly, hx = acc_t(1) - p.lx;
+    const accum_t hy = accum_t(1) - p.ly, hx = accum_t(1) - p.lx;
     p.corner[0] = y0 * s.width + x0;
     p.corner[1] = y0 * s.width + x1;
     p.corner[2] = y1 * s.width + x0;
@@ -165,15 +165,15 @@ constexpr int BACKWARD_MIN_BLOCKS<double> = 1;
 template <typename scalar_t, bool HAS_TRANS>
 __global__ void __launch_bounds__(PSROI_POOL_BLOCK_SIZE)
 deform_psroi_pool_forward(const scalar_t* __restrict__ input,  // [N, output_dim * group_size^2, H, W]
-                          const compute_t<scalar_t>* __restrict__ rois,  // [K, 5]
+                          const acc_t<scalar_t>* __restrict__ rois,  // [K, 5]
                           const scalar_t* __restrict__ trans,  // [K, 2 * num_classes, part_size, part_size]; unread without HAS_TRANS
                           scalar_t* __restrict__ output,       // [K, output_dim, pooled_size, pooled_size]
                           int batch, int channels, int height, int width, int output_dim,
                           int group_size, int pooled_size, int part_size, int sample_per_part,
-                          int num_classes, compute_t<scalar_t> spatial_scale,
-                          compute_t<scalar_t> trans_std) {
-    using acc_t = compute_t<scalar_t>;
-    const Shape<acc_t> s{batch,       channels,  height,          width,
+                          int num_classes, acc_t<scalar_t> spatial_scale,
+                          acc_t<scalar_t> trans_std) {
+    using accum_t = acc_t<scalar_t>;
+    const Shape<accum_t> s{batch,       channels,  height,          width,
                   output_dim,  group_size, pooled_size,    part_size,
                   sample_per_part, num_classes, spatial_scale, trans_std};
     const int bins = pooled_size * pooled_size;
@@ -183,34 +183,34 @@ deform_psroi_pool_forward(const scalar_t* __restrict__ input,  // [N, output_dim
     const int ctop = item / bins;
     const int ph = item % bins / pooled_size, pw = item % pooled_size;
     const int class_id = ctop / (s.output_dim / s.num_classes);
-    const BinGeometry<acc_t> g = bin_geometry<scalar_t, HAS_TRANS>(rois, trans, s, k, class_id, ph, pw);
-    acc_t sum = acc_t(0);
+    const BinGeometry<accum_t> g = bin_geometry<scalar_t, HAS_TRANS>(rois, trans, s, k, class_id, ph, pw);
+    accum_t sum = accum_t(0);
     int count = 0;
     if (g.n >= 0) {
         const scalar_t* plane =
             input + (static_cast<long long>(g.n) * s.channels + input_channel(s, ctop, ph, pw)) *
                         (static_cast<long long>(s.height) * s.width);
         for (int ih = 0; ih < s.sample_per_part; ++ih) {
-            const acc_t y = g.first_y + static_cast<acc_t>(ih) * g.sub_h;
+            const accum_t y = g.first_y + static_cast<accum_t>(ih) * g.sub_h;
             for (int iw = 0; iw < s.sample_per_part; ++iw) {
-                const acc_t x = g.first_x + static_cast<acc_t>(iw) * g.sub_w;
+                const accum_t x = g.first_x + static_cast<accum_t>(iw) * g.sub_w;
                 if (!counted(y, x, s)) continue;
-                const Sample<acc_t> p = locate(y, x, s);
+                const Sample<accum_t> p = locate(y, x, s);
                 for (int q = 0; q < 4; ++q)
-                    if (p.weight[q] != acc_t(0)) sum += p.weight[q] * to_compute(plane[p.corner[q]]);
+                    if (p.weight[q] != accum_t(0)) sum += p.weight[q] * to_acc(plane[p.corner[q]]);
                 ++count;
             }
         }
     }
     output[static_cast<long long>(k) * output_dim * bins + item] =
-        from_compute<scalar_t>(count > 0 ? sum / static_cast<acc_t>(count) : acc_t(0));
+        from_acc<scalar_t>(count > 0 ? sum / static_cast<accum_t>(count) : accum_t(0));
 }
 
 // Backward of deform_psroi_pool_forward for output channels
 // class_id * channels_per_class + [slice * per_thread, (slice + 1) * per_thread)
 // of bin (k, ph, pw):
 //  - grad_input[n, channel] += grad_output / count * weight at each corner
-//    (compute_t atomics into grad_input, or fixed-point ones into
+//    (acc_t atomics into grad_input, or fixed-point ones into
 //    grad_input_fixed; zero-filled by the host, both null: no scatter). A
 //    sample adds at most once to a pixel (coinciding corners have weight 0),
 //    so an element receives at most K * pooled_size^2 * sample_per_part^2 values;
@@ -224,19 +224,19 @@ deform_psroi_pool_forward(const scalar_t* __restrict__ input,  // [N, output_dim
 template <typename scalar_t, bool HAS_TRANS>
 __global__ void __launch_bounds__(PSROI_POOL_BLOCK_SIZE, BACKWARD_MIN_BLOCKS<scalar_t>)
 deform_psroi_pool_backward(const scalar_t* __restrict__ input,        // [N, output_dim * group_size^2, H, W]
-                           const compute_t<scalar_t>* __restrict__ rois,  // [K, 5]
+                           const acc_t<scalar_t>* __restrict__ rois,  // [K, 5]
                            const scalar_t* __restrict__ trans,        // [K, 2 * num_classes, part_size, part_size]; unread without HAS_TRANS
                            const scalar_t* __restrict__ grad_output,  // [K, output_dim, pooled_size, pooled_size]
-                           compute_t<scalar_t>* __restrict__ grad_input,  // [N, output_dim * group_size^2, H, W], accumulated; or null
+                           acc_t<scalar_t>* __restrict__ grad_input,  // [N, output_dim * group_size^2, H, W], accumulated; or null
                            long long* __restrict__ grad_input_fixed,  // the same elements, fixed point; or null
                            double fixed_scale, int* __restrict__ fixed_status,
-                           compute_t<scalar_t>* __restrict__ grad_trans_partial,  // [K, num_classes, slices, 2, pooled_size, pooled_size]; or null
+                           acc_t<scalar_t>* __restrict__ grad_trans_partial,  // [K, num_classes, slices, 2, pooled_size, pooled_size]; or null
                            int batch, int channels, int height, int width, int output_dim,
                            int group_size, int pooled_size, int part_size, int sample_per_part,
-                           int num_classes, compute_t<scalar_t> spatial_scale,
-                           compute_t<scalar_t> trans_std, int channels_per_thread, int slices) {
-    using acc_t = compute_t<scalar_t>;
-    const Shape<acc_t> s{batch,       channels,  height,          width,
+                           int num_classes, acc_t<scalar_t> spatial_scale,
+                           acc_t<scalar_t> trans_std, int channels_per_thread, int slices) {
+    using accum_t = acc_t<scalar_t>;
+    const Shape<accum_t> s{batch,       channels,  height,          width,
                   output_dim,  group_size, pooled_size,    part_size,
                   sample_per_part, num_classes, spatial_scale, trans_std};
     const int bins = pooled_size * pooled_size;
@@ -248,8 +248,8 @@ deform_psroi_pool_backward(const scalar_t* __restrict__ input,        // [N, out
     const int class_slice = item / bins;  // class_id * slices + slice
     const int slice = class_slice % slices;
     const int class_id = class_slice / slices;
-    const BinGeometry<acc_t> g = bin_geometry<scalar_t, HAS_TRANS>(rois, trans, s, k, class_id, ph, pw);
-    const ScatterAdd<acc_t> grad_input_target{grad_input, grad_input_fixed, fixed_scale,
+    const BinGeometry<accum_t> g = bin_geometry<scalar_t, HAS_TRANS>(rois, trans, s, k, class_id, ph, pw);
+    const ScatterAdd<accum_t> grad_input_target{grad_input, grad_input_fixed, fixed_scale,
                                               fixed_status};
     const bool scatter = grad_input_target.enabled();  // uniform across the launch
     const bool want_trans = HAS_TRANS && grad_trans_partial != nullptr;
@@ -258,16 +258,16 @@ deform_psroi_pool_backward(const scalar_t* __restrict__ input,        // [N, out
     const int ctop_begin = class_id * channels_per_class + slice * channels_per_thread;
     const int ctop_end =
         min(ctop_begin + channels_per_thread, (class_id + 1) * channels_per_class);
-    acc_t grad_y = acc_t(0), grad_x = acc_t(0);
+    accum_t grad_y = accum_t(0), grad_x = accum_t(0);
     int count = 0;
     if (g.n >= 0) {
         for (int ih = 0; ih < s.sample_per_part; ++ih)
             for (int iw = 0; iw < s.sample_per_part; ++iw)
-                count += counted(g.first_y + static_cast<acc_t>(ih) * g.sub_h,
-                                 g.first_x + static_cast<acc_t>(iw) * g.sub_w, s);
+                count += counted(g.first_y + static_cast<accum_t>(ih) * g.sub_h,
+                                 g.first_x + static_cast<accum_t>(iw) * g.sub_w, s);
     }
     if (count > 0) {
-        const acc_t inv_count = acc_t(1) / static_cast<acc_t>(count);
+        const accum_t inv_count = accum_t(1) / static_cast<accum_t>(count);
         const long long plane = static_cast<long long>(s.height) * s.width;
         const long long sample_planes = static_cast<long long>(g.n) * s.channels;
         // Consecutive output channels are group_size^2 input channels apart.
@@ -276,29 +276,29 @@ deform_psroi_pool_backward(const scalar_t* __restrict__ input,        // [N, out
         const scalar_t* grad_out_first =
             grad_output + (static_cast<long long>(k) * s.output_dim + ctop_begin) * bins + bin;
         for (int ih = 0; ih < s.sample_per_part; ++ih) {
-            const acc_t y = g.first_y + static_cast<acc_t>(ih) * g.sub_h;
+            const accum_t y = g.first_y + static_cast<accum_t>(ih) * g.sub_h;
             for (int iw = 0; iw < s.sample_per_part; ++iw) {
-                const acc_t x = g.first_x + static_cast<acc_t>(iw) * g.sub_w;
+                const accum_t x = g.first_x + static_cast<accum_t>(iw) * g.sub_w;
                 if (!counted(y, x, s)) continue;
-                const Sample<acc_t> p = locate(y, x, s);
-                const acc_t hy = acc_t(1) - p.ly, hx = acc_t(1) - p.lx;
+                const Sample<accum_t> p = locate(y, x, s);
+                const accum_t hy = accum_t(1) - p.ly, hx = accum_t(1) - p.lx;
                 const scalar_t* in = input + first_plane * plane;
-                ScatterAdd<acc_t> grad_in = grad_input_target.shifted(first_plane * plane);
+                ScatterAdd<accum_t> grad_in = grad_input_target.shifted(first_plane * plane);
                 const scalar_t* grad_out = grad_out_first;
 #pragma unroll 1
                 for (int ctop = ctop_begin; ctop < ctop_end; ++ctop, grad_out += bins) {
-                    const acc_t go = to_compute(*grad_out);
+                    const accum_t go = to_acc(*grad_out);
                     if (scatter) {
-                        const acc_t scaled = go * inv_count;
-                        if (scaled != acc_t(0))
+                        const accum_t scaled = go * inv_count;
+                        if (scaled != accum_t(0))
                             for (int q = 0; q < 4; ++q)
-                                if (p.weight[q] != acc_t(0))
+                                if (p.weight[q] != accum_t(0))
                                     grad_in.add(p.corner[q], p.weight[q] * scaled);
                         grad_in = grad_in.shifted(channel_step);
                     }
                     if (want_trans) {
-                        acc_t v[4];
-                        for (int q = 0; q < 4; ++q) v[q] = to_compute(in[p.corner[q]]);
+                        accum_t v[4];
+                        for (int q = 0; q < 4; ++q) v[q] = to_acc(in[p.corner[q]]);
                         in += channel_step;
                         // A clamped coordinate is an integer: its floor and ceil
                         // corners coincide and its slope comes out 0, as it should.
@@ -312,7 +312,7 @@ deform_psroi_pool_backward(const scalar_t* __restrict__ input,        // [N, out
         grad_x *= inv_count;
     }
     if (want_trans) {
-        acc_t* out = grad_trans_partial +
+        accum_t* out = grad_trans_partial +
                      (static_cast<long long>(k) * num_classes * slices + class_slice) * 2 * bins +
                      bin;
         out[0] = grad_x * s.trans_std * g.roi_w;

@@ -37,6 +37,18 @@
 
 #pragma once
 
+// Measurement builds only (-DDCNBENCH_COUNT_ATOMICS, scripts/count_atomics.py):
+// the scatter-add atomics issued, [0] float, [1] fixed point. The registered
+// builds never define it, so they count nothing.
+#ifdef DCNBENCH_COUNT_ATOMICS
+extern "C" {
+__device__ unsigned long long dcnbench_atomics_issued[2];
+}
+#define DCNBENCH_COUNT_ATOMIC(kind) atomicAdd(&dcnbench_atomics_issued[kind], 1ull)
+#else
+#define DCNBENCH_COUNT_ATOMIC(kind)
+#endif
+
 // Bits of the status word.
 #define FIXED_POINT_NONFINITE 1
 #define FIXED_POINT_OVERFLOW 2
@@ -76,6 +88,7 @@ struct ScatterAdd {
     int* status;
 
     __device__ __forceinline__ void add(long long index, accum_t value) const {
+        DCNBENCH_COUNT_ATOMIC(fixed != nullptr);
         if (fixed != nullptr)
             fixed_point_add(fixed + index, value, scale, status);
         else

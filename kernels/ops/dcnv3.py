@@ -39,6 +39,7 @@ import torch
 from kernels import determinism, launch
 from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
 from kernels.reference import dcnv3 as contract
+from kernels.reference.dcnv3 import offset_mask_channels
 
 __all__ = ["DESIGNS", "SUPPORTED_DTYPES", "dcnv3"]
 
@@ -244,7 +245,7 @@ def _launch(
         _name_expression(design, kernel, input.dtype, modulation, vector)
     )
     items = call.batch * call.out_h * call.out_w * call.group
-    items_per_block = BLOCK_SIZE // _lanes(design, call, vector)
+    items_per_block = BLOCK_SIZE // max(_lanes(design, call, vector), 1)
     function(
         launch.blocks(items, items_per_block), BLOCK_SIZE, (*tensors, *call.kernel_arguments())
     )
@@ -258,6 +259,8 @@ def _modulation(mask: torch.Tensor | None, softmax: bool) -> Modulation:
 
 def _forward(call: Call, input, offset, mask, softmax: bool, design: str) -> torch.Tensor:
     output = launch.new_output(call.output_shape, input.dtype, input.device)
+    if output.numel() == 0:  # N = 0 or no channels: nothing to compute, no grid to launch
+        return output
     modulation = _modulation(mask, softmax)
     # dcnv4: the kernel reads offsets and masks from the one offset_mask.
     mask_or_fused = offset if mask is None else mask
@@ -281,6 +284,12 @@ def _backward(
     call: Call, grad_output, input, offset, mask, softmax: bool, design: str, want_input: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dtype, device = input.dtype, input.device
+    if input.numel() == 0 or grad_output.numel() == 0:  # N = 0 or no channels
+        return (
+            torch.zeros_like(input) if want_input else input.new_empty(0),
+            torch.zeros_like(offset),
+            input.new_empty(0) if mask is None else torch.zeros_like(mask),
+        )
     modulation = _modulation(mask, softmax)
     fixed_sums = None
     fixed_args = determinism.FixedPointSum.unused(device)
@@ -420,6 +429,15 @@ def run(
         raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
     call = check_arguments(input, modulation, geometry, group, group_channels)
     g = call.geometry
+    # The kernels read dense channels-last rows: other strides (a permuted
+    # NCHW tensor, a slice) are copied once here, and so is an offset_mask
+    # whose padding is not the kernels' ceil(G·3P / 8)·8 columns.
+    input, offset = input.contiguous(), offset.contiguous()
+    mask = None if mask is None else mask.contiguous()
+    if mask is None and offset.shape[-1] != offset_mask_channels(call.group, call.taps):
+        used = call.group * 3 * call.taps
+        padding = offset_mask_channels(call.group, call.taps) - used
+        offset = torch.nn.functional.pad(offset[..., :used], (0, padding))
     return torch.ops.dcnbench.dcnv3(
         input, offset, mask,
         g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.pad_h, g.pad_w,
@@ -459,8 +477,9 @@ def dcnv3(
     stream), CPU tensors through the emulator.
 
     Args:
-        input: [N, H, W, group·group_channels], contiguous (channels-last),
-            float32 / float16 / bfloat16.
+        input: [N, H, W, group·group_channels] (channels-last), float32 /
+            float16 / bfloat16. N = 0 and group_channels = 0 give an empty
+            output and zero gradients.
         offset: [N, H_out, W_out, group·P·2]; (dx, dy) of tap p of group g at
             g·P·2 + 2p and + 1. P = kernel_h·kernel_w (− 1 with remove_center).
         mask: [N, H_out, W_out, group·P]; tap p of group g at g·P + p (logits
@@ -472,7 +491,11 @@ def dcnv3(
         softmax: normalise the mask over the taps of each group in the kernel.
         design: ``"vectorized"`` or ``"direct"`` (the module docstring).
 
-    All tensors are contiguous and share one dtype and device.
+    All tensors share one dtype and device. Any strides are accepted: a
+    tensor that is not dense channels-last (say ``x.permute(0, 2, 3, 1)`` of an
+    NCHW ``x``, or a slice) is copied to one first. The backward follows
+    ``torch.use_deterministic_algorithms``: when it is on, grad_input is
+    accumulated in fixed point and bit-reproducible (``kernels/determinism.py``).
 
     Returns:
         [N, H_out, W_out, group·group_channels], H_out =

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from kernels.ops import dcnv3 as family
-from kernels.reference.dcnv3 import offset_mask_channels
+from kernels.reference.dcnv3 import offset_mask_width
 
 __all__ = ["dcnv4"]
 
@@ -41,12 +41,13 @@ def dcnv4(
     the fused ``offset_mask``.
 
     Args:
-        input: [N, H, W, group·group_channels], contiguous (channels-last),
-            float32 / float16 / bfloat16.
-        offset_mask: [N, H_out, W_out, M], M = ceil(group·P·3 / 8)·8; group g
-            holds (dx, dy) of tap p at g·3P + 2p and + 1 and the mask of tap p
-            at g·3P + 2P + p; the columns from group·3P on are ignored (their
-            gradient is 0).
+        input: [N, H, W, group·group_channels] (channels-last), float32 /
+            float16 / bfloat16; any strides (copied when not dense).
+        offset_mask: [N, H_out, W_out, M], M ≥ group·3·P (DCNv4 pads it to
+            ceil(group·P·3 / 8)·8, which the kernels read directly; another
+            width is copied to that one); group g holds (dx, dy) of tap p at
+            g·3P + 2p and + 1 and the mask of tap p at g·3P + 2P + p; the
+            columns from group·3P on are ignored (their gradient is 0).
         kernel_h, ..., remove_center, group, group_channels, design: as ``dcnv3``.
 
     Returns:
@@ -57,7 +58,7 @@ def dcnv4(
         pad_h=pad_h, pad_w=pad_w, dilation_h=dilation_h, dilation_w=dilation_w,
         offset_scale=offset_scale, remove_center=remove_center,
     )  # fmt: skip
-    modulation = {"offset_mask": (offset_mask, lambda taps: offset_mask_channels(group, taps))}
+    modulation = {"offset_mask": (offset_mask, lambda taps: offset_mask_width(offset_mask, group, taps))}
     return family.run(
         input,
         offset_mask,

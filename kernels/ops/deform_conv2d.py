@@ -1,7 +1,8 @@
 """Our DCNv1 / DCNv2 kernels: ``deform_conv2d`` and ``modulated_deform_conv2d``.
 
 Semantics: ``shared/ops-semantics.md`` (those of ``torchvision.ops.deform_conv2d``),
-NCHW, float32 / float16 / bfloat16 with float32 accumulation. Design notes and
+NCHW, float32 / float16 / bfloat16 with float32 accumulation, and float64 (in
+double throughout, for ``torch.autograd.gradcheck``). Design notes and
 what to measure: ``docs/kernels/deform_conv2d.md``.
 
 Forward, per chunk of samples: ``deform_im2col`` (``kernels/cuda/deform_conv2d.cu``)
@@ -56,7 +57,12 @@ BLOCK_SIZE = 256
 # processed in chunks that fit, so any N works.
 WORKSPACE_BUDGET_BYTES = 256 * 2**20
 
-_CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+_CTYPES = {
+    torch.float32: "float",
+    torch.float16: "__half",
+    torch.bfloat16: "__nv_bfloat16",
+    torch.float64: "double",
+}
 SUPPORTED_DTYPES = tuple(_CTYPES)
 _KERNELS = ("deform_im2col", "deform_col2im")
 
@@ -367,13 +373,18 @@ def _forward(
     return out
 
 
-def _float32_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Batched a @ b with a float32 result, accumulated in float32.
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernels compute and accumulate in: float32, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _accumulating_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched a @ b with a float32 result, accumulated in float32 (float64: as is).
 
     cuBLAS takes half inputs with a float32 output directly; PyTorch's CPU
     backend has no such kernel, so there the operands are widened (exact).
     """
-    if a.dtype == torch.float32:
+    if a.dtype in (torch.float32, torch.float64):
         return torch.bmm(a, b)
     if a.is_cuda:
         return torch.bmm(a, b, out_dtype=torch.float32)
@@ -381,7 +392,7 @@ def _float32_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _sum_slices(partial: torch.Tensor) -> torch.Tensor:
-    """Sum of the channel slices' partial offset / mask gradients (float32)."""
+    """Sum of the channel slices' partial offset / mask gradients (accumulate_dtype)."""
     return partial[0] if partial.shape[0] == 1 else partial.sum(0)
 
 
@@ -400,6 +411,7 @@ def _backward(
     want_mask = want_mask and mask is not None
     want_sampling = want_input or want_offset or want_mask
     dtype, device = input.dtype, input.device
+    accumulate = accumulate_dtype(dtype)
     group_out = g.out_channels // g.groups
 
     def empty() -> torch.Tensor:  # a fresh one each: op outputs must not alias
@@ -412,7 +424,7 @@ def _backward(
     bytes_per_sample = g.in_channels * g.taps * g.pixels * input.element_size()
     if deterministic:
         bytes_per_sample += g.in_channels * g.height * g.width * 8
-    elif want_input and dtype != torch.float32:
+    elif want_input and dtype != accumulate:
         bytes_per_sample += g.in_channels * g.height * g.width * 4
     if want_weight:
         bytes_per_sample += group_out * g.group_columns * 4
@@ -431,7 +443,7 @@ def _backward(
         grad_input = empty()
     elif deterministic:
         grad_input = launch.new_output(input.shape, dtype, device)
-    elif dtype == torch.float32:
+    elif dtype == accumulate:
         grad_input = torch.zeros_like(input)
     else:
         grad_input = launch.new_output(input.shape, dtype, device)
@@ -441,7 +453,7 @@ def _backward(
     grad_offset = launch.new_output(offset.shape, dtype, device) if want_offset else empty()
     grad_mask = launch.new_output(mask.shape, dtype, device) if want_mask else empty()
     weight_accumulator = (
-        torch.zeros((g.groups, group_out, g.group_columns), dtype=torch.float32, device=device)
+        torch.zeros((g.groups, group_out, g.group_columns), dtype=accumulate, device=device)
         if want_weight
         else None
     )
@@ -464,9 +476,9 @@ def _backward(
             fixed_sums = None
             fixed_args = determinism.FixedPointSum.unused(device)
             if not want_input:
-                accumulator = launch.null(torch.float32, device)  # the kernel skips the scatter
+                accumulator = launch.null(accumulate, device)  # the kernel skips the scatter
             elif deterministic:
-                accumulator = launch.null(torch.float32, device)
+                accumulator = launch.null(accumulate, device)
                 # Each (tap, pixel) item adds at most one value (weight ≤ 1
                 # times mask times grad_column) to an input element.
                 fixed_sums = determinism.FixedPointSum(
@@ -484,15 +496,15 @@ def _backward(
                     accumulator.zero_()
             slicing = _channel_slicing(g, samples, device)
             offset_partial = launch.new_output(
-                (slicing.slices, *chunk_offset.shape), torch.float32, device
+                (slicing.slices, *chunk_offset.shape), accumulate, device
             )
             if mask is None:  # HAS_MASK = false reads no mask and writes no mask gradient
                 kernel_mask = launch.null(dtype, device)
-                mask_partial = launch.null(torch.float32, device)
+                mask_partial = launch.null(accumulate, device)
             else:
                 kernel_mask = chunk_mask
                 mask_partial = launch.new_output(
-                    (slicing.slices, *chunk_mask.shape), torch.float32, device
+                    (slicing.slices, *chunk_mask.shape), accumulate, device
                 )
             _launch_sampling_kernel(
                 col2im,
@@ -511,7 +523,7 @@ def _backward(
                 ),
             )
             if fixed_sums is not None:
-                grad_input[start:stop].copy_(fixed_sums.result(torch.float32))
+                grad_input[start:stop].copy_(fixed_sums.result(dtype))
             elif input_accumulator is not None:
                 grad_input[start:stop].copy_(accumulator)
             if want_offset:
@@ -521,14 +533,14 @@ def _backward(
         if want_weight:
             _im2col(g, input[start:stop], chunk_offset, chunk_mask, cols)
             for group in range(g.groups):
-                partial = _float32_bmm(
+                partial = _accumulating_bmm(
                     grad_out_by_group[:, group], cols_by_group[:, group].transpose(1, 2)
                 )
                 weight_accumulator[group] += partial.sum(0)
 
     grad_weight = weight_accumulator.view(weight.shape).to(dtype) if want_weight else empty()
     grad_bias = (
-        grad_output.sum(dim=(0, 2, 3), dtype=torch.float32).to(dtype) if want_bias else empty()
+        grad_output.sum(dim=(0, 2, 3), dtype=accumulate).to(dtype) if want_bias else empty()
     )
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
 
@@ -706,7 +718,7 @@ def deform_conv2d(
     the GPU (PyTorch's current stream), CPU tensors through the emulator.
 
     Args:
-        input: [N, C_in, H, W], float32 / float16 / bfloat16. N = 0 and
+        input: [N, C_in, H, W], float32 / float16 / bfloat16 / float64. N = 0 and
             C_in = 0 are allowed (an empty output or one of only the bias;
             zero gradients), as in torchvision.
         offset: [N, 2·offset_groups·kh·kw, H_out, W_out]; channel 2·(g·kh·kw + k)

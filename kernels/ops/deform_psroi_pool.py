@@ -8,7 +8,7 @@ bfloat16 with float32 accumulation, float64 in float64. Design notes:
 
 Forward and backward kernels: ``kernels/cuda/deform_psroi_pool.cu``
 (HAS_TRANS = false for ``no_trans``). The backward scatters grad_input with
-atomics into a buffer of the compute dtype (cast once at the end; under
+atomics into a buffer of the accumulation dtype (cast once at the end; under
 ``torch.use_deterministic_algorithms(True)`` fixed-point int64 atomics, see
 ``kernels.ops.deform_roi_pool.InputGradient``) and writes
 per-bin, per-channel-slice partial sums of the trans gradient; here they are
@@ -33,6 +33,8 @@ from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
 from kernels.ops.deform_roi_pool import (
     SUPPORTED_DTYPES,
     InputGradient,
+    accumulate_dtype,
+    accumulate_scalar,
     channel_slicing,
     check_bool,
     check_finite_float,
@@ -40,8 +42,6 @@ from kernels.ops.deform_roi_pool import (
     check_positive_int,
     check_same_dtype_and_device,
     check_values,
-    compute_dtype,
-    compute_scalar,
     fully_connected,
     roi_chunks,
     roi_rows,
@@ -203,8 +203,8 @@ def _geometry_arguments(g: Geometry, dtype: torch.dtype) -> tuple:
     )
     return (
         *(launch.int32(v) for v in ints),
-        compute_scalar(g.spatial_scale, dtype),
-        compute_scalar(g.trans_std, dtype),
+        accumulate_scalar(g.spatial_scale, dtype),
+        accumulate_scalar(g.trans_std, dtype),
     )
 
 
@@ -218,7 +218,7 @@ def _forward(
         _name_expression("deform_psroi_pool_forward", input.dtype, trans is not None)
     )
     null = launch.null(input.dtype, input.device)  # unread without HAS_TRANS
-    rois = rois.to(compute_dtype(input.dtype)).contiguous()
+    rois = rois.to(accumulate_dtype(input.dtype)).contiguous()
     for start, stop in roi_chunks(g.num_rois):
         kernel(
             (launch.blocks(g.output_dim * g.bins, BLOCK_SIZE), stop - start),
@@ -274,7 +274,7 @@ def _backward(
 
     # float32 accumulation (float64 for float64): see kernels.ops.deform_roi_pool._backward.
     grad_input = InputGradient(input.shape, dtype, device, bound) if want_input else None
-    compute = compute_dtype(dtype)
+    accumulate = accumulate_dtype(dtype)
     channels_per_class = g.output_dim // g.num_classes
     slicing = channel_slicing(
         channels_per_class, g.num_rois * g.num_classes * g.bins, want_trans, device
@@ -282,7 +282,7 @@ def _backward(
     trans_partial = (
         launch.new_output(
             (g.num_rois, g.num_classes, slicing.slices, 2, g.pooled_size, g.pooled_size),
-            compute,
+            accumulate,
             device,
         )
         if want_trans
@@ -292,8 +292,8 @@ def _backward(
         kernel = launch.module(SOURCE, device).function(
             _name_expression("deform_psroi_pool_backward", dtype, trans is not None)
         )
-        null, null_compute = launch.null(dtype, device), launch.null(compute, device)
-        rois = rois.to(compute).contiguous()
+        null, null_accumulate = launch.null(dtype, device), launch.null(accumulate, device)
+        rois = rois.to(accumulate).contiguous()
         grad_input_args = (
             InputGradient.unused(dtype, device) if grad_input is None else grad_input.kernel_args()
         )
@@ -307,7 +307,7 @@ def _backward(
                     roi_rows(trans, start, stop, null),
                     grad_output[start:stop],
                     *grad_input_args,
-                    roi_rows(trans_partial, start, stop, null_compute),
+                    roi_rows(trans_partial, start, stop, null_accumulate),
                     *_geometry_arguments(g, dtype),
                     launch.int32(slicing.channels_per_thread),
                     launch.int32(slicing.slices),

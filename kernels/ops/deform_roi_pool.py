@@ -9,7 +9,7 @@ accumulation, and float64 computed in float64 (for
 
 One forward and one backward kernel (``kernels/cuda/deform_roi_pool.cu``),
 templated on HAS_OFFSET / HAS_MASK, serve the three operators. The backward
-scatters grad_input with atomics into a buffer of the compute dtype (float32;
+scatters grad_input with atomics into a buffer of the accumulation dtype (float32;
 float64 for float64; cast once at the end) -- under ``torch.use_deterministic_algorithms(True)`` with
 fixed-point int64 atomics instead, bit-reproducible (:class:`InputGradient`,
 ``kernels/determinism.py``) -- and writes per-channel-slice partial sums of
@@ -75,18 +75,18 @@ _CTYPES = {
 }
 SUPPORTED_DTYPES = tuple(_CTYPES)
 # The rois may come in the input's dtype or in float32 (what autocast hands
-# to half features); the kernels read them in the compute dtype.
+# to half features); the kernels read them in the accumulation dtype.
 ROIS_DTYPE = torch.float32
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """What the kernels compute and accumulate in for input of ``dtype``
-    (compute_t in scalar_conversions.cuh): float32, float64 for float64."""
+    (acc_t in scalar_conversions.cuh; as kernels.ops.deform_conv2d.accumulate_dtype): float32, float64 for float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def compute_scalar(value: float, dtype: torch.dtype):
-    """A real kernel parameter of the compute type of ``dtype``."""
+def accumulate_scalar(value: float, dtype: torch.dtype):
+    """A real kernel parameter of the accumulation type of ``dtype``."""
     return np.float64(value) if dtype == torch.float64 else launch.float32(value)
 _KERNELS = ("deform_roi_pool_forward", "deform_roi_pool_backward")
 
@@ -351,7 +351,7 @@ def channel_slicing(channels: int, items: int, reduce: bool,
 
 class InputGradient:
     """Where a backward scatters grad_input: a zeroed accumulator of the
-    compute dtype (float32, float64 for float64 input), or
+    accumulation dtype (float32, float64 for float64 input), or
     under ``torch.use_deterministic_algorithms(True)`` order-independent
     fixed-point sums (``kernels/determinism.py``; the same atomics, 64-bit
     integer ones, plus the bound's reductions and one status read).
@@ -369,26 +369,26 @@ class InputGradient:
         bound: Callable[[], tuple[float, int]],
     ) -> None:
         self.device = device
-        self.compute = compute_dtype(dtype)
+        self.accumulate = accumulate_dtype(dtype)
         self.fixed = None
         self.accumulator = None
         if determinism.enabled():
             max_abs, max_addends = bound()
             self.fixed = determinism.FixedPointSum(shape, device, max_abs, max(max_addends, 1))
         else:
-            self.accumulator = torch.zeros(shape, dtype=self.compute, device=device)
+            self.accumulator = torch.zeros(shape, dtype=self.accumulate, device=device)
 
     def kernel_args(self) -> tuple:
         """``grad_input, grad_input_fixed, fixed_scale, fixed_status`` of a backward kernel."""
         if self.fixed is None:
             return (self.accumulator, *determinism.FixedPointSum.unused(self.device))
-        return (launch.null(self.compute, self.device), *self.fixed.kernel_args())
+        return (launch.null(self.accumulate, self.device), *self.fixed.kernel_args())
 
     @staticmethod
     def unused(dtype: torch.dtype, device: torch.device) -> tuple:
         """The same arguments when grad_input (of ``dtype``) is not wanted: no scatter."""
         return (
-            launch.null(compute_dtype(dtype), device),
+            launch.null(accumulate_dtype(dtype), device),
             *determinism.FixedPointSum.unused(device),
         )
 
@@ -406,9 +406,9 @@ def _geometry_arguments(g: Geometry, dtype: torch.dtype) -> tuple:
         launch.int32(g.width),
         launch.int32(g.pooled_h),
         launch.int32(g.pooled_w),
-        compute_scalar(g.spatial_scale, dtype),
+        accumulate_scalar(g.spatial_scale, dtype),
         launch.int32(g.sampling_ratio),
-        compute_scalar(g.gamma, dtype),
+        accumulate_scalar(g.gamma, dtype),
         launch.int32(int(g.aligned)),
     )
 
@@ -442,7 +442,7 @@ def _forward(
         )
     )
     null = launch.null(input.dtype, input.device)  # unread without HAS_OFFSET / HAS_MASK
-    rois = rois.to(compute_dtype(input.dtype)).contiguous()
+    rois = rois.to(accumulate_dtype(input.dtype)).contiguous()
     for start, stop in roi_chunks(g.num_rois):
         kernel(
             (launch.blocks(g.channels * g.bins, BLOCK_SIZE), stop - start),
@@ -483,8 +483,8 @@ def _backward(
             torch.zeros(tensor.shape, dtype=dtype, device=device) if wanted else empty()
             for tensor, wanted in ((input, want_input), (offset, want_offset), (mask, want_mask))
         )
-    compute = compute_dtype(dtype)
-    rois = rois.to(compute).contiguous()
+    accumulate = accumulate_dtype(dtype)
+    rois = rois.to(accumulate).contiguous()
 
     def bound() -> tuple[float, int]:
         # A value added is grad_output * mask * weight / count, weight <= 1;
@@ -504,14 +504,14 @@ def _backward(
     slicing = channel_slicing(g.channels, g.num_rois * g.bins, want_offset or want_mask, device)
     offset_partial = (
         launch.new_output(
-            (g.num_rois, slicing.slices, 2, g.pooled_h, g.pooled_w), compute, device
+            (g.num_rois, slicing.slices, 2, g.pooled_h, g.pooled_w), accumulate, device
         )
         if want_offset
         else None
     )
     mask_partial = (
         launch.new_output(
-            (g.num_rois, slicing.slices, 1, g.pooled_h, g.pooled_w), compute, device
+            (g.num_rois, slicing.slices, 1, g.pooled_h, g.pooled_w), accumulate, device
         )
         if want_mask
         else None
@@ -522,7 +522,7 @@ def _backward(
                 "deform_roi_pool_backward", dtype, offset is not None, mask is not None
             )
         )
-        null, null_compute = launch.null(dtype, device), launch.null(compute, device)
+        null, null_accumulate = launch.null(dtype, device), launch.null(accumulate, device)
         grad_input_args = (
             InputGradient.unused(dtype, device) if grad_input is None else grad_input.kernel_args()
         )
@@ -537,8 +537,8 @@ def _backward(
                     roi_rows(mask, start, stop, null),
                     grad_output[start:stop],
                     *grad_input_args,
-                    roi_rows(offset_partial, start, stop, null_compute),
-                    roi_rows(mask_partial, start, stop, null_compute),
+                    roi_rows(offset_partial, start, stop, null_accumulate),
+                    roi_rows(mask_partial, start, stop, null_accumulate),
                     *_geometry_arguments(g, dtype),
                     launch.int32(slicing.channels_per_thread),
                     launch.int32(slicing.slices),

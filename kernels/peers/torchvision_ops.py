@@ -2,9 +2,11 @@
 
 torchvision infers ``groups`` from C_in / weight.shape[1] and
 ``offset_groups`` from offset.shape[1] / (2·kh·kw); these adapters take both
-explicitly, like ``kernels.reference`` and ``kernels.ops``, and refuse a call
-where they disagree with the shapes rather than let torchvision compute
-another operator silently.
+like ``kernels.reference`` and ``kernels.ops`` (None: inferred the same way)
+and refuse a call where given values disagree with the shapes rather than let
+torchvision compute another operator silently. An empty batch runs as
+torchvision runs it; C_in = 0 is refused (torchvision divides by
+weight.shape[1]).
 
 dtypes: torchvision's CPU kernel takes float64, float32 and float16 (not
 bfloat16: "deformable_im2col" not implemented for 'BFloat16'); its CUDA
@@ -25,6 +27,7 @@ from __future__ import annotations
 import torch
 import torchvision
 
+from kernels.checks import conv_groups, offset_groups_from
 from kernels.rois import as_rois
 
 
@@ -33,11 +36,11 @@ def deform_conv2d(
     offset: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    stride: tuple[int, int] = (1, 1),
-    padding: tuple[int, int] = (0, 0),
-    dilation: tuple[int, int] = (1, 1),
-    groups: int = 1,
-    offset_groups: int = 1,
+    stride: int | tuple[int, int] = (1, 1),
+    padding: int | tuple[int, int] = (0, 0),
+    dilation: int | tuple[int, int] = (1, 1),
+    groups: int | None = None,
+    offset_groups: int | None = None,
 ) -> torch.Tensor:
     """DCNv1 by torchvision. Shapes as ``kernels.reference.deform_conv2d``:
     input [N, C_in, H, W], offset [N, 2·offset_groups·kh·kw, H_out, W_out],
@@ -55,11 +58,11 @@ def modulated_deform_conv2d(
     mask: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    stride: tuple[int, int] = (1, 1),
-    padding: tuple[int, int] = (0, 0),
-    dilation: tuple[int, int] = (1, 1),
-    groups: int = 1,
-    offset_groups: int = 1,
+    stride: int | tuple[int, int] = (1, 1),
+    padding: int | tuple[int, int] = (0, 0),
+    dilation: int | tuple[int, int] = (1, 1),
+    groups: int | None = None,
+    offset_groups: int | None = None,
 ) -> torch.Tensor:
     """DCNv2 by torchvision (``mask`` [N, offset_groups·kh·kw, H_out, W_out]);
     otherwise as ``deform_conv2d``."""
@@ -72,7 +75,14 @@ def modulated_deform_conv2d(
 def _check_groups(input, offset, weight, groups, offset_groups):
     """torchvision infers both group counts from shapes; make sure it infers ours."""
     in_channels = input.shape[1]
+    if in_channels == 0:
+        raise ValueError(
+            "torchvision.ops.deform_conv2d cannot take input with 0 channels (it divides by "
+            f"weight.shape[1]), got input {tuple(input.shape)}"
+        )
     taps = weight.shape[2] * weight.shape[3]
+    groups = conv_groups(groups, in_channels, weight)
+    offset_groups = offset_groups_from(offset_groups, offset, taps)
     if weight.shape[1] * groups != in_channels:
         raise ValueError(
             f"weight must be [C_out, C_in/groups, kh, kw] with C_in/groups = "

@@ -122,7 +122,7 @@ class Geometry:
             x = base_x + (tap_x + dx)·offset_scale, y likewise.
         """
         batch, out_h, out_w, _ = offset.shape
-        dx_dy = offset.view(batch, out_h, out_w, group, self.taps, 2)
+        dx_dy = offset.reshape(batch, out_h, out_w, group, self.taps, 2)
         tap_y, tap_x = self.tap_grid(dtype=offset.dtype, device=offset.device)
         base_y, base_x = self.window_origin(out_h, out_w, dtype=offset.dtype, device=offset.device)
         x = base_x[None, None, :, None, None] + (tap_x + dx_dy[..., 0]) * self.offset_scale
@@ -133,6 +133,21 @@ class Geometry:
 def offset_mask_channels(group: int, taps: int) -> int:
     """M, the last dimension of ``offset_mask``: group·P·3 rounded up to a multiple of 8."""
     return -(-group * taps * 3 // 8) * 8
+
+
+def offset_mask_width(offset_mask: object, group: int, taps: int) -> int:
+    """The width of ``offset_mask``'s last dimension, checked to hold the group·3P
+    values that are read (any further columns are padding, ignored)."""
+    if not isinstance(offset_mask, torch.Tensor) or offset_mask.dim() != 4:
+        return offset_mask_channels(group, taps)  # the shape check names the problem
+    width, needed = offset_mask.shape[-1], group * 3 * taps
+    if width < needed:
+        raise ValueError(
+            f"offset_mask must have at least group·3·P = {group}·3·{taps} = {needed} columns in "
+            f"its last dimension (usually ceil(group·3·P / 8)·8 = "
+            f"{offset_mask_channels(group, taps)}), got shape {tuple(offset_mask.shape)}"
+        )
+    return width
 
 
 def unpack_offset_mask(offset_mask: torch.Tensor, group: int, taps: int
@@ -155,12 +170,14 @@ def check_arguments(input: torch.Tensor, others: dict[str, tuple[torch.Tensor, i
     """Raise ValueError naming the argument, what was expected and what came.
 
     ``others`` maps each per-pixel tensor's name to (tensor, expected last
-    dimension). Every tensor must be a contiguous (channels-last) 4-D tensor of
-    input's dtype and device. Returns (H_out, W_out).
+    dimension). Every tensor must be a 4-D (channels-last) tensor of input's
+    dtype and device, of any strides. N = 0 and group_channels = 0 are
+    allowed (an empty output, zero gradients). Returns (H_out, W_out).
     """
-    for name, value in (("group", group), ("group_channels", group_channels)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    if group < 1:
+        raise ValueError(f"group must be >= 1, got {group}")
+    if group_channels < 0:
+        raise ValueError(f"group_channels must be >= 0, got {group_channels}")
     if input.dim() != 4:
         raise ValueError(f"input must be 4-D [N, H, W, group·group_channels], got shape {tuple(input.shape)}")
     batch, height, width, channels = input.shape
@@ -173,12 +190,6 @@ def check_arguments(input: torch.Tensor, others: dict[str, tuple[torch.Tensor, i
     if out_h < 1 or out_w < 1:
         raise ValueError(f"the output is empty: H_out={out_h}, W_out={out_w} for input "
                          f"{tuple(input.shape)}")
-    for name, tensor in (("input", input), *((n, t) for n, (t, _) in others.items())):
-        if not tensor.is_contiguous():
-            raise ValueError(
-                f"{name} must be contiguous channels-last (strides of a contiguous "
-                f"[N, H, W, C] tensor), got shape {tuple(tensor.shape)} with strides {tensor.stride()}"
-            )
     for name, (tensor, last) in others.items():
         expected = (batch, out_h, out_w, last)
         if tuple(tensor.shape) != expected:
@@ -258,9 +269,10 @@ def dcnv4(
 
     Args:
         input: [N, H, W, group·group_channels].
-        offset_mask: [N, H_out, W_out, M], M = ceil(group·P·3 / 8)·8; group g
-            holds (dx, dy) of tap p at g·3P + 2p and + 1 and the mask of tap p
-            at g·3P + 2P + p; columns from group·3P on are ignored.
+        offset_mask: [N, H_out, W_out, M], M ≥ group·3·P (DCNv4 pads it to
+            ceil(group·P·3 / 8)·8); group g holds (dx, dy) of tap p at g·3P + 2p
+            and + 1 and the mask of tap p at g·3P + 2P + p; columns from
+            group·3P on are ignored.
         The other arguments as ``dcnv3``.
 
     Returns:
@@ -269,8 +281,8 @@ def dcnv4(
     geometry = Geometry(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                         dilation_h, dilation_w, offset_scale, remove_center)
     taps = geometry.taps
-    check_arguments(input, {"offset_mask": (offset_mask, offset_mask_channels(group, taps))},
-                    geometry, group, group_channels)
+    width = offset_mask_width(offset_mask, group, taps)
+    check_arguments(input, {"offset_mask": (offset_mask, width)}, geometry, group, group_channels)
     offset, mask = unpack_offset_mask(offset_mask, group, taps)
     return _sample_and_sum(input, offset, mask, geometry, group, softmax=False)
 
@@ -281,14 +293,15 @@ def _sample_and_sum(input, offset, mask, geometry: Geometry, group: int, softmax
     _, out_h, out_w, _ = offset.shape
     taps = geometry.taps
     y, x = geometry.sample_positions(offset, group)  # [N, H_out, W_out, G, P]
-    weights = mask.view(batch, out_h, out_w, group, taps)
+    weights = mask.reshape(batch, out_h, out_w, group, taps)
     if softmax:
         weights = torch.softmax(weights, dim=-1)
-    per_image = out_h * out_w * channels * taps
+    per_image = max(out_h * out_w * channels * taps, taps)
     images_per_chunk = max(1, MAX_CHUNK_ELEMENTS // per_image)
     taps_per_chunk = taps if images_per_chunk > 1 else max(1, MAX_CHUNK_ELEMENTS // (per_image // taps))
     outputs = []
-    for first in range(0, batch, images_per_chunk):
+    # At least one chunk, empty for N = 0 (so that torch.cat has a tensor).
+    for first in range(0, max(batch, 1), images_per_chunk):
         images = slice(first, first + images_per_chunk)
         out = 0
         for first_tap in range(0, taps, taps_per_chunk):
@@ -307,7 +320,7 @@ def _partial_output(input, y, x, weights, group):
     [n, H_out, W_out, G·D].
     """
     batch, height, width, channels = input.shape
-    grouped = input.view(batch, height, width, group, channels // group).permute(0, 3, 4, 1, 2)
+    grouped = input.reshape(batch, height, width, group, channels // group).permute(0, 3, 4, 1, 2)
 
     def group_major(t):  # [n, H_out, W_out, G, p] -> [n, G, H_out, W_out, p]
         return t.permute(0, 3, 1, 2, 4)
