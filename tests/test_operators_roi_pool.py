@@ -361,6 +361,20 @@ def test_torchvision_roi_align_meets_the_float32_tolerance_in_every_mode():
         check("roi_align", "torchvision", {**SMALL, "sampling_ratio": 0}, "float32", mode)
 
 
+def test_torchvision_adapter_takes_boxes_per_image_and_float32_boxes_for_half_input():
+    """The peer adapter takes what our ops take: a list of [L, 4] boxes, and
+    float32 rois with half features (rounded to half for torchvision)."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 8, 9, generator=generator)
+    boxes = [torch.tensor([[0.5, 1.0, 6.0, 7.0]]), torch.tensor([[1.0, 0.5, 8.0, 5.0]])]
+    rows = torch.tensor([[0, 0.5, 1.0, 6.0, 7.0], [1, 1.0, 0.5, 8.0, 5.0]])
+    args = dict(pooled_h=2, pooled_w=2, spatial_scale=1.0, sampling_ratio=2)
+    assert torch.equal(torchvision_ops.roi_align(x, boxes, **args), torchvision_ops.roi_align(x, rows, **args))
+    half = torchvision_ops.roi_align(x.half(), rows, **args)
+    assert half.dtype == torch.float16
+    assert torch.equal(half, torchvision_ops.roi_align(x.half(), rows.half(), **args))
+
+
 def test_deform_roi_pool_with_zero_offsets_is_torchvision_roi_align():
     params, tensors = inputs("deform_roi_pool", {"K": 20, "sampling_ratio": 0}, "float64", "rois_outside")
     zero = {**tensors, "offset": torch.zeros_like(tensors["offset"])}
