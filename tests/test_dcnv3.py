@@ -26,7 +26,7 @@ from kernels.reference import dcnv3 as reference
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Relative L2 bound per dtype: a few units of the dtype's rounding (inputs are
 # already rounded, outputs and gradients are rounded once; all sums float32).
-REL_L2 = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 5e-3}
+REL_L2 = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 5e-3, torch.float64: 1e-13}
 MAX_ABS = {dtype: 2 * bound for dtype, bound in REL_L2.items()}
 # The operator variants the kernels are instantiated for.
 KINDS = ("dcnv3", "dcnv3_softmax", "dcnv4")
@@ -248,6 +248,32 @@ def test_input_gradient_not_requested(design):
     )
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("design", ops.DESIGNS)
+@pytest.mark.parametrize("case_name", ["basic_3x3", "5x5_remove_center_D24"])
+def test_float64_kernels(case_name, design, kind):
+    """The float64 instantiations compute in double: the reference's numbers to 1e-13."""
+    case = CASES[case_name]
+    inputs = make_inputs(case, kind, torch.float64)
+    check_against_reference(kind, inputs, case.params(), design, torch.float64)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("design", ops.DESIGNS)
+def test_gradcheck_on_the_emulated_kernels(design, kind):
+    """torch.autograd.gradcheck (float64, as InternImage's and DCNv4's tests run it) on
+    every input of both designs' kernels, sampling points away from B0's kinks."""
+    case = Case(N=1, H=3, W=4, group=2, group_channels=3, offset_scale=2.0)
+    inputs = make_inputs(case, kind, torch.float64, seed=8)
+    names = list(inputs)
+
+    def function(*tensors):
+        return run_ours(kind, dict(zip(names, tensors, strict=True)), case.params(), design)
+
+    leaves = [inputs[n].requires_grad_() for n in names]
+    assert torch.autograd.gradcheck(function, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 def gradients(kind: str, inputs: dict, params: dict, design: str, grad_output) -> tuple:
     """Every gradient of ours, for ``grad_output``."""
     leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()}
@@ -435,9 +461,9 @@ BAD_ARGUMENTS = {
         r"mask must be torch.float32 .* got torch.float16",
     ),
     "unsupported_dtype": (
-        _bad(input=torch.zeros(2, 5, 6, 16, dtype=torch.float64)),
+        _bad(input=torch.zeros(2, 5, 6, 16, dtype=torch.int32)),
         TypeError,
-        r"input has dtype torch.float64",
+        r"input has dtype torch.int32; supported: .*torch.float64",
     ),
     "mask_device": (
         _bad(mask=torch.zeros(2, 5, 6, 18, device="meta")),

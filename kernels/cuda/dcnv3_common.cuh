@@ -66,45 +66,52 @@ struct Layout {
 };
 
 // The softmax of a (pixel, group)'s P mask logits, as max and 1/sum: m_p =
-// exp(l_p - max) * inv_sum. In float32 whatever the dtype. For the other
-// layouts m_p is the mask as given.
+// exp(l_p - max) * inv_sum. In float32 whatever the dtype (double for
+// float64: real is acc_t<scalar_t> throughout). For the other layouts m_p is
+// the mask as given.
+template <typename real>
 struct Softmax {
-    float max, inv_sum;
+    real max, inv_sum;
 };
 
+// 1 / sum for sum in [1, P] (the largest term is exp(0)): __fdividef is exact
+// to 2 ulp there and, unlike '/', has no slow-path call (which spilled on sm_80).
+__device__ __forceinline__ float reciprocal_of_sum(float sum) { return __fdividef(1.f, sum); }
+__device__ __forceinline__ double reciprocal_of_sum(double sum) { return 1.0 / sum; }
+
 template <int MODULATION, typename scalar_t>
-__device__ __forceinline__ Softmax softmax_of(const scalar_t* mask, long long first, int taps) {
-    Softmax s{0.f, 1.f};
+__device__ __forceinline__ Softmax<acc_t<scalar_t>> softmax_of(const scalar_t* mask,
+                                                               long long first, int taps) {
+    using real = acc_t<scalar_t>;
+    Softmax<real> s{0.f, 1.f};
     if (MODULATION != SOFTMAX_MASK) return s;
-    s.max = to_float(mask[first]);
-    for (int p = 1; p < taps; ++p) s.max = fmaxf(s.max, to_float(mask[first + p]));
-    float sum = 0.f;
-    for (int p = 0; p < taps; ++p) sum += expf(to_float(mask[first + p]) - s.max);
-    // sum is in [1, P] (the largest term is exp(0)): __fdividef is exact to
-    // 2 ulp there and, unlike '/', has no slow-path call (which spilled on sm_80).
-    s.inv_sum = __fdividef(1.f, sum);
+    s.max = to_acc(mask[first]);
+    for (int p = 1; p < taps; ++p) s.max = max_of(s.max, to_acc(mask[first + p]));
+    real sum = 0.f;
+    for (int p = 0; p < taps; ++p) sum += exp_of(to_acc(mask[first + p]) - s.max);
+    s.inv_sum = reciprocal_of_sum(sum);
     return s;
 }
 
-template <int MODULATION>
-__device__ __forceinline__ float modulation(float mask_value, const Softmax& s) {
-    return MODULATION == SOFTMAX_MASK ? expf(mask_value - s.max) * s.inv_sum : mask_value;
+template <int MODULATION, typename real>
+__device__ __forceinline__ real modulation(real mask_value, const Softmax<real>& s) {
+    return MODULATION == SOFTMAX_MASK ? exp_of(mask_value - s.max) * s.inv_sum : mask_value;
 }
 
 // grad_mask[first .. first + P) holds d out / d m_p; with SOFTMAX_MASK it is
 // turned in place into the gradient of the logits:
 // d / d l_p = m_p (g_p - sum_q m_q g_q). Only the thread that wrote the row calls it.
 template <int MODULATION, typename scalar_t>
-__device__ __forceinline__ void finish_mask_gradient(float* grad_mask, const scalar_t* mask,
-                                                     long long first, int taps,
-                                                     const Softmax& s) {
+__device__ __forceinline__ void finish_mask_gradient(acc_t<scalar_t>* grad_mask,
+                                                     const scalar_t* mask, long long first,
+                                                     int taps, const Softmax<acc_t<scalar_t>>& s) {
     if (MODULATION != SOFTMAX_MASK) return;
-    float dot = 0.f;
+    acc_t<scalar_t> dot = 0.f;
     for (int p = 0; p < taps; ++p)
-        dot += modulation<MODULATION>(to_float(mask[first + p]), s) * grad_mask[first + p];
+        dot += modulation<MODULATION>(to_acc(mask[first + p]), s) * grad_mask[first + p];
     for (int p = 0; p < taps; ++p)
         grad_mask[first + p] =
-            modulation<MODULATION>(to_float(mask[first + p]), s) * (grad_mask[first + p] - dot);
+            modulation<MODULATION>(to_acc(mask[first + p]), s) * (grad_mask[first + p] - dot);
 }
 
 // Where tap p of output pixel (ho, wo) samples, before its offsets:
@@ -130,29 +137,33 @@ __device__ __forceinline__ Tap tap_of(const Geometry& g, int ho, int wo, int p) 
 
 // B0 at (y, x) of an H x W map: four corners (pixel index y*W + x, -1
 // outside) and their bilinear weights (0 outside).
+template <typename real>
 struct Sample {
     bool in_range;  // false: B0 gives 0 and every gradient through it is 0
-    float ly, lx;   // fractional parts
+    real ly, lx;    // fractional parts
     int corner[4];  // (y0, x0), (y0, x1), (y1, x0), (y1, x1)
-    float weight[4];
+    real weight[4];
 };
 
-__device__ __forceinline__ Sample locate(const Geometry& g, const Tap& t, float dx, float dy) {
-    Sample s;
-    const float x = t.base_x + (t.tap_x + dx) * g.offset_scale;
-    const float y = t.base_y + (t.tap_y + dy) * g.offset_scale;
+// The tap's base and grid positions are small integers, exact in float.
+template <typename real>
+__device__ __forceinline__ Sample<real> locate(const Geometry& g, const Tap& t, real dx, real dy) {
+    Sample<real> s;
+    const real scale = g.offset_scale;
+    const real x = static_cast<real>(t.base_x) + (static_cast<real>(t.tap_x) + dx) * scale;
+    const real y = static_cast<real>(t.base_y) + (static_cast<real>(t.tap_y) + dy) * scale;
     // Written as "inside", so that a NaN offset lands outside: no NaN becomes an index.
-    s.in_range = y > -1.f && y < static_cast<float>(g.height) && x > -1.f &&
-                 x < static_cast<float>(g.width);
+    s.in_range = y > -1.f && y < static_cast<real>(g.height) && x > -1.f &&
+                 x < static_cast<real>(g.width);
     if (!s.in_range) return s;
-    const float y_floor = floorf(y), x_floor = floorf(x);
+    const real y_floor = floor_of(y), x_floor = floor_of(x);
     s.ly = y - y_floor;
     s.lx = x - x_floor;
     const int y0 = static_cast<int>(y_floor), x0 = static_cast<int>(x_floor);
     const bool y0_in = y0 >= 0, y1_in = y0 + 1 < g.height;
     const bool x0_in = x0 >= 0, x1_in = x0 + 1 < g.width;
     const int row0 = y0 * g.width, row1 = row0 + g.width;
-    const float hy = 1.f - s.ly, hx = 1.f - s.lx;
+    const real hy = 1.f - s.ly, hx = 1.f - s.lx;
     s.corner[0] = y0_in && x0_in ? row0 + x0 : -1;
     s.corner[1] = y0_in && x1_in ? row0 + x0 + 1 : -1;
     s.corner[2] = y1_in && x0_in ? row1 + x0 : -1;
@@ -169,9 +180,10 @@ __device__ __forceinline__ Sample locate(const Geometry& g, const Tap& t, float 
 // dot[q] = sum over the channels of grad_out * (value of corner q) (0 for a
 // corner outside), adds d/dx, d/dy of sum_c grad_out * B0 and d/dm = sum_c grad_out * B0.
 // Working on the four channel sums keeps one corner's values live at a time.
-__device__ __forceinline__ void add_tap_gradient(const Sample& s, const float (&dot)[4],
-                                                 float& d_x, float& d_y, float& d_m) {
-    const float hy = 1.f - s.ly, hx = 1.f - s.lx;
+template <typename real>
+__device__ __forceinline__ void add_tap_gradient(const Sample<real>& s, const real (&dot)[4],
+                                                 real& d_x, real& d_y, real& d_m) {
+    const real hy = 1.f - s.ly, hx = 1.f - s.lx;
     d_y += hx * (dot[2] - dot[0]) + s.lx * (dot[3] - dot[1]);
     d_x += hy * (dot[1] - dot[0]) + s.ly * (dot[3] - dot[2]);
     d_m += s.weight[0] * dot[0] + s.weight[1] * dot[1] + s.weight[2] * dot[2] +

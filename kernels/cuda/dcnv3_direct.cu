@@ -55,17 +55,25 @@ __device__ __forceinline__ Slot slot_of(const dcnv3::Geometry& g, int batch) {
     return s;
 }
 
+// Minimum blocks per SM in the launch bounds: `common` for the storage types
+// computing in float32, 2 (<= 128 registers) for double, whose values take two
+// registers each.
+template <typename scalar_t, int common>
+constexpr int MIN_BLOCKS = sizeof(scalar_t) == 8 ? 2 : common;
+
 }  // namespace
 
 // output[pixel, g*D + d] = sum_p m(g, p) * B0(input[n, :, :, g*D + d], y_p, x_p).
 // offset / mask: see dcnv3::Layout (FUSED_OFFSET_MASK: both point at offset_mask).
+// double: left to itself ptxas picked 64 registers and spilled for the fused layout.
 template <typename scalar_t, int MODULATION>
-__global__ void __launch_bounds__(DCNV3_BLOCK_SIZE)
+__global__ void __launch_bounds__(DCNV3_BLOCK_SIZE, MIN_BLOCKS<scalar_t, 1>)
 dcnv3_direct_forward(const scalar_t* __restrict__ input,  // [N, H, W, G*D]
                      const scalar_t* __restrict__ offset,
                      const scalar_t* __restrict__ mask,
                      scalar_t* __restrict__ output,       // [N, H_out, W_out, G*D]
                      DCNV3_GEOMETRY_PARAMS) {
+    using real = acc_t<scalar_t>;
     const dcnv3::Geometry g = DCNV3_GEOMETRY;
     const dcnv3::Layout<MODULATION> layout(g);
     const Slot slot = slot_of(g, batch);
@@ -76,26 +84,25 @@ dcnv3_direct_forward(const scalar_t* __restrict__ input,  // [N, H, W, G*D]
     const int C = g.channels();
     const scalar_t* in = input + n * plane * C + slot.group * g.group_channels;
     scalar_t* out = output + slot.pixel * C + slot.group * g.group_channels;
-    const dcnv3::Softmax softmax = dcnv3::softmax_of<MODULATION>(
+    const dcnv3::Softmax<real> softmax = dcnv3::softmax_of<MODULATION>(
         mask, layout.mask_index(slot.pixel, slot.group, 0), P);
     for (int d = slot.lane; d < g.group_channels; d += slot.lanes) {
-        float acc = 0.f;
+        real acc = 0.f;
         for (int p = 0; p < P; ++p) {
             const long long o = layout.offset_index(slot.pixel, slot.group, p);
-            const dcnv3::Sample s = dcnv3::locate(g, dcnv3::tap_of(g, slot.ho, slot.wo, p),
-                                                  to_float(offset[o]),
-                                                  to_float(offset[o + 1]));
+            const dcnv3::Sample<real> s = dcnv3::locate(
+                g, dcnv3::tap_of(g, slot.ho, slot.wo, p), to_acc(offset[o]), to_acc(offset[o + 1]));
             if (!s.in_range) continue;
-            const float m = dcnv3::modulation<MODULATION>(
-                to_float(mask[layout.mask_index(slot.pixel, slot.group, p)]), softmax);
-            float value = 0.f;
+            const real m = dcnv3::modulation<MODULATION>(
+                to_acc(mask[layout.mask_index(slot.pixel, slot.group, p)]), softmax);
+            real value = 0.f;
 #pragma unroll
             for (int q = 0; q < 4; ++q)
                 if (s.corner[q] >= 0)
-                    value += s.weight[q] * to_float(in[s.corner[q] * static_cast<long long>(C) + d]);
+                    value += s.weight[q] * to_acc(in[s.corner[q] * static_cast<long long>(C) + d]);
             acc += m * value;
         }
-        out[d] = from_float<scalar_t>(acc);
+        out[d] = from_acc<scalar_t>(acc);
     }
 }
 
@@ -110,19 +117,20 @@ dcnv3_direct_forward(const scalar_t* __restrict__ input,  // [N, H, W, G*D]
 // registers and spilled for the softmax half / bfloat16 instantiations on
 // sm_80 once the fixed-point path was in.
 template <typename scalar_t, int MODULATION>
-__global__ void __launch_bounds__(DCNV3_BLOCK_SIZE, 4)
+__global__ void __launch_bounds__(DCNV3_BLOCK_SIZE, MIN_BLOCKS<scalar_t, 4>)
 dcnv3_direct_backward(const scalar_t* __restrict__ input,        // [N, H, W, G*D]
                       const scalar_t* __restrict__ offset,
                       const scalar_t* __restrict__ mask,
                       const scalar_t* __restrict__ grad_output,  // [N, H_out, W_out, G*D]
-                      float* __restrict__ grad_input,
+                      acc_t<scalar_t>* __restrict__ grad_input,
                       long long* __restrict__ grad_input_fixed,
                       double fixed_scale, int* __restrict__ fixed_status,
-                      float* grad_offset,
-                      float* grad_mask,
+                      acc_t<scalar_t>* grad_offset,
+                      acc_t<scalar_t>* grad_mask,
                       DCNV3_GEOMETRY_PARAMS) {
+    using real = acc_t<scalar_t>;
     // Partial sums of (d/dx, d/dy, d/dm) per thread, reduced per segment.
-    __shared__ float partial[3][DCNV3_BLOCK_SIZE];
+    __shared__ real partial[3][DCNV3_BLOCK_SIZE];
     const dcnv3::Geometry g = DCNV3_GEOMETRY;
     const dcnv3::Layout<MODULATION> layout(g);
     const Slot slot = slot_of(g, batch);
@@ -133,36 +141,35 @@ dcnv3_direct_backward(const scalar_t* __restrict__ input,        // [N, H, W, G*
     const long long channel0 = n * plane * C + slot.group * g.group_channels;
     const scalar_t* in = input + channel0;
     const scalar_t* grad_out = grad_output + slot.pixel * C + slot.group * g.group_channels;
-    const ScatterAdd<float> grad_in =
-        ScatterAdd<float>{grad_input, grad_input_fixed, fixed_scale, fixed_status}.shifted(
+    const ScatterAdd<real> grad_in =
+        ScatterAdd<real>{grad_input, grad_input_fixed, fixed_scale, fixed_status}.shifted(
             channel0);
     const bool scatter = grad_in.enabled();  // uniform across the launch
-    const dcnv3::Softmax softmax =
+    const dcnv3::Softmax<real> softmax =
         slot.active ? dcnv3::softmax_of<MODULATION>(
                           mask, layout.mask_index(slot.pixel, slot.group, 0), P)
-                    : dcnv3::Softmax{0.f, 1.f};
+                    : dcnv3::Softmax<real>{0.f, 1.f};
     int reduction_span = 1;  // smallest power of two >= lanes
     while (reduction_span < slot.lanes) reduction_span *= 2;
 
     for (int p = 0; p < P; ++p) {
-        float d_x = 0.f, d_y = 0.f, d_m = 0.f;
-        float m = 0.f;
+        real d_x = 0.f, d_y = 0.f, d_m = 0.f;
+        real m = 0.f;
         if (slot.active) {
             const long long o = layout.offset_index(slot.pixel, slot.group, p);
-            const dcnv3::Sample s = dcnv3::locate(g, dcnv3::tap_of(g, slot.ho, slot.wo, p),
-                                                  to_float(offset[o]),
-                                                  to_float(offset[o + 1]));
+            const dcnv3::Sample<real> s = dcnv3::locate(
+                g, dcnv3::tap_of(g, slot.ho, slot.wo, p), to_acc(offset[o]), to_acc(offset[o + 1]));
             m = dcnv3::modulation<MODULATION>(
-                to_float(mask[layout.mask_index(slot.pixel, slot.group, p)]), softmax);
+                to_acc(mask[layout.mask_index(slot.pixel, slot.group, p)]), softmax);
             if (s.in_range) {
-                float dot[4] = {0.f, 0.f, 0.f, 0.f};
+                real dot[4] = {0.f, 0.f, 0.f, 0.f};
                 for (int d = slot.lane; d < g.group_channels; d += slot.lanes) {
-                    const float grad = to_float(grad_out[d]);
+                    const real grad = to_acc(grad_out[d]);
 #pragma unroll
                     for (int q = 0; q < 4; ++q) {
                         if (s.corner[q] < 0) continue;
                         const long long at = s.corner[q] * static_cast<long long>(C) + d;
-                        dot[q] += grad * to_float(in[at]);
+                        dot[q] += grad * to_acc(in[at]);
                         if (scatter && s.weight[q] != 0.f)
                             grad_in.add(at, s.weight[q] * m * grad);
                     }
@@ -181,7 +188,7 @@ dcnv3_direct_backward(const scalar_t* __restrict__ input,        // [N, H, W, G*
             __syncthreads();
         }
         if (slot.active && slot.lane == 0) {
-            const float scale = m * g.offset_scale;
+            const real scale = m * g.offset_scale;
             const long long o = layout.offset_index(slot.pixel, slot.group, p);
             grad_offset[o] = scale * partial[0][threadIdx.x];
             grad_offset[o + 1] = scale * partial[1][threadIdx.x];

@@ -50,8 +50,9 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_bits<__nv_bfloat16>(un
     return __ushort_as_bfloat16(static_cast<unsigned short>(bits));
 }
 
-template <typename scalar_t, int VEC>
-__device__ __forceinline__ void load_vector(const scalar_t* from, float (&to)[VEC]) {
+// real = acc_t<scalar_t> (double for float64, whose VEC is 1: the scalar loop).
+template <typename scalar_t, int VEC, typename real>
+__device__ __forceinline__ void load_vector(const scalar_t* from, real (&to)[VEC]) {
     if constexpr (VEC * sizeof(scalar_t) == 16) {
         constexpr int PER_WORD = 4 / sizeof(scalar_t);
         const uint4 raw = *reinterpret_cast<const uint4*>(from);
@@ -62,12 +63,12 @@ __device__ __forceinline__ void load_vector(const scalar_t* from, float (&to)[VE
                 from_bits<scalar_t>(word[k / PER_WORD] >> (16 * (k % PER_WORD))));
     } else {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) to[k] = to_float(from[k]);
+        for (int k = 0; k < VEC; ++k) to[k] = to_acc(from[k]);
     }
 }
 
-template <typename scalar_t, int VEC>
-__device__ __forceinline__ void store_vector(scalar_t* to, const float (&from)[VEC]) {
+template <typename scalar_t, int VEC, typename real>
+__device__ __forceinline__ void store_vector(scalar_t* to, const real (&from)[VEC]) {
     if constexpr (VEC * sizeof(scalar_t) == 16) {
         constexpr int PER_WORD = 4 / sizeof(scalar_t);
         unsigned word[4] = {0u, 0u, 0u, 0u};
@@ -78,7 +79,7 @@ __device__ __forceinline__ void store_vector(scalar_t* to, const float (&from)[V
         *reinterpret_cast<uint4*>(to) = make_uint4(word[0], word[1], word[2], word[3]);
     } else {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) to[k] = from_float<scalar_t>(from[k]);
+        for (int k = 0; k < VEC; ++k) to[k] = from_acc<scalar_t>(from[k]);
     }
 }
 
@@ -87,11 +88,11 @@ __device__ __forceinline__ void store_vector(scalar_t* to, const float (&from)[V
 // instructions (aligned: the buffer is a fresh allocation and the vector's
 // first channel index is a multiple of VEC). Fixed point has no vector
 // atomic: one per channel.
-template <int VEC>
-__device__ __forceinline__ void scatter_vector(ScatterAdd<float> to, long long at, float w,
-                                               const float (&grad)[VEC]) {
+template <int VEC, typename real>
+__device__ __forceinline__ void scatter_vector(ScatterAdd<real> to, long long at, real w,
+                                               const real (&grad)[VEC]) {
 #if __CUDA_ARCH__ >= 900
-    constexpr bool VECTOR_ATOMICS = VEC % 4 == 0;
+    constexpr bool VECTOR_ATOMICS = VEC % 4 == 0 && sizeof(real) == 4;
 #else
     constexpr bool VECTOR_ATOMICS = false;
 #endif
@@ -140,7 +141,8 @@ __device__ __forceinline__ Lane lane_of(const dcnv3::Geometry& g, int batch) {
     return l;
 }
 
-__device__ __forceinline__ float sum_over_lanes(float value, int lanes) {
+template <typename real>
+__device__ __forceinline__ real sum_over_lanes(real value, int lanes) {
     for (int mask = lanes / 2; mask > 0; mask /= 2)
         value += __shfl_xor_sync(FULL_WARP, value, mask);
     return value;
@@ -158,6 +160,7 @@ dcnv3_vectorized_forward(const scalar_t* __restrict__ input,  // [N, H, W, G*D]
                          const scalar_t* __restrict__ mask,
                          scalar_t* __restrict__ output,       // [N, H_out, W_out, G*D]
                          DCNV3_GEOMETRY_PARAMS) {
+    using real = acc_t<scalar_t>;
     const dcnv3::Geometry g = DCNV3_GEOMETRY;
     const dcnv3::Layout<MODULATION> layout(g);
     const Lane l = lane_of<VEC>(g, batch);
@@ -167,24 +170,24 @@ dcnv3_vectorized_forward(const scalar_t* __restrict__ input,  // [N, H, W, G*D]
     const scalar_t* in =
         input + l.n * g.height * static_cast<long long>(g.width) * C + l.group * g.group_channels;
     scalar_t* out = output + l.pixel * C + l.group * g.group_channels;
-    const dcnv3::Softmax softmax =
+    const dcnv3::Softmax<real> softmax =
         dcnv3::softmax_of<MODULATION>(mask, layout.mask_index(l.pixel, l.group, 0), P);
     for (int vector = l.lane; vector < l.vectors; vector += l.lanes) {
-        float acc[VEC] = {};
+        real acc[VEC] = {};
         for (int p = 0; p < P; ++p) {
             const long long o = layout.offset_index(l.pixel, l.group, p);
-            const dcnv3::Sample s =
-                dcnv3::locate(g, dcnv3::tap_of(g, l.ho, l.wo, p), to_float(offset[o]),
-                              to_float(offset[o + 1]));
+            const dcnv3::Sample<real> s =
+                dcnv3::locate(g, dcnv3::tap_of(g, l.ho, l.wo, p), to_acc(offset[o]),
+                              to_acc(offset[o + 1]));
             if (!s.in_range) continue;
-            const float m = dcnv3::modulation<MODULATION>(
-                to_float(mask[layout.mask_index(l.pixel, l.group, p)]), softmax);
+            const real m = dcnv3::modulation<MODULATION>(
+                to_acc(mask[layout.mask_index(l.pixel, l.group, p)]), softmax);
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 if (s.corner[q] < 0) continue;
-                float v[VEC];
+                real v[VEC];
                 load_vector<scalar_t, VEC>(in + s.corner[q] * static_cast<long long>(C) + vector * VEC, v);
-                const float w = m * s.weight[q];
+                const real w = m * s.weight[q];
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) acc[k] += w * v[k];
             }
@@ -202,12 +205,13 @@ dcnv3_vectorized_backward(const scalar_t* __restrict__ input,        // [N, H, W
                           const scalar_t* __restrict__ offset,
                           const scalar_t* __restrict__ mask,
                           const scalar_t* __restrict__ grad_output,  // [N, H_out, W_out, G*D]
-                          float* __restrict__ grad_input,            // [N, H, W, G*D] or null
+                          acc_t<scalar_t>* __restrict__ grad_input,  // [N, H, W, G*D] or null
                           long long* __restrict__ grad_input_fixed,  // the same in fixed point, or null
                           double fixed_scale, int* __restrict__ fixed_status,
-                          float* grad_offset,
-                          float* grad_mask,
+                          acc_t<scalar_t>* grad_offset,
+                          acc_t<scalar_t>* grad_mask,
                           DCNV3_GEOMETRY_PARAMS) {
+    using real = acc_t<scalar_t>;
     const dcnv3::Geometry g = DCNV3_GEOMETRY;
     const dcnv3::Layout<MODULATION> layout(g);
     const Lane l = lane_of<VEC>(g, batch);
@@ -217,34 +221,34 @@ dcnv3_vectorized_backward(const scalar_t* __restrict__ input,        // [N, H, W
         l.n * g.height * static_cast<long long>(g.width) * C + l.group * g.group_channels;
     const scalar_t* in = input + channel0;
     const scalar_t* grad_out = grad_output + l.pixel * C + l.group * g.group_channels;
-    const ScatterAdd<float> grad_in =
-        ScatterAdd<float>{grad_input, grad_input_fixed, fixed_scale, fixed_status}.shifted(
+    const ScatterAdd<real> grad_in =
+        ScatterAdd<real>{grad_input, grad_input_fixed, fixed_scale, fixed_status}.shifted(
             channel0);
     const bool scatter = grad_in.enabled();  // uniform across the launch
-    const dcnv3::Softmax softmax =
+    const dcnv3::Softmax<real> softmax =
         l.active ? dcnv3::softmax_of<MODULATION>(mask, layout.mask_index(l.pixel, l.group, 0), P)
-                 : dcnv3::Softmax{0.f, 1.f};
+                 : dcnv3::Softmax<real>{0.f, 1.f};
 
     for (int p = 0; p < P; ++p) {
-        float d_x = 0.f, d_y = 0.f, d_m = 0.f, m = 0.f;
+        real d_x = 0.f, d_y = 0.f, d_m = 0.f, m = 0.f;
         const long long o = layout.offset_index(l.pixel, l.group, p);
         if (l.active) {
-            const dcnv3::Sample s =
-                dcnv3::locate(g, dcnv3::tap_of(g, l.ho, l.wo, p), to_float(offset[o]),
-                              to_float(offset[o + 1]));
+            const dcnv3::Sample<real> s =
+                dcnv3::locate(g, dcnv3::tap_of(g, l.ho, l.wo, p), to_acc(offset[o]),
+                              to_acc(offset[o + 1]));
             m = dcnv3::modulation<MODULATION>(
-                to_float(mask[layout.mask_index(l.pixel, l.group, p)]), softmax);
+                to_acc(mask[layout.mask_index(l.pixel, l.group, p)]), softmax);
             if (s.in_range) {
-                float dot[4] = {0.f, 0.f, 0.f, 0.f};
+                real dot[4] = {0.f, 0.f, 0.f, 0.f};
                 for (int vector = l.lane; vector < l.vectors; vector += l.lanes) {
-                    float grad[VEC];
+                    real grad[VEC];
                     load_vector<scalar_t, VEC>(grad_out + vector * VEC, grad);
 #pragma unroll
                     for (int q = 0; q < 4; ++q) {
                         if (s.corner[q] < 0) continue;
                         const long long at =
                             s.corner[q] * static_cast<long long>(C) + vector * VEC;
-                        float v[VEC];
+                        real v[VEC];
                         load_vector<scalar_t, VEC>(in + at, v);
 #pragma unroll
                         for (int k = 0; k < VEC; ++k) dot[q] += grad[k] * v[k];
@@ -259,7 +263,7 @@ dcnv3_vectorized_backward(const scalar_t* __restrict__ input,        // [N, H, W
         d_y = sum_over_lanes(d_y, l.lanes);
         d_m = sum_over_lanes(d_m, l.lanes);
         if (l.active && l.lane == 0) {
-            const float scale = m * g.offset_scale;
+            const real scale = m * g.offset_scale;
             grad_offset[o] = scale * d_x;
             grad_offset[o + 1] = scale * d_y;
             grad_mask[layout.mask_index(l.pixel, l.group, p)] = d_m;

@@ -2,7 +2,8 @@
 
 Semantics: ``shared/ops-semantics.md``, "DCNv3 and DCNv4" (channels-last;
 B0 sampling; taps column-major). float32 / float16 / bfloat16 with float32
-accumulation, any kernel size, any ``group_channels``. Design notes and what
+accumulation, float64 in double throughout (for ``torch.autograd.gradcheck``),
+any kernel size, any ``group_channels``. Design notes and what
 to measure: ``docs/kernels/dcnv3.md``.
 
 Two designs of the same kernels, picked by ``design=``:
@@ -51,7 +52,12 @@ WARP_SIZE = 32
 # The vectorized design's loads: 16 bytes (float4 / 8 halves / 8 bfloat16).
 VECTOR_BYTES = 16
 
-_CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+_CTYPES = {
+    torch.float32: "float",
+    torch.float16: "__half",
+    torch.bfloat16: "__nv_bfloat16",
+    torch.float64: "double",
+}
 SUPPORTED_DTYPES = tuple(_CTYPES)
 DESIGNS = ("direct", "vectorized")
 _KERNELS = ("forward", "backward")
@@ -65,8 +71,11 @@ class Modulation(enum.IntEnum):
     FUSED_OFFSET_MASK = 2
 
 
-def _vector_widths(dtype: torch.dtype) -> tuple[int, int]:
-    """The vectorized design's channels per vector: one 16-byte load, or 1 (the scalar path)."""
+def _vector_widths(dtype: torch.dtype) -> tuple[int, ...]:
+    """The vectorized design's channels per vector: one 16-byte load, or 1 (the scalar
+    path); float64 (for gradcheck, not speed) has the scalar path only."""
+    if dtype == torch.float64:
+        return (1,)
     return (VECTOR_BYTES // torch.empty((), dtype=dtype).element_size(), 1)
 
 
@@ -284,6 +293,8 @@ def _backward(
     call: Call, grad_output, input, offset, mask, softmax: bool, design: str, want_input: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dtype, device = input.dtype, input.device
+    # What the kernels accumulate in: float32, float64 for float64.
+    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
     if input.numel() == 0 or grad_output.numel() == 0:  # N = 0 or no channels
         return (
             torch.zeros_like(input) if want_input else input.new_empty(0),
@@ -296,7 +307,7 @@ def _backward(
     if want_input and determinism.enabled():
         # Each (output pixel, tap) adds at most one value, bilinear weight (≤ 1)
         # times modulation times grad_output, to an input element.
-        grad_input = launch.null(torch.float32, device)
+        grad_input = launch.null(accumulate, device)
         fixed_sums = determinism.FixedPointSum(
             input.shape,
             device,
@@ -305,22 +316,22 @@ def _backward(
         )
         fixed_args = fixed_sums.kernel_args()
     elif want_input:
-        grad_input = torch.zeros(input.shape, dtype=torch.float32, device=device)
+        grad_input = torch.zeros(input.shape, dtype=accumulate, device=device)
     else:
-        grad_input = launch.null(torch.float32, device)  # the kernel skips the scatter
-    grad_offset = launch.new_output(offset.shape, torch.float32, device)
+        grad_input = launch.null(accumulate, device)  # the kernel skips the scatter
+    grad_offset = launch.new_output(offset.shape, accumulate, device)
     if mask is None:  # dcnv4: one buffer in offset_mask's layout; padding columns are 0
         grad_offset[..., call.group * call.taps * 3 :] = 0
         grad_mask = grad_offset
     else:
-        grad_mask = launch.new_output(mask.shape, torch.float32, device)
+        grad_mask = launch.new_output(mask.shape, accumulate, device)
     _launch(
         "backward", design, call, modulation, (input, grad_output),
         (input, offset, offset if mask is None else mask, grad_output, grad_input, *fixed_args,
          grad_offset, grad_mask),
     )  # fmt: skip
     if fixed_sums is not None:
-        grad_input = fixed_sums.result(torch.float32)
+        grad_input = fixed_sums.result(accumulate)
     return (
         grad_input.to(dtype) if want_input else input.new_empty(0),
         grad_offset.to(dtype),
@@ -478,7 +489,7 @@ def dcnv3(
 
     Args:
         input: [N, H, W, group·group_channels] (channels-last), float32 /
-            float16 / bfloat16. N = 0 and group_channels = 0 give an empty
+            float16 / bfloat16 / float64. N = 0 and group_channels = 0 give an empty
             output and zero gradients.
         offset: [N, H_out, W_out, group·P·2]; (dx, dy) of tap p of group g at
             g·P·2 + 2p and + 1. P = kernel_h·kernel_w (− 1 with remove_center).

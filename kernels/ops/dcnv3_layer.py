@@ -5,16 +5,24 @@ as InternImage builds it, on channels-last input x [N, H, W, C], C = G·D:
 
 1. x_proj = input_proj(x), Linear(C, C).
 2. x1 = GELU(LayerNorm(dw_conv(x))): a depthwise Conv2d (kernel
-   ``dw_kernel_size``, padding (dw_kernel_size − 1) // 2, bias) and LayerNorm
-   over C with eps 1e-6, InternImage's.
-3. offset = Linear(C, G·P·2)(x1); mask logits = Linear(C, G·P)(x1).
-4. out = core(x_proj, offset, mask logits, softmax=True): the softmax over the
-   P taps of each group fused into the core op (the same function as
-   InternImage's softmax followed by its core op with the mask as given).
-   Stride 1, padding dilation·(k − 1) // 2 per axis: the output keeps H × W.
+   ``dw_kernel_size``, bias) and LayerNorm over C with eps 1e-6, InternImage's.
+   The depthwise conv has the core's stride and is centred where the core's
+   windows are: output pixel (ho, wo) of both is centred on input pixel
+   (ho·stride_h − pad_h + half_h, likewise w), half = dilation·(k − 1) // 2;
+   so its padding is (dw_kernel_size − 1) // 2 + pad − half (which must not
+   be negative). With stride 1 and the default padding half ("same") that is
+   InternImage's layer: padding (dw_kernel_size − 1) // 2, output H × W.
+3. offset = Linear(C, G·P·2)(x1); mask logits = Linear(C, G·P)(x1): one row
+   per output pixel.
+4. out = core(x_proj, offset, mask logits, softmax=True) with the layer's
+   stride and padding: the softmax over the P taps of each group fused into
+   the core op (the same function as InternImage's softmax followed by its
+   core op with the mask as given).
 5. With ``center_feature_scale``: s = sigmoid(Linear(C, G)(x1)) per group,
-   repeated over the group's D channels, out = out·(1 − s) + x_proj·s
-   (InternImage computes s from x1, and blends before the output projection).
+   repeated over the group's D channels, out = out·(1 − s) + x_c·s, x_c the
+   x_proj pixel at each window's centre (zero outside the map; x_proj itself
+   with stride 1 and "same" padding: InternImage computes s from x1, and
+   blends before the output projection).
 6. output_proj(out), Linear(C, C).
 
 ``dcnv3_layer`` is the function of the input and the weights (a dict keyed by
@@ -73,6 +81,10 @@ def dcnv3_layer(
     group_channels: int,
     kernel_h: int = 3,
     kernel_w: int = 3,
+    stride_h: int = 1,
+    stride_w: int = 1,
+    pad_h: int | None = None,
+    pad_w: int | None = None,
     dilation_h: int = 1,
     dilation_w: int = 1,
     offset_scale: float = 1.0,
@@ -86,24 +98,41 @@ def dcnv3_layer(
             and device; with ``center_feature_scale_weight`` [G, C] and
             ``center_feature_scale_bias`` [G] the centre-feature blend is on.
         core: the core op (``kernels.reference.dcnv3.dcnv3``'s signature).
-        kernel_h, kernel_w (odd), dilation_h, dilation_w, offset_scale,
-        remove_center: the core op's geometry (stride 1, "same" padding).
+        kernel_h, kernel_w (odd), stride_h, stride_w, pad_h, pad_w, dilation_h,
+        dilation_w, offset_scale, remove_center: the core op's geometry; a
+            padding of None is "same", dilation·(k − 1) // 2 (with stride 1 the
+            output keeps H × W).
         dw_kernel_size: the depthwise convolution's (odd) kernel.
 
     Returns:
-        [N, H, W, group·group_channels].
+        [N, H_out, W_out, group·group_channels], H_out by the convolution
+        formula (H with stride 1 and "same" padding).
     """
     if input.dim() != 4:
         raise ValueError(f"input must be 4-D [N, H, W, C], got shape {tuple(input.shape)}")
     for name, size in (("kernel_h", kernel_h), ("kernel_w", kernel_w), ("dw_kernel_size", dw_kernel_size)):
         if size < 1 or size % 2 == 0:
-            raise ValueError(f"{name} must be odd and >= 1 (the layer keeps H × W), got {size}")
+            raise ValueError(f"{name} must be odd and >= 1 (the windows and the depthwise "
+                             f"conv are centred on a pixel), got {size}")
     channels = input.shape[3]
-    geometry = dict(kernel_h=kernel_h, kernel_w=kernel_w, stride_h=1, stride_w=1,
-                    pad_h=dilation_h * (kernel_h - 1) // 2, pad_w=dilation_w * (kernel_w - 1) // 2,
-                    dilation_h=dilation_h, dilation_w=dilation_w, offset_scale=offset_scale,
-                    remove_center=remove_center)
+    half_h, half_w = dilation_h * (kernel_h - 1) // 2, dilation_w * (kernel_w - 1) // 2
+    pad_h = half_h if pad_h is None else pad_h
+    pad_w = half_w if pad_w is None else pad_w
+    geometry = dict(kernel_h=kernel_h, kernel_w=kernel_w, stride_h=stride_h, stride_w=stride_w,
+                    pad_h=pad_h, pad_w=pad_w, dilation_h=dilation_h, dilation_w=dilation_w,
+                    offset_scale=offset_scale, remove_center=remove_center)
     taps = reference.Geometry(**geometry).taps
+    # Where the windows' centres are relative to "same" padding.
+    shift_h, shift_w = pad_h - half_h, pad_w - half_w
+    dw_pad = ((dw_kernel_size - 1) // 2 + shift_h, (dw_kernel_size - 1) // 2 + shift_w)
+    for name, value, pad, half in (("pad_h", dw_pad[0], pad_h, half_h),
+                                   ("pad_w", dw_pad[1], pad_w, half_w)):
+        if value < 0:
+            raise ValueError(
+                f"{name} must be >= dilation·(k − 1) // 2 − (dw_kernel_size − 1) // 2 = "
+                f"{half - (dw_kernel_size - 1) // 2} (the depthwise conv, centred on the "
+                f"windows, would need a negative padding), got {pad}"
+            )
     with_scale = "center_feature_scale_weight" in weights
     expected = layer_weight_shapes(channels, group, taps, dw_kernel_size, with_scale)
     for name, shape in expected.items():
@@ -119,7 +148,8 @@ def dcnv3_layer(
     w = weights
     x_proj = F.linear(input, w["input_proj_weight"], w["input_proj_bias"])
     x1 = F.conv2d(input.permute(0, 3, 1, 2), w["dw_weight"], w["dw_bias"],
-                  padding=(dw_kernel_size - 1) // 2, groups=channels).permute(0, 2, 3, 1)
+                  stride=(stride_h, stride_w), padding=dw_pad,
+                  groups=channels).permute(0, 2, 3, 1)
     x1 = F.gelu(F.layer_norm(x1, (channels,), w["norm_weight"], w["norm_bias"], eps=LAYER_NORM_EPS))
     offset = F.linear(x1, w["offset_weight"], w["offset_bias"])
     mask_logits = F.linear(x1, w["mask_weight"], w["mask_bias"])
@@ -129,21 +159,27 @@ def dcnv3_layer(
         scale = torch.sigmoid(F.linear(x1, w["center_feature_scale_weight"],
                                        w["center_feature_scale_bias"]))
         scale = scale.repeat_interleave(group_channels, dim=-1)
-        out = out * (1 - scale) + x_proj * scale
+        # x_proj at the windows' centres (F.pad crops where the shift is negative).
+        centres = F.pad(x_proj, (0, 0, shift_w, shift_w, shift_h, shift_h))
+        centres = centres[:, ::stride_h, ::stride_w][:, : out.shape[1], : out.shape[2]]
+        out = out * (1 - scale) + centres * scale
     return F.linear(out, w["output_proj_weight"], w["output_proj_bias"])
 
 
 class DCNv3Layer(nn.Module):
     """InternImage's DCNv3 block as an ``nn.Module``; ``core`` picks the core op.
 
-    Input and output [N, H, W, channels], channels = group·group_channels. The
+    Input [N, H, W, channels], channels = group·group_channels; output [N,
+    H_out, W_out, channels] (H × W with the defaults: stride 1 and ``pad`` None,
+    "same" padding, as InternImage's ``DCNv3(stride=1, pad=1)`` for 3 × 3). The
     weights are initialised as ``nn.Linear`` / ``nn.Conv2d`` / ``nn.LayerNorm``
     would be (not InternImage's zero offsets), so an untrained layer already
     deforms.
     """
 
-    def __init__(self, channels: int, group: int, *, kernel_size: int = 3, dilation: int = 1,
-                 offset_scale: float = 1.0, remove_center: bool = False, dw_kernel_size: int = 3,
+    def __init__(self, channels: int, group: int, *, kernel_size: int = 3, stride: int = 1,
+                 pad: int | None = None, dilation: int = 1, offset_scale: float = 1.0,
+                 remove_center: bool = False, dw_kernel_size: int = 3,
                  center_feature_scale: bool = False,
                  core: Callable[..., torch.Tensor] = reference.dcnv3) -> None:
         super().__init__()
@@ -151,7 +187,8 @@ class DCNv3Layer(nn.Module):
             raise ValueError(f"group must divide channels, got channels={channels}, group={group}")
         self.core = core
         self.options = dict(group=group, group_channels=channels // group, kernel_h=kernel_size,
-                            kernel_w=kernel_size, dilation_h=dilation, dilation_w=dilation,
+                            kernel_w=kernel_size, stride_h=stride, stride_w=stride, pad_h=pad,
+                            pad_w=pad, dilation_h=dilation, dilation_w=dilation,
                             offset_scale=offset_scale, remove_center=remove_center,
                             dw_kernel_size=dw_kernel_size)
         taps = kernel_size * kernel_size - int(remove_center)
@@ -171,5 +208,5 @@ class DCNv3Layer(nn.Module):
                 nn.init.uniform_(weight, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """input [N, H, W, channels] -> [N, H, W, channels]."""
+        """input [N, H, W, channels] -> [N, H_out, W_out, channels]."""
         return dcnv3_layer(input, dict(self.weights), core=self.core, **self.options)

@@ -42,7 +42,7 @@ def dcnv4(
 
     Args:
         input: [N, H, W, group·group_channels] (channels-last), float32 /
-            float16 / bfloat16; any strides (copied when not dense).
+            float16 / bfloat16 / float64; any strides (copied when not dense).
         offset_mask: [N, H_out, W_out, M], M ≥ group·3·P (DCNv4 pads it to
             ceil(group·P·3 / 8)·8, which the kernels read directly; another
             width is copied to that one); group g holds (dx, dy) of tap p at
