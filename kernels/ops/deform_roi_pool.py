@@ -81,13 +81,15 @@ ROIS_DTYPE = torch.float32
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """What the kernels compute and accumulate in for input of ``dtype``
-    (acc_t in scalar_conversions.cuh; as kernels.ops.deform_conv2d.accumulate_dtype): float32, float64 for float64."""
+    (``acc_t`` in scalar_conversions.cuh): float32, float64 for float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def accumulate_scalar(value: float, dtype: torch.dtype):
+def accumulate_scalar(value: float, dtype: torch.dtype) -> np.floating:
     """A real kernel parameter of the accumulation type of ``dtype``."""
     return np.float64(value) if dtype == torch.float64 else launch.float32(value)
+
+
 _KERNELS = ("deform_roi_pool_forward", "deform_roi_pool_backward")
 
 
@@ -393,6 +395,7 @@ class InputGradient:
         )
 
     def result(self, dtype: torch.dtype) -> torch.Tensor:
+        """grad_input in ``dtype``, after the kernels ran."""
         if self.fixed is None:
             return self.accumulator.to(dtype)
         return self.fixed.result(dtype)
