@@ -730,6 +730,21 @@ def test_bad_aligned():
         ops.roi_align(inputs["input"], inputs["rois"], 2, aligned=1)
 
 
+def test_value_check_is_one_function_a_harness_can_call_once_per_case():
+    """check_values (the host synchronisation) on its own: what the op runs
+    before every launch, callable once per case outside a timed call."""
+    arguments = _bad()
+    g = ops.check_arguments(arguments["input"], arguments["rois"], arguments["offset"],
+                            arguments["mask"], 3, 2, 0.5, 0, 0.0917, True)
+    ops.check_values(arguments["rois"], g.batch, g, offset=arguments["offset"])
+    with pytest.raises(ValueError, match=r"got 2.0 in RoI 3"):
+        ops.check_values(_rois_with(3, 0, 2.0), g.batch, g, offset=arguments["offset"])
+    huge = torch.tensor([[0, 0.0, 0.0, 1e7, 1.0]])
+    with pytest.raises(ValueError, match=r"RoI 0 needs an adaptive sampling grid"):
+        ops.check_values(huge, g.batch, g)
+    ops.check_values(huge, g.batch, None)  # an explicit sampling_ratio: no grid to check
+
+
 def test_missing_mask():
     with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
         ops.modulated_deform_roi_pool(**_bad(mask=None))
