@@ -86,3 +86,26 @@ def test_the_function_takes_the_stride_and_padding():
     direct = dcnv3_layer(x, dict(layer.weights), group=GROUP, group_channels=CHANNELS // GROUP,
                          stride_h=2, stride_w=2, pad_h=0, pad_w=0)
     torch.testing.assert_close(direct, layer(x), rtol=0, atol=0)
+
+
+def test_gradcheck_of_the_layer_on_the_emulated_kernels():
+    """torch.autograd.gradcheck (float64) of the whole strided layer on our kernels,
+    with respect to its input: that reaches all three of the core's gradients
+    (input through x_proj, offset and mask through x1). One design: both are
+    gradchecked alone in tests/test_dcnv3.py."""
+    layer = _layer(2, 1, functools.partial(ops.dcnv3, design="vectorized"))
+    for weight in layer.parameters():
+        weight.requires_grad_(False)
+    x = _input(3, 4)[:1].requires_grad_()
+    assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("design", ops.DESIGNS)
+def test_an_empty_batch_through_the_layer(design):
+    """N = 0: an empty output and zero gradients for every weight, as the reference core's."""
+    layer = _layer(2, 1, functools.partial(ops.dcnv3, design=design)).float()
+    out = layer(_input()[:0].float())
+    assert out.shape == (0, 4, 3, CHANNELS)
+    out.sum().backward()
+    for name, weight in layer.weights.items():
+        assert weight.grad is not None and not weight.grad.any(), name

@@ -292,3 +292,25 @@ def test_int_parameters_and_empty_sizes_in_the_conv2d_reference():
     assert conv2d(x, w[:0], b[:0], padding=1, groups=2).shape == (2, 0, 7, 6)
     only_bias = conv2d(x[:, :0], w[:, :0], b, padding=1, groups=1)
     torch.testing.assert_close(only_bias, b.view(1, 6, 1, 1).expand(2, 6, 7, 6))
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ({"stride": 1.5}, TypeError, "stride must be an int or a pair of ints, got 1.5"),
+    ({"padding": (1, 1, 1)}, TypeError, r"padding must be an int or a pair of ints, got \(1, 1, 1\)"),
+    ({"dilation": 0}, ValueError, "dilation must be >= 1, got 0"),
+    ({"groups": 0}, ValueError, "groups must be a positive int or None, got 0"),
+    ({"offset_groups": 2.0}, ValueError, "offset_groups must be a positive int or None, got 2.0"),
+])
+def test_int_pair_and_group_arguments_are_checked(change, error, message):
+    tensors, geometry, groups = make_case(CONFIGS[0], seed=7)
+    with pytest.raises(error, match=message):
+        modulated_deform_conv2d(tensors["input"], tensors["offset"], tensors["mask"],
+                                tensors["weight"], tensors["bias"], **{**geometry, **groups, **change})
+
+
+def test_ints_and_inferred_groups_equal_the_explicit_call():
+    tensors, geometry, groups = make_case(CONFIGS[6], seed=8)  # groups 2, all ints
+    args = (tensors["input"], tensors["offset"], tensors["mask"], tensors["weight"], tensors["bias"])
+    explicit = modulated_deform_conv2d(*args, **geometry, **groups)
+    short = {name: value[0] if value[0] == value[1] else value for name, value in geometry.items()}
+    assert torch.equal(modulated_deform_conv2d(*args, **short), explicit)

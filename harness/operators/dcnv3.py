@@ -409,7 +409,8 @@ def register_core_implementations(op: str, tensor_names: tuple[str, ...],
         def load(design=design):
             return functools.partial(getattr(importlib.import_module(kernel_module), op), design=design)
 
-        implementation(op, f"cupy_{design}", kind="kernel", dtypes=KERNEL_DTYPES,
+        # float64 too: the kernels' double instantiations (for gradcheck).
+        implementation(op, f"cupy_{design}", kind="kernel", dtypes=(*KERNEL_DTYPES, "float64"),
                        available=kernel_availability(kernel_module), emulated_on=("cpu",))(
             forward(load, f"{kernel_module}.{op}(design={design!r}): our CuPy kernels (CPU: the emulator)."))
 

@@ -315,7 +315,9 @@ def _register_implementations(op: str, modulated: bool) -> None:
                    known_inaccurate={"float16": TORCHVISION_HALF})(
         _forward(lambda: torchvision_ops, op, modulated,
                  f"torchvision.ops.deform_conv2d{with_mask}, in the case's dtype."))
-    implementation(op, "cupy", kind="kernel", dtypes=KERNEL_DTYPES, available=kernel_availability("kernels.ops.deform_conv2d"),
+    # float64 too: the kernels' double instantiations (for gradcheck).
+    implementation(op, "cupy", kind="kernel", dtypes=(*KERNEL_DTYPES, "float64"),
+                   available=kernel_availability("kernels.ops.deform_conv2d"),
                    emulated_on=("cpu",))(
         _forward(_kernel_module, op, modulated,
                  f"kernels.ops.deform_conv2d.{op}: our CuPy kernels (CPU: the emulator)."))

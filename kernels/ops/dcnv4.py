@@ -50,6 +50,9 @@ def dcnv4(
             columns from group·3P on are ignored (their gradient is 0).
         kernel_h, ..., remove_center, group, group_channels, design: as ``dcnv3``.
 
+    N = 0 and group_channels = 0 give an empty output and zero gradients. The
+    backward follows ``torch.use_deterministic_algorithms`` as ``dcnv3``'s.
+
     Returns:
         [N, H_out, W_out, group·group_channels].
     """
