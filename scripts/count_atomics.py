@@ -19,6 +19,8 @@ import torch
 from kernels import launch
 from kernels.ops import dcnv3 as dcnv3_ops
 from kernels.ops import deform_conv2d as dcn
+from kernels.ops import deform_psroi_pool as psroi
+from kernels.ops import deform_roi_pool as roi
 from kernels.ops.dcnv4 import dcnv4
 
 COUNTING = "-DDCNBENCH_COUNT_ATOMICS"
@@ -87,9 +89,47 @@ def main() -> None:
         rows.append((f"dcnv3 {design} N{N} {H}x{W} G{G} D{D}", _count(source, dcnv3_backward)))
         rows.append((f"dcnv4 {design} N{N} {H}x{W} G{G} D{D}", _count(source, dcnv4_backward)))
 
+    rows += _roi_pool_rows(generator)
     print(f"{'backward (grad_input scatter)':44} {'float':>10} {'fixed point':>12}")
     for name, counts in rows:
         print(f"{name:44} {counts['float']:>10} {counts['fixed point']:>12}")
+
+
+def _roi_pool_rows(generator: torch.Generator) -> list[tuple[str, dict[str, int]]]:
+    """The RoI pools on a Faster R-CNN-like head: 64 RoIs, 16 channels, 7x7
+    bins, stride 16 on a 25 x 34 map, the adaptive grid."""
+    roi.SOURCE = _counting(roi.SOURCE)
+    psroi.SOURCE = _counting(psroi.SOURCE)
+    K, C, H, W = 64, 16, 25, 34
+    scale = 1 / 16
+    low = torch.rand(K, 2, generator=generator) * torch.tensor([W, H]) / scale * 0.6
+    size = torch.rand(K, 2, generator=generator) * torch.tensor([W, H]) / scale * 0.4 + 16
+    rois = torch.cat([torch.randint(2, (K, 1), generator=generator).float(), low, low + size], 1)
+    x = torch.randn(2, C, H, W, generator=generator, requires_grad=True)
+    offset = torch.rand(K, 2, 7, 7, generator=generator) - 0.5
+    mask = torch.rand(K, 1, 7, 7, generator=generator)
+    x_ps = torch.randn(2, 2 * 49, H, W, generator=generator, requires_grad=True)
+    trans = torch.rand(K, 2, 7, 7, generator=generator) - 0.5
+
+    def backward(function, leaf):
+        def run():
+            out = function()
+            torch.autograd.grad(out, leaf, torch.ones_like(out))
+        return run
+
+    size_args = dict(output_size=7, spatial_scale=scale, sampling_ratio=0)
+    name = f"K{K} C{C} 7x7"
+    return [
+        (f"roi_align {name}", _count(roi.SOURCE, backward(
+            lambda: roi.roi_align(x, rois, **size_args), x))),
+        (f"deform_roi_pool {name}", _count(roi.SOURCE, backward(
+            lambda: roi.deform_roi_pool(x, rois, offset, **size_args), x))),
+        (f"modulated_deform_roi_pool {name}", _count(roi.SOURCE, backward(
+            lambda: roi.modulated_deform_roi_pool(x, rois, offset, mask, **size_args), x))),
+        (f"deform_psroi_pool K{K} 2x7x7 4x4", _count(psroi.SOURCE, backward(
+            lambda: psroi.deform_psroi_pool(x_ps, rois, trans, spatial_scale=scale, output_dim=2,
+                                            group_size=7, pooled_size=7, trans_std=0.1), x_ps))),
+    ]
 
 
 if __name__ == "__main__":

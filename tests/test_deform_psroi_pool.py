@@ -145,6 +145,32 @@ def test_forward_and_gradients(case_name, dtype):
     check_against_reference(case, make_inputs(case, dtype), dtype)
 
 
+@pytest.mark.parametrize("case_name", ["basic", "part_cells_shared_by_bins"])
+def test_float64_kernels(case_name):
+    """The float64 instantiations compute in float64: the reference to ~1e-15."""
+    case = CASES[case_name]
+    check_against_reference(case, make_inputs(case, torch.float64), torch.float64)
+
+
+@pytest.mark.parametrize("no_trans", [False, True], ids=["trans", "no_trans"])
+def test_gradcheck_on_the_kernels(no_trans):
+    """torch.autograd.gradcheck of the emulated kernels in float64, input and
+    trans; RoIs and trans keep every sample off B2's borders and kinks."""
+    generator = torch.Generator().manual_seed(15)
+    x = torch.randn(2, 2 * 4, 5, 6, dtype=torch.float64, generator=generator).requires_grad_()
+    rois = torch.tensor([[0, 1.0, 2.0, 8.0, 7.0], [1, 3.0, 1.0, 9.0, 8.0]], dtype=torch.float64)
+    trans = (torch.rand(2, 2, 2, 2, dtype=torch.float64, generator=generator) * 0.4 - 0.2
+             ).requires_grad_()
+    arguments = dict(spatial_scale=0.53, output_dim=2, group_size=2, pooled_size=2, part_size=2,
+                     sample_per_part=2, trans_std=0.13, no_trans=no_trans)
+    if no_trans:
+        assert torch.autograd.gradcheck(
+            lambda i: ops.deform_psroi_pool(i, rois, None, **arguments), (x,))
+    else:
+        assert torch.autograd.gradcheck(
+            lambda i, t: ops.deform_psroi_pool(i, rois, t, **arguments), (x, trans))
+
+
 def test_c_round_and_minimum_roi_size():
     """Halves round away from zero (2.5 -> 3, -2.5 -> -3, not to even), and a
     RoI whose rounded corners cross still has sides of 0.1 on the map."""
@@ -273,6 +299,22 @@ BAD_ARGUMENTS = {
     "part_size": (_bad(part_size=-1), ValueError, r"part_size must be an int >= 0"),
     "trans_std": (_bad(trans_std=float("inf")), ValueError, r"trans_std must be a finite number"),
     "no_trans_type": (_bad(no_trans=1), TypeError, r"no_trans must be a bool"),
+    "sample_per_part_too_large": (
+        _bad(sample_per_part=1025),
+        ValueError,
+        r"sample_per_part must be at most 1024 .* got 1025",
+    ),
+    "output_dim_negative": (_bad(output_dim=-1), ValueError, r"output_dim must be an int >= 0"),
+    "rois_list_of_wrong_shape": (
+        _bad(rois=[torch.zeros(3, 5)]),
+        ValueError,
+        r"rois\[0\] must have shape \(L, 4\)",
+    ),
+    "rois_float64": (
+        _bad(rois=_bad()["rois"].double()),
+        TypeError,
+        r"rois has dtype torch.float64, expected input's dtype torch.float32$",
+    ),
 }
 
 
@@ -281,6 +323,112 @@ def test_bad_arguments(name):
     arguments, error, message = BAD_ARGUMENTS[name]
     with pytest.raises(error, match=message):
         ops.deform_psroi_pool(**arguments)
+
+
+def test_defaults_are_mmdets():
+    """mmdet v1's deform_roi_pooling defaults: spatial_scale 1, group_size 1,
+    part_size = pooled_size, sample_per_part 4, trans_std 0 (trans then moves
+    nothing: the same as no_trans), with the reference at those values."""
+    case = Case(group_size=1, spatial_scale=1.0, sample_per_part=4, trans_std=0.0)
+    inputs = make_inputs(case, torch.float32, seed=9)
+    ours = ops.deform_psroi_pool(inputs["input"], inputs["rois"], inputs["trans"], output_dim=4,
+                                 pooled_size=3)
+    expected = reference.deform_psroi_pool(
+        inputs["input"].double(), inputs["rois"].double(), inputs["trans"].double(),
+        **case.params())
+    assert_close("output", ours, expected, torch.float32)
+    no_trans = ops.deform_psroi_pool(inputs["input"], inputs["rois"], output_dim=4, pooled_size=3,
+                                     no_trans=True)
+    torch.testing.assert_close(ours, no_trans, rtol=0, atol=0)
+
+
+def test_boxes_per_image_and_float32_boxes_with_half_features():
+    """A list of [L_i, 4] boxes pools as the [K, 5] rows; float32 boxes are
+    accepted with half features (autocast)."""
+    case = CASES["basic"]
+    inputs = make_inputs(case, torch.float32, seed=10)
+    rows = inputs["rois"][:5].clone()
+    rows[:, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0])
+    boxes = [rows[:2, 1:], rows[2:, 1:]]
+    trans = inputs["trans"][:5]
+    expected = ops.deform_psroi_pool(inputs["input"], rows, trans, **case.params())
+    torch.testing.assert_close(
+        ops.deform_psroi_pool(inputs["input"], boxes, trans, **case.params()), expected,
+        rtol=0, atol=0)
+    half = {"input": inputs["input"].half(), "rois": rows, "trans": trans.half()}
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = check_against_reference(case, half, torch.float16)
+    assert out.dtype == torch.float16
+
+
+@pytest.mark.parametrize("empty", ["K", "output_dim"])
+def test_empty_output_and_zero_gradients(empty):
+    """K = 0 RoIs or output_dim = 0: an empty output of the right shape and
+    zero gradients, in ours and in the reference."""
+    case = CASES["basic"] if empty == "K" else dataclasses.replace(
+        CASES["basic"], output_dim=0, num_classes=1)
+    inputs = make_inputs(case, torch.float32, seed=11)
+    if empty == "K":
+        inputs = {n: t if n == "input" else t[:0] for n, t in inputs.items()}
+    for module in (ops, reference):
+        leaves = {n: t.clone().requires_grad_(n != "rois") for n, t in inputs.items()}
+        out = module.deform_psroi_pool(leaves["input"], leaves["rois"], leaves["trans"],
+                                       **case.params())
+        assert out.shape == (inputs["rois"].shape[0], case.output_dim, 3, 3)
+        grads = torch.autograd.grad(out.sum(), [leaves["input"], leaves["trans"]])
+        for name, grad in zip(("input", "trans"), grads, strict=True):
+            assert grad.shape == inputs[name].shape and not grad.any(), name
+
+
+def test_module_is_the_function():
+    case = CASES["basic"]
+    inputs = make_inputs(case, torch.float32, seed=12)
+    module = ops.DeformPSRoIPool(case.spatial_scale, case.pooled_size, case.output_dim, False,
+                                 case.group_size, case.part_size, case.sample_per_part,
+                                 case.trans_std)
+    torch.testing.assert_close(
+        module(inputs["input"], inputs["rois"], inputs["trans"]),
+        ops.deform_psroi_pool(inputs["input"], inputs["rois"], inputs["trans"], **case.params()),
+        rtol=0, atol=0)
+    assert "sample_per_part=2" in repr(module)
+    no_trans = ops.DeformPSRoIPool(case.spatial_scale, case.pooled_size, case.output_dim, True,
+                                   case.group_size, sample_per_part=case.sample_per_part,
+                                   trans_std=case.trans_std)
+    torch.testing.assert_close(
+        no_trans(inputs["input"], inputs["rois"], inputs["trans"]),
+        ops.deform_psroi_pool(inputs["input"], inputs["rois"], **dict(case.params(), no_trans=True)),
+        rtol=0, atol=0)
+
+
+def test_a_new_pack_is_the_no_trans_pooling_and_learns_its_trans():
+    """Zero-initialised last layer (mmdet v1): a new Pack pools as no_trans; the
+    layers get gradients through trans and one SGD step moves the bins. An
+    empty list of boxes gives an empty output and zero gradients."""
+    torch.manual_seed(13)
+    case = dataclasses.replace(CASES["basic"], num_classes=1, trans_std=0.1)
+    inputs = make_inputs(case, torch.float32, seed=13)
+    pack = ops.DeformPSRoIPoolPack(case.spatial_scale, case.pooled_size, case.output_dim,
+                                   group_size=case.group_size, sample_per_part=2,
+                                   trans_std=case.trans_std, deform_fc_channels=16)
+    out = pack(inputs["input"], inputs["rois"])
+    expected = ops.deform_psroi_pool(inputs["input"], inputs["rois"], None,
+                                     **dict(case.params(), no_trans=True))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(14)))
+    assert pack.offset_fc[-1].weight.grad.abs().sum() > 0
+    torch.optim.SGD(pack.parameters(), lr=1.0).step()
+    assert (pack(inputs["input"], inputs["rois"]) - out).abs().max() > 1e-3
+    pack.zero_grad(set_to_none=False)
+    empty = pack(inputs["input"], [torch.zeros(0, 4), torch.zeros(0, 4)])
+    assert empty.shape == (0, case.output_dim, case.pooled_size, case.pooled_size)
+    empty.sum().backward()
+    assert all(not p.grad.any() for p in pack.parameters())
+
+
+def test_pack_needs_one_trans_cell_per_bin():
+    with pytest.raises(ValueError, match=r"part_size must be 0 or pooled_size: .* got part_size=2, "
+                                         r"pooled_size=3"):
+        ops.DeformPSRoIPoolPack(0.5, 3, 4, part_size=2)
 
 
 def _tiny_op_arguments(with_trans: bool):

@@ -24,12 +24,14 @@ from kernel_checks import close_to_reference
 from kernels import emulator, launch
 from kernels.ops import deform_roi_pool as ops
 from kernels.reference import deform_roi_pool as reference
+from kernels.reference import roi_align as roi_align_reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Relative L2 bound per dtype: a few units of the dtype's rounding (the
 # output and each gradient are rounded once; float32 sample positions differ
-# from float64 ones by an ulp of the coordinate).
-REL_L2 = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# from float64 ones by an ulp of the coordinate). float64 kernels compute in
+# float64: only the summation order differs from the reference.
+REL_L2 = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-13}
 MAX_ABS = {dtype: 2 * bound for dtype, bound in REL_L2.items()}
 OPS = ("roi_align", "deform_roi_pool", "modulated_deform_roi_pool")
 
@@ -130,7 +132,7 @@ def call(module, op: str, inputs: dict, params: dict) -> torch.Tensor:
 
 def reference_call(op: str, inputs: dict, params: dict) -> torch.Tensor:
     if op == "roi_align":
-        return reference.deform_roi_pool(inputs["input"], inputs["rois"], None, **params)
+        return roi_align_reference.roi_align(inputs["input"], inputs["rois"], **params)
     return call(reference, op, inputs, params)
 
 
@@ -179,6 +181,40 @@ def check_against_reference(
 def test_forward_and_gradients(case_name, op, dtype):
     case = CASES[case_name]
     check_against_reference(op, make_inputs(case, op, dtype), case.params(op), dtype)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("case_name", ["adaptive_grid", "sampling_ratio_2"])
+def test_float64_kernels(case_name, op):
+    """The float64 instantiations (forward and backward) compute in float64:
+    the reference's values to ~1e-15, every gradient included."""
+    case = CASES[case_name]
+    check_against_reference(op, make_inputs(case, op, torch.float64), case.params(op),
+                            torch.float64)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_gradcheck_on_the_kernels(op):
+    """torch.autograd.gradcheck (float64 finite differences) of the emulated
+    kernels, every differentiable argument; RoIs inside the map at generic
+    positions (no sample within eps of B1's kinks)."""
+    generator = torch.Generator().manual_seed(30)
+    x = torch.randn(2, 2, 5, 6, dtype=torch.float64, generator=generator).requires_grad_()
+    rois = torch.tensor([[0, 1.3, 0.7, 8.1, 6.9], [1, 2.2, 3.1, 9.4, 8.3], [1, 0.6, 1.9, 5.2, 9.1]],
+                        dtype=torch.float64)
+    offset = (torch.rand(3, 2, 2, 3, dtype=torch.float64, generator=generator) * 0.4 - 0.2
+              ).requires_grad_()
+    mask = torch.rand(3, 1, 2, 3, dtype=torch.float64, generator=generator).requires_grad_()
+    params = dict(pooled_h=2, pooled_w=3, spatial_scale=0.5, sampling_ratio=2)
+    if op == "roi_align":
+        function, arguments = (lambda i: ops.roi_align(i, rois, **params)), (x,)
+    elif op == "deform_roi_pool":
+        function, arguments = (lambda i, o: ops.deform_roi_pool(i, rois, o, **params, gamma=0.3)
+                               ), (x, offset)
+    else:
+        function, arguments = (lambda i, o, m: ops.modulated_deform_roi_pool(
+            i, rois, o, m, **params, gamma=0.3)), (x, offset, mask)
+    assert torch.autograd.gradcheck(function, arguments)
 
 
 @pytest.mark.parametrize("sampling_ratio", [0, 2])
@@ -292,18 +328,260 @@ def test_no_rois_and_noncontiguous_inputs():
 
 
 # --------------------------------------------------------------------------- #
+# The ops as users of torchvision and mmcv call them.
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_roi_align_not_aligned_matches_torchvision(sampling_ratio):
+    """aligned=False (torchvision's legacy rule: no -0.5, sides >= 1) = torchvision's,
+    forward and grad_input; the reference agrees as well. The zero-size and
+    sub-pixel RoIs of make_rois are where the clamp at 1 acts."""
+    case = dataclasses.replace(CASES["adaptive_grid"], sampling_ratio=sampling_ratio)
+    inputs = make_inputs(case, "roi_align", torch.float32, seed=15)
+    params = dict(case.params("roi_align"), aligned=False)
+    out = check_against_reference("roi_align", inputs, params, torch.float32)
+    x_tv = inputs["input"].double().requires_grad_()
+    expected = torchvision.ops.roi_align(
+        x_tv, inputs["rois"].double(), (case.pooled_h, case.pooled_w), case.spatial_scale,
+        sampling_ratio, aligned=False,
+    )
+    assert_close("output", out, expected, torch.float32)
+    x = inputs["input"].clone().requires_grad_()
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(16))
+    ops.roi_align(x, inputs["rois"], **params).backward(grad_output)
+    expected.backward(grad_output.double())
+    assert_close("grad_input", x.grad, x_tv.grad, torch.float32)
+    aligned = ops.roi_align(inputs["input"], inputs["rois"], **case.params("roi_align"))
+    assert (aligned - out).abs().max() > 0.1  # the flag changes the result
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_nonpositive_sampling_ratio_is_the_adaptive_grid(op):
+    """sampling_ratio -1 (torchvision's default) and -7 are sampling_ratio 0, bit for bit."""
+    case = CASES["adaptive_grid"]
+    inputs = make_inputs(case, op, torch.float32, seed=17)
+    adaptive = call(ops, op, inputs, case.params(op))
+    for ratio in (-1, -7):
+        params = dict(case.params(op), sampling_ratio=ratio)
+        torch.testing.assert_close(call(ops, op, inputs, params), adaptive, rtol=0, atol=0)
+        expected = reference_call(op, {n: None if t is None else t.double() for n, t in inputs.items()},
+                                  params)
+        assert_close("output", call(ops, op, inputs, params), expected, torch.float32)
+
+
+def test_defaults_are_torchvisions_and_mmcvs():
+    """roi_align(input, boxes, output_size) with nothing else is torchvision's
+    roi_align(..., aligned=True) at its defaults (spatial_scale 1, sampling_ratio
+    -1); the deformable ops with no offset at mmcv's defaults (sampling_ratio 0,
+    gamma 0.1) are the same pooling."""
+    generator = torch.Generator().manual_seed(18)
+    x = torch.randn(2, 3, 12, 10, generator=generator)
+    boxes = [torch.tensor([[1.0, 2.0, 7.5, 9.0]]), torch.tensor([[0.5, 0.5, 9.0, 4.0],
+                                                                 [3.0, 1.0, 4.0, 11.0]])]
+    expected = torchvision.ops.roi_align(x.double(), [b.double() for b in boxes], (3, 2), aligned=True)
+    ours = ops.roi_align(x, boxes, (3, 2))
+    assert_close("output", ours, expected, torch.float32)
+    torch.testing.assert_close(ops.deform_roi_pool(x, boxes, output_size=(3, 2)), ours, rtol=0, atol=0)
+    mask = torch.rand(3, 1, 3, 2, generator=generator)
+    torch.testing.assert_close(
+        ops.modulated_deform_roi_pool(x, boxes, None, mask, (3, 2)), ours * mask, rtol=0, atol=0
+    )
+    offset = torch.rand(3, 2, 3, 2, generator=generator)
+    torch.testing.assert_close(
+        ops.deform_roi_pool(x, boxes, offset, (3, 2)),
+        reference.deform_roi_pool(x.double(), boxes_as_rois(boxes).double(), offset.double(),
+                                  pooled_h=3, pooled_w=2, spatial_scale=1.0, sampling_ratio=0,
+                                  gamma=0.1).float(),
+        rtol=2e-5, atol=2e-6,
+    )
+
+
+def boxes_as_rois(boxes: list[torch.Tensor]) -> torch.Tensor:
+    """torchvision's list of [L_i, 4] boxes as [K, 5] rows, written out here
+    (not kernels.rois.as_rois, the code under test)."""
+    rows = [[float(image), *box.tolist()] for image, per_image in enumerate(boxes)
+            for box in per_image]
+    return torch.tensor(rows, dtype=boxes[0].dtype)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_boxes_per_image_are_rois(op):
+    """A list of [L_i, 4] boxes (image 1 without any) pools as the [K, 5] rows."""
+    case = CASES["adaptive_grid"]
+    inputs = make_inputs(case, op, torch.float32, seed=19)
+    boxes = [inputs["rois"][:3, 1:], inputs["rois"][:0, 1:], inputs["rois"][3:5, 1:]]
+    rows = boxes_as_rois(boxes)
+    picked = {n: t if t is None or n == "input" else t[:5] for n, t in inputs.items()}
+    picked["input"] = torch.cat([inputs["input"], inputs["input"][:1]])  # three images
+    expected = call(ops, op, dict(picked, rois=rows), case.params(op))
+    torch.testing.assert_close(call(ops, op, dict(picked, rois=boxes), case.params(op)), expected,
+                               rtol=0, atol=0)
+    reference_inputs = {n: None if t is None else t.double() for n, t in picked.items()}
+    reference_out = reference_call(op, dict(reference_inputs, rois=[b.double() for b in boxes]),
+                                   case.params(op))
+    assert_close("output", expected, reference_out, torch.float32)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_float32_boxes_with_half_features_under_autocast(op):
+    """Autocast hands float32 boxes to half features: accepted, read in float32
+    (not rounded to half), the output and gradients half; against the
+    reference on the same float32 boxes."""
+    case = CASES["sampling_ratio_2"]
+    inputs = make_inputs(case, op, torch.float16, seed=20)
+    rois = make_inputs(case, op, torch.float32, seed=20)["rois"]
+    rois[:, 1:] *= 1.0001  # coordinates that half does not hold
+    inputs["rois"] = rois
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = check_against_reference(op, inputs, case.params(op), torch.float16)
+    assert out.dtype == torch.float16
+    rounded = call(ops, op, dict(inputs, rois=inputs["rois"].half()), case.params(op))
+    assert not torch.equal(out, rounded)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("empty", ["K", "C", "K_and_N"])
+def test_empty_output_and_zero_gradients(op, empty):
+    """K = 0 RoIs (also on an N = 0 batch) or C = 0 channels: an empty output of
+    the right shape and zero gradients, in ours and in the reference."""
+    case = CASES["adaptive_grid"]
+    inputs = make_inputs(case, op, torch.float32, seed=21)
+    if empty in ("K", "K_and_N"):
+        inputs = {n: None if t is None else (t if n == "input" else t[:0]) for n, t in inputs.items()}
+    if empty == "C":
+        inputs["input"] = inputs["input"][:, :0]
+    if empty == "K_and_N":
+        inputs["input"] = inputs["input"][:0]
+    count, channels = inputs["rois"].shape[0], inputs["input"].shape[1]
+    for run in (lambda *args: call(ops, *args), reference_call):
+        leaves = {n: None if t is None else t.clone().requires_grad_(n != "rois")
+                  for n, t in inputs.items()}
+        out = run(op, leaves, case.params(op))
+        assert out.shape == (count, channels, case.pooled_h, case.pooled_w)
+        names = [n for n in ("input", "offset", "mask") if leaves.get(n) is not None]
+        grads = torch.autograd.grad(out.sum(), [leaves[n] for n in names])
+        for name, grad in zip(names, grads, strict=True):
+            assert grad.shape == inputs[name].shape and not grad.any(), name
+
+
+def test_a_million_pixel_roi_at_one_bin():
+    """A 1000 x 1000-pixel RoI pooled to 1x1 with the adaptive grid: 10^6
+    samples in one thread, within MAX_SAMPLES_PER_BIN, runs and matches the
+    reference (forward and grad_input); a 10^6 x 10^6 one is refused at once."""
+    generator = torch.Generator().manual_seed(22)
+    # Positive values: no cancellation in the bin's sum.
+    x = torch.rand(1, 1, 1000, 1000, generator=generator).requires_grad_()
+    rois = torch.tensor([[0, 0.0, 0.0, 1000.0, 1000.0]])
+    out = ops.roi_align(x, rois, 1)
+    x64 = x.detach().double().requires_grad_()
+    expected = roi_align_reference.roi_align(x64, rois.double(), pooled_h=1, pooled_w=1)
+    # One thread sums 10^6 float32 terms: ~sqrt(n)·u ≈ 6e-5 relative, not the
+    # few-u bound of the small cases.
+    assert abs(out.item() / expected.item() - 1) < 1e-3
+    grad_output = torch.tensor([[[[0.7]]]])
+    out.backward(grad_output)
+    expected.backward(grad_output.double())
+    assert_close("grad_input", x.grad, x64.grad, torch.float32)
+    huge = torch.tensor([[0, 0.0, 0.0, 1e6, 1e6]])
+    message = r"RoI 0 needs an adaptive sampling grid of 1000000 x 1000000 samples per bin"
+    with pytest.raises(ValueError, match=message):
+        ops.roi_align(x, huge, 1)
+    with pytest.raises(ValueError, match=message):
+        reference.deform_roi_pool(x.double(), huge.double(), pooled_h=1, pooled_w=1)
+
+
+# --------------------------------------------------------------------------- #
+# Modules.
+# --------------------------------------------------------------------------- #
+
+
+def test_modules_are_the_functions():
+    case = CASES["adaptive_grid"]
+    op = "modulated_deform_roi_pool"
+    inputs = make_inputs(case, op, torch.float32, seed=23)
+    x, rois, offset, mask = (inputs[n] for n in ("input", "rois", "offset", "mask"))
+    size, scale = (case.pooled_h, case.pooled_w), case.spatial_scale
+    pairs = [
+        (ops.RoIAlign(size, scale, 2, aligned=False)(x, rois),
+         ops.roi_align(x, rois, size, scale, 2, aligned=False)),
+        (ops.DeformRoIPool(size, scale, 0, gamma=0.3)(x, rois, offset),
+         ops.deform_roi_pool(x, rois, offset, size, scale, 0, 0.3)),
+        (ops.ModulatedDeformRoIPool(size, scale)(x, rois, offset, mask),
+         ops.modulated_deform_roi_pool(x, rois, offset, mask, size, scale)),
+    ]
+    for module_out, function_out in pairs:
+        torch.testing.assert_close(module_out, function_out, rtol=0, atol=0)
+    assert "aligned=False" in repr(ops.RoIAlign(size, scale, 2, aligned=False))
+
+
+def _pack_inputs(seed: int):
+    case = CASES["sampling_ratio_2"]
+    inputs = make_inputs(case, "roi_align", torch.float32, seed=seed)
+    size = (case.pooled_h, case.pooled_w)
+    return case, inputs["input"], inputs["rois"], size
+
+
+@pytest.mark.parametrize("modulated", [False, True], ids=["DeformRoIPoolPack", "Modulated"])
+def test_a_new_pack_is_roi_align_and_learns_its_offsets(modulated):
+    """Zero-initialised last layers (mmcv): a new Pack is roi_align (the
+    modulated one 0.5·roi_align, sigmoid(0)); its offset (and mask) layers get
+    gradients through the op, and one step of SGD moves the bins."""
+    torch.manual_seed(24)
+    case, x, rois, size = _pack_inputs(24)
+    pack_class = ops.ModulatedDeformRoIPoolPack if modulated else ops.DeformRoIPoolPack
+    pack = pack_class(size, case.C, 16, case.spatial_scale, case.sampling_ratio)
+    out = pack(x, rois)
+    expected = ops.roi_align(x, rois, size, case.spatial_scale, case.sampling_ratio)
+    torch.testing.assert_close(out, 0.5 * expected if modulated else expected, rtol=0, atol=0)
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(25))
+    out.backward(grad_output)
+    layers = [pack.offset_fc[-1], *([pack.mask_fc[-2]] if modulated else [])]
+    for layer in layers:
+        assert layer.weight.grad.abs().sum() > 0 and layer.bias.grad.abs().sum() > 0
+    torch.optim.SGD(pack.parameters(), lr=1.0).step()
+    moved = pack(x, rois)
+    assert (moved - out).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("modulated", [False, True], ids=["DeformRoIPoolPack", "Modulated"])
+def test_pack_without_rois(modulated):
+    """K = 0 (an image without proposals, as an empty list of boxes): an empty
+    output, and zero gradients for the layers."""
+    case, x, _, size = _pack_inputs(26)
+    pack_class = ops.ModulatedDeformRoIPoolPack if modulated else ops.DeformRoIPoolPack
+    pack = pack_class(size, case.C, 8, case.spatial_scale)
+    out = pack(x, [torch.zeros(0, 4), torch.zeros(0, 4)])
+    assert out.shape == (0, case.C, *size)
+    out.sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in pack.parameters())
+
+
+def test_pack_checks_its_channels():
+    case, x, rois, size = _pack_inputs(27)
+    with pytest.raises(ValueError, match=r"input must be \[N, output_channels = 5, H, W\], got"):
+        ops.DeformRoIPoolPack(size, 5)(x, rois)
+    with pytest.raises(ValueError, match=r"output_channels must be an int >= 1, got 0"):
+        ops.DeformRoIPoolPack(size, 0)
+
+
+# --------------------------------------------------------------------------- #
 # Memory safety: every kernel once under the emulator's memcheck.
 # --------------------------------------------------------------------------- #
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_memcheck(op):
+@pytest.mark.parametrize(
+    "op, dtype",
+    [*((op, torch.float32) for op in OPS), ("modulated_deform_roi_pool", torch.float64)],
+    ids=lambda v: str(v).removeprefix("torch."),
+)
+def test_memcheck(op, dtype):
     """No out-of-bounds write in any forward or backward instantiation used by ``op``
     (RoIs outside the map, offsets pushing bins off it, the last image)."""
     case = CASES["sampling_ratio_2"]
-    inputs = make_inputs(case, op, torch.float32, seed=11)
+    inputs = make_inputs(case, op, dtype, seed=11)
     with emulator.mode("memcheck"):
-        check_against_reference(op, inputs, case.params(op), torch.float32)
+        check_against_reference(op, inputs, case.params(op), dtype)
 
 
 # --------------------------------------------------------------------------- #
@@ -362,15 +640,22 @@ BAD_ARGUMENTS = {
         r"mask must have shape \(9, 1, 3, 2\)",
     ),
     "input_ndim": (_bad(input=torch.zeros(3, 7, 9)), ValueError, r"input must be 4-D"),
-    "float64": (
-        {**_bad(), **{n: t.double() for n, t in _bad().items() if isinstance(t, torch.Tensor)}},
+    "int64": (
+        {**_bad(), "input": _bad()["input"].long()},
         TypeError,
-        r"input has dtype torch.float64; supported",
+        r"input has dtype torch.int64; supported: torch.float32, torch.float16, torch.bfloat16, "
+        r"torch.float64",
     ),
     "rois_dtype": (
         _bad(rois=_bad()["rois"].half()),
         TypeError,
-        r"rois has dtype torch.float16, expected input's dtype torch.float32",
+        r"rois has dtype torch.float16, expected input's dtype torch.float32$",
+    ),
+    "rois_dtype_of_half_input": (
+        {**_bad(input=_bad()["input"].half(), offset=None, mask=_bad()["mask"].half()),
+         "rois": _bad()["rois"].bfloat16()},
+        TypeError,
+        r"rois has dtype torch.bfloat16, expected input's dtype torch.float16 or torch.float32",
     ),
     "offset_device": (
         _bad(offset=torch.zeros(9, 2, 3, 2, device="meta")),
@@ -378,7 +663,55 @@ BAD_ARGUMENTS = {
         r"offset is on meta, expected input's device cpu",
     ),
     "pooled_h": (_bad(pooled_h=0), ValueError, r"pooled_h must be an int >= 1, got 0"),
-    "sampling_ratio": (_bad(sampling_ratio=-1), ValueError, r"sampling_ratio must be an int >= 0"),
+    "sampling_ratio_type": (_bad(sampling_ratio=1.5), ValueError, r"sampling_ratio must be an int"),
+    "sampling_ratio_too_large": (
+        _bad(sampling_ratio=1025),
+        ValueError,
+        r"sampling_ratio must be at most 1024 .* got 1025",
+    ),
+    "adaptive_grid_too_large": (
+        _bad(rois=torch.tensor([[0, 0.0, 0.0, 1e7, 1.0]]), offset=None, mask=torch.ones(1, 1, 3, 2)),
+        ValueError,
+        r"RoI 0 needs an adaptive sampling grid of 1 x 2500000 samples per bin .*"
+        r"MAX_SAMPLES_PER_BIN = 1048576",
+    ),
+    "rois_list_of_wrong_shape": (
+        _bad(rois=[torch.zeros(2, 4), torch.zeros(3, 5)]),
+        ValueError,
+        r"rois\[1\] must have shape \(L, 4\) \(x1, y1, x2, y2\), got \(3, 5\)",
+    ),
+    "rois_list_mixed_dtypes": (
+        _bad(rois=[torch.zeros(2, 4), torch.zeros(3, 4, dtype=torch.float64)]),
+        ValueError,
+        r"rois\[1\] is torch.float64 on cpu, expected rois\[0\]'s torch.float32 on cpu",
+    ),
+    "rois_empty_list": (_bad(rois=[]), ValueError, r"one \[L, 4\] tensor per image, got an empty"),
+    "rois_not_a_tensor": (_bad(rois="boxes"), TypeError, r"rois must be a \[K, 5\] torch.Tensor or"),
+    "output_size_and_pooled_h": (
+        _bad(output_size=3),
+        TypeError,
+        r"give output_size or pooled_h / pooled_w, not both",
+    ),
+    "no_output_size": (
+        _bad(pooled_h=None),
+        TypeError,
+        r"give output_size \(an int or \(h, w\)\) or both pooled_h and pooled_w",
+    ),
+    "output_size_triple": (
+        _bad(output_size=(3, 2, 1), pooled_h=None, pooled_w=None),
+        ValueError,
+        r"output_size must be an int or an \(h, w\) pair, got \(3, 2, 1\)",
+    ),
+    "output_size_zero": (
+        _bad(output_size=(3, 0), pooled_h=None, pooled_w=None),
+        ValueError,
+        r"output_size\[1\] must be an int >= 1, got 0",
+    ),
+    "input_zero_width": (
+        _bad(input=torch.zeros(2, 3, 7, 0)),
+        ValueError,
+        r"input must have H, W >= 1, got shape \(2, 3, 7, 0\)",
+    ),
     "spatial_scale": (_bad(spatial_scale=0.0), ValueError, r"spatial_scale must be a positive"),
     "gamma": (_bad(gamma=float("nan")), ValueError, r"gamma must be a finite number"),
 }
@@ -391,6 +724,27 @@ def test_bad_arguments(name):
         ops.modulated_deform_roi_pool(**arguments)
 
 
+def test_bad_aligned():
+    inputs = make_inputs(CASES["adaptive_grid"], "roi_align", torch.float32)
+    with pytest.raises(TypeError, match=r"aligned must be a bool, got 1"):
+        ops.roi_align(inputs["input"], inputs["rois"], 2, aligned=1)
+
+
+def test_value_check_is_one_function_a_harness_can_call_once_per_case():
+    """check_values (the host synchronisation) on its own: what the op runs
+    before every launch, callable once per case outside a timed call."""
+    arguments = _bad()
+    g = ops.check_arguments(arguments["input"], arguments["rois"], arguments["offset"],
+                            arguments["mask"], 3, 2, 0.5, 0, 0.0917, True)
+    ops.check_values(arguments["rois"], g.batch, g, offset=arguments["offset"])
+    with pytest.raises(ValueError, match=r"got 2.0 in RoI 3"):
+        ops.check_values(_rois_with(3, 0, 2.0), g.batch, g, offset=arguments["offset"])
+    huge = torch.tensor([[0, 0.0, 0.0, 1e7, 1.0]])
+    with pytest.raises(ValueError, match=r"RoI 0 needs an adaptive sampling grid"):
+        ops.check_values(huge, g.batch, g)
+    ops.check_values(huge, g.batch, None)  # an explicit sampling_ratio: no grid to check
+
+
 def test_missing_mask():
     with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
         ops.modulated_deform_roi_pool(**_bad(mask=None))
@@ -401,22 +755,25 @@ def test_missing_mask():
 # --------------------------------------------------------------------------- #
 
 
-def _tiny_op_arguments(with_offset: bool, with_mask: bool):
+def _tiny_op_arguments(with_offset: bool, with_mask: bool, aligned: bool = True):
     case = Case(N=2, C=2, H=4, W=5, pooled_h=2, pooled_w=2)
     inputs = make_inputs(case, "modulated_deform_roi_pool", torch.float32, seed=12)
     input = inputs["input"].requires_grad_()
     offset = inputs["offset"].requires_grad_() if with_offset else None
     mask = inputs["mask"].requires_grad_() if with_mask else None
-    return (input, inputs["rois"], offset, mask, 2, 2, 0.5, 0, 0.1)
+    return (input, inputs["rois"], offset, mask, 2, 2, 0.5, 0, 0.1, aligned)
 
 
 @pytest.mark.parametrize(
-    "with_offset, with_mask", [(False, False), (True, False), (True, True)], ids=OPS
+    "with_offset, with_mask, aligned",
+    [(False, False, True), (False, False, False), (True, False, True), (True, True, True)],
+    ids=[OPS[0], "roi_align_not_aligned", *OPS[1:]],
 )
-def test_opcheck(with_offset, with_mask):
+def test_opcheck(with_offset, with_mask, aligned):
     """Schema, fake (meta) kernel, autograd registration and AOT dispatch of our op."""
     torch.library.opcheck(
-        torch.ops.dcnbench.deform_roi_pool.default, _tiny_op_arguments(with_offset, with_mask)
+        torch.ops.dcnbench.deform_roi_pool.default,
+        _tiny_op_arguments(with_offset, with_mask, aligned),
     )
 
 

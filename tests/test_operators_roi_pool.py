@@ -59,7 +59,7 @@ def distance_to_grid(values, spacing):
 # --- the registrations --------------------------------------------------------
 
 def test_parameters_are_the_contracts():
-    assert list(get_operator("roi_align").params) == ROI_PARAMS
+    assert list(get_operator("roi_align").params) == [*ROI_PARAMS, "aligned"]
     for op in ("deform_roi_pool", "modulated_deform_roi_pool"):
         assert list(get_operator(op).params) == [*ROI_PARAMS, "gamma"]
     assert list(get_operator("deform_psroi_pool").params) == PS_PARAMS
@@ -92,9 +92,11 @@ def test_tensors_implementations_and_baselines():
 @pytest.mark.parametrize(
     "op, overrides, words",
     [
-        ("roi_align", {"K": 0}, ["'K'", ">= 1", "got 0"]),
+        ("roi_align", {"K": -1}, ["'K'", ">= 0", "got -1"]),
+        ("roi_align", {"C": -2}, ["'C'", ">= 0", "got -2"]),
+        ("roi_align", {"aligned": "maybe"}, ["'aligned'", "expects bool", "got 'maybe'"]),
         ("deform_roi_pool", {"pooled_w": 0}, ["'pooled_w'", ">= 1"]),
-        ("modulated_deform_roi_pool", {"sampling_ratio": -1}, ["'sampling_ratio'", ">= 0"]),
+        ("deform_psroi_pool", {"output_dim": -1}, ["'output_dim'", ">= 0", "got -1"]),
         ("roi_align", {"spatial_scale": 0.0}, ["'spatial_scale'", "> 0"]),
         ("deform_psroi_pool", {"num_classes": 3}, ["'num_classes' must divide output_dim",
                                                    "output_dim=4, num_classes=3"]),
@@ -318,7 +320,7 @@ def test_reference_returns_the_case_dtype_in_every_mode(op):
         check(op, "reference", SMALL, "float16", mode)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
 @pytest.mark.parametrize("op", ALL_OPS)
 def test_cupy_kernel_through_the_registry(op, dtype):
     """Our kernels (through the CPU emulator here) in every mode; skipped, saying why,
@@ -331,9 +333,52 @@ def test_cupy_kernel_through_the_registry(op, dtype):
         check(op, "cupy", {**SMALL, "sampling_ratio": 0} if op in B1_OPS else SMALL, dtype, mode)
 
 
+EMPTY_CASES = {
+    "roi_align": ({"K": 0}, {"C": 0}),
+    "deform_roi_pool": ({"K": 0}, {"C": 0}),
+    "modulated_deform_roi_pool": ({"K": 0}, {"C": 0}),
+    "deform_psroi_pool": ({"K": 0}, {"output_dim": 0, "num_classes": 1}),
+}
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_empty_cases_run_in_every_implementation(op):
+    """K = 0 RoIs, C = 0 channels (output_dim = 0): the generator makes them and every
+    implementation that computes the case (torchvision's ps_roi_align peer only
+    computes no_trans) returns an empty output and zero gradients, forward and backward rows ok."""
+    for overrides in EMPTY_CASES[op]:
+        params, tensors = inputs(op, {**SMALL, **overrides})
+        assert tensors["rois"].shape == (params["K"], 5)
+        for impl in implementations_of(op):
+            extra = {"no_trans": True} if impl.name == "torchvision" and op == "deform_psroi_pool" else {}
+            for row in check(op, impl.name, {**SMALL, **overrides, **extra}, "float32", "random"):
+                assert row.status == "ok", (op, impl.name, overrides, row.status, row.reason)
+
+
+@pytest.mark.parametrize("op", B1_OPS)
+def test_adaptive_grid_with_a_negative_sampling_ratio_and_roi_align_not_aligned(op):
+    overrides = {**SMALL, "sampling_ratio": -1, **({"aligned": False} if op == "roi_align" else {})}
+    for impl in implementations_of(op):
+        check(op, impl.name, overrides, "float32", "random")
+
+
 def test_torchvision_roi_align_meets_the_float32_tolerance_in_every_mode():
     for mode in get_operator("roi_align").input_modes:
         check("roi_align", "torchvision", {**SMALL, "sampling_ratio": 0}, "float32", mode)
+
+
+def test_torchvision_adapter_takes_boxes_per_image_and_float32_boxes_for_half_input():
+    """The peer adapter takes what our ops take: a list of [L, 4] boxes, and
+    float32 rois with half features (rounded to half for torchvision)."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 8, 9, generator=generator)
+    boxes = [torch.tensor([[0.5, 1.0, 6.0, 7.0]]), torch.tensor([[1.0, 0.5, 8.0, 5.0]])]
+    rows = torch.tensor([[0, 0.5, 1.0, 6.0, 7.0], [1, 1.0, 0.5, 8.0, 5.0]])
+    args = dict(pooled_h=2, pooled_w=2, spatial_scale=1.0, sampling_ratio=2)
+    assert torch.equal(torchvision_ops.roi_align(x, boxes, **args), torchvision_ops.roi_align(x, rows, **args))
+    half = torchvision_ops.roi_align(x.half(), rows, **args)
+    assert half.dtype == torch.float16
+    assert torch.equal(half, torchvision_ops.roi_align(x.half(), rows.half(), **args))
 
 
 def test_deform_roi_pool_with_zero_offsets_is_torchvision_roi_align():

@@ -2,9 +2,10 @@
 
 Independent checks, none of which reads the reference's geometry code:
 
-- torchvision.ops.roi_align(aligned=True) in float64, forward and input
+- torchvision.ops.roi_align in float64, aligned or not, forward and input
   gradient, over many random configurations (RoIs inside, across and outside
-  the map, every sampling ratio); deform_roi_pool with zero offsets equals it;
+  the map, every sampling ratio, negative ones adaptive); deform_roi_pool with
+  zero offsets equals the aligned one;
 - torchvision.ops.ps_roi_align on RoIs moved by hand, for deform_psroi_pool
   with no_trans;
 - tiny examples computed by hand from the contract's B1 and B2 rules, C's
@@ -82,6 +83,49 @@ def test_roi_align_is_torchvision_aligned(seed):
     ones = torch.ones(rois.shape[0], 1, *pooled, dtype=F64)
     assert_close(deform_roi_pool(input, rois, zero, **args, gamma=0.7), theirs, "deform, zero offset")
     assert_close(modulated_deform_roi_pool(input, rois, zero, ones, **args), theirs, "modulated")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_roi_align_not_aligned_is_torchvisions(seed):
+    """aligned=False (no -0.5, sides clamped at 1) and sampling_ratio <= 0 (adaptive),
+    with tiny RoIs where the clamp acts."""
+    rng = random.Random(100 + seed)
+    images, channels, height, width = rng.randint(1, 3), rng.randint(1, 4), rng.randint(2, 9), rng.randint(2, 9)
+    scale = rng.choice([1.0, 0.5, 0.3])
+    pooled = (rng.randint(1, 4), rng.randint(1, 4))
+    ratio = rng.choice([-1, 0, 2])
+    generator = torch.Generator().manual_seed(seed)
+    input = torch.randn(images, channels, height, width, dtype=F64, generator=generator, requires_grad=True)
+    rois = random_rois(rng, 7, images, height / scale, width / scale)
+    rois[::3, 3:] = rois[::3, 1:3] + 0.4  # sides of 0.4 image pixels
+    ours = roi_align(input, rois, **roi_args(*pooled, scale, ratio), aligned=False)
+    theirs = torchvision.ops.roi_align(input, rois, pooled, scale, ratio, aligned=False)
+    assert_close(ours, theirs, "output")
+    grad_output = torch.randn(ours.shape, dtype=F64, generator=generator)
+    ours_grad, = torch.autograd.grad(ours, input, grad_output)
+    theirs_grad, = torch.autograd.grad(theirs, input, grad_output)
+    assert_close(ours_grad, theirs_grad, "grad_input")
+
+
+def test_boxes_per_image_and_empty_cases():
+    """A list of [L, 4] boxes is the [K, 5] rows; K = 0 and C = 0 give empty
+    outputs with zero gradients (torchvision's shapes)."""
+    generator = torch.Generator().manual_seed(3)
+    input = torch.randn(2, 3, 6, 7, dtype=F64, generator=generator, requires_grad=True)
+    boxes = [torch.tensor([[0.5, 1.0, 4.0, 5.0]], dtype=F64),
+             torch.tensor([[1.5, 0.0, 6.0, 3.5], [2.0, 2.0, 3.0, 6.0]], dtype=F64)]
+    rows = torch.tensor([[0, 0.5, 1.0, 4.0, 5.0], [1, 1.5, 0.0, 6.0, 3.5], [1, 2.0, 2.0, 3.0, 6.0]],
+                        dtype=F64)
+    args = roi_args(2, 3, 1.0, 2)
+    assert torch.equal(roi_align(input, boxes, **args), roi_align(input, rows, **args))
+    assert_close(roi_align(input, boxes, **args), torchvision.ops.roi_align(input, boxes, (2, 3), 1.0, 2,
+                                                                             aligned=True), "boxes")
+    for empty_input, empty_rois in ((input, rows[:0]), (input[:, :0], rows)):
+        out = roi_align(empty_input, empty_rois, **args)
+        expected = torchvision.ops.roi_align(empty_input.detach(), empty_rois, (2, 3), 1.0, 2, aligned=True)
+        assert out.shape == expected.shape
+        grad, = torch.autograd.grad(out.sum(), input)
+        assert not grad.any()
 
 
 def test_modulated_is_deform_times_mask():
@@ -360,6 +404,15 @@ def _bad_cases():
     yield ("trans dtype", lambda: deform_psroi_pool(input, rois, trans.float(), **PS_ARGS),
            "trans must be torch.float64")
     yield ("input not 4-D", lambda: roi_align(input[0], rois, **ROI_ARGS), "input must be 4-D")
+    yield ("sampling_ratio too large", lambda: roi_align(input, rois, **{**ROI_ARGS, "sampling_ratio": 1025}),
+           "sampling_ratio must be at most 1024")
+    yield ("adaptive grid too large", lambda: roi_align(
+        input, torch.tensor([[0, 0, 0, 1e7, 2]], dtype=F64), **{**ROI_ARGS, "sampling_ratio": -1}),
+        "RoI 0 needs an adaptive sampling grid of 1 x 5000000 samples per bin")
+    yield ("sample_per_part too large", lambda: deform_psroi_pool(
+        input, rois, trans, **{**PS_ARGS, "sample_per_part": 2000}), "sample_per_part must be at most 1024")
+    yield ("rois list of wrong shape", lambda: roi_align(input, [rois], **ROI_ARGS),
+           "rois[0] must have shape (L, 4) (x1, y1, x2, y2), got (2, 5)")
 
 
 BAD_CASES = list(_bad_cases())

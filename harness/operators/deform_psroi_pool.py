@@ -44,6 +44,7 @@ from harness.operators.roi_align import (
     CHANNEL_SAMPLE_FLOPS,
     FORWARD_ONLY_MODES,
     POINT_FLOPS,
+    ROI_KERNEL_DTYPES,
     ROI_MODES,
     ROI_TOLERANCES,
     draw_rois,
@@ -54,7 +55,6 @@ from harness.operators.roi_align import (
     round_to,
 )
 from harness.registry import (
-    KERNEL_DTYPES,
     Operator,
     TensorSpec,
     implementation,
@@ -87,8 +87,9 @@ TRANS_FLOPS = 4
 
 
 def validate_psroi_params(params: Mapping[str, Any]) -> None:
-    """Reject a case the operator cannot run, naming the parameter."""
-    for name, minimum in (("N", 1), ("H", 1), ("W", 1), ("K", 1), ("output_dim", 1),
+    """Reject a case the operator cannot run, naming the parameter (K = 0 and
+    output_dim = 0 are cases: an empty output)."""
+    for name, minimum in (("N", 1), ("H", 1), ("W", 1), ("K", 0), ("output_dim", 0),
                           ("group_size", 1), ("pooled_size", 1), ("part_size", 0),
                           ("sample_per_part", 1), ("num_classes", 1)):
         if params[name] < minimum:
@@ -314,7 +315,7 @@ def torchvision_deform_psroi_pool(inputs, params):
         inputs["input"], inputs["rois"], inputs.get("trans"), **psroi_arguments(params))
 
 
-@implementation(OP, "cupy", kind="kernel", dtypes=KERNEL_DTYPES,
+@implementation(OP, "cupy", kind="kernel", dtypes=ROI_KERNEL_DTYPES,
                 available=kernel_availability("kernels.ops.deform_psroi_pool"), emulated_on=("cpu",))
 def cupy_deform_psroi_pool(inputs, params):
     """kernels.ops.deform_psroi_pool.deform_psroi_pool: our CuPy kernels (CPU: the emulator)."""

@@ -46,6 +46,7 @@ from harness.operators.roi_align import (
     FORWARD_ONLY_MODES,
     POINT_FLOPS,
     POOLED_ID_PAIRS,
+    ROI_KERNEL_DTYPES,
     ROI_MODES,
     ROI_PARAMS,
     ROI_TENSORS,
@@ -63,7 +64,6 @@ from harness.operators.roi_align import (
     validate_roi_params,
 )
 from harness.registry import (
-    KERNEL_DTYPES,
     Operator,
     TensorSpec,
     implementation,
@@ -265,7 +265,7 @@ for _name, (_modulated, _summary) in DEFORM_ROI_OPERATORS.items():
                    description="torchvision.ops.roi_align(aligned=True) on the same input and "
                                "RoIs, offsets (and mask) left out: the baseline, judged as "
                                "roi_align")(torchvision_roi_align)
-    implementation(_name, "cupy", kind="kernel", dtypes=KERNEL_DTYPES,
+    implementation(_name, "cupy", kind="kernel", dtypes=ROI_KERNEL_DTYPES,
                    available=kernel_availability("kernels.ops.deform_roi_pool"), emulated_on=("cpu",),
                    description=f"kernels.ops.deform_roi_pool.{_name}: our CuPy kernels (CPU: the emulator).")(
         prepare_kernel)

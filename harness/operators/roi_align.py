@@ -2,8 +2,10 @@
 
 Contract: ``docs/ops-semantics.md``, "RoI pooling, NCHW" (sampling rules B1
 and B2) and "Case parameters". ``roi_align`` is
-``torchvision.ops.roi_align(..., aligned=True)`` = ``deform_roi_pool`` with no
-offset; its baseline is torchvision. ``harness.operators.deform_roi_pool`` and
+``torchvision.ops.roi_align`` with its ``aligned`` parameter (default true,
+then = ``deform_roi_pool`` with no offset); its baseline is torchvision.
+``sampling_ratio`` <= 0 is the adaptive grid in every RoI operator. K = 0
+(no RoIs) and C = 0 are valid cases: an empty output, zero gradients. ``harness.operators.deform_roi_pool`` and
 ``harness.operators.deform_psroi_pool`` build on the RoI generator, the
 sample-margin enforcement, the tolerances and the kernel availability here.
 The full write-up (modes, counts, tolerances, peers): ``docs/operators/roi_pool.md``.
@@ -11,7 +13,7 @@ The full write-up (modes, counts, tolerances, peers): ``docs/operators/roi_pool.
 RoIs: ``rois`` [K, 5] = (batch_index, x1, y1, x2, y2) in image coordinates,
 image = feature map / spatial_scale (H/spatial_scale × W/spatial_scale);
 batch index k mod N (every image, the last included, has RoIs when K >= N;
-with K < N the last RoI is put on the last image). Float in the case's dtype,
+with 0 < K < N the last RoI is put on the last image). Float in the case's dtype,
 not differentiable.
 
 RoI modes (``draw_rois``):
@@ -172,7 +174,8 @@ def draw_rois(params: Mapping[str, Any], generator: torch.Generator, mode: str) 
         y2 = torch.where((kind == 1) & alternate, y1 + tall, y2)
         x2 = torch.where((kind == 1) & ~alternate, x1 + wide, x2)
     batch = (torch.arange(count) % images).to(torch.float64)
-    batch[-1] = images - 1
+    if count:
+        batch[-1] = images - 1
     return torch.stack([batch, x1, y1, x2, y2], dim=1)
 
 
@@ -212,10 +215,12 @@ def b1_positions(rois, offset, params, gamma=0.0):
     """Every sample position of the RoIAlign-family ops: (y, x) lists per grid group,
     each with the indices of its RoIs (``kernels.reference.deform_roi_pool``)."""
     groups = []
+    aligned = params.get("aligned", True)  # only roi_align has the parameter
     for grid, members in grid_groups(rois, params["pooled_h"], params["pooled_w"],
-                                     params["spatial_scale"], params["sampling_ratio"]):
+                                     params["spatial_scale"], params["sampling_ratio"], aligned):
         y, x = sample_positions(rois[members], None if offset is None else offset[members], grid,
-                                params["pooled_h"], params["pooled_w"], params["spatial_scale"], gamma)
+                                params["pooled_h"], params["pooled_w"], params["spatial_scale"], gamma,
+                                aligned)
         groups.append((members, y, x))
     return groups
 
@@ -288,9 +293,10 @@ POOLED_ID_PAIRS = {"pooled_h": ("pooled_w", "pooled", False)}
 
 
 def validate_roi_params(params: Mapping[str, Any]) -> None:
-    """Reject a case no RoIAlign-family op can run, naming the parameter."""
-    for name, minimum in (("N", 1), ("C", 1), ("H", 1), ("W", 1), ("K", 1), ("pooled_h", 1),
-                          ("pooled_w", 1), ("sampling_ratio", 0)):
+    """Reject a case no RoIAlign-family op can run, naming the parameter
+    (K = 0 and C = 0 are cases: an empty output; sampling_ratio <= 0 is adaptive)."""
+    for name, minimum in (("N", 1), ("C", 0), ("H", 1), ("W", 1), ("K", 0), ("pooled_h", 1),
+                          ("pooled_w", 1)):
         if params[name] < minimum:
             raise ValueError(f"parameter {name!r} must be >= {minimum}, got {params[name]}")
     if not params["spatial_scale"] > 0:
@@ -298,8 +304,10 @@ def validate_roi_params(params: Mapping[str, Any]) -> None:
 
 
 def roi_arguments(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The keyword arguments of every RoIAlign-family implementation."""
-    return {name: params[name] for name in ("pooled_h", "pooled_w", "spatial_scale", "sampling_ratio")}
+    """The keyword arguments every RoIAlign-family implementation takes, and
+    ``aligned`` where the operator has it (roi_align)."""
+    names = ("pooled_h", "pooled_w", "spatial_scale", "sampling_ratio", "aligned")
+    return {name: params[name] for name in names if name in params}
 
 
 def _make_inputs(params, dtype, device, generator, mode="random"):
@@ -335,6 +343,9 @@ def _backward_bytes(params, itemsize):
     return float(itemsize * (counts["rois"] + counts["output"] + counts["input"]))
 
 
+# Our RoI kernels take float64 too (computed in float64, for gradcheck).
+ROI_KERNEL_DTYPES = (*KERNEL_DTYPES, "float64")
+
 ROI_TENSORS = {
     "input": TensorSpec("input", "[N, C, H, W]"),
     "rois": TensorSpec("rois", "[K, 5]", differentiable=False),
@@ -343,8 +354,8 @@ ROI_TENSORS = {
 register_operator(
     Operator(
         name="roi_align",
-        summary="RoIAlign, aligned=True (torchvision.ops.roi_align): the RoI pooling baseline",
-        params=ROI_PARAMS,
+        summary="RoIAlign (torchvision.ops.roi_align, aligned or not): the RoI pooling baseline",
+        params={**ROI_PARAMS, "aligned": True},
         tensors=tuple(ROI_TENSORS.values()),
         make_inputs=_make_inputs,
         flops=_flops,
@@ -381,11 +392,11 @@ TORCHVISION_HALF = ("torchvision computes sample positions, weights and the bin 
 @implementation("roi_align", "torchvision", kind="peer", dtypes=("float32", "float16"),
                 known_inaccurate={"float16": TORCHVISION_HALF})
 def torchvision_roi_align(inputs, params):
-    """torchvision.ops.roi_align(aligned=True), in the case's dtype."""
+    """torchvision.ops.roi_align, in the case's dtype."""
     return _bind(torchvision_ops.roi_align, inputs, params)
 
 
-@implementation("roi_align", "cupy", kind="kernel", dtypes=KERNEL_DTYPES,
+@implementation("roi_align", "cupy", kind="kernel", dtypes=ROI_KERNEL_DTYPES,
                 available=kernel_availability("kernels.ops.deform_roi_pool"), emulated_on=("cpu",))
 def cupy_roi_align(inputs, params):
     """kernels.ops.deform_roi_pool.roi_align: our CuPy kernels (CPU: the emulator)."""

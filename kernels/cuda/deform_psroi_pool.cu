@@ -14,15 +14,18 @@
 // thread counts the bin's samples (B2's divisor), then walks them once,
 // locating the corners once per sample, and loops over its slice's output
 // channels:
-//  - scatters grad_output / count * weight into grad_input (float32 atomics;
-//    overlapping RoIs and samples meet on the same pixels);
+//  - scatters grad_output / count * weight into grad_input (atomics:
+//    overlapping RoIs and samples meet on the same pixels; acc_t ones, or
+//    under torch.use_deterministic_algorithms(True) the order-independent
+//    fixed-point ones of deterministic_atomics.cuh);
 //  - reduces d out / d trans over the slice's channels and writes it ONCE into
 //    the slice's partial sums [K, num_classes, slices, 2, pooled, pooled];
 //    the host sums the slices and then the bins that share a part cell
 //    (part_size < pooled_size), so no gradient element takes an atomic.
 // One channel per thread when trans needs no gradient.
 //
-// All math is float32 whatever scalar_t is. A batch index outside [0, N)
+// All math is in acc_t<scalar_t> (float32; float64 for double), rois
+// too whatever the input's dtype (see deform_roi_pool.cu). A batch index outside [0, N)
 // gives a zero bin (the host rejects such rois; this only keeps a bad index
 // from becoming an address).
 //
@@ -33,6 +36,7 @@
 // (checked on the host); anything that multiplies in the RoI, the batch index
 // or a channel with a plane is long long.
 
+#include "deterministic_atomics.cuh"
 #include "scalar_conversions.cuh"
 
 #ifndef PSROI_POOL_BLOCK_SIZE
@@ -43,93 +47,99 @@ namespace {
 
 // The sizes and parameters of one call (the kernels take them as separate
 // value parameters, as every launch path passes plain scalars).
+template <typename accum_t>
 struct Shape {
     int batch, channels, height, width;
     int output_dim, group_size, pooled_size, part_size, sample_per_part, num_classes;
-    float spatial_scale, trans_std;
+    accum_t spatial_scale, trans_std;
 };
 
 // Where the samples of bin (k, ph, pw) of class class_id lie: sample (ih, iw)
 // is at (first_y + ih * sub_h, first_x + iw * sub_w).
+template <typename accum_t>
 struct BinGeometry {
     int n;                  // batch index; -1 when out of range (the bin is 0)
-    float first_y, first_x; // hstart, wstart (moved by trans)
-    float sub_h, sub_w;     // bin / sample_per_part
-    float roi_h, roi_w;     // d start / d trans = trans_std * roi
+    accum_t first_y, first_x; // hstart, wstart (moved by trans)
+    accum_t sub_h, sub_w;     // bin / sample_per_part
+    accum_t roi_h, roi_w;     // d start / d trans = trans_std * roi
     int part_h, part_w;     // the trans cell of the bin
 };
 
-template <typename scalar_t, bool HAS_TRANS>
-__device__ __forceinline__ BinGeometry bin_geometry(const scalar_t* __restrict__ rois,
-                                                    const scalar_t* __restrict__ trans,
-                                                    const Shape& s, int k, int class_id, int ph,
-                                                    int pw) {
-    BinGeometry g;
-    const scalar_t* roi = rois + static_cast<long long>(k) * 5;
-    const float batch_index = to_float(roi[0]);
+template <typename scalar_t, bool HAS_TRANS, typename accum_t = acc_t<scalar_t>>
+__device__ __forceinline__ BinGeometry<accum_t> bin_geometry(const accum_t* __restrict__ rois,
+                                                           const scalar_t* __restrict__ trans,
+                                                           const Shape<accum_t>& s, int k,
+                                                           int class_id, int ph, int pw) {
+    BinGeometry<accum_t> g;
+    const accum_t* roi = rois + static_cast<long long>(k) * 5;
+    const accum_t batch_index = roi[0];
     // Written as "inside" so that a NaN index is outside too.
-    g.n = batch_index >= 0.f && batch_index < static_cast<float>(s.batch)
+    g.n = batch_index >= accum_t(0) && batch_index < static_cast<accum_t>(s.batch)
               ? static_cast<int>(batch_index)
               : -1;
-    // roundf: C's round, halves away from zero, as the contract says.
-    const float start_x = roundf(to_float(roi[1])) * s.spatial_scale - 0.5f;
-    const float start_y = roundf(to_float(roi[2])) * s.spatial_scale - 0.5f;
-    const float end_x = (roundf(to_float(roi[3])) + 1.f) * s.spatial_scale - 0.5f;
-    const float end_y = (roundf(to_float(roi[4])) + 1.f) * s.spatial_scale - 0.5f;
-    g.roi_w = fmaxf(end_x - start_x, 0.1f);
-    g.roi_h = fmaxf(end_y - start_y, 0.1f);
-    const float bin_w = g.roi_w / static_cast<float>(s.pooled_size);
-    const float bin_h = g.roi_h / static_cast<float>(s.pooled_size);
-    g.sub_w = bin_w / static_cast<float>(s.sample_per_part);
-    g.sub_h = bin_h / static_cast<float>(s.sample_per_part);
+    // round_of: C's round, halves away from zero, as the contract says.
+    const accum_t start_x = round_of(roi[1]) * s.spatial_scale - accum_t(0.5);
+    const accum_t start_y = round_of(roi[2]) * s.spatial_scale - accum_t(0.5);
+    const accum_t end_x = (round_of(roi[3]) + accum_t(1)) * s.spatial_scale - accum_t(0.5);
+    const accum_t end_y = (round_of(roi[4]) + accum_t(1)) * s.spatial_scale - accum_t(0.5);
+    g.roi_w = max_of(end_x - start_x, accum_t(0.1));
+    g.roi_h = max_of(end_y - start_y, accum_t(0.1));
+    const accum_t bin_w = g.roi_w / static_cast<accum_t>(s.pooled_size);
+    const accum_t bin_h = g.roi_h / static_cast<accum_t>(s.pooled_size);
+    g.sub_w = bin_w / static_cast<accum_t>(s.sample_per_part);
+    g.sub_h = bin_h / static_cast<accum_t>(s.sample_per_part);
     // floor(ph / pooled_size * part_size) in exact integer arithmetic.
     g.part_h = ph * s.part_size / s.pooled_size;
     g.part_w = pw * s.part_size / s.pooled_size;
-    float trans_x = 0.f, trans_y = 0.f;
+    accum_t trans_x = accum_t(0), trans_y = accum_t(0);
     if (HAS_TRANS) {
         const int cells = s.part_size * s.part_size;
         const scalar_t* t = trans + (static_cast<long long>(k) * 2 * s.num_classes + 2 * class_id) *
                                         cells + g.part_h * s.part_size + g.part_w;
-        trans_x = to_float(t[0]) * s.trans_std;
-        trans_y = to_float(t[cells]) * s.trans_std;
+        trans_x = to_acc(t[0]) * s.trans_std;
+        trans_y = to_acc(t[cells]) * s.trans_std;
     }
-    g.first_x = static_cast<float>(pw) * bin_w + start_x + trans_x * g.roi_w;
-    g.first_y = static_cast<float>(ph) * bin_h + start_y + trans_y * g.roi_h;
+    g.first_x = static_cast<accum_t>(pw) * bin_w + start_x + trans_x * g.roi_w;
+    g.first_y = static_cast<accum_t>(ph) * bin_h + start_y + trans_y * g.roi_h;
     return g;
 }
 
 // The input channel of output channel ctop at bin (ph, pw).
-__device__ __forceinline__ int input_channel(const Shape& s, int ctop, int ph, int pw) {
+template <typename accum_t>
+__device__ __forceinline__ int input_channel(const Shape<accum_t>& s, int ctop, int ph, int pw) {
     const int gh = min(max(ph * s.group_size / s.pooled_size, 0), s.group_size - 1);
     const int gw = min(max(pw * s.group_size / s.pooled_size, 0), s.group_size - 1);
     return (ctop * s.group_size + gh) * s.group_size + gw;
 }
 
 // B2: a sample outside [-0.5, size - 0.5] is skipped and not counted.
-__device__ __forceinline__ bool counted(float y, float x, const Shape& s) {
+template <typename accum_t>
+__device__ __forceinline__ bool counted(accum_t y, accum_t x, const Shape<accum_t>& s) {
     // Written as "inside" so that a NaN coordinate (a NaN trans) is skipped.
-    return y >= -0.5f && y <= static_cast<float>(s.height) - 0.5f && x >= -0.5f &&
-           x <= static_cast<float>(s.width) - 0.5f;
+    return y >= -accum_t(0.5) && y <= static_cast<accum_t>(s.height) - accum_t(0.5) && x >= -accum_t(0.5) &&
+           x <= static_cast<accum_t>(s.width) - accum_t(0.5);
 }
 
+template <typename accum_t>
 struct Sample {
-    float ly, lx;         // y - floor(y), x - floor(x) after the clamp
+    accum_t ly, lx;         // y - floor(y), x - floor(x) after the clamp
     int corner[4];        // (floor y, floor x), (floor y, ceil x), (ceil y, floor x), (ceil y, ceil x)
-    float weight[4];
+    accum_t weight[4];
 };
 
 // A counted sample: clamp to [0, size - 1], blend floor / ceil corners.
-__device__ __forceinline__ Sample locate(float y, float x, const Shape& s) {
-    Sample p;
-    const float max_y = static_cast<float>(s.height - 1), max_x = static_cast<float>(s.width - 1);
-    y = fminf(fmaxf(y, 0.f), max_y);
-    x = fminf(fmaxf(x, 0.f), max_x);
-    const float y_low = floorf(y), x_low = floorf(x);
+template <typename accum_t>
+__device__ __forceinline__ Sample<accum_t> locate(accum_t y, accum_t x, const Shape<accum_t>& s) {
+    Sample<accum_t> p;
+    const accum_t max_y = static_cast<accum_t>(s.height - 1), max_x = static_cast<accum_t>(s.width - 1);
+    y = min_of(max_of(y, accum_t(0)), max_y);
+    x = min_of(max_of(x, accum_t(0)), max_x);
+    const accum_t y_low = floor_of(y), x_low = floor_of(x);
     const int y0 = static_cast<int>(y_low), x0 = static_cast<int>(x_low);
-    const int y1 = static_cast<int>(ceilf(y)), x1 = static_cast<int>(ceilf(x));
+    const int y1 = static_cast<int>(ceil_of(y)), x1 = static_cast<int>(ceil_of(x));
     p.ly = y - y_low;
     p.lx = x - x_low;
-    const float hy = 1.f - p.ly, hx = 1.f - p.lx;
+    const accum_t hy = accum_t(1) - p.ly, hx = accum_t(1) - p.lx;
     p.corner[0] = y0 * s.width + x0;
     p.corner[1] = y0 * s.width + x1;
     p.corner[2] = y1 * s.width + x0;
@@ -141,6 +151,12 @@ __device__ __forceinline__ Sample locate(float y, float x, const Shape& s) {
     return p;
 }
 
+// Resident blocks per SM the backward asks ptxas for (see the kernel).
+template <typename scalar_t>
+constexpr int BACKWARD_MIN_BLOCKS = 3;
+template <>
+constexpr int BACKWARD_MIN_BLOCKS<double> = 1;
+
 }  // namespace
 
 // output[k, ctop, ph, pw] = mean over the bin's counted samples of
@@ -149,13 +165,15 @@ __device__ __forceinline__ Sample locate(float y, float x, const Shape& s) {
 template <typename scalar_t, bool HAS_TRANS>
 __global__ void __launch_bounds__(PSROI_POOL_BLOCK_SIZE)
 deform_psroi_pool_forward(const scalar_t* __restrict__ input,  // [N, output_dim * group_size^2, H, W]
-                          const scalar_t* __restrict__ rois,   // [K, 5]
+                          const acc_t<scalar_t>* __restrict__ rois,  // [K, 5]
                           const scalar_t* __restrict__ trans,  // [K, 2 * num_classes, part_size, part_size]; unread without HAS_TRANS
                           scalar_t* __restrict__ output,       // [K, output_dim, pooled_size, pooled_size]
                           int batch, int channels, int height, int width, int output_dim,
                           int group_size, int pooled_size, int part_size, int sample_per_part,
-                          int num_classes, float spatial_scale, float trans_std) {
-    const Shape s{batch,       channels,  height,          width,
+                          int num_classes, acc_t<scalar_t> spatial_scale,
+                          acc_t<scalar_t> trans_std) {
+    using accum_t = acc_t<scalar_t>;
+    const Shape<accum_t> s{batch,       channels,  height,          width,
                   output_dim,  group_size, pooled_size,    part_size,
                   sample_per_part, num_classes, spatial_scale, trans_std};
     const int bins = pooled_size * pooled_size;
@@ -165,51 +183,60 @@ deform_psroi_pool_forward(const scalar_t* __restrict__ input,  // [N, output_dim
     const int ctop = item / bins;
     const int ph = item % bins / pooled_size, pw = item % pooled_size;
     const int class_id = ctop / (s.output_dim / s.num_classes);
-    const BinGeometry g = bin_geometry<scalar_t, HAS_TRANS>(rois, trans, s, k, class_id, ph, pw);
-    float sum = 0.f;
+    const BinGeometry<accum_t> g = bin_geometry<scalar_t, HAS_TRANS>(rois, trans, s, k, class_id, ph, pw);
+    accum_t sum = accum_t(0);
     int count = 0;
     if (g.n >= 0) {
         const scalar_t* plane =
             input + (static_cast<long long>(g.n) * s.channels + input_channel(s, ctop, ph, pw)) *
                         (static_cast<long long>(s.height) * s.width);
         for (int ih = 0; ih < s.sample_per_part; ++ih) {
-            const float y = g.first_y + static_cast<float>(ih) * g.sub_h;
+            const accum_t y = g.first_y + static_cast<accum_t>(ih) * g.sub_h;
             for (int iw = 0; iw < s.sample_per_part; ++iw) {
-                const float x = g.first_x + static_cast<float>(iw) * g.sub_w;
+                const accum_t x = g.first_x + static_cast<accum_t>(iw) * g.sub_w;
                 if (!counted(y, x, s)) continue;
-                const Sample p = locate(y, x, s);
+                const Sample<accum_t> p = locate(y, x, s);
                 for (int q = 0; q < 4; ++q)
-                    if (p.weight[q] != 0.f) sum += p.weight[q] * to_float(plane[p.corner[q]]);
+                    if (p.weight[q] != accum_t(0)) sum += p.weight[q] * to_acc(plane[p.corner[q]]);
                 ++count;
             }
         }
     }
     output[static_cast<long long>(k) * output_dim * bins + item] =
-        from_float<scalar_t>(count > 0 ? sum / static_cast<float>(count) : 0.f);
+        from_acc<scalar_t>(count > 0 ? sum / static_cast<accum_t>(count) : accum_t(0));
 }
 
 // Backward of deform_psroi_pool_forward for output channels
 // class_id * channels_per_class + [slice * per_thread, (slice + 1) * per_thread)
 // of bin (k, ph, pw):
 //  - grad_input[n, channel] += grad_output / count * weight at each corner
-//    (float32 atomics; zero-filled by the host, or null: no scatter);
+//    (acc_t atomics into grad_input, or fixed-point ones into
+//    grad_input_fixed; zero-filled by the host, both null: no scatter). A
+//    sample adds at most once to a pixel (coinciding corners have weight 0),
+//    so an element receives at most K * pooled_size^2 * sample_per_part^2 values;
 //  - grad_trans_partial[k, class_id, slice, 0 / 1, ph, pw] =
 //      trans_std * roi_w / roi_h / count * sum_ctop grad_output * d B2 / d x / d y
 //    summed over samples, written once, or not at all when null (then no
 //    input value is read).
+// __launch_bounds__ asks for 3 resident blocks (at most 85 registers; with
+// the block size alone the no_trans instantiations spilled on sm_80), none
+// for double (at 85 registers or fewer those spilled).
 template <typename scalar_t, bool HAS_TRANS>
-__global__ void __launch_bounds__(PSROI_POOL_BLOCK_SIZE)
+__global__ void __launch_bounds__(PSROI_POOL_BLOCK_SIZE, BACKWARD_MIN_BLOCKS<scalar_t>)
 deform_psroi_pool_backward(const scalar_t* __restrict__ input,        // [N, output_dim * group_size^2, H, W]
-                           const scalar_t* __restrict__ rois,         // [K, 5]
+                           const acc_t<scalar_t>* __restrict__ rois,  // [K, 5]
                            const scalar_t* __restrict__ trans,        // [K, 2 * num_classes, part_size, part_size]; unread without HAS_TRANS
                            const scalar_t* __restrict__ grad_output,  // [K, output_dim, pooled_size, pooled_size]
-                           float* __restrict__ grad_input,            // [N, output_dim * group_size^2, H, W], accumulated; or null
-                           float* __restrict__ grad_trans_partial,    // [K, num_classes, slices, 2, pooled_size, pooled_size]; or null
+                           acc_t<scalar_t>* __restrict__ grad_input,  // [N, output_dim * group_size^2, H, W], accumulated; or null
+                           long long* __restrict__ grad_input_fixed,  // the same elements, fixed point; or null
+                           double fixed_scale, int* __restrict__ fixed_status,
+                           acc_t<scalar_t>* __restrict__ grad_trans_partial,  // [K, num_classes, slices, 2, pooled_size, pooled_size]; or null
                            int batch, int channels, int height, int width, int output_dim,
                            int group_size, int pooled_size, int part_size, int sample_per_part,
-                           int num_classes, float spatial_scale, float trans_std,
-                           int channels_per_thread, int slices) {
-    const Shape s{batch,       channels,  height,          width,
+                           int num_classes, acc_t<scalar_t> spatial_scale,
+                           acc_t<scalar_t> trans_std, int channels_per_thread, int slices) {
+    using accum_t = acc_t<scalar_t>;
+    const Shape<accum_t> s{batch,       channels,  height,          width,
                   output_dim,  group_size, pooled_size,    part_size,
                   sample_per_part, num_classes, spatial_scale, trans_std};
     const int bins = pooled_size * pooled_size;
@@ -221,24 +248,26 @@ deform_psroi_pool_backward(const scalar_t* __restrict__ input,        // [N, out
     const int class_slice = item / bins;  // class_id * slices + slice
     const int slice = class_slice % slices;
     const int class_id = class_slice / slices;
-    const BinGeometry g = bin_geometry<scalar_t, HAS_TRANS>(rois, trans, s, k, class_id, ph, pw);
-    const bool scatter = grad_input != nullptr;  // uniform across the launch
+    const BinGeometry<accum_t> g = bin_geometry<scalar_t, HAS_TRANS>(rois, trans, s, k, class_id, ph, pw);
+    const ScatterAdd<accum_t> grad_input_target{grad_input, grad_input_fixed, fixed_scale,
+                                              fixed_status};
+    const bool scatter = grad_input_target.enabled();  // uniform across the launch
     const bool want_trans = HAS_TRANS && grad_trans_partial != nullptr;
 
     const int channels_per_class = s.output_dim / s.num_classes;
     const int ctop_begin = class_id * channels_per_class + slice * channels_per_thread;
     const int ctop_end =
         min(ctop_begin + channels_per_thread, (class_id + 1) * channels_per_class);
-    float grad_y = 0.f, grad_x = 0.f;
+    accum_t grad_y = accum_t(0), grad_x = accum_t(0);
     int count = 0;
     if (g.n >= 0) {
         for (int ih = 0; ih < s.sample_per_part; ++ih)
             for (int iw = 0; iw < s.sample_per_part; ++iw)
-                count += counted(g.first_y + static_cast<float>(ih) * g.sub_h,
-                                 g.first_x + static_cast<float>(iw) * g.sub_w, s);
+                count += counted(g.first_y + static_cast<accum_t>(ih) * g.sub_h,
+                                 g.first_x + static_cast<accum_t>(iw) * g.sub_w, s);
     }
     if (count > 0) {
-        const float inv_count = 1.f / static_cast<float>(count);
+        const accum_t inv_count = accum_t(1) / static_cast<accum_t>(count);
         const long long plane = static_cast<long long>(s.height) * s.width;
         const long long sample_planes = static_cast<long long>(g.n) * s.channels;
         // Consecutive output channels are group_size^2 input channels apart.
@@ -247,29 +276,29 @@ deform_psroi_pool_backward(const scalar_t* __restrict__ input,        // [N, out
         const scalar_t* grad_out_first =
             grad_output + (static_cast<long long>(k) * s.output_dim + ctop_begin) * bins + bin;
         for (int ih = 0; ih < s.sample_per_part; ++ih) {
-            const float y = g.first_y + static_cast<float>(ih) * g.sub_h;
+            const accum_t y = g.first_y + static_cast<accum_t>(ih) * g.sub_h;
             for (int iw = 0; iw < s.sample_per_part; ++iw) {
-                const float x = g.first_x + static_cast<float>(iw) * g.sub_w;
+                const accum_t x = g.first_x + static_cast<accum_t>(iw) * g.sub_w;
                 if (!counted(y, x, s)) continue;
-                const Sample p = locate(y, x, s);
-                const float hy = 1.f - p.ly, hx = 1.f - p.lx;
+                const Sample<accum_t> p = locate(y, x, s);
+                const accum_t hy = accum_t(1) - p.ly, hx = accum_t(1) - p.lx;
                 const scalar_t* in = input + first_plane * plane;
-                float* grad_in = scatter ? grad_input + first_plane * plane : nullptr;
+                ScatterAdd<accum_t> grad_in = grad_input_target.shifted(first_plane * plane);
                 const scalar_t* grad_out = grad_out_first;
 #pragma unroll 1
                 for (int ctop = ctop_begin; ctop < ctop_end; ++ctop, grad_out += bins) {
-                    const float go = to_float(*grad_out);
+                    const accum_t go = to_acc(*grad_out);
                     if (scatter) {
-                        const float scaled = go * inv_count;
-                        if (scaled != 0.f)
+                        const accum_t scaled = go * inv_count;
+                        if (scaled != accum_t(0))
                             for (int q = 0; q < 4; ++q)
-                                if (p.weight[q] != 0.f)
-                                    atomicAdd(grad_in + p.corner[q], p.weight[q] * scaled);
-                        grad_in += channel_step;
+                                if (p.weight[q] != accum_t(0))
+                                    grad_in.add(p.corner[q], p.weight[q] * scaled);
+                        grad_in = grad_in.shifted(channel_step);
                     }
                     if (want_trans) {
-                        float v[4];
-                        for (int q = 0; q < 4; ++q) v[q] = to_float(in[p.corner[q]]);
+                        accum_t v[4];
+                        for (int q = 0; q < 4; ++q) v[q] = to_acc(in[p.corner[q]]);
                         in += channel_step;
                         // A clamped coordinate is an integer: its floor and ceil
                         // corners coincide and its slope comes out 0, as it should.
@@ -283,7 +312,7 @@ deform_psroi_pool_backward(const scalar_t* __restrict__ input,        // [N, out
         grad_x *= inv_count;
     }
     if (want_trans) {
-        float* out = grad_trans_partial +
+        accum_t* out = grad_trans_partial +
                      (static_cast<long long>(k) * num_classes * slices + class_slice) * 2 * bins +
                      bin;
         out[0] = grad_x * s.trans_std * g.roi_w;

@@ -21,7 +21,8 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 // float64 kernels (so that users can run torch.autograd.gradcheck on them)
 // compute in double instead: acc_t<T> is the type a kernel of storage type T
 // computes in, to_acc / from_acc convert to and from it (from_acc rounds once,
-// to nearest even), floor_of / max_of / exp_of are the math at that type.
+// to nearest even), floor_of / max_of / exp_of (min_of / ceil_of / round_of)
+// are the math at that type.
 template <typename T> struct AccumulateType { using type = float; };
 template <> struct AccumulateType<double> { using type = double; };
 template <typename T> using acc_t = typename AccumulateType<T>::type;
@@ -40,5 +41,12 @@ __device__ __forceinline__ float max_of(float a, float b) { return fmaxf(a, b); 
 __device__ __forceinline__ double max_of(double a, double b) { return fmax(a, b); }
 __device__ __forceinline__ float exp_of(float v) { return expf(v); }
 __device__ __forceinline__ double exp_of(double v) { return exp(v); }
+__device__ __forceinline__ float min_of(float a, float b) { return fminf(a, b); }
+__device__ __forceinline__ double min_of(double a, double b) { return fmin(a, b); }
+__device__ __forceinline__ float ceil_of(float v) { return ceilf(v); }
+__device__ __forceinline__ double ceil_of(double v) { return ceil(v); }
+// C's round: halves away from zero.
+__device__ __forceinline__ float round_of(float v) { return roundf(v); }
+__device__ __forceinline__ double round_of(double v) { return round(v); }
 
 #endif  // DCNBENCH_SCALAR_CONVERSIONS_CUH

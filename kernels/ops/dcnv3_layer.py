@@ -111,7 +111,8 @@ def dcnv3_layer(
     """
     return prepare_layer(
         input, weights, core=core, group=group, group_channels=group_channels,
-        kernel_h=kernel_h, kernel_w=kernel_w, dilation_h=dilation_h, dilation_w=dilation_w,
+        kernel_h=kernel_h, kernel_w=kernel_w, stride_h=stride_h, stride_w=stride_w,
+        pad_h=pad_h, pad_w=pad_w, dilation_h=dilation_h, dilation_w=dilation_w,
         offset_scale=offset_scale, remove_center=remove_center, dw_kernel_size=dw_kernel_size,
     )()  # fmt: skip
 
@@ -125,6 +126,10 @@ def prepare_layer(
     group_channels: int,
     kernel_h: int = 3,
     kernel_w: int = 3,
+    stride_h: int = 1,
+    stride_w: int = 1,
+    pad_h: int | None = None,
+    pad_w: int | None = None,
     dilation_h: int = 1,
     dilation_w: int = 1,
     offset_scale: float = 1.0,
@@ -172,15 +177,15 @@ def prepare_layer(
             raise ValueError(f"{name} must be {input.dtype} on {input.device} like input, "
                              f"got {tensor.dtype} on {tensor.device}")
     return functools.partial(_layer, input, dict(weights), core, group, group_channels,
-                             geometry, dw_kernel_size, with_scale)
+                             geometry, dw_pad, (shift_h, shift_w), with_scale)
 
 
-def _layer(input, w, core, group, group_channels, geometry, dw_kernel_size, with_scale):
+def _layer(input, w, core, group, group_channels, geometry, dw_pad, shift, with_scale):
     """The layer's steps (module docstring) on checked arguments."""
     channels = input.shape[3]
     x_proj = F.linear(input, w["input_proj_weight"], w["input_proj_bias"])
     x1 = F.conv2d(input.permute(0, 3, 1, 2), w["dw_weight"], w["dw_bias"],
-                  stride=(stride_h, stride_w), padding=dw_pad,
+                  stride=(geometry["stride_h"], geometry["stride_w"]), padding=dw_pad,
                   groups=channels).permute(0, 2, 3, 1)
     x1 = F.gelu(F.layer_norm(x1, (channels,), w["norm_weight"], w["norm_bias"], eps=LAYER_NORM_EPS))
     offset = F.linear(x1, w["offset_weight"], w["offset_bias"])
@@ -192,8 +197,10 @@ def _layer(input, w, core, group, group_channels, geometry, dw_kernel_size, with
                                        w["center_feature_scale_bias"]))
         scale = scale.repeat_interleave(group_channels, dim=-1)
         # x_proj at the windows' centres (F.pad crops where the shift is negative).
+        shift_h, shift_w = shift
         centres = F.pad(x_proj, (0, 0, shift_w, shift_w, shift_h, shift_h))
-        centres = centres[:, ::stride_h, ::stride_w][:, : out.shape[1], : out.shape[2]]
+        centres = centres[:, :: geometry["stride_h"], :: geometry["stride_w"]]
+        centres = centres[:, : out.shape[1], : out.shape[2]]
         out = out * (1 - scale) + centres * scale
     return F.linear(out, w["output_proj_weight"], w["output_proj_bias"])
 

@@ -3,15 +3,21 @@
 Semantics: ``shared/ops-semantics.md`` ("RoI pooling, NCHW"): R-FCN's
 deformable PSRoI pooling as in the original Deformable ConvNets (and mmcv's
 DeformRoIPoolingFunction of mmdet v1), sampling rule B2. float32 / float16 /
-bfloat16, float32 accumulation. Design notes: ``docs/kernels/roi_pool.md``.
+bfloat16 with float32 accumulation, float64 in float64. Design notes:
+``docs/kernels/roi_pool.md``.
 
 Forward and backward kernels: ``kernels/cuda/deform_psroi_pool.cu``
 (HAS_TRANS = false for ``no_trans``). The backward scatters grad_input with
-float32 atomics into a float32 buffer (cast once at the end) and writes
+atomics into a buffer of the accumulation dtype (cast once at the end; under
+``torch.use_deterministic_algorithms(True)`` fixed-point int64 atomics, see
+``kernels.ops.deform_roi_pool.InputGradient``) and writes
 per-bin, per-channel-slice partial sums of the trans gradient; here they are
 summed over slices and over the bins that share a part cell. Only requested
-gradients are computed. ``rois`` and ``trans`` values are checked on the host,
-as in :mod:`kernels.ops.deform_roi_pool` (one synchronisation per forward on a GPU).
+gradients are computed. ``rois`` (a [K, 5] tensor or a list of [L, 4] boxes
+per image, float32 or the input's dtype) and ``trans`` values are checked on
+the host, as in :mod:`kernels.ops.deform_roi_pool` (one synchronisation per
+forward on a GPU). K = 0 RoIs or output_dim = 0 give an empty output and zero
+gradients, without a launch.
 """
 
 from __future__ import annotations
@@ -21,28 +27,40 @@ import functools
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
-from kernels import launch
+from kernels import determinism, launch
 from kernels.checks import check_shape, check_tensor
 from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
 from kernels.ops.deform_roi_pool import (
     SUPPORTED_DTYPES,
+    InputGradient,
+    accumulate_dtype,
+    accumulate_scalar,
     channel_slicing,
+    check_bool,
     check_finite_float,
     check_input_and_rois,
     check_positive_int,
     check_same_dtype_and_device,
     check_values,
+    fully_connected,
     roi_chunks,
     roi_rows,
 )
+from kernels.rois import as_rois, check_explicit_grid
 
-__all__ = ["deform_psroi_pool", "prepare"]
+__all__ = ["DeformPSRoIPool", "DeformPSRoIPoolPack", "deform_psroi_pool", "prepare"]
 
 # Threads per block of both kernels (a macro in the .cu, see deform_roi_pool).
 BLOCK_SIZE = 256
 
-_CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+_CTYPES = {
+    torch.float32: "float",
+    torch.float16: "__half",
+    torch.bfloat16: "__nv_bfloat16",
+    torch.float64: "double",
+}
 _KERNELS = ("deform_psroi_pool_forward", "deform_psroi_pool_backward")
 
 
@@ -91,6 +109,11 @@ class Geometry:
     def output_shape(self) -> tuple[int, int, int, int]:
         return (self.num_rois, self.output_dim, self.pooled_size, self.pooled_size)
 
+    @property
+    def empty(self) -> bool:
+        """No RoI or no output channel: nothing to launch, the output has no element."""
+        return self.num_rois == 0 or self.output_dim == 0
+
 
 def check_arguments(
     input: torch.Tensor,
@@ -108,11 +131,12 @@ def check_arguments(
     None means no_trans. Returns the call's sizes."""
     num_rois = check_input_and_rois(input, rois)
     spatial_scale = check_finite_float("spatial_scale", spatial_scale, positive=True)
-    check_positive_int("output_dim", output_dim)
+    check_positive_int("output_dim", output_dim, minimum=0)
     check_positive_int("group_size", group_size)
     check_positive_int("pooled_size", pooled_size)
     check_positive_int("part_size", part_size, minimum=0)
     check_positive_int("sample_per_part", sample_per_part)
+    check_explicit_grid("sample_per_part", sample_per_part)
     trans_std = check_finite_float("trans_std", trans_std)
     part_size = part_size or pooled_size
     batch, channels, height, width = input.shape
@@ -166,7 +190,7 @@ def check_arguments(
 # --------------------------------------------------------------------------- #
 
 
-def _geometry_arguments(g: Geometry) -> tuple:
+def _geometry_arguments(g: Geometry, dtype: torch.dtype) -> tuple:
     ints = (
         g.batch,
         g.channels,
@@ -181,8 +205,8 @@ def _geometry_arguments(g: Geometry) -> tuple:
     )
     return (
         *(launch.int32(v) for v in ints),
-        launch.float32(g.spatial_scale),
-        launch.float32(g.trans_std),
+        accumulate_scalar(g.spatial_scale, dtype),
+        accumulate_scalar(g.trans_std, dtype),
     )
 
 
@@ -190,10 +214,13 @@ def _forward(
     g: Geometry, input: torch.Tensor, rois: torch.Tensor, trans: torch.Tensor | None
 ) -> torch.Tensor:
     output = launch.new_output(g.output_shape, input.dtype, input.device)
+    if g.empty:
+        return output
     kernel = launch.module(SOURCE, input.device).function(
         _name_expression("deform_psroi_pool_forward", input.dtype, trans is not None)
     )
     null = launch.null(input.dtype, input.device)  # unread without HAS_TRANS
+    rois = rois.to(accumulate_dtype(input.dtype)).contiguous()
     for start, stop in roi_chunks(g.num_rois):
         kernel(
             (launch.blocks(g.output_dim * g.bins, BLOCK_SIZE), stop - start),
@@ -203,7 +230,7 @@ def _forward(
                 rois[start:stop],
                 roi_rows(trans, start, stop, null),
                 output[start:stop],
-                *_geometry_arguments(g),
+                *_geometry_arguments(g, input.dtype),
             ),
         )
     return output
@@ -231,10 +258,25 @@ def _backward(
     dtype, device = input.dtype, input.device
     want_input = output_mask[0]
     want_trans = output_mask[1] and trans is not None
-    # float32 accumulation: see kernels.ops.deform_roi_pool._backward.
-    grad_input = (
-        torch.zeros(input.shape, dtype=torch.float32, device=device) if want_input else None
-    )
+    if g.empty:
+        # Nothing pooled: every requested gradient is zero.
+        return tuple(
+            torch.zeros(tensor.shape, dtype=dtype, device=device)
+            if wanted
+            else torch.empty(0, dtype=dtype, device=device)
+            for tensor, wanted in ((input, want_input), (trans, want_trans))
+        )
+
+    def bound() -> tuple[float, int]:
+        # A value added is grad_output * weight / count, weight <= 1; an
+        # element receives at most one per sample of every bin (group_size 1:
+        # all bins read one plane).
+        samples = g.bins * g.sample_per_part**2
+        return determinism.max_abs(grad_output), g.num_rois * samples
+
+    # float32 accumulation (float64 for float64): see kernels.ops.deform_roi_pool._backward.
+    grad_input = InputGradient(input.shape, dtype, device, bound) if want_input else None
+    accumulate = accumulate_dtype(dtype)
     channels_per_class = g.output_dim // g.num_classes
     slicing = channel_slicing(
         channels_per_class, g.num_rois * g.num_classes * g.bins, want_trans, device
@@ -242,7 +284,7 @@ def _backward(
     trans_partial = (
         launch.new_output(
             (g.num_rois, g.num_classes, slicing.slices, 2, g.pooled_size, g.pooled_size),
-            torch.float32,
+            accumulate,
             device,
         )
         if want_trans
@@ -252,7 +294,11 @@ def _backward(
         kernel = launch.module(SOURCE, device).function(
             _name_expression("deform_psroi_pool_backward", dtype, trans is not None)
         )
-        null, null_float = launch.null(dtype, device), launch.null(torch.float32, device)
+        null, null_accumulate = launch.null(dtype, device), launch.null(accumulate, device)
+        rois = rois.to(accumulate).contiguous()
+        grad_input_args = (
+            InputGradient.unused(dtype, device) if grad_input is None else grad_input.kernel_args()
+        )
         for start, stop in roi_chunks(g.num_rois):
             kernel(
                 (launch.blocks(g.num_classes * slicing.slices * g.bins, BLOCK_SIZE), stop - start),
@@ -262,9 +308,9 @@ def _backward(
                     rois[start:stop],
                     roi_rows(trans, start, stop, null),
                     grad_output[start:stop],
-                    null_float if grad_input is None else grad_input,
-                    roi_rows(trans_partial, start, stop, null_float),
-                    *_geometry_arguments(g),
+                    *grad_input_args,
+                    roi_rows(trans_partial, start, stop, null_accumulate),
+                    *_geometry_arguments(g, dtype),
                     launch.int32(slicing.channels_per_thread),
                     launch.int32(slicing.slices),
                 ),
@@ -277,7 +323,9 @@ def _backward(
         )
         grad_trans = _sum_into_part_cells(g, per_bin).to(dtype)
     grad_input = (
-        torch.empty(0, dtype=dtype, device=device) if grad_input is None else grad_input.to(dtype)
+        torch.empty(0, dtype=dtype, device=device)
+        if grad_input is None
+        else grad_input.result(dtype)
     )
     return grad_input, grad_trans
 
@@ -383,39 +431,42 @@ _deform_psroi_pool_op.register_autograd(_autograd_backward, setup_context=_setup
 
 def deform_psroi_pool(
     input: torch.Tensor,
-    rois: torch.Tensor,
-    trans: torch.Tensor | None,
+    rois: torch.Tensor | list[torch.Tensor],
+    trans: torch.Tensor | None = None,
     *,
-    spatial_scale: float,
+    spatial_scale: float = 1.0,
     output_dim: int,
-    group_size: int,
+    group_size: int = 1,
     pooled_size: int,
     part_size: int = 0,
-    sample_per_part: int,
-    trans_std: float,
-    no_trans: bool,
+    sample_per_part: int = 4,
+    trans_std: float = 0.0,
+    no_trans: bool = False,
 ) -> torch.Tensor:
     """Deformable position-sensitive RoI pooling (R-FCN, Deformable ConvNets) with our CUDA kernels.
 
     Bin (ph, pw) of output channel ctop averages, by rule B2, a
     sample_per_part² grid of input channel (ctop·group_size + gh)·group_size + gw,
     moved by trans_std·(roi_w, roi_h)·trans of the bin's class and part cell.
-    Differentiable in ``input`` and ``trans``.
+    Differentiable in ``input`` and ``trans``. Defaults are mmdet v1's
+    ``deform_roi_pooling`` (group_size 1, part_size = pooled_size,
+    sample_per_part 4, trans_std 0).
 
     Args:
-        input: [N, output_dim·group_size², H, W], float32 / float16 / bfloat16.
+        input: [N, output_dim·group_size², H, W], float32 / float16 / bfloat16 / float64.
         rois: [K, 5] of (batch_index, x1, y1, x2, y2) in image coordinates
-            (rounded to integers, C's round), same dtype and device as input;
-            batch indices integral in [0, N), coordinates finite (checked: one
-            host synchronisation on a GPU).
+            (rounded to integers, C's round), or a list of [L_i, 4] boxes, one
+            tensor per image; the input's dtype or float32, on its device;
+            batch indices integral in [0, N), coordinates finite (checked:
+            one host synchronisation on a GPU).
         trans: [K, 2·num_classes, part_size, part_size] (channel 2·cls moves
             x, 2·cls + 1 moves y; num_classes divides output_dim), or None
             with ``no_trans`` (ignored when no_trans is true).
-        spatial_scale: image to feature-map scale (> 0).
-        output_dim, group_size, pooled_size: output channels, position-sensitive
-            grid side, output bins per side.
+        spatial_scale: image to feature-map scale (> 0; default 1).
+        output_dim, group_size, pooled_size: output channels (0: an empty
+            output), position-sensitive grid side, output bins per side.
         part_size: trans cells per side; 0 means pooled_size.
-        sample_per_part: samples per bin side.
+        sample_per_part: samples per bin side (1 to 1024).
         trans_std: scale of trans.
         no_trans: pool without moving the bins.
 
@@ -457,12 +508,12 @@ def _operands(input, rois, trans, spatial_scale, output_dim, group_size, pooled_
               sample_per_part, trans_std, no_trans) -> tuple[Geometry, tuple]:
     """Check shapes, dtypes, devices and parameters; the call's sizes and the
     operator's arguments, dense (``trans`` None with ``no_trans``)."""
-    if not isinstance(no_trans, bool):
-        raise TypeError(f"no_trans must be a bool, got {no_trans!r}")
+    check_bool("no_trans", no_trans)
     if no_trans:
         trans = None
     elif trans is None:
         raise TypeError("trans must be a torch.Tensor unless no_trans=True, got None")
+    rois = as_rois(rois)
     params = (
         spatial_scale,
         output_dim,
@@ -487,3 +538,136 @@ def _operands(input, rois, trans, spatial_scale, output_dim, group_size, pooled_
         g.trans_std,
     )
     return g, operands
+
+
+# --------------------------------------------------------------------------- #
+# Modules.
+# --------------------------------------------------------------------------- #
+
+
+class DeformPSRoIPool(nn.Module):
+    """mmdet v1's ``DeformRoIPooling``: ``forward(input, rois, trans=None)`` = :func:`deform_psroi_pool`.
+
+    input [N, output_dim·group_size², H, W]; rois [K, 5] or a list of
+    [L_i, 4] boxes per image; trans [K, 2·num_classes, part_size, part_size]
+    (None with no_trans); output [K, output_dim, pooled_size, pooled_size].
+    Positional order and defaults are mmdet's (spatial_scale, out_size,
+    out_channels, no_trans, group_size=1, part_size=None, sample_per_part=4,
+    trans_std=0), under the contract's names.
+    """
+
+    def __init__(
+        self,
+        spatial_scale: float,
+        pooled_size: int,
+        output_dim: int,
+        no_trans: bool = False,
+        group_size: int = 1,
+        part_size: int = 0,
+        sample_per_part: int = 4,
+        trans_std: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.spatial_scale = spatial_scale
+        self.pooled_size = pooled_size
+        self.output_dim = output_dim
+        self.no_trans = check_bool("no_trans", no_trans)
+        self.group_size = group_size
+        self.part_size = part_size
+        self.sample_per_part = sample_per_part
+        self.trans_std = trans_std
+
+    def _pool(self, input, rois, trans, no_trans):
+        return deform_psroi_pool(
+            input,
+            rois,
+            trans,
+            spatial_scale=self.spatial_scale,
+            output_dim=self.output_dim,
+            group_size=self.group_size,
+            pooled_size=self.pooled_size,
+            part_size=self.part_size,
+            sample_per_part=self.sample_per_part,
+            trans_std=self.trans_std,
+            no_trans=no_trans,
+        )
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        rois: torch.Tensor | list[torch.Tensor],
+        trans: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self._pool(input, rois, trans, self.no_trans)
+
+    def extra_repr(self) -> str:
+        return (
+            f"spatial_scale={self.spatial_scale}, pooled_size={self.pooled_size}, "
+            f"output_dim={self.output_dim}, no_trans={self.no_trans}, "
+            f"group_size={self.group_size}, part_size={self.part_size}, "
+            f"sample_per_part={self.sample_per_part}, trans_std={self.trans_std}"
+        )
+
+
+class DeformPSRoIPoolPack(DeformPSRoIPool):
+    """mmdet v1's ``DeformRoIPoolingPack``: the trans is learnt from the pooled features.
+
+    ``forward(input, rois)``: x = the no_trans pooling [K, output_dim, P, P]
+    (P = pooled_size); trans = ``offset_fc``(x flattened) [K, 2, P, P]
+    (``num_offset_fcs`` linear layers, output_dim·P² -> deform_fc_channels ...
+    -> 2·P², ReLUs between, the last zero-initialised: one class, part_size =
+    pooled_size); returns :func:`deform_psroi_pool` with that trans. With
+    ``no_trans`` there are no layers and it is the no_trans pooling; at
+    initialisation it is that pooling too.
+    """
+
+    def __init__(
+        self,
+        spatial_scale: float,
+        pooled_size: int,
+        output_dim: int,
+        no_trans: bool = False,
+        group_size: int = 1,
+        part_size: int = 0,
+        sample_per_part: int = 4,
+        trans_std: float = 0.0,
+        num_offset_fcs: int = 3,
+        deform_fc_channels: int = 1024,
+    ) -> None:
+        super().__init__(
+            spatial_scale, pooled_size, output_dim, no_trans, group_size, part_size,
+            sample_per_part, trans_std,
+        )
+        check_positive_int("pooled_size", pooled_size)
+        check_positive_int("output_dim", output_dim)
+        if part_size not in (0, pooled_size):
+            raise ValueError(
+                "part_size must be 0 or pooled_size: the layers predict one trans cell per bin, "
+                f"got part_size={part_size}, pooled_size={pooled_size}"
+            )
+        self.num_offset_fcs = check_positive_int("num_offset_fcs", num_offset_fcs)
+        self.deform_fc_channels = check_positive_int("deform_fc_channels", deform_fc_channels)
+        if not no_trans:
+            bins = pooled_size * pooled_size
+            hidden = [deform_fc_channels] * (num_offset_fcs - 1)
+            self.offset_fc = fully_connected([output_dim * bins, *hidden, 2 * bins])
+
+    def forward(  # type: ignore[override]
+        self, input: torch.Tensor, rois: torch.Tensor | list[torch.Tensor]
+    ) -> torch.Tensor:
+        rois = as_rois(rois)
+        plain = self._pool(input, rois, None, True)
+        if self.no_trans:
+            return plain
+        count = plain.shape[0]
+        # An explicit size: with K = 0 a -1 would be ambiguous.
+        trans = self.offset_fc(plain.reshape(count, plain.shape[1:].numel()))
+        return self._pool(
+            input, rois, trans.view(count, 2, self.pooled_size, self.pooled_size), False
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, num_offset_fcs={self.num_offset_fcs}, "
+            f"deform_fc_channels={self.deform_fc_channels}"
+        )

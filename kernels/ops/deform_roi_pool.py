@@ -2,21 +2,32 @@
 
 Semantics: ``shared/ops-semantics.md`` ("RoI pooling, NCHW"): mmcv's
 DeformRoIPool / ModulatedDeformRoIPool, and ``roi_align`` =
-``torchvision.ops.roi_align(aligned=True)`` = ``deform_roi_pool`` without
-offset; sampling rule B1. float32 / float16 / bfloat16, float32 accumulation.
-Design notes: ``docs/kernels/roi_pool.md``.
+``torchvision.ops.roi_align`` (with ``aligned``, ``deform_roi_pool`` without
+offset); sampling rule B1. float32 / float16 / bfloat16 with float32
+accumulation, and float64 computed in float64 (for
+``torch.autograd.gradcheck``). Design notes: ``docs/kernels/roi_pool.md``.
 
 One forward and one backward kernel (``kernels/cuda/deform_roi_pool.cu``),
 templated on HAS_OFFSET / HAS_MASK, serve the three operators. The backward
-scatters grad_input with float32 atomics into a float32 buffer (cast once at
-the end) and writes per-channel-slice partial sums of grad_offset / grad_mask,
-summed here. Only requested gradients are computed.
+scatters grad_input with atomics into a buffer of the accumulation dtype (float32;
+float64 for float64; cast once at the end) -- under ``torch.use_deterministic_algorithms(True)`` with
+fixed-point int64 atomics instead, bit-reproducible (:class:`InputGradient`,
+``kernels/determinism.py``) -- and writes per-channel-slice partial sums of
+grad_offset / grad_mask, summed here (no atomics: reproducible either way).
+Only requested gradients are computed.
 
-``rois`` and ``offset`` values are checked on the host (integral batch indices
-in range, finite coordinates and offsets): on a GPU that is one device-to-host
-synchronisation per forward call, the price of a clear error instead of a
-silently wrong result. :func:`prepare` checks them once and returns a call that
-never synchronises (the harness times that).
+``rois`` (a [K, 5] tensor or a list of [L, 4] boxes per image, see
+``kernels.rois``) and ``offset`` values are checked on the host (integral
+batch indices in range, finite coordinates and offsets, adaptive sampling
+grids within ``kernels.rois.MAX_SAMPLES_PER_BIN``): on a GPU that is one
+device-to-host synchronisation per forward call (:func:`check_values`), the
+price of a clear error instead of a silently wrong result.
+
+K = 0 RoIs or C = 0 channels give an empty output of the right shape and
+zero gradients, without a launch.
+
+:func:`prepare` checks them once and returns a call that never synchronises
+(the harness times that).
 
 On a CPU tensor the kernels run through ``kernels.emulator``: for correctness
 checks, never for timing.
@@ -26,23 +37,65 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
+import numpy as np
 import torch
+from torch import nn
 
-from kernels import launch
+from kernels import determinism, launch
 from kernels.checks import check_shape, check_tensor
 from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
+from kernels.rois import (
+    MAX_SAMPLES_PER_BIN,
+    as_rois,
+    check_explicit_grid,
+    grid_too_large,
+    grid_too_large_error,
+)
 
-__all__ = ["deform_roi_pool", "modulated_deform_roi_pool", "prepare", "roi_align"]
+__all__ = [
+    "DeformRoIPool",
+    "DeformRoIPoolPack",
+    "ModulatedDeformRoIPool",
+    "ModulatedDeformRoIPoolPack",
+    "RoIAlign",
+    "deform_roi_pool",
+    "modulated_deform_roi_pool",
+    "prepare",
+    "roi_align",
+]
 
 # Threads per block of both kernels; the .cu gets it as a macro so its
 # __launch_bounds__ and our grids cannot disagree.
 BLOCK_SIZE = 256
 
-_CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+_CTYPES = {
+    torch.float32: "float",
+    torch.float16: "__half",
+    torch.bfloat16: "__nv_bfloat16",
+    torch.float64: "double",
+}
 SUPPORTED_DTYPES = tuple(_CTYPES)
+# The rois may come in the input's dtype or in float32 (what autocast hands
+# to half features); the kernels read them in the accumulation dtype.
+ROIS_DTYPE = torch.float32
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernels compute and accumulate in for input of ``dtype``
+    (``acc_t`` in scalar_conversions.cuh): float32, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def accumulate_scalar(value: float, dtype: torch.dtype) -> np.floating:
+    """A real kernel parameter of the accumulation type of ``dtype``."""
+    return np.float64(value) if dtype == torch.float64 else launch.float32(value)
+
+
 _KERNELS = ("deform_roi_pool_forward", "deform_roi_pool_backward")
 
 
@@ -62,7 +115,11 @@ SOURCE = register(
             for has_mask in (False, True)
         ),
         block_sizes=dict.fromkeys(_KERNELS, BLOCK_SIZE),
-        options=(*COMPILE_OPTIONS, f"-DROI_POOL_BLOCK_SIZE={BLOCK_SIZE}"),
+        options=(
+            *COMPILE_OPTIONS,
+            f"-DROI_POOL_BLOCK_SIZE={BLOCK_SIZE}",
+            f"-DROI_POOL_MAX_SAMPLES={MAX_SAMPLES_PER_BIN}",
+        ),
     )
 )
 
@@ -73,8 +130,9 @@ SOURCE = register(
 
 
 def check_input_and_rois(input: object, rois: object) -> int:
-    """input [N, C, H, W] of a supported dtype on CUDA or CPU, rois [K, 5] of
-    the same dtype and device; returns K."""
+    """input [N, C, H, W] of a supported dtype on CUDA or CPU (N and C may be
+    0, H and W not), rois [K, 5] of the input's dtype or float32 on its
+    device; returns K."""
     check_tensor("input", input, 4)
     check_tensor("rois", rois, 2)
     if input.dtype not in SUPPORTED_DTYPES:
@@ -83,13 +141,19 @@ def check_input_and_rois(input: object, rois: object) -> int:
         )
     if input.device.type not in ("cuda", "cpu"):
         raise ValueError(f"input is on {input.device}; supported: CUDA, or CPU (emulated)")
-    if min(input.shape) < 1:
-        raise ValueError(f"input must be non-empty, got shape {tuple(input.shape)}")
+    if min(input.shape[2:]) < 1:
+        raise ValueError(f"input must have H, W >= 1, got shape {tuple(input.shape)}")
     if rois.shape[1] != 5:
         raise ValueError(
             f"rois must have shape (K, 5) (batch_index, x1, y1, x2, y2), got {tuple(rois.shape)}"
         )
-    check_same_dtype_and_device("rois", rois, input)
+    if rois.dtype not in (input.dtype, ROIS_DTYPE):
+        also = "" if input.dtype == ROIS_DTYPE else f" or {ROIS_DTYPE}"
+        raise TypeError(
+            f"rois has dtype {rois.dtype}, expected input's dtype {input.dtype}{also}"
+        )
+    if rois.device != input.device:
+        raise ValueError(f"rois is on {rois.device}, expected input's device {input.device}")
     if input.shape[2] * input.shape[3] > launch.INT32_MAX:
         raise ValueError(f"input planes of {input.shape[2]}x{input.shape[3]} exceed 2^31 elements")
     return rois.shape[0]
@@ -102,21 +166,34 @@ def check_same_dtype_and_device(name: str, tensor: torch.Tensor, input: torch.Te
         raise ValueError(f"{name} is on {tensor.device}, expected input's device {input.device}")
 
 
-def check_values(rois: torch.Tensor, batch: int, **moves: torch.Tensor | None) -> None:
-    """Batch indices integral and in [0, batch), coordinates finite, and every
-    tensor in ``moves`` (offset, trans: they move sample positions) finite.
+def check_values(
+    rois: torch.Tensor,
+    batch: int,
+    adaptive: Geometry | AdaptiveGrid | None = None,
+    **moves: torch.Tensor | None,
+) -> None:
+    """Batch indices integral and in [0, batch), coordinates finite, every
+    tensor in ``moves`` (offset, trans: they move sample positions) finite,
+    and, given the ``adaptive`` geometry of a call with sampling_ratio <= 0,
+    every RoI's sampling grid within ``MAX_SAMPLES_PER_BIN``.
 
     Reads values: on a GPU one synchronisation (the error path takes more,
-    to name the first bad element).
+    to name the first bad element). Callers that check a case once (the
+    harness) may call it outside the timed call.
     """
     index = rois[:, 0]
     bad_index = (index != index.floor()) | (index < 0) | (index >= batch)
     bad_coordinates = ~torch.isfinite(rois[:, 1:]).all(dim=1)
     given = {name: tensor for name, tensor in moves.items() if tensor is not None}
+    grid_h, grid_w = (None, None) if adaptive is None else adaptive_grid(rois, adaptive)
+    bad_grid = (
+        torch.zeros_like(bad_index) if adaptive is None else grid_too_large(grid_h, grid_w)
+    )
     flags = torch.stack(
         [
             bad_index.any(),
             bad_coordinates.any(),
+            bad_grid.any(),
             *(~torch.isfinite(tensor).all() for tensor in given.values()),
         ]
     ).tolist()
@@ -131,14 +208,54 @@ def check_values(rois: torch.Tensor, batch: int, **moves: torch.Tensor | None) -
         raise ValueError(
             f"rois[:, 1:] must be finite coordinates, got {rois[k, 1:].tolist()} in RoI {k}"
         )
-    for name, bad in zip(given, flags[2:], strict=True):
+    if flags[2]:
+        k = int(bad_grid.nonzero()[0, 0])
+        raise grid_too_large_error(k, int(grid_h[k]), int(grid_w[k]))
+    for name, bad in zip(given, flags[3:], strict=True):
         if bad:
             raise ValueError(f"{name} must be finite (it moves sample positions), got NaN or Inf")
 
 
-def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+class AdaptiveGrid(NamedTuple):
+    """What an adaptive sampling grid depends on (a :class:`Geometry` has these too)."""
+
+    pooled_h: int
+    pooled_w: int
+    spatial_scale: float
+    aligned: bool
+
+
+def adaptive_grid(rois: torch.Tensor, g: Geometry | AdaptiveGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grid_h, grid_w), float64 [K]: the adaptive sampling grid of each RoI,
+    ceil(roi size / pooled size) clamped below at 0, as the kernel computes it
+    (in float32 there: this may differ by one sample a side at a ceil's edge)."""
+    rois = rois.double()
+    shift = 0.5 if g.aligned else 0.0
+    size_w = (rois[:, 3] * g.spatial_scale - shift) - (rois[:, 1] * g.spatial_scale - shift)
+    size_h = (rois[:, 4] * g.spatial_scale - shift) - (rois[:, 2] * g.spatial_scale - shift)
+    if not g.aligned:
+        size_w, size_h = size_w.clamp(min=1), size_h.clamp(min=1)
+    return (
+        torch.ceil(size_h / g.pooled_h).clamp(min=0),
+        torch.ceil(size_w / g.pooled_w).clamp(min=0),
+    )
+
+
+def check_positive_int(name: str, value: object, minimum: int | None = 1) -> int:
+    """``value`` an int (not a bool) >= ``minimum`` (None: any int)."""
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or (minimum is not None and value < minimum)
+    ):
+        expected = "an int" if minimum is None else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
     return value
 
 
@@ -166,12 +283,18 @@ class Geometry:
     pooled_h: int
     pooled_w: int
     spatial_scale: float
-    sampling_ratio: int
+    sampling_ratio: int  # <= 0: adaptive
     gamma: float
+    aligned: bool
 
     @property
     def bins(self) -> int:
         return self.pooled_h * self.pooled_w
+
+    @property
+    def empty(self) -> bool:
+        """No RoI or no channel: nothing to launch, the output has no element."""
+        return self.num_rois == 0 or self.channels == 0
 
     @property
     def output_shape(self) -> tuple[int, int, int, int]:
@@ -188,14 +311,17 @@ def check_arguments(
     spatial_scale: float,
     sampling_ratio: int,
     gamma: float,
+    aligned: bool,
 ) -> Geometry:
     """Check shapes, dtypes, devices and parameters (not values); return the call's sizes."""
     num_rois = check_input_and_rois(input, rois)
     check_positive_int("pooled_h", pooled_h)
     check_positive_int("pooled_w", pooled_w)
-    check_positive_int("sampling_ratio", sampling_ratio, minimum=0)
+    check_positive_int("sampling_ratio", sampling_ratio, minimum=None)
+    check_explicit_grid("sampling_ratio", sampling_ratio)
     spatial_scale = check_finite_float("spatial_scale", spatial_scale, positive=True)
     gamma = check_finite_float("gamma", gamma)
+    check_bool("aligned", aligned)
     for name, tensor, channels in (("offset", offset, 2), ("mask", mask, 1)):
         if tensor is None:
             continue
@@ -221,6 +347,7 @@ def check_arguments(
         spatial_scale=spatial_scale,
         sampling_ratio=sampling_ratio,
         gamma=gamma,
+        aligned=aligned,
     )
 
 
@@ -239,7 +366,57 @@ def channel_slicing(channels: int, items: int, reduce: bool,
     return launch.channel_slicing(channels, items, device)
 
 
-def _geometry_arguments(g: Geometry) -> tuple:
+class InputGradient:
+    """Where a backward scatters grad_input: a zeroed accumulator of the
+    accumulation dtype (float32, float64 for float64 input), or
+    under ``torch.use_deterministic_algorithms(True)`` order-independent
+    fixed-point sums (``kernels/determinism.py``; the same atomics, 64-bit
+    integer ones, plus the bound's reductions and one status read).
+    Shared with ``kernels.ops.deform_psroi_pool``.
+
+    ``bound`` gives (max |value added|, most values one element receives);
+    called only in deterministic mode (it reads values: a synchronisation).
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        bound: Callable[[], tuple[float, int]],
+    ) -> None:
+        self.device = device
+        self.accumulate = accumulate_dtype(dtype)
+        self.fixed = None
+        self.accumulator = None
+        if determinism.enabled():
+            max_abs, max_addends = bound()
+            self.fixed = determinism.FixedPointSum(shape, device, max_abs, max(max_addends, 1))
+        else:
+            self.accumulator = torch.zeros(shape, dtype=self.accumulate, device=device)
+
+    def kernel_args(self) -> tuple:
+        """``grad_input, grad_input_fixed, fixed_scale, fixed_status`` of a backward kernel."""
+        if self.fixed is None:
+            return (self.accumulator, *determinism.FixedPointSum.unused(self.device))
+        return (launch.null(self.accumulate, self.device), *self.fixed.kernel_args())
+
+    @staticmethod
+    def unused(dtype: torch.dtype, device: torch.device) -> tuple:
+        """The same arguments when grad_input (of ``dtype``) is not wanted: no scatter."""
+        return (
+            launch.null(accumulate_dtype(dtype), device),
+            *determinism.FixedPointSum.unused(device),
+        )
+
+    def result(self, dtype: torch.dtype) -> torch.Tensor:
+        """grad_input in ``dtype``, after the kernels ran."""
+        if self.fixed is None:
+            return self.accumulator.to(dtype)
+        return self.fixed.result(dtype)
+
+
+def _geometry_arguments(g: Geometry, dtype: torch.dtype) -> tuple:
     return (
         launch.int32(g.batch),
         launch.int32(g.channels),
@@ -247,9 +424,10 @@ def _geometry_arguments(g: Geometry) -> tuple:
         launch.int32(g.width),
         launch.int32(g.pooled_h),
         launch.int32(g.pooled_w),
-        launch.float32(g.spatial_scale),
+        accumulate_scalar(g.spatial_scale, dtype),
         launch.int32(g.sampling_ratio),
-        launch.float32(g.gamma),
+        accumulate_scalar(g.gamma, dtype),
+        launch.int32(int(g.aligned)),
     )
 
 
@@ -274,12 +452,15 @@ def _forward(
     mask: torch.Tensor | None,
 ) -> torch.Tensor:
     output = launch.new_output(g.output_shape, input.dtype, input.device)
+    if g.empty:
+        return output
     kernel = launch.module(SOURCE, input.device).function(
         _name_expression(
             "deform_roi_pool_forward", input.dtype, offset is not None, mask is not None
         )
     )
     null = launch.null(input.dtype, input.device)  # unread without HAS_OFFSET / HAS_MASK
+    rois = rois.to(accumulate_dtype(input.dtype)).contiguous()
     for start, stop in roi_chunks(g.num_rois):
         kernel(
             (launch.blocks(g.channels * g.bins, BLOCK_SIZE), stop - start),
@@ -290,7 +471,7 @@ def _forward(
                 roi_rows(offset, start, stop, null),
                 roi_rows(mask, start, stop, null),
                 output[start:stop],
-                *_geometry_arguments(g),
+                *_geometry_arguments(g, input.dtype),
             ),
         )
     return output
@@ -314,22 +495,41 @@ def _backward(
     def empty():
         return torch.empty(0, dtype=dtype, device=device)
 
-    # float32 accumulation: half-precision atomics would round every one of
-    # the many additions a pixel receives (and bfloat16 ones are CAS loops).
-    grad_input = (
-        torch.zeros(input.shape, dtype=torch.float32, device=device) if want_input else None
-    )
+    if g.empty:
+        # Nothing pooled: every requested gradient is zero.
+        return tuple(
+            torch.zeros(tensor.shape, dtype=dtype, device=device) if wanted else empty()
+            for tensor, wanted in ((input, want_input), (offset, want_offset), (mask, want_mask))
+        )
+    accumulate = accumulate_dtype(dtype)
+    rois = rois.to(accumulate).contiguous()
+
+    def bound() -> tuple[float, int]:
+        # A value added is grad_output * mask * weight / count, weight <= 1;
+        # an element receives at most one per sample of every bin.
+        if g.sampling_ratio > 0:
+            samples = g.sampling_ratio**2
+        else:
+            grid_h, grid_w = adaptive_grid(rois, g)
+            samples = int((grid_h * grid_w).max().clamp(max=MAX_SAMPLES_PER_BIN))
+        max_abs = determinism.max_abs(grad_output) * determinism.max_abs(mask)
+        return max_abs, g.num_rois * g.bins * samples
+
+    # float32 accumulation (float64 for float64): half-precision atomics would
+    # round every one of the many additions a pixel receives (and bfloat16
+    # ones are CAS loops).
+    grad_input = InputGradient(input.shape, dtype, device, bound) if want_input else None
     slicing = channel_slicing(g.channels, g.num_rois * g.bins, want_offset or want_mask, device)
     offset_partial = (
         launch.new_output(
-            (g.num_rois, slicing.slices, 2, g.pooled_h, g.pooled_w), torch.float32, device
+            (g.num_rois, slicing.slices, 2, g.pooled_h, g.pooled_w), accumulate, device
         )
         if want_offset
         else None
     )
     mask_partial = (
         launch.new_output(
-            (g.num_rois, slicing.slices, 1, g.pooled_h, g.pooled_w), torch.float32, device
+            (g.num_rois, slicing.slices, 1, g.pooled_h, g.pooled_w), accumulate, device
         )
         if want_mask
         else None
@@ -340,7 +540,10 @@ def _backward(
                 "deform_roi_pool_backward", dtype, offset is not None, mask is not None
             )
         )
-        null, null_float = launch.null(dtype, device), launch.null(torch.float32, device)
+        null, null_accumulate = launch.null(dtype, device), launch.null(accumulate, device)
+        grad_input_args = (
+            InputGradient.unused(dtype, device) if grad_input is None else grad_input.kernel_args()
+        )
         for start, stop in roi_chunks(g.num_rois):
             kernel(
                 (launch.blocks(slicing.slices * g.bins, BLOCK_SIZE), stop - start),
@@ -351,16 +554,16 @@ def _backward(
                     roi_rows(offset, start, stop, null),
                     roi_rows(mask, start, stop, null),
                     grad_output[start:stop],
-                    null_float if grad_input is None else grad_input,
-                    roi_rows(offset_partial, start, stop, null_float),
-                    roi_rows(mask_partial, start, stop, null_float),
-                    *_geometry_arguments(g),
+                    *grad_input_args,
+                    roi_rows(offset_partial, start, stop, null_accumulate),
+                    roi_rows(mask_partial, start, stop, null_accumulate),
+                    *_geometry_arguments(g, dtype),
                     launch.int32(slicing.channels_per_thread),
                     launch.int32(slicing.slices),
                 ),
             )
     return (
-        empty() if grad_input is None else grad_input.to(dtype),
+        empty() if grad_input is None else grad_input.result(dtype),
         empty() if offset_partial is None else offset_partial.sum(1).to(dtype),
         empty() if mask_partial is None else mask_partial.sum(1).to(dtype),
     )
@@ -378,7 +581,9 @@ def _geometry_from_op(input, rois, params) -> Geometry:
     return Geometry(batch, channels, height, width, rois.shape[0], *params)
 
 
-_PARAMS_SCHEMA = "int pooled_h, int pooled_w, float spatial_scale, int sampling_ratio, float gamma"
+_PARAMS_SCHEMA = (
+    "int pooled_h, int pooled_w, float spatial_scale, int sampling_ratio, float gamma, bool aligned"
+)
 
 
 @torch.library.custom_op(
@@ -448,25 +653,65 @@ _deform_roi_pool_op.register_autograd(_autograd_backward, setup_context=_setup_c
 # --------------------------------------------------------------------------- #
 
 
-@torch.library.custom_op("dcnbench::check_roi_values", mutates_args=(),
-                         schema="(Tensor rois, int batch, Tensor? moves, str name) -> ()")
-def _check_values_op(rois, batch, moves, name):
+def pooled_size(output_size: object, pooled_h: object, pooled_w: object) -> tuple[int, int]:
+    """(pooled_h, pooled_w) from torchvision's / mmcv's ``output_size`` (an int
+    or an (h, w) pair) or from the contract's ``pooled_h`` and ``pooled_w``:
+    exactly one of the two forms. Shared with the modules."""
+    if output_size is None:
+        if pooled_h is None or pooled_w is None:
+            raise TypeError(
+                "give output_size (an int or (h, w)) or both pooled_h and pooled_w, got "
+                f"output_size=None, pooled_h={pooled_h!r}, pooled_w={pooled_w!r}"
+            )
+        return check_positive_int("pooled_h", pooled_h), check_positive_int("pooled_w", pooled_w)
+    if pooled_h is not None or pooled_w is not None:
+        raise TypeError(
+            f"give output_size or pooled_h / pooled_w, not both: got output_size={output_size!r}, "
+            f"pooled_h={pooled_h!r}, pooled_w={pooled_w!r}"
+        )
+    pair = (output_size, output_size) if isinstance(output_size, int) else output_size
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise ValueError(f"output_size must be an int or an (h, w) pair, got {output_size!r}")
+    return check_positive_int("output_size[0]", pair[0]), check_positive_int(
+        "output_size[1]", pair[1]
+    )
+
+
+@torch.library.custom_op(
+    "dcnbench::check_roi_values",
+    mutates_args=(),
+    schema="(Tensor rois, int batch, Tensor? moves, str name, int pooled_h=0, int pooled_w=0, "
+    "float spatial_scale=1.0, bool aligned=True) -> ()",
+)
+def _check_values_op(rois, batch, moves, name, pooled_h=0, pooled_w=0, spatial_scale=1.0,
+                     aligned=True):
     """:func:`check_values` as an operator: torch.compile keeps it whole (it reads values,
-    which a traced graph cannot) instead of breaking the graph there."""
-    check_values(rois, batch, **{name: moves})
+    which a traced graph cannot) instead of breaking the graph there. ``pooled_h`` > 0:
+    the call's sampling grid is adaptive, of these bins, scale and alignment."""
+    grid = None if pooled_h == 0 else AdaptiveGrid(pooled_h, pooled_w, spatial_scale, aligned)
+    check_values(rois, batch, grid, **{name: moves})
 
 
 @_check_values_op.register_fake
-def _(rois, batch, moves, name):
+def _(rois, batch, moves, name, *grid):
     return None
 
 
+def _adaptive_grid_arguments(g: Geometry) -> tuple:
+    """``check_roi_values``' grid arguments of a checked call: none unless adaptive."""
+    if g.sampling_ratio > 0:
+        return ()
+    return g.pooled_h, g.pooled_w, g.spatial_scale, g.aligned
+
+
 def _operands(input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio,
-              gamma) -> tuple[Geometry, tuple]:
+              gamma, aligned) -> tuple[Geometry, tuple]:
     """Check shapes, dtypes, devices and parameters; the call's sizes and the
-    operator's arguments, dense."""
+    operator's arguments, dense (``rois`` as [K, 5])."""
+    rois = as_rois(rois)
     g = check_arguments(
-        input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma
+        input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma,
+        aligned,
     )
     # Kernels read dense tensors: a non-contiguous argument is copied once here.
     operands = (
@@ -479,6 +724,7 @@ def _operands(input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, samp
         g.spatial_scale,
         g.sampling_ratio,
         g.gamma,
+        g.aligned,
     )
     return g, operands
 
@@ -494,6 +740,7 @@ def prepare(
     spatial_scale: float,
     sampling_ratio: int,
     gamma: float = 0.1,
+    aligned: bool = True,
 ) -> Callable[[], torch.Tensor]:
     """Check the arguments of :func:`modulated_deform_roi_pool` (``mask`` None:
     :func:`deform_roi_pool`; ``offset`` None too: :func:`roi_align`) once, values
@@ -502,111 +749,338 @@ def prepare(
     functions; the tensors' values must stay valid between calls.
     """
     g, operands = _operands(
-        input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma
+        input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma,
+        aligned,
     )
-    check_values(rois, g.batch, offset=offset)
+    check_values(operands[1], g.batch, g if g.sampling_ratio <= 0 else None, offset=offset)
     return functools.partial(torch.ops.dcnbench.deform_roi_pool, *operands)
 
 
-def _pool(input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma):
+def _pool(input, rois, offset, mask, size, spatial_scale, sampling_ratio, gamma, aligned):
     g, operands = _operands(
-        input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma
+        input, rois, offset, mask, *size, spatial_scale, sampling_ratio, gamma, aligned
     )
-    torch.ops.dcnbench.check_roi_values(rois, g.batch, offset, "offset")
+    torch.ops.dcnbench.check_roi_values(operands[1], g.batch, offset, "offset",
+                                        *_adaptive_grid_arguments(g))
     return torch.ops.dcnbench.deform_roi_pool(*operands)
 
 
 def roi_align(
     input: torch.Tensor,
-    rois: torch.Tensor,
+    rois: torch.Tensor | list[torch.Tensor],
+    output_size: int | tuple[int, int] | None = None,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = True,
     *,
-    pooled_h: int,
-    pooled_w: int,
-    spatial_scale: float,
-    sampling_ratio: int,
+    pooled_h: int | None = None,
+    pooled_w: int | None = None,
 ) -> torch.Tensor:
-    """RoIAlign (average) with our CUDA kernels: ``torchvision.ops.roi_align(aligned=True)``.
+    """RoIAlign (average) with our CUDA kernels: ``torchvision.ops.roi_align``.
 
-    :func:`deform_roi_pool` without offset; differentiable in ``input``.
+    With ``aligned`` (the contract's default, and mmcv's) it is
+    :func:`deform_roi_pool` without offset; ``aligned=False`` is
+    torchvision's legacy rule (its default): no half-pixel shift, RoI sides
+    clamped below at 1. Differentiable in ``input``.
 
     Args:
-        input: [N, C, H, W], float32 / float16 / bfloat16.
-        rois: [K, 5] of (batch_index, x1, y1, x2, y2) in image coordinates;
-            same dtype and device as input; batch indices integral in [0, N),
-            coordinates finite (checked: one host synchronisation on a GPU).
-        pooled_h, pooled_w: output bins per RoI (>= 1).
-        spatial_scale: image to feature-map scale (> 0).
-        sampling_ratio: samples per bin side; 0: ceil(roi size / pooled size).
+        input: [N, C, H, W], float32 / float16 / bfloat16 / float64.
+        rois: [K, 5] of (batch_index, x1, y1, x2, y2) in image coordinates,
+            or a list of [L_i, 4] boxes (x1, y1, x2, y2), one tensor per image
+            (torchvision's form); the input's dtype or float32 (autocast's
+            boxes for half features), on its device; batch indices integral
+            in [0, N), coordinates finite (checked: one host synchronisation
+            on a GPU).
+        output_size: output bins per RoI, an int or (pooled_h, pooled_w);
+            or give ``pooled_h`` and ``pooled_w`` (>= 1) instead.
+        spatial_scale: image to feature-map scale (> 0; default 1).
+        sampling_ratio: samples per bin side (<= 1024); <= 0 (default -1):
+            adaptive, ceil(roi size / pooled size), at most
+            ``kernels.rois.MAX_SAMPLES_PER_BIN`` a bin (else a ValueError).
+        aligned: shift the RoI by -0.5 pixel (default True).
 
     Returns:
-        [K, C, pooled_h, pooled_w].
+        [K, C, pooled_h, pooled_w]; K = 0 or C = 0: empty.
     """
-    return _pool(input, rois, None, None, pooled_h, pooled_w, spatial_scale, sampling_ratio, 0.0)
+    size = pooled_size(output_size, pooled_h, pooled_w)
+    return _pool(input, rois, None, None, size, spatial_scale, sampling_ratio, 0.0, aligned)
 
 
 def deform_roi_pool(
     input: torch.Tensor,
-    rois: torch.Tensor,
-    offset: torch.Tensor | None,
-    *,
-    pooled_h: int,
-    pooled_w: int,
-    spatial_scale: float,
-    sampling_ratio: int,
+    rois: torch.Tensor | list[torch.Tensor],
+    offset: torch.Tensor | None = None,
+    output_size: int | tuple[int, int] | None = None,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 0,
     gamma: float = 0.1,
+    *,
+    pooled_h: int | None = None,
+    pooled_w: int | None = None,
 ) -> torch.Tensor:
     """Deformable RoI pooling (DCNv1; mmcv's ``deform_roi_pool``) with our CUDA kernels.
 
     Bin (ph, pw) of RoI k moves by gamma·(roi_w·offset[k, 0, ph, pw],
     roi_h·offset[k, 1, ph, pw]) and averages its sampling grid by rule B1.
-    Differentiable in ``input`` and ``offset``.
+    Differentiable in ``input`` and ``offset``. Defaults are mmcv's.
 
     Args:
-        input: [N, C, H, W], float32 / float16 / bfloat16.
-        rois: [K, 5], as :func:`roi_align`.
+        input: [N, C, H, W], float32 / float16 / bfloat16 / float64.
+        rois: [K, 5], or a list of [L_i, 4] per image, as :func:`roi_align`.
         offset: [K, 2, pooled_h, pooled_w] (channel 0 moves x, 1 moves y), or
-            None: exactly :func:`roi_align`.
-        pooled_h, pooled_w, spatial_scale, sampling_ratio: as :func:`roi_align`.
+            None: exactly :func:`roi_align` (aligned).
+        output_size, pooled_h, pooled_w, spatial_scale: as :func:`roi_align`.
+        sampling_ratio: as :func:`roi_align`; default 0 (adaptive, as mmcv).
         gamma: offset scale (default 0.1).
 
-    All tensors share one dtype and device; non-contiguous ones are copied.
+    All tensors but rois share one dtype and device; non-contiguous ones are copied.
 
     Returns:
-        [K, C, pooled_h, pooled_w].
+        [K, C, pooled_h, pooled_w]; K = 0 or C = 0: empty.
     """
-    return _pool(
-        input, rois, offset, None, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma
-    )
+    size = pooled_size(output_size, pooled_h, pooled_w)
+    return _pool(input, rois, offset, None, size, spatial_scale, sampling_ratio, gamma, True)
 
 
 def modulated_deform_roi_pool(
     input: torch.Tensor,
-    rois: torch.Tensor,
+    rois: torch.Tensor | list[torch.Tensor],
     offset: torch.Tensor | None,
     mask: torch.Tensor,
-    *,
-    pooled_h: int,
-    pooled_w: int,
-    spatial_scale: float,
-    sampling_ratio: int,
+    output_size: int | tuple[int, int] | None = None,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 0,
     gamma: float = 0.1,
+    *,
+    pooled_h: int | None = None,
+    pooled_w: int | None = None,
 ) -> torch.Tensor:
     """Modulated deformable RoI pooling (DCNv2): :func:`deform_roi_pool` times ``mask``.
 
     Args:
         input: [N, C, H, W].
-        rois: [K, 5].
+        rois: [K, 5], or a list of [L_i, 4] per image, as :func:`roi_align`.
         offset: [K, 2, pooled_h, pooled_w], or None (no offset).
         mask: [K, 1, pooled_h, pooled_w], used as given (already through a sigmoid).
-        pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma: as :func:`deform_roi_pool`.
+        output_size, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma:
+            as :func:`deform_roi_pool`.
 
     Differentiable in ``input``, ``offset`` and ``mask``.
 
     Returns:
-        [K, C, pooled_h, pooled_w].
+        [K, C, pooled_h, pooled_w]; K = 0 or C = 0: empty.
     """
     if mask is None:
         raise TypeError("mask must be a torch.Tensor (use deform_roi_pool without one), got None")
-    return _pool(
-        input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma
-    )
+    size = pooled_size(output_size, pooled_h, pooled_w)
+    return _pool(input, rois, offset, mask, size, spatial_scale, sampling_ratio, gamma, True)
+
+
+# --------------------------------------------------------------------------- #
+# Modules.
+# --------------------------------------------------------------------------- #
+
+
+class RoIAlign(nn.Module):
+    """``torchvision.ops.RoIAlign``: ``forward(input, rois)`` = :func:`roi_align`.
+
+    input [N, C, H, W]; rois [K, 5] or a list of [L_i, 4] boxes per image;
+    output [K, C, pooled_h, pooled_w]. ``aligned`` defaults to True (mmcv's
+    and the contract's default; torchvision's is False).
+    """
+
+    def __init__(
+        self,
+        output_size: int | tuple[int, int],
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = -1,
+        aligned: bool = True,
+    ) -> None:
+        super().__init__()
+        self.output_size = pooled_size(output_size, None, None)
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+
+    def forward(self, input: torch.Tensor, rois: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        return roi_align(
+            input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}"
+        )
+
+
+class DeformRoIPool(nn.Module):
+    """mmcv's ``DeformRoIPool``: ``forward(input, rois, offset=None)`` = :func:`deform_roi_pool`.
+
+    input [N, C, H, W]; rois [K, 5] or a list of [L_i, 4] boxes per image;
+    offset [K, 2, pooled_h, pooled_w] or None; output [K, C, pooled_h, pooled_w].
+    """
+
+    def __init__(
+        self,
+        output_size: int | tuple[int, int],
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        gamma: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.output_size = pooled_size(output_size, None, None)
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.gamma = gamma
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        rois: torch.Tensor | list[torch.Tensor],
+        offset: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return deform_roi_pool(
+            input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio,
+            self.gamma,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio}, gamma={self.gamma}"
+        )
+
+
+class ModulatedDeformRoIPool(DeformRoIPool):
+    """``forward(input, rois, offset, mask)`` = :func:`modulated_deform_roi_pool`:
+    :class:`DeformRoIPool` times mask [K, 1, pooled_h, pooled_w] (offset may be None)."""
+
+    def forward(  # type: ignore[override]
+        self,
+        input: torch.Tensor,
+        rois: torch.Tensor | list[torch.Tensor],
+        offset: torch.Tensor | None,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        return modulated_deform_roi_pool(
+            input, rois, offset, mask, self.output_size, self.spatial_scale,
+            self.sampling_ratio, self.gamma,
+        )
+
+
+def fully_connected(sizes: list[int], last: nn.Module | None = None) -> nn.Sequential:
+    """Linear layers of ``sizes`` with ReLUs between them (and ``last`` after the
+    last one), the last layer zero-initialised as mmcv does: a new Pack starts
+    as the pooling without offset. Shared with kernels.ops.deform_psroi_pool."""
+    layers: list[nn.Module] = []
+    for index, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
+        if index:
+            layers.append(nn.ReLU(inplace=True))
+        layers.append(nn.Linear(fan_in, fan_out))
+    nn.init.zeros_(layers[-1].weight)
+    nn.init.zeros_(layers[-1].bias)
+    if last is not None:
+        layers.append(last)
+    return nn.Sequential(*layers)
+
+
+class DeformRoIPoolPack(DeformRoIPool):
+    """mmcv's ``DeformRoIPoolPack``: the offsets are learnt from the pooled features.
+
+    ``forward(input, rois)``: x = the RoI's pooling without offset [K, C, ph, pw];
+    offset = ``offset_fc``(x flattened) [K, 2, ph, pw] (three linear layers,
+    C·ph·pw -> deform_fc_channels -> deform_fc_channels -> 2·ph·pw, ReLUs
+    between, the last zero-initialised); returns :func:`deform_roi_pool` with
+    that offset, [K, C, ph, pw]. At initialisation it is :func:`roi_align`.
+    input [N, output_channels, H, W]; rois [K, 5] or a list of [L_i, 4].
+    """
+
+    def __init__(
+        self,
+        output_size: int | tuple[int, int],
+        output_channels: int,
+        deform_fc_channels: int = 1024,
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        gamma: float = 0.1,
+    ) -> None:
+        super().__init__(output_size, spatial_scale, sampling_ratio, gamma)
+        self.output_channels = check_positive_int("output_channels", output_channels)
+        self.deform_fc_channels = check_positive_int("deform_fc_channels", deform_fc_channels)
+        bins = self.output_size[0] * self.output_size[1]
+        self.offset_fc = fully_connected(
+            [bins * output_channels, deform_fc_channels, deform_fc_channels, 2 * bins]
+        )
+
+    def _pooled_features(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """[K, C·ph·pw]: the pooling without offset, what the layers see."""
+        if input.dim() != 4 or input.shape[1] != self.output_channels:
+            raise ValueError(
+                f"input must be [N, output_channels = {self.output_channels}, H, W], got shape "
+                f"{tuple(input.shape)}"
+            )
+        plain = deform_roi_pool(
+            input, rois, None, self.output_size, self.spatial_scale, self.sampling_ratio,
+            self.gamma,
+        )
+        # An explicit size: with K = 0 a -1 would be ambiguous.
+        return plain.reshape(plain.shape[0], plain.shape[1:].numel())
+
+    def _offset(self, features: torch.Tensor) -> torch.Tensor:
+        return self.offset_fc(features).view(features.shape[0], 2, *self.output_size)
+
+    def forward(  # type: ignore[override]
+        self, input: torch.Tensor, rois: torch.Tensor | list[torch.Tensor]
+    ) -> torch.Tensor:
+        rois = as_rois(rois)
+        offset = self._offset(self._pooled_features(input, rois))
+        return deform_roi_pool(
+            input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio,
+            self.gamma,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, output_channels={self.output_channels}, "
+            f"deform_fc_channels={self.deform_fc_channels}"
+        )
+
+
+class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
+    """mmcv's ``ModulatedDeformRoIPoolPack``: offsets and mask learnt from the pooled features.
+
+    As :class:`DeformRoIPoolPack`, plus mask = ``mask_fc``(x flattened)
+    [K, 1, ph, pw] (C·ph·pw -> deform_fc_channels -> ph·pw, a ReLU between, the
+    last layer zero-initialised, then a sigmoid); returns
+    :func:`modulated_deform_roi_pool` with both, [K, C, ph, pw]. At
+    initialisation the mask is 0.5 everywhere: 0.5 · :func:`roi_align`, as mmcv.
+    """
+
+    def __init__(
+        self,
+        output_size: int | tuple[int, int],
+        output_channels: int,
+        deform_fc_channels: int = 1024,
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        gamma: float = 0.1,
+    ) -> None:
+        super().__init__(
+            output_size, output_channels, deform_fc_channels, spatial_scale, sampling_ratio, gamma
+        )
+        bins = self.output_size[0] * self.output_size[1]
+        self.mask_fc = fully_connected(
+            [bins * output_channels, deform_fc_channels, bins], last=nn.Sigmoid()
+        )
+
+    def forward(  # type: ignore[override]
+        self, input: torch.Tensor, rois: torch.Tensor | list[torch.Tensor]
+    ) -> torch.Tensor:
+        rois = as_rois(rois)
+        features = self._pooled_features(input, rois)
+        mask = self.mask_fc(features).view(features.shape[0], 1, *self.output_size)
+        return modulated_deform_roi_pool(
+            input, rois, self._offset(features), mask, self.output_size, self.spatial_scale,
+            self.sampling_ratio, self.gamma,
+        )

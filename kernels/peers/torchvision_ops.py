@@ -17,6 +17,9 @@ The RoI pooling adapters (``roi_align``, ``deform_psroi_pool``) take the
 keyword parameters of ``kernels.reference.roi_align`` and
 ``kernels.reference.deform_psroi_pool``; see ``docs/operators/roi_pool.md``
 for where ``ps_roi_align`` computes the contract's ``deform_psroi_pool``.
+They take ``rois`` as a [K, 5] tensor or a list of [L, 4] boxes per image
+(``kernels.rois``), in the input's dtype or float32; torchvision wants the
+input's (autocast aside), so float32 rois are rounded to it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 import torchvision
 
 from kernels.checks import conv_groups, offset_groups_from
+from kernels.rois import as_rois
 
 
 def deform_conv2d(
@@ -118,34 +122,41 @@ def _check_groups(input, offset, weight, groups, offset_groups):
 
 def roi_align(
     input: torch.Tensor,
-    rois: torch.Tensor,
+    rois: torch.Tensor | list[torch.Tensor],
     *,
     pooled_h: int,
     pooled_w: int,
-    spatial_scale: float,
-    sampling_ratio: int,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = True,
 ) -> torch.Tensor:
-    """RoIAlign by torchvision with ``aligned=True``: the contract's ``roi_align``.
-    input [N, C, H, W], rois [K, 5] (batch_index, x1, y1, x2, y2); returns
-    [K, C, pooled_h, pooled_w]."""
+    """RoIAlign by torchvision: the contract's ``roi_align``. input [N, C, H, W],
+    rois [K, 5] (batch_index, x1, y1, x2, y2) or [L, 4] boxes per image;
+    returns [K, C, pooled_h, pooled_w] (K = 0 or C = 0: empty)."""
     return torchvision.ops.roi_align(
-        input, rois, (pooled_h, pooled_w), spatial_scale, sampling_ratio, aligned=True
+        input, _rois_like(rois, input), (pooled_h, pooled_w), spatial_scale, sampling_ratio,
+        aligned=aligned,
     )
+
+
+def _rois_like(rois: torch.Tensor | list[torch.Tensor], input: torch.Tensor) -> torch.Tensor:
+    """[K, 5] rois in the input's dtype, as torchvision's kernels want them."""
+    return as_rois(rois).to(input.dtype)
 
 
 def deform_psroi_pool(
     input: torch.Tensor,
-    rois: torch.Tensor,
-    trans: torch.Tensor | None,
+    rois: torch.Tensor | list[torch.Tensor],
+    trans: torch.Tensor | None = None,
     *,
-    spatial_scale: float,
+    spatial_scale: float = 1.0,
     output_dim: int,
-    group_size: int,
+    group_size: int = 1,
     pooled_size: int,
-    part_size: int,
-    sample_per_part: int,
-    trans_std: float,
-    no_trans: bool,
+    part_size: int = 0,
+    sample_per_part: int = 4,
+    trans_std: float = 0.0,
+    no_trans: bool = False,
 ) -> torch.Tensor:
     """``deform_psroi_pool`` by ``torchvision.ops.ps_roi_align``, where the two agree.
 
@@ -193,7 +204,7 @@ def prepare_deform_psroi_pool(
             f"group_size == pooled_size, got no_trans={no_trans}, group_size={group_size}, "
             f"pooled_size={pooled_size}"
         )
-    exact = rois.detach().to(torch.float64)
+    exact = as_rois(rois).detach().to(torch.float64)
     height, width = input.shape[2:]
     ys, xs = sample_positions(exact, None, spatial_scale=spatial_scale, pooled_size=pooled_size,
                               part_size=part_size or pooled_size, sample_per_part=sample_per_part,
@@ -214,5 +225,5 @@ def prepare_deform_psroi_pool(
         moved.append(moved_low)
         moved.append(moved_low + size / spatial_scale)
     moved_rois = torch.stack([moved[0], moved[1], moved[3], moved[2], moved[4]], dim=1)
-    return functools.partial(torchvision.ops.ps_roi_align, input, moved_rois.to(rois.dtype),
+    return functools.partial(torchvision.ops.ps_roi_align, input, moved_rois.to(input.dtype),
                              pooled_size, spatial_scale, sample_per_part)

@@ -24,6 +24,9 @@ The floors of step 2 and 3 are taken in integer arithmetic (exact; the
 original code divides in floating point, which in float32 gives the same
 integers for every part_size <= pooled_size <= 19).
 
+K = 0 RoIs or output_dim = 0 give an empty output whose gradients are zero;
+``rois`` may also be a list of [L_i, 4] boxes per image (``kernels.rois``).
+
 RoIs are processed in chunks of at most ``MAX_CHUNK_ELEMENTS`` samples under
 activation checkpointing, so the backward holds one chunk's gathers at a time.
 """
@@ -39,6 +42,7 @@ from kernels.reference.deform_roi_pool import (
     check_rois,
     check_shape,
 )
+from kernels.rois import as_rois, check_explicit_grid
 
 # Samples (RoIs × output channels × bins × samples per bin) computed per chunk.
 MAX_CHUNK_ELEMENTS = 2**22
@@ -48,25 +52,25 @@ MIN_ROI_SIZE = 0.1
 
 def deform_psroi_pool(
     input: torch.Tensor,
-    rois: torch.Tensor,
-    trans: torch.Tensor | None,
+    rois: torch.Tensor | list[torch.Tensor],
+    trans: torch.Tensor | None = None,
     *,
-    spatial_scale: float,
+    spatial_scale: float = 1.0,
     output_dim: int,
-    group_size: int,
+    group_size: int = 1,
     pooled_size: int,
-    part_size: int,
-    sample_per_part: int,
-    trans_std: float,
-    no_trans: bool,
+    part_size: int = 0,
+    sample_per_part: int = 4,
+    trans_std: float = 0.0,
+    no_trans: bool = False,
 ) -> torch.Tensor:
     """Deformable position-sensitive RoI pooling, in the dtype of ``input``.
 
     Args:
         input: [N, output_dim·group_size², H, W].
         rois: [K, 5] rows (batch_index, x1, y1, x2, y2) in image coordinates,
-            same dtype and device as ``input``; batch_index integral in [0, N).
-            Not differentiable.
+            same dtype and device as ``input``; batch_index integral in [0, N);
+            or a list of [L_i, 4] boxes, one per image. Not differentiable.
         trans: [K, 2·num_classes, part_size, part_size] (channel 2·class moves
             x, 2·class + 1 moves y, in units of trans_std·RoI size);
             num_classes divides output_dim. Ignored (may be None) with ``no_trans``.
@@ -83,11 +87,18 @@ def deform_psroi_pool(
         [K, output_dim, pooled_size, pooled_size].
     """
     part_size = part_size or pooled_size
+    rois = as_rois(rois)
     batch, num_classes = _check_arguments(
         input, rois, trans, spatial_scale, output_dim, group_size, pooled_size, part_size,
         sample_per_part, no_trans)
     geometry = (spatial_scale, output_dim, group_size, pooled_size, part_size, sample_per_part,
                 trans_std, num_classes)
+    if rois.shape[0] == 0 or output_dim == 0:
+        # Nothing to pool: an empty slice of each differentiable tensor ties
+        # the output to it, so that its gradient is zero rather than missing.
+        moved = [input] if no_trans else [input, trans]
+        tie = sum(t.reshape(-1)[:0].sum() for t in moved)
+        return input.new_zeros(rois.shape[0], output_dim, pooled_size, pooled_size) + tie
     per_roi = output_dim * pooled_size**2 * sample_per_part**2
     step = max(1, MAX_CHUNK_ELEMENTS // per_roi)
     parts = []
@@ -96,8 +107,6 @@ def deform_psroi_pool(
         parts.append(checkpoint(
             _pool_chunk, input, batch[chunk], rois[chunk], None if no_trans else trans[chunk],
             geometry, use_reentrant=False, preserve_rng_state=False))
-    if not parts:
-        return input.new_zeros(0, output_dim, pooled_size, pooled_size)
     return torch.cat(parts)
 
 
@@ -199,11 +208,12 @@ def _check_arguments(input, rois, trans, spatial_scale, output_dim, group_size, 
     """
     if input.dim() != 4:
         raise ValueError(f"input must be 4-D [N, output_dim·group_size², H, W], got shape {list(input.shape)}")
-    for name, value in (("output_dim", output_dim), ("group_size", group_size),
-                        ("pooled_size", pooled_size), ("part_size", part_size),
-                        ("sample_per_part", sample_per_part)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    for name, value, minimum in (("output_dim", output_dim, 0), ("group_size", group_size, 1),
+                                 ("pooled_size", pooled_size, 1), ("part_size", part_size, 1),
+                                 ("sample_per_part", sample_per_part, 1)):
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    check_explicit_grid("sample_per_part", sample_per_part)
     if not spatial_scale > 0:
         raise ValueError(f"spatial_scale must be > 0, got {spatial_scale}")
     if input.shape[1] != output_dim * group_size**2:

@@ -9,9 +9,12 @@ Readable before fast:
 
 1. RoI k of image rois[k, 0]: start_x = x1·spatial_scale − 0.5,
    roi_w = x2·spatial_scale − 0.5 − start_x (no rounding, no minimum size),
-   bin_w = roi_w / pooled_w; likewise y.
-2. Sampling grid per bin: ``sampling_ratio``, or when it is 0
-   ceil(roi_h / pooled_h) by ceil(roi_w / pooled_w) from the un-moved RoI.
+   bin_w = roi_w / pooled_w; likewise y. ``roi_align`` with aligned=False
+   (torchvision's legacy rule): no −0.5, and roi_w, roi_h clamped below at 1.
+2. Sampling grid per bin: ``sampling_ratio``, or when it is <= 0
+   ceil(roi_h / pooled_h) by ceil(roi_w / pooled_w) from the un-moved RoI
+   (at most ``kernels.rois.MAX_SAMPLES_PER_BIN`` a side and a bin, else a
+   ValueError).
 3. Bin (ph, pw) moves its start by gamma·roi_w·offset[k, 0, ph, pw] in x and
    gamma·roi_h·offset[k, 1, ph, pw] in y.
 4. Sample y = start_y + ph·bin_h + (iy + 0.5)·bin_h/grid_h, x likewise, read
@@ -20,7 +23,10 @@ Readable before fast:
    has: the bin is then 0, as in torchvision and mmcv).
 5. DCNv2 multiplies the bin by mask[k, 0, ph, pw].
 
-The grid size varies from RoI to RoI when ``sampling_ratio`` is 0, so RoIs
+K = 0 RoIs or C = 0 channels give an empty output whose gradients are zero.
+``rois`` may also be a list of [L_i, 4] boxes per image (``kernels.rois``).
+
+The grid size varies from RoI to RoI when ``sampling_ratio`` is <= 0, so RoIs
 are processed in groups sharing one grid, each in chunks of at most
 ``MAX_CHUNK_ELEMENTS`` gathered values run under activation checkpointing
 (the backward recomputes a chunk's gathers instead of keeping them all).
@@ -31,19 +37,21 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from kernels.rois import as_rois, check_explicit_grid, grid_too_large, grid_too_large_error
+
 # Gathered values (RoIs × bins × grid points × channels) computed per chunk.
 MAX_CHUNK_ELEMENTS = 2**22
 
 
 def deform_roi_pool(
     input: torch.Tensor,
-    rois: torch.Tensor,
-    offset: torch.Tensor | None,
+    rois: torch.Tensor | list[torch.Tensor],
+    offset: torch.Tensor | None = None,
     *,
     pooled_h: int,
     pooled_w: int,
-    spatial_scale: float,
-    sampling_ratio: int,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 0,
     gamma: float = 0.1,
 ) -> torch.Tensor:
     """Deformable RoI pooling (DCNv1, mmcv semantics), in the dtype of ``input``.
@@ -52,30 +60,32 @@ def deform_roi_pool(
         input: [N, C, H, W].
         rois: [K, 5] rows (batch_index, x1, y1, x2, y2) in image coordinates,
             same dtype and device as ``input``; batch_index an integral value
-            in [0, N). Not differentiable.
+            in [0, N); or a list of [L_i, 4] boxes, one per image. Not
+            differentiable.
         offset: [K, 2, pooled_h, pooled_w] (channel 0 moves x, channel 1
             moves y, in units of gamma·RoI size), or None for no offset.
         pooled_h, pooled_w: output bins per RoI.
         spatial_scale: image to feature-map scale (1/16 for stride 16).
-        sampling_ratio: samples per bin and axis; 0: ceil(roi size / pooled size).
+        sampling_ratio: samples per bin and axis; <= 0: ceil(roi size / pooled size).
         gamma: offset scale.
 
     Returns:
         [K, C, pooled_h, pooled_w].
     """
-    return _pool(input, rois, offset, None, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma)
+    return _pool(input, rois, offset, None, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma,
+                 True)
 
 
 def modulated_deform_roi_pool(
     input: torch.Tensor,
-    rois: torch.Tensor,
+    rois: torch.Tensor | list[torch.Tensor],
     offset: torch.Tensor | None,
     mask: torch.Tensor,
     *,
     pooled_h: int,
     pooled_w: int,
-    spatial_scale: float,
-    sampling_ratio: int,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 0,
     gamma: float = 0.1,
 ) -> torch.Tensor:
     """Modulated deformable RoI pooling (DCNv2): ``deform_roi_pool`` times ``mask``.
@@ -87,7 +97,8 @@ def modulated_deform_roi_pool(
     Returns:
         [K, C, pooled_h, pooled_w].
     """
-    return _pool(input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma)
+    return _pool(input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma,
+                 True)
 
 
 # --- geometry (shared with the input generators) -----------------------------
@@ -140,33 +151,46 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{name} must be finite: its values move sample positions, got NaN or Inf")
 
 
-def roi_boxes(rois: torch.Tensor, spatial_scale: float):
+def roi_boxes(rois: torch.Tensor, spatial_scale: float, aligned: bool = True):
     """(start_y, start_x, roi_h, roi_w), each [K], of the RoIs on the feature map."""
-    start_x = rois[:, 1] * spatial_scale - 0.5
-    start_y = rois[:, 2] * spatial_scale - 0.5
-    roi_w = rois[:, 3] * spatial_scale - 0.5 - start_x
-    roi_h = rois[:, 4] * spatial_scale - 0.5 - start_y
+    shift = 0.5 if aligned else 0.0
+    start_x = rois[:, 1] * spatial_scale - shift
+    start_y = rois[:, 2] * spatial_scale - shift
+    roi_w = rois[:, 3] * spatial_scale - shift - start_x
+    roi_h = rois[:, 4] * spatial_scale - shift - start_y
+    if not aligned:
+        roi_w, roi_h = roi_w.clamp(min=1), roi_h.clamp(min=1)
     return start_y, start_x, roi_h, roi_w
 
 
 def sampling_grid(roi_h, roi_w, pooled_h: int, pooled_w: int, sampling_ratio: int):
-    """(grid_h, grid_w), int64 [K]: samples per bin along y and x."""
+    """(grid_h, grid_w), int64 [K]: samples per bin along y and x.
+
+    Raises ValueError for an adaptive grid beyond ``MAX_SAMPLES_PER_BIN``.
+    """
     if sampling_ratio > 0:
         full = torch.full(roi_h.shape, sampling_ratio, dtype=torch.long, device=roi_h.device)
         return full, full
-    return torch.ceil(roi_h / pooled_h).long(), torch.ceil(roi_w / pooled_w).long()
+    # An empty grid (ceil <= 0) has no samples.
+    grid_h = torch.ceil(roi_h / pooled_h).clamp(min=0)
+    grid_w = torch.ceil(roi_w / pooled_w).clamp(min=0)
+    too_large = grid_too_large(grid_h, grid_w)
+    if bool(too_large.any()):
+        k = int(too_large.nonzero()[0, 0])
+        raise grid_too_large_error(k, int(grid_h[k]), int(grid_w[k]))
+    return grid_h.long(), grid_w.long()
 
 
-def grid_groups(rois, pooled_h, pooled_w, spatial_scale, sampling_ratio):
+def grid_groups(rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned=True):
     """RoIs grouped by sampling grid: a list of ((grid_h, grid_w), int64 indices of the RoIs)."""
-    _, _, roi_h, roi_w = roi_boxes(rois.detach(), spatial_scale)
+    _, _, roi_h, roi_w = roi_boxes(rois.detach(), spatial_scale, aligned)
     grid_h, grid_w = sampling_grid(roi_h, roi_w, pooled_h, pooled_w, sampling_ratio)
     pairs = torch.stack([grid_h, grid_w], dim=1)
     unique, which = torch.unique(pairs, dim=0, return_inverse=True)
     return [((int(gh), int(gw)), (which == i).nonzero()[:, 0]) for i, (gh, gw) in enumerate(unique.tolist())]
 
 
-def sample_positions(rois, offset, grid, pooled_h, pooled_w, spatial_scale, gamma):
+def sample_positions(rois, offset, grid, pooled_h, pooled_w, spatial_scale, gamma, aligned=True):
     """Where the bins of RoIs sharing one sampling ``grid`` = (grid_h, grid_w) sample.
 
     Args:
@@ -177,7 +201,7 @@ def sample_positions(rois, offset, grid, pooled_h, pooled_w, spatial_scale, gamm
         y = start_y + gamma·roi_h·offset[:, 1] + ph·bin_h + (iy + 0.5)·bin_h/grid_h.
     """
     grid_h, grid_w = grid
-    start_y, start_x, roi_h, roi_w = roi_boxes(rois, spatial_scale)
+    start_y, start_x, roi_h, roi_w = roi_boxes(rois, spatial_scale, aligned)
     positions = []
     for start, size, pooled, points, channel, bins_axis in (
         (start_y, roi_h, pooled_h, grid_h, 1, 1),
@@ -236,12 +260,20 @@ def bilinear_b1(input: torch.Tensor, batch: torch.Tensor, y: torch.Tensor, x: to
 
 # --- the operators -------------------------------------------------------------
 
-def _pool(input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma):
+def _pool(input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma,
+          aligned):
     """Both operators (and roi_align, with no offset); ``mask`` is None for DCNv1."""
+    rois = as_rois(rois)
     batch = _check_arguments(input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio)
     channels = input.shape[1]
+    if rois.shape[0] == 0 or channels == 0:
+        # Nothing to pool. An empty slice of each differentiable tensor ties
+        # the output to it, so that its gradient is zero rather than missing.
+        tie = sum(t.reshape(-1)[:0].sum() for t in (input, offset, mask) if t is not None)
+        return input.new_zeros(rois.shape[0], channels, pooled_h, pooled_w) + tie
     parts, order = [], []
-    for grid, members in grid_groups(rois, pooled_h, pooled_w, spatial_scale, sampling_ratio):
+    for grid, members in grid_groups(rois, pooled_h, pooled_w, spatial_scale, sampling_ratio,
+                                     aligned):
         per_roi = pooled_h * pooled_w * grid[0] * grid[1] * channels
         step = max(1, MAX_CHUNK_ELEMENTS // max(per_roi, 1))
         for first in range(0, len(members), step):
@@ -252,7 +284,7 @@ def _pool(input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling
             else:
                 pooled = checkpoint(
                     _pool_bins, input, batch[chunk], rois[chunk], chunk_offset, grid,
-                    (pooled_h, pooled_w, spatial_scale, gamma),
+                    (pooled_h, pooled_w, spatial_scale, gamma, aligned),
                     use_reentrant=False, preserve_rng_state=False,
                 )
             parts.append(pooled)
@@ -265,8 +297,8 @@ def _pool(input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling
 
 def _pool_bins(input, batch, rois, offset, grid, geometry):
     """[k, C, pooled_h, pooled_w]: every bin's mean over its ``grid`` of B1 samples."""
-    pooled_h, pooled_w, spatial_scale, gamma = geometry
-    y, x = sample_positions(rois, offset, grid, pooled_h, pooled_w, spatial_scale, gamma)
+    pooled_h, pooled_w, spatial_scale, gamma, aligned = geometry
+    y, x = sample_positions(rois, offset, grid, pooled_h, pooled_w, spatial_scale, gamma, aligned)
     # [k, ph, pw, grid_h, grid_w, C]
     values = bilinear_b1(input, batch, y[..., :, None], x[..., None, :])
     return values.sum(dim=(3, 4)).permute(0, 3, 1, 2) / (grid[0] * grid[1])
@@ -279,10 +311,10 @@ def _check_arguments(input, rois, offset, mask, pooled_h, pooled_w, spatial_scal
     """
     if input.dim() != 4:
         raise ValueError(f"input must be 4-D [N, C, H, W], got shape {list(input.shape)}")
-    for name, value, minimum in (("pooled_h", pooled_h, 1), ("pooled_w", pooled_w, 1),
-                                 ("sampling_ratio", sampling_ratio, 0)):
-        if value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    for name, value in (("pooled_h", pooled_h), ("pooled_w", pooled_w)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    check_explicit_grid("sampling_ratio", sampling_ratio)
     if not spatial_scale > 0:
         raise ValueError(f"spatial_scale must be > 0, got {spatial_scale}")
     batch = check_rois(rois, input)
