@@ -96,8 +96,9 @@ def related_case_run(case_run: CaseRun, op_name: str) -> CaseRun:
     judges a baseline that computes a related operator, ``Implementation.judged_as``)."""
     op = registry.get_operator(op_name)
     original = case_run.case
-    case = Case(op, {name: original.params[name] for name in op.params}, original.dtype,
-                original.mode)
+    # Parameters the related operator has and this case lacks keep their defaults.
+    shared = {name: value for name, value in original.params.items() if name in op.params}
+    case = Case(op, op.resolve(shared), original.dtype, original.mode)
     inputs = {spec.name: case_run.inputs[spec.name] for spec in op.tensors
               if spec.name in case_run.inputs}
     return _with_oracle(case, case_run.device, case_run.seed, inputs, case_run.grad_output)

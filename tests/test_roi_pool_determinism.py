@@ -149,7 +149,9 @@ def count_atomics(monkeypatch):
     def install(source: CudaSource) -> ctypes.Array:
         counting = dataclasses.replace(source, options=(*source.options, COUNTING))
         module = launch.Module(counting, torch.device("cpu"))
-        monkeypatch.setitem(launch._modules, (source.filename, "cpu", None), module)
+        cpu = torch.device("cpu")
+        key = (source.filename, launch._backend(cpu), cpu.type, cpu.index)
+        monkeypatch.setitem(launch._modules, key, module)
         build = module._raw._build
         build.entries("plain")  # built once, kept loaded
         library = build._libraries["plain"]

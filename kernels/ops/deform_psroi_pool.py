@@ -475,7 +475,7 @@ def deform_psroi_pool(
     """
     g, operands = _operands(input, rois, trans, spatial_scale, output_dim, group_size,
                             pooled_size, part_size, sample_per_part, trans_std, no_trans)
-    torch.ops.dcnbench.check_roi_values(rois, g.batch, operands[2], "trans")
+    torch.ops.dcnbench.check_roi_values(operands[1], g.batch, operands[2], "trans")
     return torch.ops.dcnbench.deform_psroi_pool(*operands)
 
 
@@ -500,7 +500,7 @@ def prepare(
     """
     g, operands = _operands(input, rois, trans, spatial_scale, output_dim, group_size,
                             pooled_size, part_size, sample_per_part, trans_std, no_trans)
-    check_values(rois, g.batch, trans=operands[2])
+    check_values(operands[1], g.batch, trans=operands[2])
     return functools.partial(torch.ops.dcnbench.deform_psroi_pool, *operands)
 
 
