@@ -1,0 +1,403 @@
+// The traced runtime's analyses: the `counters` and `racecheck` modes.
+//
+// Compiled into the traced runtime only (after dcn_runtime.cpp, with
+// DCN_TRACED). Modules of the traced build are compiled by clang with
+// -fsanitize-coverage=inline-8bit-counters,trace-loads,trace-stores, which
+// calls __sanitizer_cov_load<N>(address) / __sanitizer_cov_store<N>(address)
+// before every load and store; the shim's atomics call trace_atomic. Each
+// access that falls inside one of the launch's argument buffers (or, for the
+// racecheck, the block's shared memory) is attributed to the CUDA thread
+// running it (dcn_current).
+//
+// counters: a block's accesses are recorded, then grouped into warp-level
+// requests by (warp, kind, static call site, how many times this thread has
+// executed that site); a request touches the distinct 32-byte sectors its
+// lanes' bytes fall in. Distinct sectors over the whole launch are kept per
+// buffer in bitmaps (what a perfect cache would fetch from DRAM).
+//
+// racecheck: a shadow entry per element of each buffer (per 2 bytes of shared
+// memory) remembers the last writer and a reader, with the block, the thread,
+// the barrier epoch of the block and whether the write was atomic. Two
+// accesses of different threads to one element, at least one a plain write (or
+// a plain access against an atomic write), race unless both are in the same
+// block with a __syncthreads() between them.
+
+#include <algorithm>
+#include <unordered_map>
+
+namespace dcn {
+
+enum AccessKind : unsigned char { kLoad = 0, kStore = 1, kAtomic = 2 };
+constexpr int kKinds = 3;
+constexpr int kCountersAnalysis = 1, kRacecheckAnalysis = 2;
+constexpr unsigned kSectorBytes = 32;
+constexpr unsigned kSharedGranule = 2;  // bytes per shared-memory shadow entry (half, bf16)
+
+// Mirrors of kernels/emulator/traced.py's ctypes structures.
+struct TraceRegion {
+  unsigned long long address;
+  unsigned long long bytes;
+  unsigned long long element_bytes;  // of one lane for vector types
+  unsigned long long vector;         // the parameter is a vector type (float4*, ...)
+};
+
+struct RegionCounts {
+  unsigned long long requests[kKinds];
+  unsigned long long sectors[kKinds];
+  unsigned long long bytes_requested[kKinds];
+  unsigned long long bytes_useful[kKinds];
+  unsigned long long distinct_read_sectors;
+  unsigned long long distinct_written_sectors;
+};
+
+struct RaceReport {
+  unsigned long long races;     // conflicting access pairs found (the first is described)
+  int region;                   // argument buffer index, -1 for shared memory
+  unsigned long long element;   // element offset in the buffer (byte offset in shared memory)
+  unsigned first_block, first_thread, second_block, second_thread;  // linear indices
+  int first_kind, second_kind;  // AccessKind
+};
+
+namespace {
+
+struct Region {
+  TraceRegion where;
+  std::vector<std::atomic<unsigned long long>> read_sectors, written_sectors;  // bitmaps
+};
+
+// ----------------------------------------------------------- racecheck shadow --
+struct Access {
+  unsigned block = 0, thread = 0, epoch = 0;
+  unsigned char kind = 0;  // 0: none, else AccessKind + 1
+};
+struct Shadow {
+  Access writer, reader;
+  bool many_readers = false;
+};
+
+struct Trace {
+  int analysis = 0;
+  dim3 grid, block;
+  unsigned long long low = ~0ull, high = 0;  // span of all regions, for a quick reject
+  std::vector<Region> regions;
+  std::mutex merge_mutex;
+  std::vector<RegionCounts> counts;
+  // racecheck
+  std::vector<std::vector<Shadow>> shadows;  // per region, per element
+  std::unique_ptr<std::atomic_flag[]> stripes;
+  std::mutex report_mutex;
+  RaceReport report{};
+};
+constexpr std::size_t kStripes = 4096;
+
+Trace* active_trace = nullptr;  // set around one launch; Python runs traced launches one at a time
+
+struct Record {
+  unsigned long long site;
+  unsigned thread;
+  unsigned warp;
+  unsigned visit;  // how many times this thread executed the site before
+  unsigned long long address;
+  unsigned size;
+  unsigned char kind;
+  unsigned char region;
+};
+
+// Per OS thread: what the block it runs has done so far.
+struct BlockState {
+  std::vector<Record> records;
+  std::unordered_map<unsigned long long, unsigned> visits;  // (thread, site) -> times executed
+  unsigned epoch = 0;                                      // barriers the block has passed
+  std::vector<std::pair<unsigned long long, unsigned long long>> shared;  // [start, end)
+  std::unordered_map<unsigned long long, Shadow> shared_shadow;            // by granule
+};
+thread_local BlockState block_state;
+
+unsigned linear_block(const ThreadContext& c) {
+  return c.block_idx.x + c.grid_dim.x * (c.block_idx.y + c.grid_dim.y * c.block_idx.z);
+}
+
+int find_region(const Trace& t, unsigned long long address) {
+  if (address < t.low || address >= t.high) return -1;
+  for (std::size_t r = 0; r < t.regions.size(); ++r) {
+    const TraceRegion& w = t.regions[r].where;
+    if (address >= w.address && address < w.address + w.bytes) return int(r);
+  }
+  return -1;
+}
+
+// ------------------------------------------------------------------ counters --
+constexpr unsigned kWidestAccess = 16;  // LDG.128 / STG.128
+
+// clang splits a 16-byte vector access (uint4, float4) into 8- or 4-byte
+// pieces. A piece wider than the buffer's element, or any access to a
+// vector-typed buffer, that continues the thread's previous access to the same
+// aligned 16 bytes is taken as part of one vector access, as the GPU issues it.
+bool continues_vector(const Trace& t, const Record& previous, unsigned thread, int region,
+                      unsigned long long address, unsigned size, AccessKind kind) {
+  if (previous.thread != thread || previous.kind != kind || previous.region != region ||
+      previous.address + previous.size != address || kind == kAtomic)
+    return false;
+  const TraceRegion& w = t.regions[region].where;
+  if (!w.vector && size <= w.element_bytes) return false;
+  const unsigned long long offset = previous.address - w.address;
+  return (offset % kWidestAccess) + previous.size + size <= kWidestAccess;
+}
+
+void record(Trace& t, int region, unsigned long long address, unsigned size, AccessKind kind,
+            const void* site) {
+  const ThreadContext& c = *dcn_current;
+  BlockState& b = block_state;
+  if (!b.records.empty() &&
+      continues_vector(t, b.records.back(), c.linear_tid, region, address, size, kind)) {
+    b.records.back().size += size;
+    return;
+  }
+  const auto key = reinterpret_cast<unsigned long long>(site) |
+                   (static_cast<unsigned long long>(c.linear_tid) << 52);
+  const unsigned visit = b.visits[key]++;
+  b.records.push_back({reinterpret_cast<unsigned long long>(site), c.linear_tid,
+                       c.linear_tid / 32, visit, address, size, static_cast<unsigned char>(kind),
+                       static_cast<unsigned char>(region)});
+}
+
+void mark_sectors(std::vector<std::atomic<unsigned long long>>& bitmap, unsigned long long first,
+                  unsigned long long last) {
+  for (unsigned long long s = first; s <= last; ++s) {
+    auto& word = bitmap[s / 64];
+    const unsigned long long bit = 1ull << (s % 64);
+    if (!(word.load(std::memory_order_relaxed) & bit)) word.fetch_or(bit, std::memory_order_relaxed);
+  }
+}
+
+// Groups the block's records into warp-level requests and adds them up.
+void count_block(Trace& t) {
+  std::vector<Record>& records = block_state.records;
+  std::sort(records.begin(), records.end(), [](const Record& a, const Record& b) {
+    return std::tie(a.warp, a.kind, a.site, a.visit, a.address) <
+           std::tie(b.warp, b.kind, b.site, b.visit, b.address);
+  });
+  std::vector<RegionCounts> counts(t.regions.size());
+  for (std::size_t i = 0; i < records.size();) {
+    const Record& head = records[i];
+    RegionCounts& into = counts[head.region];
+    into.requests[head.kind] += 1;
+    long long last_sector = -1;
+    unsigned long long last_address = ~0ull;
+    for (; i < records.size() && records[i].warp == head.warp && records[i].kind == head.kind &&
+           records[i].site == head.site && records[i].visit == head.visit;
+         ++i) {
+      const Record& r = records[i];
+      Region& region = t.regions[r.region];
+      const unsigned long long offset = r.address - region.where.address;
+      const long long first = (long long)(offset / kSectorBytes);
+      const long long last = (long long)((offset + r.size - 1) / kSectorBytes);
+      // Addresses ascend within a request, and its lanes access the same size.
+      into.sectors[r.kind] += std::max(0ll, last - std::max(first, last_sector + 1) + 1);
+      last_sector = std::max(last_sector, last);
+      into.bytes_requested[r.kind] += r.size;
+      if (r.address != last_address) into.bytes_useful[r.kind] += r.size;
+      last_address = r.address;
+      const unsigned long long sectors = region.read_sectors.size() * 64;
+      const unsigned long long end = std::min<unsigned long long>(last, sectors - 1);
+      if (r.kind != kStore) mark_sectors(region.read_sectors, first, end);
+      if (r.kind != kLoad) mark_sectors(region.written_sectors, first, end);
+    }
+  }
+  std::lock_guard<std::mutex> lock(t.merge_mutex);
+  for (std::size_t r = 0; r < counts.size(); ++r) {
+    for (int k = 0; k < kKinds; ++k) {
+      t.counts[r].requests[k] += counts[r].requests[k];
+      t.counts[r].sectors[k] += counts[r].sectors[k];
+      t.counts[r].bytes_requested[k] += counts[r].bytes_requested[k];
+      t.counts[r].bytes_useful[k] += counts[r].bytes_useful[k];
+    }
+  }
+}
+
+// ----------------------------------------------------------------- racecheck --
+bool ordered(const Access& earlier, const Access& now) {
+  if (earlier.block == now.block && earlier.thread == now.thread) return true;
+  return earlier.block == now.block && earlier.epoch < now.epoch;  // a barrier between them
+}
+
+void report_race(Trace& t, int region, unsigned long long element, const Access& first,
+                 const Access& second) {
+  std::lock_guard<std::mutex> lock(t.report_mutex);
+  if (t.report.races++ == 0) {
+    t.report.region = region;
+    t.report.element = element;
+    t.report.first_block = first.block;
+    t.report.first_thread = first.thread;
+    t.report.second_block = second.block;
+    t.report.second_thread = second.thread;
+    t.report.first_kind = first.kind - 1;
+    t.report.second_kind = second.kind - 1;
+  }
+}
+
+// Checks one access against the element's shadow and updates it.
+void check_element(Trace& t, Shadow& s, int region, unsigned long long element,
+                   const Access& now) {
+  const AccessKind kind = AccessKind(now.kind - 1);
+  const Access& w = s.writer;
+  if (w.kind && !ordered(w, now) && !(w.kind - 1 == kAtomic && kind == kAtomic)) {
+    report_race(t, region, element, w, now);
+  } else if (kind != kLoad && s.reader.kind && (s.many_readers || !ordered(s.reader, now))) {
+    if (!(s.many_readers && s.reader.block == now.block && s.reader.epoch < now.epoch))
+      report_race(t, region, element, s.reader, now);
+  }
+  if (kind == kLoad) {
+    if (s.reader.kind && !ordered(s.reader, now)) s.many_readers = true;
+    else if (s.reader.kind && s.reader.epoch < now.epoch) s.many_readers = false;
+    s.reader = now;
+  } else {
+    s.writer = now;
+    if (kind == kStore) {  // a plain write supersedes the reads before it
+      s.reader = Access{};
+      s.many_readers = false;
+    }
+  }
+}
+
+void racecheck(Trace& t, int region, unsigned long long address, unsigned size, AccessKind kind) {
+  const ThreadContext& c = *dcn_current;
+  BlockState& b = block_state;
+  const Access now{linear_block(c), c.linear_tid, b.epoch, static_cast<unsigned char>(kind + 1)};
+  if (region >= 0) {
+    const TraceRegion& w = t.regions[region].where;
+    const unsigned long long first = (address - w.address) / w.element_bytes;
+    const unsigned long long last =
+        std::min<unsigned long long>((address + size - 1 - w.address) / w.element_bytes,
+                 t.shadows[region].size() - 1);
+    for (unsigned long long e = first; e <= last; ++e) {
+      std::atomic_flag& stripe = t.stripes[(e * 0x9E3779B97F4A7C15ull >> 40) % kStripes];
+      while (stripe.test_and_set(std::memory_order_acquire)) {
+      }
+      check_element(t, t.shadows[region][e], region, e, now);
+      stripe.clear(std::memory_order_release);
+    }
+    return;
+  }
+  for (const auto& [start, end] : b.shared) {
+    if (address < start || address >= end) continue;
+    for (unsigned long long g = (address - start) / kSharedGranule;
+         g <= (address + size - 1 - start) / kSharedGranule; ++g)
+      check_element(t, b.shared_shadow[start + g * kSharedGranule], -1, g * kSharedGranule, now);
+    return;
+  }
+}
+
+void trace_access(const void* pointer, unsigned size, AccessKind kind, const void* site) {
+  Trace* t = active_trace;
+  if (!t || !dcn_current) return;
+  const auto address = reinterpret_cast<unsigned long long>(pointer);
+  const int region = find_region(*t, address);
+  if (t->analysis == kCountersAnalysis) {
+    if (region >= 0) record(*t, region, address, size, kind, site);
+  } else if (region >= 0 || !block_state.shared.empty()) {
+    racecheck(*t, region, address, size, kind);
+  }
+}
+
+}  // namespace
+
+// ------------------------------------------------- called by the runtime --
+void trace_block_begin() {
+  BlockState& b = block_state;
+  b.records.clear();
+  b.visits.clear();
+  b.epoch = 0;
+  b.shared.clear();
+  b.shared_shadow.clear();
+  const ThreadContext& c = *dcn_current;
+  if (active_trace && active_trace->analysis == kRacecheckAnalysis && current_launch->shared_mem) {
+    const auto start = reinterpret_cast<unsigned long long>(c.dynamic_shared);
+    b.shared.push_back({start, start + current_launch->shared_mem});
+  }
+}
+
+void trace_block_end() {
+  if (active_trace && active_trace->analysis == kCountersAnalysis) count_block(*active_trace);
+}
+
+void trace_barrier() { ++block_state.epoch; }
+
+// ------------------------------------------------- called by kernel modules --
+void trace_atomic(void* address, unsigned bytes) {
+  trace_access(address, bytes, kAtomic, __builtin_return_address(0));
+}
+
+void trace_shared(void* array, std::size_t bytes) {
+  if (!active_trace || active_trace->analysis != kRacecheckAnalysis) return;
+  const auto start = reinterpret_cast<unsigned long long>(array);
+  block_state.shared.push_back({start, start + bytes});
+}
+
+}  // namespace dcn
+
+// ---------------------------------------------- entry points for Python --
+extern "C" void dcn_trace_begin(int analysis, const dcn::TraceRegion* regions, int num_regions,
+                                const unsigned* grid, const unsigned* block) {
+  using namespace dcn;
+  auto* t = new Trace;
+  t->analysis = analysis;
+  t->grid = dim3(grid[0], grid[1], grid[2]);
+  t->block = dim3(block[0], block[1], block[2]);
+  t->regions = std::vector<Region>(num_regions);
+  t->counts.assign(num_regions, RegionCounts{});
+  for (int r = 0; r < num_regions; ++r) {
+    Region& region = t->regions[r];
+    region.where = regions[r];
+    t->low = std::min(t->low, regions[r].address);
+    t->high = std::max(t->high, regions[r].address + regions[r].bytes);
+    if (analysis == kCountersAnalysis) {
+      // Sectors of the buffer's own offsets: the model assumes 32-byte aligned buffers.
+      const std::size_t words = (regions[r].bytes + 64 * kSectorBytes - 1) / (64 * kSectorBytes);
+      region.read_sectors = std::vector<std::atomic<unsigned long long>>(words);
+      region.written_sectors = std::vector<std::atomic<unsigned long long>>(words);
+    }
+  }
+  if (analysis == kRacecheckAnalysis) {
+    t->shadows.resize(num_regions);
+    for (int r = 0; r < num_regions; ++r)
+      t->shadows[r].resize((regions[r].bytes + regions[r].element_bytes - 1) /
+                           regions[r].element_bytes);
+    t->stripes.reset(new std::atomic_flag[kStripes]);
+    for (std::size_t i = 0; i < kStripes; ++i) t->stripes[i].clear();
+  }
+  active_trace = t;
+}
+
+extern "C" void dcn_trace_end(dcn::RegionCounts* counts, dcn::RaceReport* report) {
+  using namespace dcn;
+  std::unique_ptr<Trace> t(active_trace);
+  active_trace = nullptr;
+  for (std::size_t r = 0; r < t->regions.size(); ++r) {
+    RegionCounts& out = counts[r];
+    out = t->counts[r];
+    for (const auto& word : t->regions[r].read_sectors)
+      out.distinct_read_sectors += __builtin_popcountll(word.load());
+    for (const auto& word : t->regions[r].written_sectors)
+      out.distinct_written_sectors += __builtin_popcountll(word.load());
+  }
+  *report = t->report;
+}
+
+// The coverage hooks clang calls before every load and store of a traced module.
+extern "C" {
+void __sanitizer_cov_8bit_counters_init(char*, char*) {}
+#define DCN_ACCESS_HOOK(N, TYPE)                                                   \
+  void __sanitizer_cov_load##N(TYPE* address) {                                    \
+    dcn::trace_access(address, N, dcn::kLoad, __builtin_return_address(0));        \
+  }                                                                                \
+  void __sanitizer_cov_store##N(TYPE* address) {                                   \
+    dcn::trace_access(address, N, dcn::kStore, __builtin_return_address(0));       \
+  }
+DCN_ACCESS_HOOK(1, uint8_t)
+DCN_ACCESS_HOOK(2, uint16_t)
+DCN_ACCESS_HOOK(4, uint32_t)
+DCN_ACCESS_HOOK(8, uint64_t)
+DCN_ACCESS_HOOK(16, __int128)
+#undef DCN_ACCESS_HOOK
+}

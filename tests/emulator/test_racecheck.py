@@ -1,0 +1,73 @@
+"""The racecheck mode on planted races and their correct twins
+(tests/emulator/kernels/traced.cu)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels import emulator
+
+
+@pytest.fixture(scope="module")
+def module(kernel_source):
+    return emulator.RawModule(code=kernel_source("traced.cu"))
+
+
+def racecheck(module, name, args, grid=(8,), block=(128,)):
+    with emulator.mode("racecheck"):
+        module.get_function(name)(grid, block, args)
+
+
+def test_plain_scatter_into_shared_bins_is_a_race(module, rng):
+    x = rng.standard_normal(1024, dtype=np.float32)
+    bins = np.zeros(16, dtype=np.float32)
+    with pytest.raises(emulator.RaceCheckError) as caught:
+        racecheck(module, "scatter_plain", (x, bins, np.int32(x.size), np.int32(bins.size)))
+    message = str(caught.value)
+    assert "kernel 'scatter_plain': data race on argument 1 'bins'" in message
+    assert "element " in message and "by block (" in message and "thread (" in message
+    assert "without an atomic" in message
+
+
+def test_the_race_names_both_threads_of_the_first_conflict(module):
+    # Two threads only, one block: thread 16 adds into the bin thread 0 wrote.
+    x = np.ones(32, dtype=np.float32)
+    bins = np.zeros(16, dtype=np.float32)
+    with pytest.raises(emulator.RaceCheckError,
+                       match=r"element 0: written by block \(0, 0, 0\) thread \(0, 0, 0\), then "
+                             r"read by block \(0, 0, 0\) thread \(16, 0, 0\)"):
+        racecheck(module, "scatter_plain", (x, bins, np.int32(32), np.int32(16)),
+                  grid=(1,), block=(32,))
+
+
+def test_atomic_scatter_is_not_a_race(module, rng):
+    x = rng.standard_normal(1024, dtype=np.float32)
+    bins = np.zeros(16, dtype=np.float32)
+    racecheck(module, "scatter_atomic", (x, bins, np.int32(x.size), np.int32(bins.size)))
+    expected = x.astype(np.float64).reshape(-1, 16).sum(axis=0)
+    np.testing.assert_allclose(bins, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_shared_memory_read_before_the_barrier_is_a_race(module, rng):
+    x = rng.standard_normal(1024, dtype=np.float32)
+    with pytest.raises(emulator.RaceCheckError,
+                       match=r"data race on shared memory, byte offset 4: read by block "
+                             r"\(0, 0, 0\) thread \(0, 0, 0\), then written by block \(0, 0, 0\) "
+                             r"thread \(1, 0, 0\), without a __syncthreads\(\)"):
+        racecheck(module, "shared_read_before_barrier", (x, np.zeros_like(x)))
+
+
+def test_shared_memory_read_after_the_barrier_is_not_a_race(module, rng):
+    x = rng.standard_normal(1024, dtype=np.float32)
+    y = np.zeros_like(x)
+    racecheck(module, "shared_read_after_barrier", (x, y))
+    np.testing.assert_array_equal(y, np.roll(x.reshape(8, 128), -1, axis=1).ravel())
+
+
+def test_disjoint_writes_and_shared_reads_are_not_races(module, rng):
+    x = rng.standard_normal(1024, dtype=np.float32)
+    y = np.zeros_like(x)
+    racecheck(module, "copy", (x, y, np.int32(x.size)))
+    racecheck(module, "broadcast", (x, y, np.int32(x.size)))
+    np.testing.assert_array_equal(y, np.full_like(x, x[0]))
