@@ -7,6 +7,7 @@
     dcnbench case OP [--param NAME=VALUE ...] [--dtype DTYPE] [--mode MODE] [--impl NAME]
                   [--device cpu|cuda] [--seed S] [--backward] [--save FILE.npz]
     dcnbench kernels [...]   (the NVRTC build check: kernels.build_check)
+    dcnbench counters OP --impl IMPL [--param K=V ...] [--gpu h200] | --suite NAME [--check B]
     dcnbench report RUN_DIR... [-o SITE_DIR] [--case FILE.npz ...]
     dcnbench compare BASE NEW [--fail-above PCT] [--min-effect PCT] [--all]
 """
@@ -235,6 +236,15 @@ def cmd_kernels(args: argparse.Namespace, console: Console) -> int:
     return build_check.run(parser.parse_args(args.kernel_args))
 
 
+# ---------------------------------------------------------------------------- counters
+
+
+def cmd_counters(args: argparse.Namespace, console: Console) -> int:
+    from harness import counters  # imported here: it loads the emulator
+
+    return counters.main(args, console)
+
+
 # ---------------------------------------------------------------------------- report
 
 
@@ -330,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("kernels", add_help=False,
                             help="NVRTC build check of every CUDA source (dcnbench kernels --help)")
     p.set_defaults(handler=cmd_kernels)
+
+    p = commands.add_parser("counters", help="memory traffic of our kernels, counted by the "
+                            "emulator, with a modelled floor (docs/counters.md)")
+    from harness import counters
+
+    counters.add_arguments(p)
+    p.set_defaults(handler=cmd_counters)
 
     p = commands.add_parser("report", help="build the static HTML report of some runs")
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
