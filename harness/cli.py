@@ -1,7 +1,7 @@
 """The ``dcnbench`` command line (also ``python -m harness`` from a plain checkout).
 
     dcnbench list [--json]
-    dcnbench run --suite NAME|PATH [--device cpu|cuda] [--op OP ...] [--impl IMPL ...]
+    dcnbench run --suite NAME|PATH [--device cpu|cuda|counters] [--op OP ...] [--impl IMPL ...]
                  [--dtype DTYPE ...] [--out DIR] [--resume] [--seed S] [--no-timing]
                  [--cuda-graph] [--warmup-ms MS] [--rep-ms MS]
     dcnbench case OP [--param NAME=VALUE ...] [--dtype DTYPE] [--mode MODE] [--impl NAME]
@@ -147,15 +147,18 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    _check_device(args.device)
+    # --device counters: the CPU, emulated kernels counted (docs/counters.md), nothing timed.
+    counters = args.device == "counters"
+    device = "cpu" if counters else args.device
+    _check_device(device)
     if args.resume and args.out is None:
         raise UsageError("--resume: needs --out DIR naming the run directory to resume")
     suite = suites.load(args.suite)
-    timing = None if args.no_timing else TimingConfig(
+    timing = None if args.no_timing or counters else TimingConfig(
         warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cuda_graph=args.cuda_graph)
     options = runner.RunOptions(
-        suite=suite, device=args.device, ops=args.op, impls=args.impl, dtypes=args.dtype,
-        out=args.out, resume=args.resume, seed=args.seed, timing=timing,
+        suite=suite, device=device, ops=args.op, impls=args.impl, dtypes=args.dtype,
+        out=args.out, resume=args.resume, seed=args.seed, timing=timing, counters=counters,
     )
     return runner.run_suite(options, console)
 
@@ -299,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", required=True, metavar="NAME|PATH",
                    help=f"a suite in suites/ ({', '.join(suites.available_suites())}) "
                         "or a path to a .toml file")
-    p.add_argument("--device", **device)
+    p.add_argument("--device", **{**device, "choices": (*registry.DEVICES, "counters"),
+                                  "help": device["help"] + "; counters: the CPU with the "
+                                  "emulator's counters in each row (docs/counters.md)"})
     p.add_argument("--op", action="extend", nargs="+", default=[], metavar="OP",
                    help="only these operators")
     p.add_argument("--impl", action="extend", nargs="+", default=[], metavar="IMPL",

@@ -11,6 +11,7 @@ seeded ``grad_output`` gives one gradient per leaf.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import traceback
 from collections.abc import Mapping
@@ -170,12 +171,15 @@ def record_error(row: Row, exc: BaseException, context: str = "") -> Row:
 
 def run(case_run: CaseRun, impl: registry.Implementation, direction: str,
         timing: TimingConfig | None, copy_gbps: float | None = None,
-        baseline_ms: float | None = None) -> tuple[Row, dict[str, torch.Tensor]]:
+        baseline_ms: float | None = None, counters: bool = False
+        ) -> tuple[Row, dict[str, torch.Tensor]]:
     """Check and time ``impl`` on a prepared case in one direction.
 
     Returns the row and the tensors the implementation produced (``output``,
     and ``grad_<name>`` for the backward), for saving a case. An exception
-    becomes an ``error`` row; it never propagates.
+    becomes an ``error`` row; it never propagates. With ``counters``, emulated
+    kernels run in the emulator's counters mode and the row keeps their
+    counters (docs/counters.md).
     """
     case = case_run.case
     row = start_row(case, impl, direction, case_run.device, case_run.seed)
@@ -183,7 +187,7 @@ def run(case_run: CaseRun, impl: registry.Implementation, direction: str,
         return row, {}
     row.reference_device = case_run.reference_device
     try:
-        tensors = _check(row, case_run, impl, direction)
+        tensors = _check(row, case_run, impl, direction, counters)
     except Exception as exc:  # one implementation's failure must not stop the sweep
         return record_error(row, exc), {}
     if timing is None:
@@ -198,18 +202,29 @@ def run(case_run: CaseRun, impl: registry.Implementation, direction: str,
     return row, tensors
 
 
+def _counting(enabled: bool):
+    """The emulator's counters mode around a call when ``enabled`` (imported on
+    first use, as the kernels are); yields the list of launches it counted."""
+    if not enabled:
+        return contextlib.nullcontext([])
+    from harness import counters
+
+    return counters.counting()
+
+
 def _check(row: Row, case_run: CaseRun, impl: registry.Implementation,
-           direction: str) -> dict[str, torch.Tensor]:
+           direction: str, counters: bool = False) -> dict[str, torch.Tensor]:
     case, dtype = case_run.case, registry.DTYPES[case_run.case.dtype]
     with _poisoned_outputs():
         if direction == "forward":
-            with torch.no_grad():
+            with torch.no_grad(), _counting(counters) as launches:
                 out = impl.forward(case_run.inputs, case.params)
             tensors, refs = {"output": out}, {"output": case_run.ref_output}
         else:
             out, leaves = _build_graph(impl.forward, case_run.inputs, case.params,
                                        case_run.differentiable)
-            grads = _gradients(out, leaves, case_run.grad_output)
+            with _counting(counters) as launches:  # the gradient's launches only
+                grads = _gradients(out, leaves, case_run.grad_output)
             tensors = {f"grad_{n}": g for n, g in zip(case_run.differentiable, grads, strict=True)}
             refs = case_run.ref_grads
     errors = {name: checking.measure(tensors[name], ref, dtype, name) for name, ref in refs.items()}
@@ -224,6 +239,11 @@ def _check(row: Row, case_run: CaseRun, impl: registry.Implementation,
     row.worst_tensor = verdict.worst
     row.tol_rel_l2, row.tol_max_abs = tol.rel_l2, tol.max_abs
     row.tensors = {name: dataclasses.asdict(e) for name, e in errors.items()}
+    if launches:
+        from harness import counters as counted
+
+        row.counters = counted.row_metrics(counted.summarize(
+            case, impl.name, direction, launches, counted.DEFAULT_GPU))
     return {name: t.detach() for name, t in tensors.items()}
 
 

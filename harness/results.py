@@ -69,6 +69,7 @@ class Row:
     gbps: float | None = None
     roofline_fraction: float | None = None
     speedup: float | None = None
+    counters: dict[str, float] | None = None  # `run --device counters`: docs/counters.md
     reproduce: str = ""
     finished_at: str = ""
     schema_version: int = SCHEMA_VERSION

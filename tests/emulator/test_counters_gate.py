@@ -127,3 +127,24 @@ def test_the_command_refuses_bad_arguments(capsys, argv, message):
 
     assert cli.main(argv) == cli.EXIT_USAGE
     assert message in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_counted_run_keeps_the_counters_of_kernel_rows_only():
+    from harness import execution
+
+    registry.load_all()
+    op = registry.get_operator("roi_align")
+    case = make_case(op, {"N": 1, "C": 4, "K": 4}, "float32", "random")
+    case_run = execution.prepare(case, "cpu", seed=0, backward=True)
+    kernel = registry.get_implementation("roi_align", "cupy")
+    forward, _ = execution.run(case_run, kernel, "forward", None, counters=True)
+    backward, _ = execution.run(case_run, kernel, "backward", None, counters=True)
+    peer, _ = execution.run(case_run, registry.get_implementation("roi_align", "torchvision"),
+                            "forward", None, counters=True)
+    plain, _ = execution.run(case_run, kernel, "forward", None)
+    assert forward.status == backward.status == "ok"
+    assert forward.counters["launches"] == 1 and forward.counters["load_requests"] > 0
+    assert forward.counters["atomic_sectors"] == 0 < backward.counters["atomic_sectors"]
+    assert backward.counters["launches"] == 1  # the gradient's kernel, not the forward's
+    assert forward.counters["modelled_floor_h200_s"] > 0
+    assert peer.counters is None and plain.counters is None
