@@ -230,6 +230,10 @@ def baseline_document(suite: suites.Suite, gpu: str, results: Iterable[CaseCount
                 "floors are modelled, not measured: docs/counters.md",
         "suite": suite.name, "suite_sha256": suite.sha256, "seed": suite.seed, "gpu": gpu,
         "kernels": {k.key: k.as_json() for r in results for k in r.kernels},
+        # Not gated: what the report's counters page sets the kernels against.
+        "cases": {f"{r.case.id} {r.impl} {r.direction}": {
+            "op": r.case.op.name, "dtype": r.case.dtype, "ideal_bytes": r.ideal_bytes,
+            "floor_s": r.floor_s, "roofline_fraction": r.roofline_fraction} for r in results},
     }
 
 
