@@ -71,3 +71,45 @@ def test_disjoint_writes_and_shared_reads_are_not_races(module, rng):
     racecheck(module, "copy", (x, y, np.int32(x.size)))
     racecheck(module, "broadcast", (x, y, np.int32(x.size)))
     np.testing.assert_array_equal(y, np.full_like(x, x[0]))
+
+
+def test_the_planted_plain_add_in_deform_col2im_is_a_race(monkeypatch):
+    """Issue 17's survivor: col2im's atomicAdd turned into `+=` passed every numeric
+    test (at most 2 blocks per sample there). The racecheck finds it at a test shape."""
+    import torch
+
+    from harness import registry
+    from harness.cases import make_case
+    from kernels import launch
+    from kernels.cuda_sources import CudaSource
+
+    registry.load_all()
+    impl = registry.get_implementation("deform_conv2d", "cupy")
+    case = make_case(registry.get_operator("deform_conv2d"),
+                     {"N": 1, "C_in": 8, "C_out": 4, "H": 8, "W": 8}, "float32", "random")
+    inputs = case.op.make_inputs(case.params, torch.float32, "cpu",
+                                 torch.Generator().manual_seed(0), case.mode)
+
+    def gradients():
+        leaf = inputs["input"].detach().requires_grad_()
+        out = impl.forward({**inputs, "input": leaf}, case.params)
+        with emulator.mode("racecheck"):
+            return torch.autograd.grad(out, [leaf], torch.ones_like(out))
+
+    gradients()  # the kernel as it is: no race
+    atomic = "atomicAdd(grad_in + s.corner[q], s.weight[q] * masked_g);"
+    original = CudaSource.code
+
+    def planted(self):
+        text = original(self)
+        if self.filename == "deform_conv2d.cu":
+            assert atomic in text, "the scatter this test plants a race in has changed"
+            text = text.replace(atomic, "grad_in[s.corner[q]] += s.weight[q] * masked_g;")
+        return text
+
+    monkeypatch.setattr(CudaSource, "code", planted)
+    monkeypatch.setattr(launch, "_modules", {})
+    with pytest.raises(emulator.RaceCheckError,
+                       match=r"kernel 'deform_col2im<float, false>': data race on argument 4 "
+                             r"'grad_input'"):
+        gradients()
