@@ -259,14 +259,30 @@ def gate(baseline: dict, current: dict, growth: float = GATE_GROWTH) -> list[str
 # ------------------------------------------------------------------ tables --
 
 
-def print_table(results: Iterable[CaseCounters], console: Console, gpu: str) -> None:
+def occupancy(kernels: Iterable[str]) -> dict[str, str]:
+    """ptxas's registers and theoretical occupancy on sm_90 of each kernel (the build
+    check's, `dcnbench kernels`), compiling only the sources that hold them."""
+    from kernels import build_check, cuda_sources
+
+    wanted = set(kernels)
+    files = [name for name, source in cuda_sources.load_all().items()
+             if wanted & set(source.name_expressions)]
+    result = build_check.check_kernels(archs=("sm_90",), only=files)
+    return {k.kernel: f"{k.occupancy.percent:.0f}% ({k.resources.registers} regs)"
+            for k in result.kernels if k.kernel in wanted and k.occupancy is not None}
+
+
+def print_table(results: Iterable[CaseCounters], console: Console, gpu: str,
+                occupancy: dict[str, str] | None = None) -> None:
+    """The counters of every kernel of ``results``; with ``occupancy`` (kernel ->
+    text), a column of it."""
     from kernels.emulator import gpu_model
 
     table = Table(title=f"counters per kernel (emulated; floor modelled on "
                         f"{gpu_model.gpu_rates(gpu).name})", title_justify="left")
     for header in ("case", "impl", "dir", "kernel", "launches", "threads", "ld sect/req",
                    "st sect/req", "efficiency", "atomic sectors", "DRAM MB", "ideal MB",
-                   "floor µs", "bound", "roofline"):
+                   "floor µs", "bound", "roofline", *(["sm_90 occupancy"] if occupancy else [])):
         table.add_column(header, justify="left" if header in ("case", "kernel") else "right")
     for result in results:
         for i, k in enumerate(result.kernels):
@@ -279,7 +295,8 @@ def print_table(results: Iterable[CaseCounters], console: Console, gpu: str) -> 
                 k.case_id if i == 0 else "", k.impl, {"forward": "fwd", "backward": "bwd"}[k.direction], k.kernel, str(k.launches), str(k.threads),
                 f"{k.sectors_per_request('load'):.2f}", f"{k.sectors_per_request('store'):.2f}",
                 f"{k.efficiency:.1%}", str(k.atomic_sectors), f"{k.dram_bytes / 1e6:.3f}", ideal,
-                f"{k.floor_s * 1e6:.2f}", k.bound, f"{fraction:.0%}" if fraction else "")
+                f"{k.floor_s * 1e6:.2f}", k.bound, f"{fraction:.0%}" if fraction else "",
+                *([occupancy.get(k.kernel, "")] if occupancy else []))
     # Wide: CI logs are not terminals, and rich would squeeze the table to 80 columns.
     Console(file=console.file, width=max(console.width, 220)).print(table)
 
@@ -307,6 +324,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gpu", default=DEFAULT_GPU, choices=tuple(gpu_model.GPUS),
                         help=f"GPU of the modelled floor (default {DEFAULT_GPU})")
+    parser.add_argument("--occupancy", action="store_true",
+                        help="add each kernel's sm_90 registers and occupancy (NVRTC + ptxas, "
+                             "as `dcnbench kernels`; a few seconds per source)")
     parser.add_argument("--suite", metavar="NAME|PATH",
                         help="count every kernel of a suite instead of one case")
     parser.add_argument("--check", type=Path, metavar="BASELINE",
@@ -334,14 +354,14 @@ def main(args, console: Console) -> int:
             raise UsageError(f"{case.id} {impl.name} {direction}: {reason}")
         results = [summarize(case, impl.name, direction,
                              measure(case, impl, direction, args.seed), args.gpu)]
-        print_table(results, console, args.gpu)
+        print_table(results, console, args.gpu, _occupancy_if(args, results))
         return 0
     if args.op is not None:
         raise UsageError(f"counters: give OP or --suite, not both (got {args.op!r} and --suite)")
     suite = suites.load(args.suite)
     registry.load_all()
     results = run_suite(suite, args.gpu, console)
-    print_table(results, console, args.gpu)
+    print_table(results, console, args.gpu, _occupancy_if(args, results))
     document = baseline_document(suite, args.gpu, results)
     if args.update:
         write_json(args.update, document)
@@ -362,3 +382,7 @@ def main(args, console: Console) -> int:
         console.print(f"counters gate: {len(document['kernels'])} kernels within "
                       f"{GATE_GROWTH:.0%} of {args.check}")
     return 0
+
+
+def _occupancy_if(args, results: list[CaseCounters]) -> dict[str, str] | None:
+    return occupancy(k.kernel for r in results for k in r.kernels) if args.occupancy else None

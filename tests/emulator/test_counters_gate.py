@@ -148,3 +148,9 @@ def test_a_counted_run_keeps_the_counters_of_kernel_rows_only():
     assert backward.counters["launches"] == 1  # the gradient's kernel, not the forward's
     assert forward.counters["modelled_floor_h200_s"] > 0
     assert peer.counters is None and plain.counters is None
+
+
+def test_occupancy_comes_from_the_build_check_of_the_kernels_source():
+    found = counters.occupancy(["deform_im2col<float, false>", "no_such_kernel"])
+    assert list(found) == ["deform_im2col<float, false>"]
+    assert found["deform_im2col<float, false>"].endswith(" regs)")
