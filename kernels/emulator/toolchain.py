@@ -33,9 +33,11 @@ ASAN_FLAGS = ("-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-pthread", "-w",
               "-fno-strict-aliasing", "-fsanitize=address", "-fno-omit-frame-pointer")
 # The traced build (counters and racecheck modes), by clang. No auto-vectorizing:
 # it would merge the lanes' scalar accesses into wide CPU loads the GPU never
-# issues. Its own names (-D): this runtime and the plain one share one process.
+# issues; no unrolling beyond the source's `#pragma unroll`: a loop's accesses keep
+# their call sites. Its own names (-D): this runtime and the plain one share one process.
 TRACED_FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-pthread", "-w",
-                "-fno-strict-aliasing", "-fno-vectorize", "-fno-slp-vectorize", "-DDCN_TRACED",
+                "-fno-strict-aliasing", "-fno-vectorize", "-fno-slp-vectorize",
+                "-fno-unroll-loops", "-DDCN_TRACED",
                 "-Ddcn=dcn_traced", "-Ddcn_current=dcn_traced_current")
 # Only the kernel modules call the hooks; the runtime defines them.
 TRACE_HOOKS = ("-fsanitize-coverage=inline-8bit-counters,trace-loads,trace-stores",)

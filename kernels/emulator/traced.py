@@ -45,7 +45,7 @@ class _Region(ctypes.Structure):
     """Mirror of ``dcn::TraceRegion`` in shim/dcn_trace.cpp."""
 
     _fields_ = [("address", ctypes.c_ulonglong), ("bytes", ctypes.c_ulonglong),
-                ("element_bytes", ctypes.c_ulonglong), ("vector", ctypes.c_ulonglong)]
+                ("element_bytes", ctypes.c_ulonglong), ("vector_bytes", ctypes.c_ulonglong)]
 
 
 class _RegionCounts(ctypes.Structure):
@@ -160,7 +160,8 @@ def launch(mode: str, entry, grid: tuple[int, int, int], block: tuple[int, int, 
         if isinstance(value, ArrayArg) and value.address and value.nbytes:
             regions.setdefault((value.address, value.nbytes), param)
     table = (_Region * max(len(regions), 1))(
-        *(_Region(address, nbytes, max(1, param.size), int(param.lanes > 1))
+        *(_Region(address, nbytes, max(1, param.size),
+                  param.lanes * param.size if param.lanes > 1 else 0)
           for (address, nbytes), param in regions.items()))
     counts = (_RegionCounts * max(len(regions), 1))()
     report = _RaceReport()

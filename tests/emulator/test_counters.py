@@ -77,6 +77,32 @@ def test_vector_loads_are_16_sectors_per_request_and_a_quarter_of_the_requests(m
         assert (s.requests, v.sectors) == (4 * v.requests, s.sectors)
 
 
+def test_a_vector_load_split_into_words_is_still_one_request(module, rng):
+    x = rng.standard_normal(4 * THREADS, dtype=np.float32)
+    y = np.full(THREADS, np.nan, dtype=np.float32)
+    launch = counted(module, "sum_vector_words", (x, y, np.int32(THREADS)))
+    np.testing.assert_allclose(y, x.reshape(-1, 4).sum(axis=1), rtol=1e-6)
+    load = launch.total("load")
+    assert (load.requests, load.sectors_per_request, load.efficiency) == (WARPS, 16.0, 1.0)
+
+
+def test_neighbouring_scalar_loads_stay_two_requests(module, rng):
+    x = rng.standard_normal(2 * THREADS, dtype=np.float32)
+    y = np.full(THREADS, np.nan, dtype=np.float32)
+    launch = counted(module, "pair_sum", (x, y, np.int32(THREADS)))
+    load = launch.total("load")
+    assert (load.requests, load.sectors_per_request, load.efficiency) == (2 * WARPS, 8.0, 0.5)
+
+
+def test_a_loop_over_contiguous_pairs_is_not_taken_for_vectors(module, rng):
+    x = rng.standard_normal(8 * THREADS, dtype=np.float32)
+    y = np.full(THREADS, np.nan, dtype=np.float32)
+    launch = counted(module, "pairs_in_a_loop", (x, y, np.int32(THREADS), np.int32(4)))
+    load = launch.total("load")
+    # Lane stride 32 bytes: each of the 8 scalar loads touches one sector per lane.
+    assert (load.requests, load.sectors_per_request) == (8 * WARPS, 32.0)
+
+
 def test_atomics_on_one_address_are_one_sector_per_warp(module, rng):
     x = rng.standard_normal(THREADS, dtype=np.float32)
     bins = np.zeros(1, dtype=np.float32)

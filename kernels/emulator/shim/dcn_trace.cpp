@@ -38,7 +38,7 @@ struct TraceRegion {
   unsigned long long address;
   unsigned long long bytes;
   unsigned long long element_bytes;  // of one lane for vector types
-  unsigned long long vector;         // the parameter is a vector type (float4*, ...)
+  unsigned long long vector_bytes;   // of the whole vector for vector types (float4*: 16), else 0
 };
 
 struct RegionCounts {
@@ -129,30 +129,50 @@ int find_region(const Trace& t, unsigned long long address) {
 // ------------------------------------------------------------------ counters --
 constexpr unsigned kWidestAccess = 16;  // LDG.128 / STG.128
 
-// clang splits a 16-byte vector access (uint4, float4) into 8- or 4-byte
-// pieces. A piece wider than the buffer's element, or any access to a
-// vector-typed buffer, that continues the thread's previous access to the same
-// aligned 16 bytes is taken as part of one vector access, as the GPU issues it.
-bool continues_vector(const Trace& t, const Record& previous, unsigned thread, int region,
-                      unsigned long long address, unsigned size, AccessKind kind) {
-  if (previous.thread != thread || previous.kind != kind || previous.region != region ||
-      previous.address + previous.size != address || kind == kAtomic)
-    return false;
-  const TraceRegion& w = t.regions[region].where;
-  if (!w.vector && size <= w.element_bytes) return false;
-  const unsigned long long offset = previous.address - w.address;
-  return (offset % kWidestAccess) + previous.size + size <= kWidestAccess;
+// clang splits a 16-byte vector access (a uint4 or float4 load) into 8-, 4- or
+// 2-byte pieces at distinct call sites, consecutive in the thread's accesses.
+// Pieces of one size from distinct sites that start at an aligned 16 bytes (a
+// vector parameter's own size) and fill them exactly are joined back into the
+// one access the GPU issues. An approximation: distinct contiguous scalar loads
+// that happen to fill an aligned 16 bytes are joined too (docs/counters.md); a
+// loop's repeated loads (the same sites again) are not.
+void join_vector_pieces(const Trace& t, std::vector<Record>& records) {
+  std::size_t kept = 0;
+  for (std::size_t i = 0; i < records.size();) {
+    const Record& head = records[i];
+    const TraceRegion& w = t.regions[head.region].where;
+    const unsigned long long chunk = w.vector_bytes ? w.vector_bytes : kWidestAccess;
+    std::size_t next = i + 1;
+    unsigned long long size = head.size;
+    if (head.kind != kAtomic && size < chunk && (head.address - w.address) % chunk == 0) {
+      while (next < records.size() && size < chunk) {
+        const Record& r = records[next];
+        if (r.thread != head.thread || r.kind != head.kind || r.region != head.region ||
+            r.size != head.size || r.address != head.address + size)
+          break;
+        bool repeated = false;
+        for (std::size_t k = i; k < next; ++k) repeated |= records[k].site == r.site;
+        if (repeated) break;
+        size += r.size;
+        ++next;
+      }
+    }
+    records[kept] = head;
+    if (size == chunk && next > i + 1) {
+      records[kept].size = unsigned(chunk);
+      i = next;
+    } else {
+      ++i;
+    }
+    ++kept;
+  }
+  records.resize(kept);
 }
 
-void record(Trace& t, int region, unsigned long long address, unsigned size, AccessKind kind,
+void record(int region, unsigned long long address, unsigned size, AccessKind kind,
             const void* site) {
   const ThreadContext& c = *dcn_current;
   BlockState& b = block_state;
-  if (!b.records.empty() &&
-      continues_vector(t, b.records.back(), c.linear_tid, region, address, size, kind)) {
-    b.records.back().size += size;
-    return;
-  }
   const auto key = reinterpret_cast<unsigned long long>(site) |
                    (static_cast<unsigned long long>(c.linear_tid) << 52);
   const unsigned visit = b.visits[key]++;
@@ -173,6 +193,7 @@ void mark_sectors(std::vector<std::atomic<unsigned long long>>& bitmap, unsigned
 // Groups the block's records into warp-level requests and adds them up.
 void count_block(Trace& t) {
   std::vector<Record>& records = block_state.records;
+  join_vector_pieces(t, records);  // before sorting: the pieces follow each other
   std::sort(records.begin(), records.end(), [](const Record& a, const Record& b) {
     return std::tie(a.warp, a.kind, a.site, a.visit, a.address) <
            std::tie(b.warp, b.kind, b.site, b.visit, b.address);
@@ -294,7 +315,7 @@ void trace_access(const void* pointer, unsigned size, AccessKind kind, const voi
   const auto address = reinterpret_cast<unsigned long long>(pointer);
   const int region = find_region(*t, address);
   if (t->analysis == kCountersAnalysis) {
-    if (region >= 0) record(*t, region, address, size, kind, site);
+    if (region >= 0) record(region, address, size, kind, site);
   } else if (region >= 0 || !block_state.shared.empty()) {
     racecheck(*t, region, address, size, kind);
   }

@@ -29,6 +29,25 @@ extern "C" __global__ void copy_vector(const float* x, float* y, int n_vectors) 
     }
 }
 
+// dcnv3_vectorized's float path: one uint4 load split into its four words (clang
+// loads them as four 4-byte pieces), still one 16-byte request per warp.
+extern "C" __global__ void sum_vector_words(const float* x, float* y, int n_vectors) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n_vectors) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(x + 4 * i);
+        const unsigned word[4] = {raw.x, raw.y, raw.z, raw.w};
+        float sum = 0.f;
+        for (int k = 0; k < 4; ++k) sum += __uint_as_float(word[k]);
+        y[i] = sum;
+    }
+}
+
+// Two neighbouring scalars per lane: two requests of 8 sectors, not one vector.
+extern "C" __global__ void pair_sum(const float* x, float* y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = x[2 * i] + x[2 * i + 1];
+}
+
 // Every lane adds into one bin: one atomic request per warp touching one sector.
 extern "C" __global__ void histogram_one_bin(const float* x, float* bins, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -80,4 +99,15 @@ extern "C" __global__ void shared_read_after_barrier(const float* x, float* y) {
     staged[threadIdx.x] = x[i];
     __syncthreads();
     y[i] = staged[(threadIdx.x + 1) % blockDim.x];
+}
+
+// A (not unrolled) loop over contiguous pairs: the same two sites again each
+// iteration, never a vector.
+extern "C" __global__ void pairs_in_a_loop(const float* x, float* y, int n, int pairs) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        float sum = 0.f;
+        for (int p = 0; p < pairs; ++p) sum += x[2 * pairs * i + 2 * p] * x[2 * pairs * i + 2 * p + 1];
+        y[i] = sum;
+    }
 }
