@@ -301,6 +301,25 @@ def print_table(results: Iterable[CaseCounters], console: Console, gpu: str,
     Console(file=console.file, width=max(console.width, 220)).print(table)
 
 
+def print_buffers(launches: Iterable, console: Console) -> None:
+    """Per kernel and array argument: sectors by kind and the distinct sectors (a
+    perfect cache's DRAM traffic), summed over the kernel's launches."""
+    table = Table(title="per buffer (emulated)", title_justify="left")
+    for header in ("kernel", "buffer", "MB", "load sectors", "store sectors", "atomic sectors",
+                   "distinct read", "distinct written"):
+        table.add_column(header, justify="left" if header in ("kernel", "buffer") else "right")
+    sums: dict[tuple[str, str], list[int]] = {}
+    for launch in launches:
+        for b in launch.buffers:
+            row = sums.setdefault((launch.kernel, b.name), [0] * 6)
+            values = (b.nbytes, *(b.access[kind].sectors for kind in KINDS),
+                      b.distinct_read_sectors, b.distinct_written_sectors)
+            row[:] = [a + v for a, v in zip(row, values, strict=True)]
+    for (kernel, name), (nbytes, *sectors) in sums.items():
+        table.add_row(kernel, name, f"{nbytes / 1e6:.3f}", *(str(v) for v in sectors))
+    Console(file=console.file, width=max(console.width, 160)).print(table)
+
+
 def write_json(path: Path, document: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
@@ -352,9 +371,10 @@ def main(args, console: Console) -> int:
         reason = skip_reason(case, impl, direction)
         if reason is not None:
             raise UsageError(f"{case.id} {impl.name} {direction}: {reason}")
-        results = [summarize(case, impl.name, direction,
-                             measure(case, impl, direction, args.seed), args.gpu)]
+        launches = measure(case, impl, direction, args.seed)
+        results = [summarize(case, impl.name, direction, launches, args.gpu)]
         print_table(results, console, args.gpu, _occupancy_if(args, results))
+        print_buffers(launches, console)
         return 0
     if args.op is not None:
         raise UsageError(f"counters: give OP or --suite, not both (got {args.op!r} and --suite)")

@@ -113,6 +113,8 @@ def test_the_command_prints_each_kernel_of_the_backward(capsys):
     assert status == 0
     assert "deform_col2im<float, false>" in out and "deform_im2col<float, false>" in out
     assert "A100" in out and "model" in out
+    buffers = out[out.index("per buffer"):]
+    assert "grad_input" in buffers and "columns" in buffers
 
 
 @pytest.mark.parametrize(("argv", "message"), [

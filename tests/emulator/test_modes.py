@@ -64,7 +64,7 @@ extern "C" __global__ void scale_or_negate(const float* scale, float* y, int n) 
 """
 
 
-@pytest.mark.parametrize("mode", ["normal", "memcheck", "asan"])
+@pytest.mark.parametrize("mode", ["normal", "memcheck", "asan", "counters", "racecheck"])
 @pytest.mark.parametrize("null", [None, "empty tensor"], ids=["None", "empty"])
 def test_null_pointers_arrive_as_null_in_every_mode(mode, null):
     import torch

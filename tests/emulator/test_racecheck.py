@@ -113,3 +113,16 @@ def test_the_planted_plain_add_in_deform_col2im_is_a_race(monkeypatch):
                        match=r"kernel 'deform_col2im<float, false>': data race on argument 4 "
                              r"'grad_input'"):
         gradients()
+
+
+def test_an_in_place_update_through_aliased_arguments_is_not_a_race(rng):
+    kernel = emulator.RawKernel(r"""
+extern "C" __global__ void add_in_place(const float* x, float* y, int n) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] += x[i];
+}""", "add_in_place")
+    y = rng.standard_normal(1000, dtype=np.float32)
+    expected = 2 * y
+    with emulator.mode("racecheck"):
+        kernel((4,), (256,), (y, y, np.int32(y.size)))
+    np.testing.assert_array_equal(y, expected)
