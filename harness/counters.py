@@ -52,6 +52,8 @@ class KernelCounters:
     sectors_by_kind: dict[str, int]
     bytes_useful: dict[str, int]
     dram_bytes: int
+    shared_requests: int  # shared-memory requests, every kind
+    shared_wavefronts: int  # their wavefronts: shared_requests when no bank conflicts
     floor_s: float  # modelled, on the run's GPU
     bound: str  # the resource that sets the floor
 
@@ -174,6 +176,8 @@ def summarize(case: Case, impl: str, direction: str, launches: Iterable, gpu: st
             sum(g.threads for g in group), sum(g.blocks for g in group),
             {k: t.requests for k, t in totals.items()}, {k: t.sectors for k, t in totals.items()},
             {k: t.bytes_useful for k, t in totals.items()}, sum(g.dram_bytes for g in group),
+            sum(g.shared[k].requests for g in group for k in KINDS),
+            sum(g.shared[k].wavefronts for g in group for k in KINDS),
             model.seconds, model.bound))
     bytes_fn = case.op.bytes if direction == "forward" else case.op.backward_bytes
     ideal = (float(bytes_fn(case.params, registry.DTYPES[case.dtype].itemsize))
@@ -195,6 +199,8 @@ def row_metrics(summary: CaseCounters) -> dict[str, float]:
     sectors = sum(k.sectors for k in summary.kernels)
     metrics["efficiency"] = useful / (32 * sectors) if sectors else 0.0
     metrics["dram_bytes"] = float(sum(k.dram_bytes for k in summary.kernels))
+    metrics["shared_requests"] = float(sum(k.shared_requests for k in summary.kernels))
+    metrics["shared_wavefronts"] = float(sum(k.shared_wavefronts for k in summary.kernels))
     metrics[f"modelled_floor_{summary.gpu}_s"] = summary.floor_s
     if summary.roofline_fraction is not None:
         metrics[f"modelled_roofline_fraction_{summary.gpu}"] = summary.roofline_fraction
@@ -281,7 +287,8 @@ def print_table(results: Iterable[CaseCounters], console: Console, gpu: str,
     table = Table(title=f"counters per kernel (emulated; floor modelled on "
                         f"{gpu_model.gpu_rates(gpu).name})", title_justify="left")
     for header in ("case", "impl", "dir", "kernel", "launches", "threads", "ld sect/req",
-                   "st sect/req", "efficiency", "atomic sectors", "DRAM MB", "ideal MB",
+                   "st sect/req", "efficiency", "atomic sectors", "smem wf/req", "DRAM MB",
+                   "ideal MB",
                    "floor µs", "bound", "roofline", *(["sm_90 occupancy"] if occupancy else [])):
         table.add_column(header, justify="left" if header in ("case", "kernel") else "right")
     for result in results:
@@ -294,7 +301,9 @@ def print_table(results: Iterable[CaseCounters], console: Console, gpu: str,
             table.add_row(
                 k.case_id if i == 0 else "", k.impl, {"forward": "fwd", "backward": "bwd"}[k.direction], k.kernel, str(k.launches), str(k.threads),
                 f"{k.sectors_per_request('load'):.2f}", f"{k.sectors_per_request('store'):.2f}",
-                f"{k.efficiency:.1%}", str(k.atomic_sectors), f"{k.dram_bytes / 1e6:.3f}", ideal,
+                f"{k.efficiency:.1%}", str(k.atomic_sectors),
+                f"{k.shared_wavefronts / k.shared_requests:.2f}" if k.shared_requests else "",
+                f"{k.dram_bytes / 1e6:.3f}", ideal,
                 f"{k.floor_s * 1e6:.2f}", k.bound, f"{fraction:.0%}" if fraction else "",
                 *([occupancy.get(k.kernel, "")] if occupancy else []))
     # Wide: CI logs are not terminals, and rich would squeeze the table to 80 columns.

@@ -49,6 +49,8 @@ def _rows(document: dict[str, Any]) -> list[dict[str, Any]]:
             "launches": kernel["launches"],
             "efficiency": useful / (32 * kernel["sectors"]) if kernel["sectors"] else None,
             "atomic_sectors": kernel["atomic_sectors"], "dram_mb": kernel["dram_bytes"] / 1e6,
+            "shared_per_request": (kernel["shared_wavefronts"] / kernel["shared_requests"]
+                                   if kernel.get("shared_requests") else None),
             "ideal_mb": case["ideal_bytes"] / 1e6 if case.get("ideal_bytes") else None,
             "floor_us": kernel["floor_s"] * 1e6, "bound": kernel["bound"],
             "roofline": case.get("roofline_fraction"),

@@ -58,6 +58,12 @@ class _RegionCounts(ctypes.Structure):
                 ("distinct_written_sectors", ctypes.c_ulonglong)]
 
 
+class _SharedCounts(ctypes.Structure):
+    """Mirror of ``dcn::SharedCounts``."""
+
+    _fields_ = [("requests", ctypes.c_ulonglong * 3), ("wavefronts", ctypes.c_ulonglong * 3)]
+
+
 class _RaceReport(ctypes.Structure):
     """Mirror of ``dcn::RaceReport``."""
 
@@ -93,6 +99,20 @@ class AccessCounts:
 
 
 @dataclasses.dataclass(frozen=True)
+class SharedCounts:
+    """Warp-level shared-memory requests of one kind and their wavefronts (the most
+    distinct 4-byte words one of the 32 banks delivers; a request without bank
+    conflicts takes 1)."""
+
+    requests: int = 0
+    wavefronts: int = 0
+
+    @property
+    def wavefronts_per_request(self) -> float:
+        return self.wavefronts / self.requests if self.requests else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class BufferCounts:
     """What one launch did to one array argument."""
 
@@ -111,6 +131,7 @@ class LaunchCounters:
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     buffers: tuple[BufferCounts, ...]
+    shared: dict[str, SharedCounts]  # keyed by KINDS
 
     @property
     def blocks(self) -> int:
@@ -164,6 +185,7 @@ def launch(mode: str, entry, grid: tuple[int, int, int], block: tuple[int, int, 
                   param.lanes * param.size if param.lanes > 1 else 0)
           for (address, nbytes), param in regions.items()))
     counts = (_RegionCounts * max(len(regions), 1))()
+    shared = _SharedCounts()
     report = _RaceReport()
     with _launch_lock:
         library.dcn_trace_begin(_ANALYSIS[mode], table, len(regions), (ctypes.c_uint * 3)(*grid),
@@ -171,7 +193,7 @@ def launch(mode: str, entry, grid: tuple[int, int, int], block: tuple[int, int, 
         try:
             execute(entry, grid, block, shared_mem, pack(values))
         finally:
-            library.dcn_trace_end(counts, ctypes.byref(report))
+            library.dcn_trace_end(counts, ctypes.byref(shared), ctypes.byref(report))
     described = list(regions.values())
     if mode == "racecheck":
         if report.races:
@@ -183,7 +205,9 @@ def launch(mode: str, entry, grid: tuple[int, int, int], block: tuple[int, int, 
                                          c.bytes_useful[k]) for k, kind in enumerate(KINDS)},
                      c.distinct_read_sectors, c.distinct_written_sectors)
         for ((_, nbytes), param), c in zip(regions.items(), counts, strict=False))
-    result = LaunchCounters(entry.name, grid, block, buffers)
+    result = LaunchCounters(entry.name, grid, block, buffers,
+                            {kind: SharedCounts(shared.requests[k], shared.wavefronts[k])
+                             for k, kind in enumerate(KINDS)})
     with _recorders_lock:
         for launches in _recorders:
             launches.append(result)
@@ -212,4 +236,5 @@ def _race_message(kernel: str, grid: tuple[int, int, int], block: tuple[int, int
             f"{report.races} conflicting access(es) in this launch")
 
 
-__all__ = ["KINDS", "AccessCounts", "BufferCounts", "LaunchCounters", "launch", "recording"]
+__all__ = ["KINDS", "AccessCounts", "BufferCounts", "LaunchCounters", "SharedCounts", "launch",
+           "recording"]

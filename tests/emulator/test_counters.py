@@ -132,6 +132,17 @@ def test_shared_memory_is_not_global_traffic(module, rng):
     assert launch.total("load").sectors == launch.total("store").sectors == 4 * WARPS
 
 
+@pytest.mark.parametrize(("stride", "ways"), [(0, 1), (1, 1), (2, 2), (8, 8), (32, 32)])
+def test_shared_memory_wavefronts_count_bank_conflicts(module, rng, stride, ways):
+    x = rng.standard_normal(32 * 32, dtype=np.float32)
+    y = np.full(128, np.nan, dtype=np.float32)
+    launch = counted(module, "shared_stride", (x, y, np.int32(stride)), grid=(1,), block=(128,))
+    np.testing.assert_array_equal(y, x[(np.arange(128) * stride) % 1024])
+    fill, read = launch.shared["store"], launch.shared["load"]
+    assert (fill.requests, fill.wavefronts_per_request) == (4 * 8, 1.0)  # 8 rounds, 4 warps
+    assert (read.requests, read.wavefronts_per_request) == (4, ways)
+
+
 def test_launches_outside_recording_are_not_kept_and_normal_mode_is_untraced(module, rng):
     x = rng.standard_normal(THREADS, dtype=np.float32)
     kernel = module.get_function("copy")

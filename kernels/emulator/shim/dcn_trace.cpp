@@ -13,7 +13,9 @@
 // requests by (warp, kind, static call site, how many times this thread has
 // executed that site); a request touches the distinct 32-byte sectors its
 // lanes' bytes fall in. Distinct sectors over the whole launch are kept per
-// buffer in bitmaps (what a perfect cache would fetch from DRAM).
+// buffer in bitmaps (what a perfect cache would fetch from DRAM). Shared-memory
+// requests are grouped alike and count their wavefronts: the most distinct
+// 4-byte words any of the 32 banks must deliver (1 when conflict-free).
 //
 // racecheck: a shadow entry per element of each buffer (per 2 bytes of shared
 // memory) remembers the last writer and a reader, with the block, the thread,
@@ -50,6 +52,11 @@ struct RegionCounts {
   unsigned long long distinct_written_sectors;
 };
 
+struct SharedCounts {
+  unsigned long long requests[kKinds];
+  unsigned long long wavefronts[kKinds];
+};
+
 struct RaceReport {
   unsigned long long races;     // conflicting access pairs found (the first is described)
   int region;                   // argument buffer index, -1 for shared memory
@@ -82,6 +89,7 @@ struct Trace {
   std::vector<Region> regions;
   std::mutex merge_mutex;
   std::vector<RegionCounts> counts;
+  SharedCounts shared{};
   // racecheck
   std::vector<std::vector<Shadow>> shadows;  // per region, per element
   std::unique_ptr<std::atomic_flag[]> stripes;
@@ -106,6 +114,7 @@ struct Record {
 // Per OS thread: what the block it runs has done so far.
 struct BlockState {
   std::vector<Record> records;
+  std::vector<Record> shared_records;  // address: shared array index << 40 | byte offset
   std::unordered_map<unsigned long long, unsigned> visits;  // (thread, site) -> times executed
   unsigned epoch = 0;                                      // barriers the block has passed
   std::vector<std::pair<unsigned long long, unsigned long long>> shared;  // [start, end)
@@ -169,16 +178,58 @@ void join_vector_pieces(const Trace& t, std::vector<Record>& records) {
   records.resize(kept);
 }
 
-void record(int region, unsigned long long address, unsigned size, AccessKind kind,
-            const void* site) {
+void record(std::vector<Record>& into, int region, unsigned long long address, unsigned size,
+            AccessKind kind, const void* site) {
   const ThreadContext& c = *dcn_current;
   BlockState& b = block_state;
   const auto key = reinterpret_cast<unsigned long long>(site) |
                    (static_cast<unsigned long long>(c.linear_tid) << 52);
   const unsigned visit = b.visits[key]++;
-  b.records.push_back({reinterpret_cast<unsigned long long>(site), c.linear_tid,
-                       c.linear_tid / 32, visit, address, size, static_cast<unsigned char>(kind),
-                       static_cast<unsigned char>(region)});
+  into.push_back({reinterpret_cast<unsigned long long>(site), c.linear_tid, c.linear_tid / 32,
+                  visit, address, size, static_cast<unsigned char>(kind),
+                  static_cast<unsigned char>(region)});
+}
+
+constexpr unsigned kBanks = 32, kBankBytes = 4;
+
+bool same_request(const Record& a, const Record& b) {
+  return a.warp == b.warp && a.kind == b.kind && a.site == b.site && a.visit == b.visit;
+}
+
+void sort_into_requests(std::vector<Record>& records) {
+  std::sort(records.begin(), records.end(), [](const Record& a, const Record& b) {
+    return std::tie(a.warp, a.kind, a.site, a.visit, a.address) <
+           std::tie(b.warp, b.kind, b.site, b.visit, b.address);
+  });
+}
+
+// Wavefronts of the block's shared-memory requests: per request, the most
+// distinct 4-byte words that fall into one bank (words of one array, by offset).
+void count_shared(Trace& t) {
+  std::vector<Record>& records = block_state.shared_records;
+  sort_into_requests(records);
+  SharedCounts counts{};
+  std::vector<unsigned long long> words;
+  for (std::size_t i = 0; i < records.size();) {
+    const Record& head = records[i];
+    words.clear();
+    for (; i < records.size() && same_request(records[i], head); ++i)
+      for (unsigned long long w = records[i].address / kBankBytes;
+           w <= (records[i].address + records[i].size - 1) / kBankBytes; ++w)
+        words.push_back(w);
+    std::sort(words.begin(), words.end());
+    words.erase(std::unique(words.begin(), words.end()), words.end());
+    unsigned per_bank[kBanks] = {};
+    unsigned most = 0;
+    for (unsigned long long w : words) most = std::max(most, ++per_bank[w % kBanks]);
+    counts.requests[head.kind] += 1;
+    counts.wavefronts[head.kind] += most;
+  }
+  std::lock_guard<std::mutex> lock(t.merge_mutex);
+  for (int k = 0; k < kKinds; ++k) {
+    t.shared.requests[k] += counts.requests[k];
+    t.shared.wavefronts[k] += counts.wavefronts[k];
+  }
 }
 
 void mark_sectors(std::vector<std::atomic<unsigned long long>>& bitmap, unsigned long long first,
@@ -194,10 +245,7 @@ void mark_sectors(std::vector<std::atomic<unsigned long long>>& bitmap, unsigned
 void count_block(Trace& t) {
   std::vector<Record>& records = block_state.records;
   join_vector_pieces(t, records);  // before sorting: the pieces follow each other
-  std::sort(records.begin(), records.end(), [](const Record& a, const Record& b) {
-    return std::tie(a.warp, a.kind, a.site, a.visit, a.address) <
-           std::tie(b.warp, b.kind, b.site, b.visit, b.address);
-  });
+  sort_into_requests(records);
   std::vector<RegionCounts> counts(t.regions.size());
   for (std::size_t i = 0; i < records.size();) {
     const Record& head = records[i];
@@ -205,9 +253,7 @@ void count_block(Trace& t) {
     into.requests[head.kind] += 1;
     long long last_sector = -1;
     unsigned long long last_address = ~0ull;
-    for (; i < records.size() && records[i].warp == head.warp && records[i].kind == head.kind &&
-           records[i].site == head.site && records[i].visit == head.visit;
-         ++i) {
+    for (; i < records.size() && same_request(records[i], head); ++i) {
       const Record& r = records[i];
       Region& region = t.regions[r.region];
       const unsigned long long offset = r.address - region.where.address;
@@ -315,7 +361,16 @@ void trace_access(const void* pointer, unsigned size, AccessKind kind, const voi
   const auto address = reinterpret_cast<unsigned long long>(pointer);
   const int region = find_region(*t, address);
   if (t->analysis == kCountersAnalysis) {
-    if (region >= 0) record(region, address, size, kind, site);
+    if (region >= 0) {
+      record(block_state.records, region, address, size, kind, site);
+      return;
+    }
+    const auto& shared = block_state.shared;
+    for (std::size_t a = 0; a < shared.size(); ++a)
+      if (address >= shared[a].first && address < shared[a].second)
+        return record(block_state.shared_records, 0,
+                      (static_cast<unsigned long long>(a) << 40) | (address - shared[a].first),
+                      size, kind, site);
   } else if (region >= 0 || !block_state.shared.empty()) {
     racecheck(*t, region, address, size, kind);
   }
@@ -327,19 +382,23 @@ void trace_access(const void* pointer, unsigned size, AccessKind kind, const voi
 void trace_block_begin() {
   BlockState& b = block_state;
   b.records.clear();
+  b.shared_records.clear();
   b.visits.clear();
   b.epoch = 0;
   b.shared.clear();
   b.shared_shadow.clear();
   const ThreadContext& c = *dcn_current;
-  if (active_trace && active_trace->analysis == kRacecheckAnalysis && current_launch->shared_mem) {
+  if (active_trace && current_launch->shared_mem) {
     const auto start = reinterpret_cast<unsigned long long>(c.dynamic_shared);
     b.shared.push_back({start, start + current_launch->shared_mem});
   }
 }
 
 void trace_block_end() {
-  if (active_trace && active_trace->analysis == kCountersAnalysis) count_block(*active_trace);
+  if (active_trace && active_trace->analysis == kCountersAnalysis) {
+    count_block(*active_trace);
+    count_shared(*active_trace);
+  }
 }
 
 void trace_barrier() { ++block_state.epoch; }
@@ -350,7 +409,7 @@ void trace_atomic(void* address, unsigned bytes) {
 }
 
 void trace_shared(void* array, std::size_t bytes) {
-  if (!active_trace || active_trace->analysis != kRacecheckAnalysis) return;
+  if (!active_trace) return;
   const auto start = reinterpret_cast<unsigned long long>(array);
   block_state.shared.push_back({start, start + bytes});
 }
@@ -390,7 +449,8 @@ extern "C" void dcn_trace_begin(int analysis, const dcn::TraceRegion* regions, i
   active_trace = t;
 }
 
-extern "C" void dcn_trace_end(dcn::RegionCounts* counts, dcn::RaceReport* report) {
+extern "C" void dcn_trace_end(dcn::RegionCounts* counts, dcn::SharedCounts* shared,
+                              dcn::RaceReport* report) {
   using namespace dcn;
   std::unique_ptr<Trace> t(active_trace);
   active_trace = nullptr;
@@ -402,6 +462,7 @@ extern "C" void dcn_trace_end(dcn::RegionCounts* counts, dcn::RaceReport* report
     for (const auto& word : t->regions[r].written_sectors)
       out.distinct_written_sectors += __builtin_popcountll(word.load());
   }
+  *shared = t->shared;
   *report = t->report;
 }
 

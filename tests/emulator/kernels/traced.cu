@@ -69,6 +69,15 @@ extern "C" __global__ void reverse_in_block(const float* x, float* y) {
     y[i] = staged[blockDim.x - 1 - threadIdx.x];
 }
 
+// Shared memory at a lane stride of `stride` floats: a `stride`-way bank conflict
+// (32 banks of 4 bytes) up to 32; stride 0 is a broadcast, conflict-free.
+extern "C" __global__ void shared_stride(const float* x, float* y, int stride) {
+    __shared__ float tile[32 * 32];
+    for (int k = threadIdx.x; k < 32 * 32; k += blockDim.x) tile[k] = x[k];  // conflict-free
+    __syncthreads();
+    y[blockIdx.x * blockDim.x + threadIdx.x] = tile[(threadIdx.x * stride) % (32 * 32)];
+}
+
 // ----------------------------------------------------------------- races --
 // Many threads of many blocks add into the same few bins with a plain +=: a race.
 extern "C" __global__ void scatter_plain(const float* x, float* bins, int n, int num_bins) {
