@@ -126,3 +126,47 @@ extern "C" __global__ void add_in_place(const float* x, float* y, int n) {
     with emulator.mode("racecheck"):
         kernel((4,), (256,), (y, y, np.int32(y.size)))
     np.testing.assert_array_equal(y, expected)
+
+
+def test_a_barrier_removed_from_dcnv3_direct_backwards_reduction_is_a_race(monkeypatch):
+    """The tree reduction of the offset gradients in shared memory reads a partner's
+    partial sum that the partner wrote in the same round once its barrier is gone."""
+    import torch
+
+    from harness import registry
+    from harness.cases import make_case
+    from kernels import launch
+    from kernels.cuda_sources import CudaSource
+
+    registry.load_all()
+    impl = registry.get_implementation("dcnv3", "cupy_direct")
+    case = make_case(registry.get_operator("dcnv3"),
+                     {"N": 1, "H": 6, "W": 6, "group": 2, "group_channels": 16}, "float32",
+                     "random")
+    inputs = case.op.make_inputs(case.params, torch.float32, "cpu",
+                                 torch.Generator().manual_seed(0), case.mode)
+
+    def gradients():
+        leaf = inputs["offset"].detach().requires_grad_()
+        out = impl.forward({**inputs, "offset": leaf}, case.params)
+        with emulator.mode("racecheck"):
+            return torch.autograd.grad(out, [leaf], torch.ones_like(out))
+
+    gradients()  # the kernel as it is: no race
+    barrier = """                    partial[k][threadIdx.x] += partial[k][threadIdx.x + span];
+            __syncthreads();"""
+    original = CudaSource.code
+
+    def planted(self):
+        text = original(self)
+        if self.filename == "dcnv3_direct.cu":
+            assert barrier in text, "the reduction this test removes a barrier from has changed"
+            text = text.replace(barrier, barrier.replace("__syncthreads();", ""))
+        return text
+
+    monkeypatch.setattr(CudaSource, "code", planted)
+    monkeypatch.setattr(launch, "_modules", {})
+    with pytest.raises(emulator.RaceCheckError,
+                       match=r"kernel 'dcnv3_direct_backward<float, 0>': data race on shared "
+                             r"memory, byte offset \d+: .* without a __syncthreads\(\)"):
+        gradients()
