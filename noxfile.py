@@ -34,6 +34,9 @@ def tests(session: nox.Session) -> None:
     install(session, "test,report")
     session.run("dcnbench", "kernels")
     session.run("python", "-m", "pytest", "-q", *session.posargs)
+    # The counters gate (docs/counters.md): no kernel's traffic grows unnoticed.
+    session.run("dcnbench", "counters", "--suite", "counters", "--check",
+                "results/counters/baseline.json")
 
 
 @nox.session

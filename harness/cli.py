@@ -2,12 +2,13 @@
 
     dcnbench [--plugin MODULE ...] COMMAND ...
     dcnbench list [--json]
-    dcnbench run --suite NAME|PATH [--device cpu|cuda] [--op OP ...] [--impl IMPL ...]
+    dcnbench run --suite NAME|PATH [--device cpu|cuda|counters] [--op OP ...] [--impl IMPL ...]
                  [--dtype DTYPE ...] [--out DIR] [--resume] [--seed S] [--no-timing]
                  [--cuda-graph] [--warmup-ms MS] [--rep-ms MS]
     dcnbench case OP [--param NAME=VALUE ...] [--dtype DTYPE] [--mode MODE] [--impl NAME]
                   [--device cpu|cuda] [--seed S] [--backward] [--save FILE.npz]
     dcnbench kernels [...]   (the NVRTC build check: kernels.build_check)
+    dcnbench counters OP --impl IMPL [--param K=V ...] [--gpu h200] | --suite NAME [--check B]
     dcnbench report RUN_DIR... [-o SITE_DIR] [--case FILE.npz ...]
     dcnbench compare BASE NEW [--fail-above PCT] [--min-effect PCT] [--all]
 """
@@ -149,15 +150,18 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    _check_device(args.device)
+    # --device counters: the CPU, emulated kernels counted (docs/counters.md), nothing timed.
+    counters = args.device == "counters"
+    device = "cpu" if counters else args.device
+    _check_device(device)
     if args.resume and args.out is None:
         raise UsageError("--resume: needs --out DIR naming the run directory to resume")
     suite = suites.load(args.suite)
-    timing = None if args.no_timing else TimingConfig(
+    timing = None if args.no_timing or counters else TimingConfig(
         warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cuda_graph=args.cuda_graph)
     options = runner.RunOptions(
-        suite=suite, device=args.device, ops=args.op, impls=args.impl, dtypes=args.dtype,
-        out=args.out, resume=args.resume, seed=args.seed, timing=timing,
+        suite=suite, device=device, ops=args.op, impls=args.impl, dtypes=args.dtype,
+        out=args.out, resume=args.resume, seed=args.seed, timing=timing, counters=counters,
     )
     return runner.run_suite(options, console)
 
@@ -236,6 +240,15 @@ def cmd_kernels(args: argparse.Namespace, console: Console) -> int:
     return subprocess.call(command)
 
 
+# ---------------------------------------------------------------------------- counters
+
+
+def cmd_counters(args: argparse.Namespace, console: Console) -> int:
+    from harness import counters  # imported here: it loads the emulator
+
+    return counters.main(args, console)
+
+
 # ---------------------------------------------------------------------------- report
 
 
@@ -293,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", required=True, metavar="NAME|PATH",
                    help=f"a suite in suites/ ({', '.join(suites.available_suites())}) "
                         "or a path to a .toml file")
-    p.add_argument("--device", **device)
+    p.add_argument("--device", **{**device, "choices": (*registry.DEVICES, "counters"),
+                                  "help": device["help"] + "; counters: the CPU with the "
+                                  "emulator's counters in each row (docs/counters.md)"})
     p.add_argument("--op", action="extend", nargs="+", default=[], metavar="OP",
                    help="only these operators")
     p.add_argument("--impl", action="extend", nargs="+", default=[], metavar="IMPL",
@@ -334,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("kernels", add_help=False,
                             help="NVRTC build check of every CUDA source (dcnbench kernels --help)")
     p.set_defaults(handler=cmd_kernels)
+
+    p = commands.add_parser("counters", help="memory traffic of our kernels, counted by the "
+                            "emulator, with a modelled floor (docs/counters.md)")
+    from harness import counters
+
+    counters.add_arguments(p)
+    p.set_defaults(handler=cmd_counters)
 
     p = commands.add_parser("report", help="build the static HTML report of some runs")
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",

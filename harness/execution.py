@@ -191,14 +191,17 @@ def record_error(row: Row, exc: BaseException, context: str = "") -> Row:
 
 def run(case_run: CaseRun, impl: registry.Implementation, direction: str,
         timing_config: TimingConfig | None, environment: Mapping[str, Any] | None = None,
-        baseline: Mapping[str, Any] | None = None) -> tuple[Row, dict[str, torch.Tensor]]:
+        baseline: Mapping[str, Any] | None = None, counters: bool = False
+        ) -> tuple[Row, dict[str, torch.Tensor]]:
     """Check and time ``impl`` on a prepared case in one direction.
 
     ``environment`` is the run's metadata and ``baseline`` the stored row of the
     operator's baseline on this case and direction, when it was timed: the
     metrics read them. Returns the row and the tensors the implementation
     produced (``output``, and ``grad_<name>`` for the backward), for saving a
-    case. An exception becomes an ``error`` row; it never propagates.
+    case. An exception becomes an ``error`` row; it never propagates. With
+    ``counters``, emulated kernels run in the emulator's counters mode and the row
+    keeps their counters (docs/counters.md).
     """
     case = case_run.case
     row = start_row(case, impl, direction, case_run.device, case_run.seed)
@@ -217,11 +220,14 @@ def run(case_run: CaseRun, impl: registry.Implementation, direction: str,
             with contextlib.ExitStack() as stack:
                 observed = [stack.enter_context(watch()) for watch in registry.CHECK_OBSERVERS]
                 call = timed_call(case_run, impl, direction)
-                tensors = _named(case_run, direction, call())
+                with _counting(counters) as launches:  # a backward: the gradient's launches only
+                    tensors = _named(case_run, direction, call())
             for fields in observed:
                 for name, value in fields().items():
                     setattr(row, name, value)
             _judge(row, case_run, impl, direction, tensors)
+            if launches:
+                row.counters = _counted(case, impl, direction, launches)
             if direction == "backward":
                 row.deterministic = determinism.backward_is_reproducible(
                     impl.forward, case_run.inputs, case.params, case_run.differentiable,
@@ -239,6 +245,25 @@ def run(case_run: CaseRun, impl: registry.Implementation, direction: str,
             except Exception as exc:
                 record_error(row, exc, context="timing: ")
     return row, tensors
+
+
+def _counting(enabled: bool):
+    """The emulator's counters mode around a call when ``enabled`` (imported on
+    first use, as the kernels are); yields the list of launches it counted."""
+    if not enabled:
+        return contextlib.nullcontext([])
+    from harness import counters
+
+    return counters.counting()
+
+
+def _counted(case: Case, impl: registry.Implementation, direction: str,
+             launches: list) -> dict[str, float]:
+    """A row's ``counters``: the per-kernel sums of ``launches`` and the modelled floor."""
+    from harness import counters
+
+    return counters.row_metrics(counters.summarize(case, impl.name, direction, launches,
+                                                   counters.DEFAULT_GPU))
 
 
 def timed_call(case_run: CaseRun, impl: registry.Implementation,

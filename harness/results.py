@@ -84,6 +84,7 @@ class Row:
     measured: dict[str, Any] = dataclasses.field(default_factory=dict)  # for the metrics
     rechecked: bool | None = None  # the last timed call's output matched the reference too
     impl_source: str = ""  # the module that registered the implementation (plugins)
+    counters: dict[str, float] | None = None  # `run --device counters`: docs/counters.md
     reproduce: str = ""
     finished_at: str = ""
     schema_version: int = SCHEMA_VERSION

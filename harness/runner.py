@@ -45,6 +45,7 @@ class RunOptions:
     resume: bool = False
     seed: int | None = None  # default: the suite's
     timing: TimingConfig | None = TimingConfig()  # None: check only
+    counters: bool = False  # emulated kernels in counters mode, rows keep the counters
 
     @property
     def run_seed(self) -> int:
@@ -106,6 +107,7 @@ def _open_run_dir(options: RunOptions, console: Console) -> tuple[RunDir, dict, 
                           "dtypes": list(options.dtypes)},
             "timing": dataclasses.asdict(options.timing) if options.timing else None,
             "plugins": dict(plugins.LOADED),
+            "counters": options.counters,
             **environment.collect(options.device),
         }
         return run_dir, run_dir.create(metadata), []
@@ -205,6 +207,6 @@ def _run_case(suite_case: SuiteCase, todo: list[tuple[registry.Implementation, s
         return
     for impl, direction in todo:
         row, _ = execution.run(case_run, impl, direction, options.timing, metadata,
-                               baselines.get((case.id, direction)))
+                               baselines.get((case.id, direction)), counters=options.counters)
         yield row
 

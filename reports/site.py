@@ -27,7 +27,7 @@ import pandas as pd
 
 from harness import compare, metrics, results
 from harness.results import DIRECTIONS, STATUSES
-from reports import figures, history, sampling
+from reports import counters, figures, history, sampling
 
 HERE = Path(__file__).parent
 STATUS_ORDER = ["error", "fail", "xfail", "ok", "skipped"]  # worst first
@@ -389,9 +389,10 @@ def build(run_dirs: Sequence[Path], out: Path, cases: Sequence[Path] = ()) -> Bu
                   history_paths.get(run.group))
     case_files = list(cases) or _default_cases(runs, site.out / "sampling")
     sampled = _sampling_pages(site, case_files)
+    counted = counters.render(site, run_dirs)
     site.render("index.html", "index.html", title="dcnbench report",
                 runs=list(reversed(runs)), slug=slug, compare_paths=compare_paths,
                 history_paths=history_paths, regressions=regressions, sampled=sampled,
-                statuses=STATUSES)
+                statuses=STATUSES, counted=counted)
     return Built(index=site.out / "index.html", pages=site.pages, rows=len(frame),
                  runs=len(runs), seconds=time.perf_counter() - start)

@@ -8,7 +8,8 @@ API over the very same ``.cu`` source, compiled by g++ and run on the CPU.
     kernel((blocks,), (256,), (x, y, numpy.int32(n)))   # NumPy arrays / CPU tensors
 
 See docs/emulator.md for the supported CUDA subset, the modes (normal,
-memcheck, asan) and the environment variables.
+memcheck, asan, counters, racecheck) and the environment variables;
+docs/counters.md for what the counters mode counts.
 """
 
 from .device import PROPERTIES, DeviceProperties, getDeviceProperties
@@ -21,12 +22,17 @@ from .errors import (
     KernelTrapError,
     LaunchConfigError,
     MemcheckError,
+    RaceCheckError,
     UnsupportedFeatureError,
 )
 from .modes import MODES, current_mode, mode
 from .module import RawKernel, RawModule
+from .traced import AccessCounts, BufferCounts, LaunchCounters, recording
 
 __all__ = [
+    "AccessCounts",
+    "BufferCounts",
+    "LaunchCounters",
     "MODES",
     "PROPERTIES",
     "AddressSanitizerError",
@@ -38,10 +44,12 @@ __all__ = [
     "KernelTrapError",
     "LaunchConfigError",
     "MemcheckError",
+    "RaceCheckError",
     "RawKernel",
     "RawModule",
     "UnsupportedFeatureError",
     "current_mode",
     "getDeviceProperties",
     "mode",
+    "recording",
 ]

@@ -44,3 +44,8 @@ class MemcheckError(EmulatorError, RuntimeError):
 
 class AddressSanitizerError(EmulatorError, RuntimeError):
     """asan mode: AddressSanitizer caught an out-of-bounds access."""
+
+
+class RaceCheckError(EmulatorError, RuntimeError):
+    """racecheck mode: two threads of one launch accessed an element in conflict
+    (a plain write and another access without an atomic or a barrier between)."""

@@ -1,4 +1,4 @@
-"""Execution modes: ``normal``, ``memcheck`` and ``asan``.
+"""Execution modes: ``normal``, ``memcheck``, ``asan``, ``counters`` and ``racecheck``.
 
 Pick one for a block of code with ``with kernels.emulator.mode("memcheck"):``
 or for a whole process with ``DCNBENCH_EMULATOR_MODE=memcheck``; the
@@ -12,7 +12,7 @@ import contextvars
 import os
 from collections.abc import Iterator
 
-MODES = ("normal", "memcheck", "asan")
+MODES = ("normal", "memcheck", "asan", "counters", "racecheck")
 _selected: contextvars.ContextVar[str | None] = contextvars.ContextVar("emulator_mode", default=None)
 
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import memcheck, modes
+from . import memcheck, modes, traced
 from .arguments import Param, ParamDesc, check_and_pack, pack
 from .device import PROPERTIES
 from .errors import (
@@ -30,9 +30,20 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .source import MAIN_FILE, TransformedSource, transform
-from .toolchain import ASAN_FLAGS, BASE_FLAGS, RUNTIME_SOURCE, build_shared_library
+from .toolchain import (
+    ASAN_FLAGS,
+    BASE_FLAGS,
+    RUNTIME_SOURCE,
+    TRACE_HOOKS,
+    TRACED_FLAGS,
+    build_shared_library,
+    compiler,
+    tracing_compiler,
+)
 
-FLAVOR_FLAGS = {"plain": BASE_FLAGS, "asan": ASAN_FLAGS}
+FLAVOR_FLAGS = {"plain": BASE_FLAGS, "asan": ASAN_FLAGS, "traced": TRACED_FLAGS}
+# The traced runtime holds the analyses of the counters and racecheck modes.
+_RUNTIME_TEXT = {"traced": '#include "dcn_runtime.cpp"\n#include "dcn_trace.cpp"\n'}
 _MESSAGE_SIZE = 4096
 _STATUS_ERRORS = {1: KernelDeadlockError, 2: KernelTrapError, 3: LaunchConfigError}
 
@@ -47,15 +58,23 @@ class _KernelDesc(ctypes.Structure):
 @functools.cache
 def runtime(flavor: str) -> ctypes.CDLL:
     """The runtime library of ``flavor``, loaded globally so modules link to it."""
-    path = build_shared_library(RUNTIME_SOURCE.read_text(), stem=f"runtime-{flavor}",
-                                flags=FLAVOR_FLAGS[flavor])
+    text = _RUNTIME_TEXT.get(flavor) or RUNTIME_SOURCE.read_text()
+    path = build_shared_library(text, stem=f"runtime-{flavor}", flags=FLAVOR_FLAGS[flavor],
+                                cxx=flavor_compiler(flavor))
     library = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     library.dcn_launch.restype = ctypes.c_int
     library.dcn_launch.argtypes = [
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint),
         ctypes.POINTER(ctypes.c_uint), ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
         ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+    if flavor == "traced":
+        library.dcn_trace_begin.restype = None
+        library.dcn_trace_end.restype = None
     return library
+
+
+def flavor_compiler(flavor: str) -> str:
+    return tracing_compiler() if flavor == "traced" else compiler()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,9 +158,11 @@ class _ModuleBuild:
         source = self.transformed
         names = self._entry_names(source)
         runtime(flavor)  # modules resolve dcn_current & co against it at load
+        hooks = TRACE_HOOKS if flavor == "traced" else ()
         path = build_shared_library(
             _translation_unit(source, names), stem="module-" + flavor,
-            flags=FLAVOR_FLAGS[flavor], extra_args=self.options.cxx_args)
+            flags=FLAVOR_FLAGS[flavor] + hooks, extra_args=self.options.cxx_args,
+            cxx=flavor_compiler(flavor))
         library = ctypes.CDLL(str(path))
         library.dcn_kernels.restype = ctypes.POINTER(_KernelDesc)
         table = library.dcn_kernels()
@@ -320,6 +341,9 @@ class RawKernel:
 
             asan.launch(self._module, self.name, grid3, block3, int(shared_mem), values,
                         entry.params)
+        elif mode in ("counters", "racecheck"):
+            traced.launch(mode, self._entry("traced"), grid3, block3, int(shared_mem), values,
+                          entry.params)
         elif mode == "memcheck":
             with memcheck.guarded(self.name, entry.params, values) as guarded_values:
                 execute(entry, grid3, block3, int(shared_mem), pack(guarded_values))

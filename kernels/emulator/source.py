@@ -324,7 +324,8 @@ def _parse_kernel(body: str, text: str, position: int, scopes) -> KernelSignatur
     close = _matching(body, open_at)
     declaration_start = max(body.rfind(c, 0, position) for c in ";{}") + 1
     is_template = bool(re.search(r"\btemplate\s*<", body[declaration_start:position]))
-    params = [" ".join(p.split()) for p in _split_top_level(text[open_at + 1:close])]
+    # From the masked body: a comment between parameters is no part of the declaration.
+    params = [" ".join(p.split()) for p in _split_top_level(body[open_at + 1:close])]
     params = [] if params == [""] or params == ["void"] else params
     namespaces = [s for s in scopes if s]
     qualified = "::".join([*namespaces, name])

@@ -31,6 +31,16 @@ BASE_FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-pthread", "-w",
               "-fno-strict-aliasing")
 ASAN_FLAGS = ("-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-pthread", "-w",
               "-fno-strict-aliasing", "-fsanitize=address", "-fno-omit-frame-pointer")
+# The traced build (counters and racecheck modes), by clang. No auto-vectorizing:
+# it would merge the lanes' scalar accesses into wide CPU loads the GPU never
+# issues; no unrolling beyond the source's `#pragma unroll`: a loop's accesses keep
+# their call sites. Its own names (-D): this runtime and the plain one share one process.
+TRACED_FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-pthread", "-w",
+                "-fno-strict-aliasing", "-fno-vectorize", "-fno-slp-vectorize",
+                "-fno-unroll-loops", "-DDCN_TRACED",
+                "-Ddcn=dcn_traced", "-Ddcn_current=dcn_traced_current")
+# Only the kernel modules call the hooks; the runtime defines them.
+TRACE_HOOKS = ("-fsanitize-coverage=inline-8bit-counters,trace-loads,trace-stores",)
 
 _build_locks: dict[str, threading.Lock] = {}
 _build_locks_guard = threading.Lock()
@@ -42,6 +52,18 @@ def compiler() -> str:
     path = shutil.which(name)
     if path is None:
         raise CompileError(f"the CPU emulator needs a C++17 compiler; {name!r} is not on the PATH")
+    return path
+
+
+def tracing_compiler() -> str:
+    """The compiler of the traced build: ``$DCNBENCH_EMULATOR_CLANG`` or ``clang++-19``
+    (clang's -fsanitize-coverage=trace-loads,trace-stores)."""
+    name = os.environ.get("DCNBENCH_EMULATOR_CLANG", "clang++-19")
+    path = shutil.which(name)
+    if path is None:
+        raise CompileError(
+            f"the emulator's counters and racecheck modes need clang 19 or newer; {name!r} is not "
+            "on the PATH (apt-get install clang-19, or set DCNBENCH_EMULATOR_CLANG)")
     return path
 
 
@@ -93,13 +115,14 @@ def _lock_for(key: str) -> threading.Lock:
 
 
 def build_shared_library(source: str, *, stem: str, flags: tuple[str, ...],
-                         extra_args: tuple[str, ...] = ()) -> Path:
+                         extra_args: tuple[str, ...] = (), cxx: str | None = None) -> Path:
     """Compile ``source`` (C++ text) into a shared library; return its cached path.
 
-    ``flags`` pick the build (plain or AddressSanitizer); ``extra_args`` are
-    the user's ``-D``/``-I`` options. Raises CompileError with g++'s message.
+    ``flags`` pick the build (plain, AddressSanitizer or traced); ``extra_args``
+    are the user's ``-D``/``-I`` options; ``cxx`` the compiler (default
+    :func:`compiler`). Raises CompileError with the compiler's message.
     """
-    cxx = compiler()
+    cxx = cxx or compiler()
     includes = ("-I", str(SHIM_DIR), *(a for d in cuda_include_dirs() for a in ("-isystem", d)))
     args = (*flags, *extra_args, *includes)
     key_text = "\0".join((source, *args, compiler_identity(cxx), _shim_digest()))

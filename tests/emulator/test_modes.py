@@ -41,8 +41,8 @@ def test_environment_selects_the_mode_and_the_context_manager_wins(monkeypatch):
     assert emulator.current_mode() == "memcheck"
     with emulator.mode("normal"):
         assert emulator.current_mode() == "normal"
-    with pytest.raises(ValueError, match="unknown emulator mode 'racecheck'"):
-        emulator.mode("racecheck").__enter__()
+    with pytest.raises(ValueError, match="unknown emulator mode 'helgrind'"):
+        emulator.mode("helgrind").__enter__()
 
 
 def test_asan_mode_runs_fibers_cleanly_and_returns_results(rng):
@@ -64,7 +64,7 @@ extern "C" __global__ void scale_or_negate(const float* scale, float* y, int n) 
 """
 
 
-@pytest.mark.parametrize("mode", ["normal", "memcheck", "asan"])
+@pytest.mark.parametrize("mode", ["normal", "memcheck", "asan", "counters", "racecheck"])
 @pytest.mark.parametrize("null", [None, "empty tensor"], ids=["None", "empty"])
 def test_null_pointers_arrive_as_null_in_every_mode(mode, null):
     import torch

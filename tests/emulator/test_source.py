@@ -89,6 +89,12 @@ def test_transform_keeps_lines_and_reads_signatures():
     assert result.text.count("poison_shared_once_per_block") == 2
 
 
+def test_comments_between_parameters_are_no_part_of_their_declarations():
+    code = ("__global__ void k(const float* x,  // [N, C]\n"
+            "    /* the output */ float* y) {}\n")
+    assert transform(code).kernels["k"].param_texts == ("const float* x", "float* y")
+
+
 def test_barrier_free_source_takes_the_fast_path():
     assert not transform('extern "C" __global__ void k(float* y) { y[0] = 1; }').uses_collectives
 

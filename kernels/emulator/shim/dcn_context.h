@@ -36,6 +36,13 @@ unsigned active_mask();
 // Ends the launch with an error naming the current block and thread.
 [[noreturn]] void trap(const char* what, const char* file, unsigned line);
 
+#if defined(DCN_TRACED)
+// The traced build (counters and racecheck modes): an atomic on `address`,
+// counted at its call site; a static __shared__ array of the running block.
+void trace_atomic(void* address, unsigned bytes);
+void trace_shared(void* array, std::size_t bytes);
+#endif
+
 }  // namespace dcn
 
 // Initial-exec TLS: one fs-relative load per access. `__thread` (not C++

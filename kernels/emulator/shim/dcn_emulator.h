@@ -225,6 +225,20 @@ inline void __nanosleep(unsigned) {}
 // Real atomics: blocks run concurrently on OS threads. Types the hardware has
 // no CPU instruction for (float, half, bfloat16) go through a CAS loop on
 // their bit pattern. Relaxed ordering, as on the GPU.
+//
+// In the traced build (counters, racecheck) each atomic is one traced access
+// at its call site: DCN_ATOMIC inlines the atomic into the kernel, where
+// DCN_TRACE_ATOMIC's call records it, and the CAS loop is kept out of the
+// load/store instrumentation (DCN_UNTRACED). A new atomic follows the same
+// pattern: `DCN_ATOMIC T atomicX(T* a, ...) { DCN_TRACE_ATOMIC(a); ... }`.
+#define DCN_ATOMIC inline __attribute__((always_inline))
+#if defined(DCN_TRACED)
+#define DCN_TRACE_ATOMIC(address) ::dcn::trace_atomic((void*)(address), sizeof(*(address)))
+#define DCN_UNTRACED __attribute__((noinline, no_sanitize("coverage")))
+#else
+#define DCN_TRACE_ATOMIC(address) ((void)0)
+#define DCN_UNTRACED inline
+#endif
 namespace dcn {
 template <class T>
 using BitsOf = std::conditional_t<sizeof(T) == 2, unsigned short,
@@ -232,7 +246,7 @@ using BitsOf = std::conditional_t<sizeof(T) == 2, unsigned short,
 
 // Atomically replaces *address by update(*address); returns the old value.
 template <class T, class Update>
-inline T atomic_update(T* address, Update update) {
+DCN_UNTRACED T atomic_update(T* address, Update update) {
   using Bits = BitsOf<T>;
   static_assert(sizeof(T) == sizeof(Bits), "no atomic of this size");
   Bits* bits = reinterpret_cast<Bits*>(address);
@@ -245,74 +259,105 @@ inline T atomic_update(T* address, Update update) {
       return old;
   }
 }
+
+template <class T>
+DCN_UNTRACED T compare_and_swap(T* address, T compare, T value) {
+  __atomic_compare_exchange_n(address, &compare, value, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+  return compare;
+}
 }  // namespace dcn
 
 #define DCN_INTEGER_ATOMICS(T)                                                              \
-  inline T atomicAdd(T* a, T v) { return __atomic_fetch_add(a, v, __ATOMIC_RELAXED); }     \
-  inline T atomicSub(T* a, T v) { return __atomic_fetch_sub(a, v, __ATOMIC_RELAXED); }     \
-  inline T atomicExch(T* a, T v) { return __atomic_exchange_n(a, v, __ATOMIC_RELAXED); }   \
-  inline T atomicAnd(T* a, T v) { return __atomic_fetch_and(a, v, __ATOMIC_RELAXED); }     \
-  inline T atomicOr(T* a, T v) { return __atomic_fetch_or(a, v, __ATOMIC_RELAXED); }       \
-  inline T atomicXor(T* a, T v) { return __atomic_fetch_xor(a, v, __ATOMIC_RELAXED); }     \
-  inline T atomicMin(T* a, T v) {                                                           \
+  DCN_ATOMIC T atomicAdd(T* a, T v) {                                                       \
+    DCN_TRACE_ATOMIC(a);                                                                    \
+    return __atomic_fetch_add(a, v, __ATOMIC_RELAXED);                                      \
+  }                                                                                         \
+  DCN_ATOMIC T atomicSub(T* a, T v) {                                                       \
+    DCN_TRACE_ATOMIC(a);                                                                    \
+    return __atomic_fetch_sub(a, v, __ATOMIC_RELAXED);                                      \
+  }                                                                                         \
+  DCN_ATOMIC T atomicExch(T* a, T v) {                                                      \
+    DCN_TRACE_ATOMIC(a);                                                                    \
+    return __atomic_exchange_n(a, v, __ATOMIC_RELAXED);                                     \
+  }                                                                                         \
+  DCN_ATOMIC T atomicAnd(T* a, T v) {                                                       \
+    DCN_TRACE_ATOMIC(a);                                                                    \
+    return __atomic_fetch_and(a, v, __ATOMIC_RELAXED);                                      \
+  }                                                                                         \
+  DCN_ATOMIC T atomicOr(T* a, T v) {                                                        \
+    DCN_TRACE_ATOMIC(a);                                                                    \
+    return __atomic_fetch_or(a, v, __ATOMIC_RELAXED);                                       \
+  }                                                                                         \
+  DCN_ATOMIC T atomicXor(T* a, T v) {                                                       \
+    DCN_TRACE_ATOMIC(a);                                                                    \
+    return __atomic_fetch_xor(a, v, __ATOMIC_RELAXED);                                      \
+  }                                                                                         \
+  DCN_ATOMIC T atomicMin(T* a, T v) {                                                       \
+    DCN_TRACE_ATOMIC(a);                                                                    \
     return dcn::atomic_update(a, [v](T old) { return old < v ? old : v; });                 \
   }                                                                                         \
-  inline T atomicMax(T* a, T v) {                                                           \
+  DCN_ATOMIC T atomicMax(T* a, T v) {                                                       \
+    DCN_TRACE_ATOMIC(a);                                                                    \
     return dcn::atomic_update(a, [v](T old) { return old < v ? v : old; });                 \
   }                                                                                         \
-  inline T atomicCAS(T* a, T compare, T v) {                                                \
-    __atomic_compare_exchange_n(a, &compare, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED); \
-    return compare;                                                                         \
+  DCN_ATOMIC T atomicCAS(T* a, T compare, T v) {                                            \
+    DCN_TRACE_ATOMIC(a);                                                                    \
+    return dcn::compare_and_swap(a, compare, v);                                            \
   }
 DCN_INTEGER_ATOMICS(int)
 DCN_INTEGER_ATOMICS(unsigned)
 DCN_INTEGER_ATOMICS(unsigned long long)
 #undef DCN_INTEGER_ATOMICS
-inline long long atomicMin(long long* a, long long v) {
+DCN_ATOMIC long long atomicMin(long long* a, long long v) {
+  DCN_TRACE_ATOMIC(a);
   return dcn::atomic_update(a, [v](long long old) { return old < v ? old : v; });
 }
-inline long long atomicMax(long long* a, long long v) {
+DCN_ATOMIC long long atomicMax(long long* a, long long v) {
+  DCN_TRACE_ATOMIC(a);
   return dcn::atomic_update(a, [v](long long old) { return old < v ? v : old; });
 }
-inline unsigned short atomicCAS(unsigned short* a, unsigned short compare, unsigned short v) {
-  __atomic_compare_exchange_n(a, &compare, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
-  return compare;
+DCN_ATOMIC unsigned short atomicCAS(unsigned short* a, unsigned short compare, unsigned short v) {
+  DCN_TRACE_ATOMIC(a);
+  return dcn::compare_and_swap(a, compare, v);
 }
-inline unsigned atomicInc(unsigned* a, unsigned limit) {
+DCN_ATOMIC unsigned atomicInc(unsigned* a, unsigned limit) {
+  DCN_TRACE_ATOMIC(a);
   return dcn::atomic_update(a, [limit](unsigned old) { return old >= limit ? 0u : old + 1; });
 }
-inline unsigned atomicDec(unsigned* a, unsigned limit) {
+DCN_ATOMIC unsigned atomicDec(unsigned* a, unsigned limit) {
+  DCN_TRACE_ATOMIC(a);
   return dcn::atomic_update(
       a, [limit](unsigned old) { return (old == 0 || old > limit) ? limit : old - 1; });
 }
-inline float atomicExch(float* a, float v) {
-  return dcn_bit_cast<float>(atomicExch(reinterpret_cast<unsigned*>(a), dcn_bit_cast<unsigned>(v)));
+DCN_ATOMIC float atomicExch(float* a, float v) {
+  DCN_TRACE_ATOMIC(a);
+  return dcn::atomic_update(a, [v](float) { return v; });
 }
-inline float atomicAdd(float* a, float v) {
-  return dcn::atomic_update(a, [v](float old) { return old + v; });
+// One definition per type of the additions done by a CAS loop.
+#define DCN_CAS_ADD(T, ADD)                                     \
+  DCN_ATOMIC T atomicAdd(T* a, T v) {                           \
+    DCN_TRACE_ATOMIC(a);                                        \
+    return dcn::atomic_update(a, [v](T old) { return ADD; });   \
+  }
+DCN_CAS_ADD(float, old + v)
+DCN_CAS_ADD(double, old + v)
+DCN_CAS_ADD(__half, __hadd(old, v))
+DCN_CAS_ADD(__half2, __hadd2(old, v))
+DCN_CAS_ADD(__nv_bfloat16, __hadd(old, v))
+DCN_CAS_ADD(__nv_bfloat162, __hadd2(old, v))
+#undef DCN_CAS_ADD
+// sm_90 vector atomics: atomic per component, as documented for the GPU; one
+// (vector) atomic instruction for the counters.
+DCN_ATOMIC float2 atomicAdd(float2* a, float2 v) {
+  DCN_TRACE_ATOMIC(a);
+  const auto add = [](float w) { return [w](float old) { return old + w; }; };
+  return make_float2(dcn::atomic_update(&a->x, add(v.x)), dcn::atomic_update(&a->y, add(v.y)));
 }
-inline double atomicAdd(double* a, double v) {
-  return dcn::atomic_update(a, [v](double old) { return old + v; });
-}
-inline __half atomicAdd(__half* a, __half v) {
-  return dcn::atomic_update(a, [v](__half old) { return __hadd(old, v); });
-}
-inline __half2 atomicAdd(__half2* a, __half2 v) {
-  return dcn::atomic_update(a, [v](__half2 old) { return __hadd2(old, v); });
-}
-inline __nv_bfloat16 atomicAdd(__nv_bfloat16* a, __nv_bfloat16 v) {
-  return dcn::atomic_update(a, [v](__nv_bfloat16 old) { return __hadd(old, v); });
-}
-inline __nv_bfloat162 atomicAdd(__nv_bfloat162* a, __nv_bfloat162 v) {
-  return dcn::atomic_update(a, [v](__nv_bfloat162 old) { return __hadd2(old, v); });
-}
-// sm_90 vector atomics: atomic per component, as documented for the GPU.
-inline float2 atomicAdd(float2* a, float2 v) {
-  return make_float2(atomicAdd(&a->x, v.x), atomicAdd(&a->y, v.y));
-}
-inline float4 atomicAdd(float4* a, float4 v) {
-  return make_float4(atomicAdd(&a->x, v.x), atomicAdd(&a->y, v.y), atomicAdd(&a->z, v.z),
-                     atomicAdd(&a->w, v.w));
+DCN_ATOMIC float4 atomicAdd(float4* a, float4 v) {
+  DCN_TRACE_ATOMIC(a);
+  const auto add = [](float w) { return [w](float old) { return old + w; }; };
+  return make_float4(dcn::atomic_update(&a->x, add(v.x)), dcn::atomic_update(&a->y, add(v.y)),
+                     dcn::atomic_update(&a->z, add(v.z)), dcn::atomic_update(&a->w, add(v.w)));
 }
 
 // ------------------------------------------- half / bfloat16 device-only math --
@@ -421,6 +466,9 @@ inline void poison_shared_once_per_block(void* array, std::size_t bytes,
   if (poisoned_for_block != dcn_current->block_serial) {
     std::memset(array, 0xFF, bytes);
     poisoned_for_block = dcn_current->block_serial;
+#if defined(DCN_TRACED)
+    trace_shared(array, bytes);  // the racecheck follows the block's shared memory
+#endif
   }
 }
 }  // namespace dcn

@@ -42,6 +42,19 @@ namespace dcn {
 namespace {
 
 constexpr std::size_t kMaxDynamicShared = 227 * 1024;  // H100/H200 opt-in maximum
+
+// The traced runtime (counters and racecheck modes, dcn_trace.cpp) follows
+// each block's start and end and each released barrier.
+#if defined(DCN_TRACED)
+}  // namespace
+void trace_block_begin();
+void trace_block_end();
+void trace_barrier();
+namespace {
+#define DCN_TRACE_EVENT(call) call
+#else
+#define DCN_TRACE_EVENT(call) ((void)0)
+#endif
 enum LaunchStatus : int { kOk = 0, kDeadlock = 1, kTrap = 2, kInvalidLaunch = 3 };
 
 std::string format(const char* fmt, ...) {
@@ -476,6 +489,7 @@ class BlockScheduler {
       return false;
     }
     const int n = int(at_barrier);
+    DCN_TRACE_EVENT(trace_barrier());
     for (Fiber& f : fibers_) {
       switch (f.barrier) {
         case BarrierKind::kSync: f.result = 0; break;
@@ -573,9 +587,12 @@ void run_blocks(Launch& launch) {
     ctx.block_idx = {unsigned(b % g.x), unsigned((b / g.x) % g.y), unsigned(b / (g.x * g.y))};
     ctx.block_serial = ++block_serial_counter;
     std::memset(ctx.dynamic_shared, 0xFF, launch.shared_mem);  // NaN poison, like static shared
+    DCN_TRACE_EVENT(trace_block_begin());
     if (scheduler) {
-      if (!scheduler->run(ctx)) break;
+      const bool ok = scheduler->run(ctx);
       dcn_current = &ctx;
+      if (!ok) break;
+      DCN_TRACE_EVENT(trace_block_end());
       continue;
     }
     if (setjmp(trap_target)) break;
@@ -588,6 +605,7 @@ void run_blocks(Launch& launch) {
           launch.run_thread(launch.args);
         }
     fast_path_trap_target = nullptr;
+    DCN_TRACE_EVENT(trace_block_end());
   }
   fast_path_trap_target = nullptr;
   dcn_current = nullptr;
