@@ -88,6 +88,7 @@ def test_the_function_takes_the_stride_and_padding():
     torch.testing.assert_close(direct, layer(x), rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("deterministic_algorithms")  # gradcheck's reentrancy check
 def test_gradcheck_of_the_layer_on_the_emulated_kernels():
     """torch.autograd.gradcheck (float64) of the whole strided layer on our kernels,
     with respect to its input: that reaches all three of the core's gradients
