@@ -97,14 +97,15 @@ def test_the_planted_plain_add_in_deform_col2im_is_a_race(monkeypatch):
             return torch.autograd.grad(out, [leaf], torch.ones_like(out))
 
     gradients()  # the kernel as it is: no race
-    atomic = "atomicAdd(grad_in + s.corner[q], s.weight[q] * masked_g);"
+    atomic = "grad_in.add(s.corner[q], s.weight[q] * masked_g);"  # a float atomicAdd
     original = CudaSource.code
 
     def planted(self):
         text = original(self)
         if self.filename == "deform_conv2d.cu":
             assert atomic in text, "the scatter this test plants a race in has changed"
-            text = text.replace(atomic, "grad_in[s.corner[q]] += s.weight[q] * masked_g;")
+            text = text.replace(atomic,
+                                "grad_in.values[s.corner[q]] += s.weight[q] * masked_g;")
         return text
 
     monkeypatch.setattr(CudaSource, "code", planted)
