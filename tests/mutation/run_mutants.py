@@ -21,7 +21,7 @@ names every compiled source; the ``kernels.ops`` modules that hold a source
 (or use a module or function that does) are its operators, a ``.cuh`` belongs
 to the sources that include it, and an operator's tests are
 ``tests/test_<operator>.py`` and ``tests/test_<operator>_*.py`` (the edge
-tests) and its kernels' runs in ``tests/test_racecheck.py``, without ``slow``
+tests) and its kernels' runs in ``tests/test_kernels_under_racecheck.py``, without ``slow``
 and ``gpu`` tests, stopping at the first failure. So a survivor is a gap in the
 operator's own tests.
 
@@ -138,10 +138,10 @@ def operator_tests(operators: set[str], tests_dir: Path = ROOT / "tests") -> lis
 
 
 def racecheck_tests(operators: set[str], tests_dir: Path = ROOT / "tests") -> list[str]:
-    """The node ids of ``tests/test_racecheck.py``'s runs of the operators' kernels
+    """The node ids of ``tests/test_kernels_under_racecheck.py``'s runs of the operators' kernels
     (its ids start with the kernels.ops module; skipped while the emulator has no
     racecheck mode)."""
-    path = tests_dir / "test_racecheck.py"
+    path = tests_dir / "test_kernels_under_racecheck.py"
     if not path.is_file():
         return []
     spec = importlib.util.spec_from_file_location("racecheck_ids", path)

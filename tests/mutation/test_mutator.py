@@ -127,7 +127,7 @@ def test_every_kernel_file_has_its_operators_tests():
     assert {"tests/test_dcnv3.py", "tests/test_deform_conv2d.py",
             "tests/test_deform_roi_pool.py", "tests/test_deform_psroi_pool.py"} \
         <= set(subsets["scalar_conversions.cuh"])
-    racecheck = "tests/test_racecheck.py::test_backward_has_no_race[deform_conv2d/deform_conv2d/cupy]"
+    racecheck = "tests/test_kernels_under_racecheck.py::test_backward_has_no_race[deform_conv2d/deform_conv2d/cupy]"
     assert racecheck in subsets["deform_conv2d.cu"]
     assert racecheck not in subsets["deform_roi_pool.cu"]
     for tests in subsets.values():

@@ -114,10 +114,10 @@ def test_cases_scatter_from_many_blocks(monkeypatch, implementation, variant):
     launches: list[tuple[str, int]] = []
     call = launch.Kernel.__call__
 
-    def counting(self, grid, block, args, shared_mem=0):
+    def counting(self, grid, block, args, shared_mem=0, **options):
         blocks = launch._dim3(grid, "grid")
         launches.append((self.name, blocks[0] * blocks[1] * blocks[2]))
-        return call(self, grid, block, args, shared_mem)
+        return call(self, grid, block, args, shared_mem, **options)
 
     monkeypatch.setattr(launch.Kernel, "__call__", counting)
     params, inputs = scatter_heavy_case(implementation.op, variant)
