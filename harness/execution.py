@@ -220,14 +220,14 @@ def run(case_run: CaseRun, impl: registry.Implementation, direction: str,
             with contextlib.ExitStack() as stack:
                 observed = [stack.enter_context(watch()) for watch in registry.CHECK_OBSERVERS]
                 call = timed_call(case_run, impl, direction)
-                with _counting(counters) as launches:  # a backward: the gradient's launches only
+                # A backward counts the gradient's launches only.
+                with _counting(counters, case, impl, direction) as counted:
                     tensors = _named(case_run, direction, call())
             for fields in observed:
                 for name, value in fields().items():
                     setattr(row, name, value)
             _judge(row, case_run, impl, direction, tensors)
-            if launches:
-                row.counters = _counted(case, impl, direction, launches)
+            row.counters = counted()
             if direction == "backward":
                 row.deterministic = determinism.backward_is_reproducible(
                     impl.forward, case_run.inputs, case.params, case_run.differentiable,
@@ -247,23 +247,13 @@ def run(case_run: CaseRun, impl: registry.Implementation, direction: str,
     return row, tensors
 
 
-def _counting(enabled: bool):
-    """The emulator's counters mode around a call when ``enabled`` (imported on
-    first use, as the kernels are); yields the list of launches it counted."""
+def _counting(enabled: bool, case: Case, impl: registry.Implementation, direction: str):
+    """Counts the emulated launches of the ``with`` block when ``enabled``
+    (``registry.LAUNCH_COUNTERS``); its value gives the row's ``counters``."""
     if not enabled:
-        return contextlib.nullcontext([])
-    from harness import counters
-
-    return counters.counting()
-
-
-def _counted(case: Case, impl: registry.Implementation, direction: str,
-             launches: list) -> dict[str, float]:
-    """A row's ``counters``: the per-kernel sums of ``launches`` and the modelled floor."""
-    from harness import counters
-
-    return counters.row_metrics(counters.summarize(case, impl.name, direction, launches,
-                                                   counters.DEFAULT_GPU))
+        return contextlib.nullcontext(lambda: None)
+    (counter,) = registry.LAUNCH_COUNTERS
+    return counter(case, impl.name, direction)
 
 
 def timed_call(case_run: CaseRun, impl: registry.Implementation,

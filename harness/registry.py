@@ -282,6 +282,11 @@ IMPLEMENTATIONS: dict[tuple[str, str], Implementation] = {}
 # that know the kernels (harness.operators.launches): each returns a context manager
 # whose value, called after the call, gives the row fields to set ({} for none).
 CHECK_OBSERVERS: list[Callable[[], AbstractContextManager[Callable[[], dict[str, Any]]]]] = []
+# The counter of a checked call's emulated launches (``dcnbench run --device counters``),
+# registered by harness.operators.launches: ``counter(case, impl_name, direction)`` is a
+# context manager whose value, called after the call, gives the row's ``counters`` (None
+# when the call launched no emulated kernel).
+LAUNCH_COUNTERS: list[Callable[..., AbstractContextManager[Callable[[], dict[str, float] | None]]]] = []
 
 
 def register_operator(op: Operator) -> Operator:

@@ -32,13 +32,15 @@ def _register_nondeterministic():
     @implementation(TOY, "racy", kind="peer")
     def racy(inputs, params):
         """Planted nondeterminism in the backward."""
-        return toy_math({**inputs, "input": _CountingScale.apply(inputs["input"])}, params)
+        return lambda: toy_math({**inputs, "input": _CountingScale.apply(inputs["input"])},
+                                params)
 
 
 def _backward_row(impl: str):
     case = make_case(registry.get_operator(TOY), {}, "float32", "random")
     case_run = execution.prepare(case, "cpu", seed=0, backward=True)
-    row, _ = execution.run(case_run, registry.get_implementation(TOY, impl), "backward", timing=None)
+    row, _ = execution.run(case_run, registry.get_implementation(TOY, impl), "backward",
+                           timing_config=None)
     return row
 
 
@@ -54,7 +56,8 @@ def test_rows_record_whether_the_backward_is_bit_reproducible(toy):
 def test_forward_rows_are_not_checked(toy):
     case = make_case(registry.get_operator(TOY), {}, "float32", "random")
     case_run = execution.prepare(case, "cpu", seed=0, backward=False)
-    row, _ = execution.run(case_run, registry.get_implementation(TOY, "good"), "forward", timing=None)
+    row, _ = execution.run(case_run, registry.get_implementation(TOY, "good"), "forward",
+                           timing_config=None)
     assert row.deterministic is None
 
 
