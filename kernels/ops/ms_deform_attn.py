@@ -217,7 +217,7 @@ def check_arguments(value, spatial_shapes, level_start_index, sampling_locations
         if not tensor.is_contiguous():
             raise ValueError(f"{name} must be contiguous, got strides {tensor.stride()}")
     # 32-bit sizes and pixel indices inside the kernels.
-    for name, size in zip(("N", "S", "Lq", "M", "D", "L", "P"), _sizes(value, sampling_locations)):
+    for name, size in zip(("N", "S", "Lq", "M", "D", "L", "P"), _sizes(value, sampling_locations), strict=True):
         if size > launch.INT32_MAX:
             raise ValueError(f"{name}={size} exceeds 2^31 - 1")
     for level, (height, width, _) in enumerate(levels):

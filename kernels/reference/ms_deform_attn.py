@@ -89,7 +89,7 @@ def check_arguments(
                              f"expected one device")
     shapes = spatial_shapes.tolist()
     starts = level_start_index.tolist()
-    for level, ((height, width), start) in enumerate(zip(shapes, starts)):
+    for level, ((height, width), start) in enumerate(zip(shapes, starts, strict=True)):
         if height < 0 or width < 0:
             raise ValueError(f"spatial_shapes[{level}] must be >= 0, got {height}x{width}")
         if start < 0 or start + height * width > positions:
@@ -97,7 +97,7 @@ def check_arguments(
                 f"level {level} ({height}x{width}) starting at level_start_index[{level}]="
                 f"{start} must end within value's S={positions}, ends at {start + height * width}"
             )
-    return [(height, width, start) for (height, width), start in zip(shapes, starts)]
+    return [(height, width, start) for (height, width), start in zip(shapes, starts, strict=True)]
 
 
 def ms_deform_attn(
