@@ -66,6 +66,13 @@ def use_contract_precision() -> None:
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
 
 
+def _peer_metadata() -> dict[str, Any]:
+    """Versions and builds of the peer packages (imported here: the registry imports the harness)."""
+    from harness.operators.peer_packages import peer_metadata
+
+    return peer_metadata()
+
+
 def collect(device: str) -> dict[str, Any]:
     """Metadata of this machine and software for a run on ``device``."""
     cuda = device == "cuda"
@@ -92,6 +99,7 @@ def collect(device: str) -> dict[str, Any]:
             "fp16": torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
             "bf16": torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
         },
+        "peers": _peer_metadata(),
         "torch_threads": torch.get_num_threads(),
         "argv": sys.argv,
     }
