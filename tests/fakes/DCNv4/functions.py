@@ -9,8 +9,6 @@ layouts. Computed in float64 by our reference, returned in value's dtype.
 
 from __future__ import annotations
 
-import torch
-
 from kernels.reference import dcnv3 as dcnv3_reference
 from kernels.reference import ms_deform_attn as msda_reference
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import enum
 
-import torch
 import torchvision
 
 from kernels.reference import ms_deform_attn as reference
