@@ -107,3 +107,22 @@ def _dcnv4_flash_deform_attn(inputs, params):
 
 for _op in ("dcnv4", "ms_deform_attn"):
     PRECISION[(_op, "dcnv4_official")] = dcnv4_official.PRECISION
+
+
+# How the other implementations compute a low-precision dtype.
+OWN_PRECISION = {"kernel": "native storage, float32 arithmetic", "baseline": "native"}
+GRIDSAMPLE_PRECISION = "native (every op in the dtype, grid_sample included)"
+
+
+def precision_of(op: str, impl: str, dtype: str) -> str:
+    """Whether ``impl`` computes ``dtype`` natively or upcasts, as far as known."""
+    if (op, impl) in PRECISION:
+        return PRECISION[(op, impl)].get(dtype, "–")
+    if impl in ("pytorch_gridsample", "torch_compile"):
+        return GRIDSAMPLE_PRECISION
+    if impl == "torchvision":
+        return "native (torchvision's kernels in the dtype)"
+    from harness.registry import IMPLEMENTATIONS
+
+    found = IMPLEMENTATIONS.get((op, impl))
+    return OWN_PRECISION.get(found.kind, "–") if found is not None else "–"
