@@ -168,6 +168,38 @@ def _psroi_pool_picture(params: dict[str, Any], arrays: dict[str, np.ndarray]) -
     )
 
 
+def _msda_picture(params: dict[str, Any], arrays: dict[str, np.ndarray]) -> SamplingPicture:
+    """Multi-scale deformable attention: every level of one head side by side (a column of
+    NaN between them, each at its own resolution), the points of one query on each; pixel
+    x = loc_x·W_l − 0.5, y = loc_y·H_l − 0.5. A query has no regular grid: the grid marks
+    are each level's centroid of the points, so the arrows show their spread."""
+    shapes = arrays["spatial_shapes"].astype(np.int64).reshape(-1, 2)
+    starts = arrays["level_start_index"].astype(np.int64)
+    locations, weights = arrays["sampling_locations"], arrays["attention_weights"]
+    query = locations.shape[1] // 2
+    height = int(shapes[:, 0].max())
+    levels, regular, deformed, labels, x_first = [], [], [], [], 0
+    for level, ((h, w), start) in enumerate(zip(shapes.tolist(), starts.tolist(), strict=True)):
+        level_map = np.full((height, w), np.nan)
+        level_map[:h] = arrays["value"][0, start:start + h * w, 0].astype(np.float64).mean(-1).reshape(h, w)
+        levels += [level_map, np.full((height, 1), np.nan)]
+        points = locations[0, query, 0, level].astype(np.float64)  # [P, 2], x first
+        at = np.stack([points[:, 1] * h - 0.5, points[:, 0] * w - 0.5 + x_first], axis=1)
+        deformed.append(at)
+        regular.append(np.repeat(at.mean(axis=0, keepdims=True), len(at), axis=0))
+        labels += [f"level {level} ({h}x{w}), point {p}" for p in range(len(at))]
+        x_first += w + 1
+    weight = weights[0, query, 0].astype(np.float64).reshape(-1)
+    if params["softmax"]:
+        weight = np.exp(weight - weight.max()) / np.exp(weight - weight.max()).sum()
+    return SamplingPicture(
+        op=params["op"], case_id=params["case_id"],
+        title=f"query {query} of batch element 0, head 0, on its {len(shapes)} levels",
+        heat=np.concatenate(levels[:-1], axis=1), regular=np.concatenate(regular),
+        deformed=np.concatenate(deformed), weight=weight, labels=labels,
+    )
+
+
 ADAPTERS: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], SamplingPicture]] = {
     "deform_conv2d": _conv_picture,
     "modulated_deform_conv2d": _conv_picture,
@@ -176,6 +208,7 @@ ADAPTERS: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], SamplingPi
     "deform_roi_pool": _roi_pool_picture,
     "modulated_deform_roi_pool": _roi_pool_picture,
     "deform_psroi_pool": _psroi_pool_picture,
+    "ms_deform_attn": _msda_picture,
 }
 
 
