@@ -168,3 +168,77 @@ def test_forward_and_backward_through_the_cuda_branch():
         "ms_deform_attn_backward<__nv_bfloat16, true, 8>"}
     for name, ours, ref in results:
         assert_close(name, ours.detach(), ref.detach(), torch.bfloat16)
+
+
+def _layer_inputs(module, levels, N=2, Lq=5, boxes=False, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor(levels)
+    S = int((shapes[:, 0] * shapes[:, 1]).sum())
+    reference_points = torch.rand(N, Lq, len(levels), 4 if boxes else 2, generator=generator)
+    return (torch.randn(N, Lq, module.d_model, generator=generator), reference_points,
+            torch.randn(N, S, module.d_model, generator=generator), shapes,
+            reference.level_start_index_of(shapes),
+            torch.rand(N, S, generator=generator) < 0.1)
+
+
+@pytest.mark.parametrize("boxes", [False, True], ids=["points", "boxes"])
+def test_the_layer_on_our_kernels_matches_it_on_the_reference(boxes):
+    """MSDeformAttn (Deformable DETR's module) with our fused-softmax kernel as its core equals
+    the same module on the float64 reference, outputs and every parameter's gradient."""
+    from kernels.ops.ms_deform_attn_layer import MSDeformAttn
+
+    torch.manual_seed(0)
+    ours = MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=2)
+    with torch.no_grad():  # away from the init's zero weights, so every path carries signal
+        for parameter in ours.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    oracle = MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=2,
+                          core=reference.ms_deform_attn).double()
+    oracle.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    inputs = _layer_inputs(ours, [(6, 7), (3, 4), (2, 2)], boxes=boxes)
+    out = ours(*inputs)
+    expected = oracle(*(t.double() if t.is_floating_point() else t for t in inputs))
+    assert_close("output", out.detach(), expected.detach(), torch.float32)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    oracle_grads = dict(oracle.named_parameters())
+    for name, parameter in ours.named_parameters():
+        # Kinks of B0 under float32 locations: a loose bound on the upstream gradients.
+        relative = (parameter.grad.double() - oracle_grads[name].grad).norm() / oracle_grads[name].grad.norm()
+        assert relative < 1e-3, (name, relative.item())
+
+
+def test_the_layer_checks_its_arguments():
+    from kernels.ops.ms_deform_attn_layer import MSDeformAttn
+
+    with pytest.raises(ValueError, match="d_model must be a multiple of n_heads=8, got 20"):
+        MSDeformAttn(d_model=20)
+    module = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
+    query, points, flat, shapes, starts, _ = _layer_inputs(module, [(3, 3), (2, 2)])
+    with pytest.raises(ValueError, match="reference_points must be"):
+        module(query, points[:, :, :1], flat, shapes, starts)
+
+
+def test_the_layer_hands_the_core_deformable_detrs_locations_and_logits():
+    """At Deformable DETR's initialisation the offsets are the bias alone: head m's point k
+    sits k steps (in pixels of level l) from the reference point in the head's direction;
+    the core gets them normalised by (W_l, H_l), with all-zero logits and softmax on."""
+    from kernels.ops.ms_deform_attn_layer import MSDeformAttn
+
+    seen = {}
+
+    def recording_core(value, shapes, starts, locations, weights, softmax):
+        seen.update(locations=locations, weights=weights, softmax=softmax, value=value)
+        return value.new_zeros(value.shape[0], locations.shape[1], value.shape[2] * value.shape[3])
+
+    module = MSDeformAttn(d_model=16, n_levels=2, n_heads=4, n_points=2, core=recording_core)
+    query, points, flat, shapes, starts, _ = _layer_inputs(module, [(6, 8), (3, 4)])
+    module(query, points, flat, shapes, starts)
+    directions = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])  # 4 heads
+    for level, (h, w) in enumerate([(6, 8), (3, 4)]):
+        for k in range(2):
+            expected = points[:, :, None, level] + directions * (k + 1) / torch.tensor([w, h])
+            torch.testing.assert_close(seen["locations"][:, :, :, level, k], expected,
+                                       atol=1e-6, rtol=0)
+    assert seen["softmax"] is True and torch.all(seen["weights"] == 0)
+    assert seen["value"].shape == (2, 6 * 8 + 3 * 4, 4, 4)
