@@ -182,8 +182,11 @@ ms_deform_attn_forward(const scalar_t* __restrict__ value,               // [N, 
 // of value's shape (or null: no scatter); grad_sampling_locations and
 // grad_attention_weights are float32 of their tensors' shapes, every element
 // written once (with SOFTMAX, grad_attention_weights is the logits' gradient).
+// No minimum of resident blocks: with 3 (<= 85 registers, as the forward) ptxas
+// spilled the fused-softmax half / bfloat16 vector instantiations on sm_90 and
+// sm_80; without, sm_90 has none and sm_80 keeps 4-8 bytes (80 registers either way).
 template <typename scalar_t, bool SOFTMAX, int VEC>
-__global__ void __launch_bounds__(MSDA_BLOCK_SIZE, 3)
+__global__ void __launch_bounds__(MSDA_BLOCK_SIZE)
 ms_deform_attn_backward(const scalar_t* __restrict__ value,
                         const long long* __restrict__ spatial_shapes,
                         const long long* __restrict__ level_start_index,
