@@ -50,7 +50,9 @@ def test_implementations_and_baselines():
     kinds = {op: {impl.name: impl.kind for impl in implementations_of(op)} for op in CONV_OPS}
     assert kinds["conv2d"] == {"reference": "reference", "pytorch": "baseline"}
     for op in DEFORM_OPS:
-        assert kinds[op] == {"reference": "reference", "torchvision": "peer", "cupy": "kernel"}
+        assert kinds[op] == {"reference": "reference", "torchvision": "peer", "cupy": "kernel",
+                             "deformops_eager": "peer", "deformops_triton": "peer",
+                             "deformops_cuda": "peer"}
         assert get_operator(op).baseline == "torchvision"
         assert get_implementation(op, "cupy").emulated_on == ("cpu",)
     assert get_operator("conv2d").baseline == "pytorch"
