@@ -18,25 +18,6 @@ from typing import Any
 
 from harness.registry import Operator
 
-# Short keys for case ids; a parameter not listed here is written under its
-# own name without underscores (ids use "_" between parameters).
-SHORT_KEYS = {
-    "C_in": "Cin",
-    "C_out": "Cout",
-    "groups": "g",
-    "offset_groups": "og",
-}
-# Parameter pairs written as one token. A kernel reads as a size, so it is
-# always "3x3"; the others collapse to one number when both directions agree.
-PAIRS = {
-    "kernel_h": ("kernel_w", "k", True),
-    "stride_h": ("stride_w", "s", False),
-    "pad_h": ("pad_w", "p", False),
-    "dilation_h": ("dilation_w", "d", False),
-    "pooled_h": ("pooled_w", "pooled", False),
-}
-PAIR_SECONDS = {second for second, _, _ in PAIRS.values()}
-
 
 def format_value(value: Any) -> str:
     """A parameter value as it appears in ids and on the command line."""
@@ -48,15 +29,17 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def params_token(params: Mapping[str, Any], order: Mapping[str, Any]) -> str:
-    """The parameter part of a case id, in the operator's declared ``order``."""
+def params_token(params: Mapping[str, Any], op: Operator) -> str:
+    """The parameter part of a case id, in the operator's declared order, with its
+    ``id_keys`` and ``id_pairs``."""
+    seconds = {second for second, _, _ in op.id_pairs.values()}
     tokens = []
-    for name in order:
+    for name in op.params:
         value = params[name]
-        if name in PAIR_SECONDS:
+        if name in seconds:
             continue
-        if name in PAIRS:
-            second, key, always_both = PAIRS[name]
+        if name in op.id_pairs:
+            second, key, always_both = op.id_pairs[name]
             other = params[second]
             both = always_both or other != value
             tokens.append(f"{key}{format_value(value)}x{format_value(other)}" if both
@@ -68,7 +51,7 @@ def params_token(params: Mapping[str, Any], order: Mapping[str, Any]) -> str:
             present = value != name.startswith("no_")
             tokens.append(feature if present else f"no{feature}")
         else:
-            tokens.append(f"{SHORT_KEYS.get(name, name.replace('_', ''))}{format_value(value)}")
+            tokens.append(f"{op.id_keys.get(name, name.replace('_', ''))}{format_value(value)}")
     return "_".join(tokens)
 
 
@@ -84,7 +67,7 @@ class Case:
 
     @property
     def id(self) -> str:
-        return f"{self.op.name}/{params_token(self.params, self.op.params)}/{self.dtype}/{self.mode}"
+        return f"{self.op.name}/{params_token(self.params, self.op)}/{self.dtype}/{self.mode}"
 
     def reproduce_command(self, impl: str, device: str, seed: int, backward: bool) -> str:
         """The ``dcnbench case`` command that runs this case again."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from harness import nvml
+from harness import nvml, registry
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,13 +66,6 @@ def use_contract_precision() -> None:
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
 
 
-def _peer_metadata() -> dict[str, Any]:
-    """Versions and builds of the peer packages (imported here: the registry imports the harness)."""
-    from harness.operators.peer_packages import peer_metadata
-
-    return peer_metadata()
-
-
 def collect(device: str) -> dict[str, Any]:
     """Metadata of this machine and software for a run on ``device``."""
     cuda = device == "cuda"
@@ -99,7 +92,7 @@ def collect(device: str) -> dict[str, Any]:
             "fp16": torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
             "bf16": torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
         },
-        "peers": _peer_metadata(),
+        **registry.run_metadata(),  # "peers": harness.operators.peer_packages
         "torch_threads": torch.get_num_threads(),
         "argv": sys.argv,
     }

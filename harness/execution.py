@@ -4,7 +4,8 @@
 and runs the reference on float64 copies of those very tensors: the oracle.
 ``run`` then prepares one implementation in one direction on the same inputs
 (its ``prepare`` once: checks, conversions, host synchronisations), judges
-its timed call's output against the oracle, times that call alone
+its timed call's output against the oracle (under ``registry.CHECK_OBSERVERS``:
+our kernels' outputs NaN-poisoned, their launches logged), times that call alone
 (``harness.timing``), judges the last timed call's output again (a cache or
 a race that the first call hides shows here) and returns its result row with
 its metrics (``harness.metrics``). A backward pass is autograd of the
@@ -83,10 +84,31 @@ def prepare(case: Case, device: str, seed: int, backward: bool) -> CaseRun:
     The generator is seeded with ``seed`` for every case, so a case's inputs
     depend on nothing but the case and the seed.
     """
-    op = case.op
     generator = torch.Generator().manual_seed(seed)
+    inputs = case.op.make_inputs(case.params, registry.DTYPES[case.dtype], device, generator,
+                                 case.mode)
+    return _with_oracle(case, device, seed, inputs, generator if backward else None)
+
+
+def related_case_run(case_run: CaseRun, op_name: str) -> CaseRun:
+    """``case_run`` as a case of the related operator ``op_name``: the parameters and
+    inputs it takes, the same ``grad_output``, and its own reference's results (what
+    judges a baseline that computes a related operator, ``Implementation.judged_as``)."""
+    op = registry.get_operator(op_name)
+    original = case_run.case
+    case = Case(op, {name: original.params[name] for name in op.params}, original.dtype,
+                original.mode)
+    inputs = {spec.name: case_run.inputs[spec.name] for spec in op.tensors
+              if spec.name in case_run.inputs}
+    return _with_oracle(case, case_run.device, case_run.seed, inputs, case_run.grad_output)
+
+
+def _with_oracle(case: Case, device: str, seed: int, inputs: dict[str, torch.Tensor],
+                 grad_source: torch.Generator | torch.Tensor | None) -> CaseRun:
+    """The case run of ``inputs``: the reference's output, and with ``grad_source`` (the
+    generator ``grad_output`` is drawn from, or ``grad_output`` itself) its gradients."""
+    op = case.op
     dtype = registry.DTYPES[case.dtype]
-    inputs = op.make_inputs(case.params, dtype, device, generator, case.mode)
     names = tuple(
         spec.name for spec in op.tensors
         if spec.differentiable and spec.name in inputs and inputs[spec.name].is_floating_point()
@@ -99,14 +121,17 @@ def prepare(case: Case, device: str, seed: int, backward: bool) -> CaseRun:
         for name, t in inputs.items()
     }
     grad_output = ref_grads = None
-    if backward:
+    if grad_source is not None:
         out, leaves = _build_graph(reference.prepare, ref_inputs, case.params, names)
-        # Drawn after the inputs from the same generator, rounded like them.
-        grad_output = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(dtype)
+        if isinstance(grad_source, torch.Generator):
+            # Drawn after the inputs from the same generator, rounded like them.
+            grad_output = torch.randn(out.shape, generator=grad_source,
+                                      dtype=torch.float64).to(dtype).to(device)
+        else:
+            grad_output = grad_source
         grads = _gradients(out, leaves, grad_output.to(device=ref_device, dtype=torch.float64))
         ref_output = out.detach()
         ref_grads = {f"grad_{name}": g for name, g in zip(names, grads, strict=True)}
-        grad_output = grad_output.to(device)
     else:
         with torch.no_grad():
             ref_output = reference.forward(ref_inputs, case.params)
@@ -116,30 +141,6 @@ def prepare(case: Case, device: str, seed: int, backward: bool) -> CaseRun:
             raise ValueError(f"the reference's {name} has {bad} non-finite values")
     return CaseRun(case, device, seed, inputs, names, ref_device, ref_output, grad_output,
                    ref_grads)
-
-
-def _poisoned_outputs():
-    """``kernels.launch.poisoned_outputs()``: kernel wrappers fill the outputs they
-    allocate with NaN while it is active, so an element a kernel never writes
-    cannot pass. Imported here, on first use, to keep ``kernels`` (and CuPy)
-    out of the harness's import."""
-    from kernels.launch import poisoned_outputs
-
-    return poisoned_outputs()
-
-
-def _recorded_launches():
-    """``kernels.launch.recorded_launches()``: the kernels a call launched (for the
-    row's ``kernel_variant``); imported late for the same reason."""
-    from kernels.launch import recorded_launches
-
-    return recorded_launches()
-
-
-def _kernel_variant(log) -> str | None:
-    from kernels.launch import variants
-
-    return variants(log) or None
 
 
 def start_row(case: Case, impl: registry.Implementation, direction: str, device: str,
@@ -202,15 +203,23 @@ def run(case_run: CaseRun, impl: registry.Implementation, direction: str,
     row = start_row(case, impl, direction, case_run.device, case_run.seed)
     if row.status == "skipped":
         return row, {}
-    row.reference_device = case_run.reference_device
     row.impl_source = impl.source
+    if impl.judged_as:  # a baseline computing a related operator: that one's oracle judges it
+        try:
+            case_run = related_case_run(case_run, impl.judged_as)
+        except Exception as exc:
+            return record_error(row, exc, context=f"preparing {impl.judged_as}'s oracle: "), {}
+    row.reference_device = case_run.reference_device
     # The forward is timed as inference: no autograd graph is recorded.
     with torch.no_grad() if direction == "forward" else contextlib.nullcontext():
         try:
-            with _poisoned_outputs(), _recorded_launches() as launches:
+            with contextlib.ExitStack() as stack:
+                observed = [stack.enter_context(watch()) for watch in registry.CHECK_OBSERVERS]
                 call = timed_call(case_run, impl, direction)
                 tensors = _named(case_run, direction, call())
-            row.kernel_variant = _kernel_variant(launches)
+            for fields in observed:
+                for name, value in fields().items():
+                    setattr(row, name, value)
             _judge(row, case_run, impl, direction, tensors)
         except Exception as exc:  # one implementation's failure must not stop the sweep
             return record_error(row, exc), {}
@@ -249,9 +258,12 @@ def _named(case_run: CaseRun, direction: str, produced: Any) -> dict[str, torch.
 
 
 def _verdict(case_run: CaseRun, direction: str, tensors: dict[str, torch.Tensor]):
-    case, dtype = case_run.case, registry.DTYPES[case_run.case.dtype]
+    case = case_run.case
     refs = {"output": case_run.ref_output} if direction == "forward" else case_run.ref_grads
-    errors = {name: checking.measure(tensors[name], ref, dtype, name) for name, ref in refs.items()}
+    errors = {name: checking.measure(tensors[name], ref,
+                                     registry.DTYPES[case.op.expected_dtype(name, case.dtype)],
+                                     name)
+              for name, ref in refs.items()}
     tol = case.op.tolerance(case.dtype, direction)
     return errors, tol, checking.judge(errors, tol)
 
@@ -303,7 +315,8 @@ def _time(row: Row, case_run: CaseRun, impl: registry.Implementation, direction:
     record_timing(row, found)
     context = metrics.MetricContext(
         op=case.op, params=case.params, direction=direction, dtype=case.dtype, impl=impl.name,
-        measurement=found, measured=row.measured, environment=environment, baseline=baseline)
+        measurement=found, measured=row.measured, environment=environment, baseline=baseline,
+        is_baseline=impl.name == registry.get_operator(row.op).baseline)
     row.flops, row.bytes = context.flops, context.bytes
     row.metrics = metrics.compute(context)
 

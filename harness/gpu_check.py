@@ -143,7 +143,7 @@ def steps(work: Path) -> list[Step]:
 
     kernels = "|".join(our_kernel_names())
     return [
-        Step("gpu-tests", 60, (
+        Step("gpu-tests", 90, (  # it pays CuPy's cold compiles (cached after)
             PY, "-m", "pytest", "-q", "-m", "gpu", "tests", "-p", "no:cacheprovider",
             "--maxfail=50", f"--junitxml={work / 'gpu-tests.xml'}",
             # The emulator, build-check, report and stand-in tests hold no GPU tests and
@@ -152,7 +152,7 @@ def steps(work: Path) -> list[Step]:
             "--ignore=tests/reports", "--ignore=tests/gpu_path")),
         # Both sdists build at once, for this GPU's architecture only, while nothing
         # else runs (measured build times land in peer-builds.json).
-        Step("peer-builds", 75, (
+        Step("peer-builds", 60, (
             PY, "-m", "harness.peer_builds", "--wheels", str(WHEELS),
             "--site", str(work / PEER_SITE), "--work", str(work)), needs=WHEELS),
         Step("smoke", 20, timed("smoke")),
@@ -163,11 +163,11 @@ def steps(work: Path) -> list[Step]:
         Step("internimage-stages", 25, timed("internimage-stages")),
         Step("rfcn-dpsroi", 12, timed("rfcn-dpsroi")),
         Step("faster-rcnn-dpool", 12, timed("faster-rcnn-dpool")),
-        Step("torch-compile", 40, harness_run(
+        Step("torch-compile", 30, harness_run(
             "torch-compile", "--suite", "internimage-stages", "--impl", "torch_compile", *TIMING)),
         sanitizer("memcheck"),
         sanitizer("racecheck"),
-        Step("ncu", 30, (
+        Step("ncu", 25, (
             "ncu", "--csv", "--page", "raw", "--log-file", str(work / "ncu.csv"),
             "--metrics", ",".join(NCU_METRICS), "--kernel-name", f"regex:^({kernels})$",
             "--launch-count", str(NCU_LAUNCH_COUNT), *harness_run("ncu", *PROBE)),

@@ -47,6 +47,7 @@ class MetricContext:
     measured: Mapping[str, Any]  # values the execution mode attached to the row
     environment: Mapping[str, Any]  # the run's metadata (device, copy_bandwidth_gbps, ...)
     baseline: Mapping[str, Any] | None  # the baseline's stored row, when it was timed
+    is_baseline: bool = False  # this row is the baseline of its case and direction
 
     @property
     def seconds(self) -> float:
@@ -151,7 +152,7 @@ def roofline_fraction(ctx: MetricContext) -> float | None:
 @metric("speedup", "×", "higher")
 def speedup(ctx: MetricContext) -> float | None:
     """The baseline's device time over this row's (the baseline itself: 1)."""
-    if ctx.impl == ctx.op.baseline:
+    if ctx.is_baseline:
         return 1.0
     base = (ctx.baseline or {}).get("metrics", {}).get("time_ms")
     return None if not base else base / ctx.measurement.device.median

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
@@ -91,6 +92,11 @@ class Operator:
     backward, when the operator has one. ``backward_tolerances`` judge the
     gradients when they need other bounds than ``tolerances`` (longer sums,
     atomics); without it the gradients are judged by ``tolerances``.
+    ``baseline`` names the implementation speedups are measured against,
+    ``output_dtype`` the dtype each produced tensor must have,
+    ``id_keys`` / ``id_pairs`` how the case id writes the parameters and
+    ``sampling_view`` draws a saved case (``harness.sampling``): what is
+    particular to an operator is declared here, never in the harness core.
     """
 
     name: str
@@ -109,6 +115,21 @@ class Operator:
     forward_only_modes: tuple[str, ...] = ()  # modes on a kink: no gradient check
     validate: Callable[[Mapping[str, Any]], None] | None = None
     backward_tolerances: Mapping[str, Tolerance] | None = None
+    # Case ids (harness.cases): a short key per parameter (others are written under
+    # their own name without underscores), and parameter pairs written as one token:
+    # first -> (second, key, always both), e.g. kernel_h -> ("kernel_w", "k", True).
+    id_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    id_pairs: Mapping[str, tuple[str, str, bool]] = dataclasses.field(default_factory=dict)
+    # The view of where one output samples its input (reports' sampling page), from a
+    # saved case's params and arrays; None for an operator without one.
+    sampling_view: Callable[[Mapping[str, Any], Mapping[str, Any]], Any] | None = None
+    # The dtype (name) an implementation must return for tensor ``name`` ("output",
+    # "grad_<input>") of a case at ``dtype``; None: the case's dtype, for every tensor.
+    output_dtype: Callable[[str, str], str] | None = None
+
+    def expected_dtype(self, tensor: str, dtype: str) -> str:
+        """The dtype an implementation's ``tensor`` must have in a case at ``dtype``."""
+        return dtype if self.output_dtype is None else self.output_dtype(tensor, dtype)
 
     def tolerance(self, dtype: str, direction: str) -> Tolerance:
         """The bounds that judge ``direction`` ("forward" or "backward") at ``dtype``."""
@@ -203,6 +224,9 @@ class Implementation:
     known_inaccurate: Mapping[str, str] = dataclasses.field(default_factory=dict)
     description: str = ""
     source: str = ""  # the module that registered it (a plugin's, for outside ones)
+    # A baseline that computes a related operator on the same inputs (torchvision's
+    # roi_align for the deformable RoI pools): that operator's reference judges it.
+    judged_as: str = ""
 
     def forward(self, inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> Any:
         """Prepare and call once: the output tensor."""
@@ -254,6 +278,10 @@ def kernel_availability(module: str) -> Callable[[str], str | None]:
 
 OPERATORS: dict[str, Operator] = {}
 IMPLEMENTATIONS: dict[tuple[str, str], Implementation] = {}
+# Observers of every checked call (never of a timed one), registered by the modules
+# that know the kernels (harness.operators.launches): each returns a context manager
+# whose value, called after the call, gives the row fields to set ({} for none).
+CHECK_OBSERVERS: list[Callable[[], AbstractContextManager[Callable[[], dict[str, Any]]]]] = []
 
 
 def register_operator(op: Operator) -> Operator:
@@ -275,12 +303,18 @@ def implementation(
     emulated_on: tuple[str, ...] = (),
     known_inaccurate: Mapping[str, str] | None = None,
     description: str | None = None,
+    judged_as: str = "",
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``prepare(inputs, params) -> call`` as an implementation
     of the registered operator ``op``; ``description`` defaults to the first line of
-    its docstring."""
+    its docstring. ``judged_as`` names the related operator a baseline computes
+    (its reference judges the rows; the row's case stays ``op``'s, so speedups
+    join)."""
     if kind not in IMPL_KINDS:
         raise RegistryError(f"implementation kind must be one of {IMPL_KINDS}, got {kind!r}")
+    if judged_as and kind != "baseline":
+        raise RegistryError(f"{op}/{name}: only a baseline may be judged as another operator "
+                            f"({judged_as!r}), not a {kind}")
     if known_inaccurate and kind != "peer":
         raise RegistryError(
             f"{op}/{name}: only peers may declare known_inaccurate dtypes, not a {kind}"
@@ -310,10 +344,28 @@ def implementation(
             known_inaccurate=dict(known_inaccurate or {}),
             description=description or (fn.__doc__ or "").strip().split("\n")[0],
             source=getattr(fn, "__module__", "") or "",
+            judged_as=judged_as,
         )
         return fn
 
     return register
+
+
+# What registered modules add to a run's metadata: name -> a function returning a
+# JSON-able value (the installed peers' versions and builds, say).
+RUN_METADATA: dict[str, Callable[[], Any]] = {}
+
+
+def register_run_metadata(name: str, provide: Callable[[], Any]) -> None:
+    if name in RUN_METADATA:
+        raise RegistryError(f"run metadata {name!r} is registered twice")
+    RUN_METADATA[name] = provide
+
+
+def run_metadata() -> dict[str, Any]:
+    """Every registered module's contribution to a run's metadata, by name."""
+    load_all()
+    return {name: provide() for name, provide in RUN_METADATA.items()}
 
 
 def load_all() -> None:

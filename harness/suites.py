@@ -3,9 +3,12 @@
 A suite is a TOML file in ``suites/`` (the format is documented in
 ``docs/harness.md``). Every sweep names operators, fixed parameters, axes
 swept as a cartesian product, groups of tied parameters, filters, dtypes,
-input modes and implementations, and expands into cases. Loading checks every
-key against the registry, so a malformed suite fails before anything runs,
-with the file, the key and what was expected.
+input modes and implementations, and expands into cases. Loading checks the
+file's structure with pydantic (``SuiteTable``: known keys, their types) and
+then every name and value against the registry (operators, their parameters
+and the parameters' types, implementations, dtypes, modes), so a malformed
+suite fails before anything runs, with the file, the key, what was expected
+and what came.
 """
 
 from __future__ import annotations
@@ -21,19 +24,88 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+
 from harness import plugins, registry
 from harness.cases import Case
 
 SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
 
-SUITE_KEYS = {"description", "seed", "extends", "override", "sweep", "plugins"}
-SWEEP_KEYS = {"op", "impls", "dtypes", "modes", "backward", "params", "axes", "tied", "filters"}
-# Keys of a sweep that ``override`` may replace in every sweep of a suite.
-OVERRIDE_KEYS = {"impls", "dtypes", "modes", "backward"}
 
 
 class SuiteError(ValueError):
     """A malformed suite file; the message names the file, the key and what was expected."""
+
+
+# --- the file's structure -------------------------------------------------------------
+# Each field's description says what is expected there, for the error messages. Values
+# whose type depends on the operator (parameters, axes, names) are checked against the
+# registry afterwards.
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SweepTable(_Table):
+    op: StrictStr | list[StrictStr] = Field(description="a string or list")
+    impls: Any = Field(None, description="a list of names or \"all\"")
+    dtypes: Any = Field(None, description="a list of names or \"all\"")
+    modes: Any = Field(None, description="a list of names or \"all\"")
+    backward: StrictBool = Field(False, description="a boolean")
+    params: dict[str, Any] = Field(default_factory=dict, description="a table")
+    axes: dict[str, Any] = Field(default_factory=dict, description="a table")
+    tied: dict[str, Any] = Field(default_factory=dict, description="a table")
+    filters: list[Any] = Field(default_factory=list, description="a list")
+
+
+class OverrideTable(_Table):
+    """Keys of a sweep that ``override`` replaces in every sweep of a suite."""
+
+    impls: Any = Field(None, description="a list of names or \"all\"")
+    dtypes: Any = Field(None, description="a list of names or \"all\"")
+    modes: Any = Field(None, description="a list of names or \"all\"")
+    backward: StrictBool = Field(False, description="a boolean")
+
+
+class SuiteTable(_Table):
+    description: StrictStr = Field(description="a string")
+    seed: StrictInt = Field(0, description="an integer")
+    extends: StrictStr | None = Field(None, description="a string")
+    override: dict[str, Any] = Field(default_factory=dict, description="a table")
+    sweep: list[SweepTable] = Field(min_length=1, description="a list")
+    plugins: list[StrictStr] = Field(default_factory=list, description="a list of module names")
+
+
+def _validated(model: type[BaseModel], data: Any, where: _Where) -> Any:
+    """``data`` as ``model``, or a SuiteError naming the first bad key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise SuiteError(_message(exc.errors()[0], model, where)) from None
+
+
+def _message(error: dict, model: type[BaseModel], where: _Where) -> str:
+    """A pydantic error as "<file>: <key>: <what was expected>, got <what came>"."""
+    key, current, field = where, model, None
+    for part in error["loc"]:
+        if isinstance(part, int):
+            key = key.at(f"[{part}]")
+            continue
+        if current is None or part not in current.model_fields:
+            if error["type"] == "extra_forbidden":
+                return (f"{key.at(part)}: unknown key; expected one of: "
+                        f"{', '.join(sorted(current.model_fields))}")
+            break
+        key, field = key.at(part), current.model_fields[part]
+        inner = [a for a in getattr(field.annotation, "__args__", ()) if isinstance(a, type)]
+        current = next((a for a in (field.annotation, *inner)
+                        if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    if field is not None and field.annotation == list[SweepTable] and error["type"] != "missing":
+        return f"{where.at('sweep')}: expected one or more [[sweep]] tables"
+    expected = field.description if field is not None else "a table"
+    if error["type"] == "missing":
+        return f"{key}: missing; expected {expected}"
+    return f"{key}: expected {expected}, got {_show(error['input'])}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,18 +150,12 @@ def load(name_or_path: str) -> Suite:
         )
     data, digest, label = _read_with_bases(path, seen=())
     where = _Where(label)
-    description = _get(data, where, "description", str)
-    seed = _get(data, where, "seed", int, default=0)
-    plugin_modules = _get(data, where, "plugins", list, default=[])
-    for module in plugin_modules:
-        if not isinstance(module, str) or not module:
-            raise SuiteError(f"{where.at('plugins')}: expected a list of module names, "
-                             f"got {_show(module)} in it")
+    table = _validated(SuiteTable, data, where)
     try:
-        plugins.load(plugin_modules, route=f"suite {path}")
+        plugins.load(table.plugins, route=f"suite {path}")
     except plugins.PluginError as exc:
         raise SuiteError(f"{where.at('plugins')}: {exc}") from None
-    sweeps = data["sweep"]
+    sweeps = table.sweep
     cases: dict[str, tuple[SuiteCase, str]] = {}
     for index, sweep in enumerate(sweeps):
         sweep_where = where.at(f"sweep[{index}]")
@@ -106,11 +172,11 @@ def load(name_or_path: str) -> Suite:
     return Suite(
         name=path.stem,
         path=path,
-        description=description,
-        seed=seed,
+        description=table.description,
+        seed=table.seed,
         sha256=digest,
         cases=tuple(suite_case for suite_case, _ in cases.values()),
-        plugins=tuple(plugin_modules),
+        plugins=tuple(table.plugins),
     )
 
 
@@ -123,15 +189,17 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any]
         data = tomllib.loads(raw.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SuiteError(f"{path}: not valid TOML: {exc}") from None
-    _check_keys(data, where, SUITE_KEYS)
     digest = hashlib.sha256(raw)
     label = str(path)
     if "extends" in data:
-        base_path = resolve_path(_get(data, where, "extends", str))
+        extends = data["extends"]
+        if not isinstance(extends, str):
+            raise SuiteError(f"{where.at('extends')}: expected a string, got {_show(extends)}")
+        base_path = resolve_path(extends)
         if base_path.resolve() in seen + (path.resolve(),):
             raise SuiteError(f"{where.at('extends')}: {base_path} extends itself")
         if not base_path.is_file():
-            raise SuiteError(f"{where.at('extends')}: no suite {data['extends']!r}")
+            raise SuiteError(f"{where.at('extends')}: no suite {extends!r}")
         base, base_digest, base_label = _read_with_bases(base_path, seen + (path.resolve(),))
         digest.update(base_digest.encode())
         label = f"{path} (extends {base_label})"
@@ -139,21 +207,18 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any]
             raise SuiteError(f"{where.at('sweep')}: a suite that extends another takes its "
                              "sweeps; expected no sweep of its own")
         data = {**base, **{k: v for k, v in data.items() if k not in ("extends", "sweep")}}
-    sweeps = _get(data, where, "sweep", list)
-    if not sweeps or not all(isinstance(s, dict) for s in sweeps):
-        raise SuiteError(f"{where.at('sweep')}: expected one or more [[sweep]] tables")
-    override = _get(data, where, "override", dict, default={})
-    _check_keys(override, where.at("override"), OVERRIDE_KEYS)
-    data["sweep"] = [{**sweep, **override} for sweep in sweeps]
-    data.pop("override", None)
+    if "override" in data:
+        override = _validated(OverrideTable, data.pop("override"), where.at("override"))
+        replaced = override.model_dump(exclude_unset=True)
+        sweeps = data.get("sweep")
+        if isinstance(sweeps, list):
+            data["sweep"] = [{**s, **replaced} if isinstance(s, dict) else s for s in sweeps]
     return data, digest.hexdigest(), label
 
 
-def _expand_sweep(sweep: dict[str, Any], where: _Where) -> list[SuiteCase]:
-    _check_keys(sweep, where, SWEEP_KEYS)
-    op_names = _get(sweep, where, "op", (str, list))
-    op_names = [op_names] if isinstance(op_names, str) else op_names
-    if not op_names or not all(isinstance(n, str) for n in op_names):
+def _expand_sweep(sweep: SweepTable, where: _Where) -> list[SuiteCase]:
+    op_names = [sweep.op] if isinstance(sweep.op, str) else sweep.op
+    if not op_names:
         raise SuiteError(f"{where.at('op')}: expected an operator name or a list of them, "
                          f"got {_show(op_names)}")
     expanded = []
@@ -166,20 +231,20 @@ def _expand_sweep(sweep: dict[str, Any], where: _Where) -> list[SuiteCase]:
     return expanded
 
 
-def _expand_op(op: registry.Operator, sweep: dict[str, Any], where: _Where) -> list[SuiteCase]:
+def _expand_op(op: registry.Operator, sweep: SweepTable, where: _Where) -> list[SuiteCase]:
     all_impls = [impl.name for impl in registry.implementations_of(op.name)]
-    impls = _names(sweep, where, "impls", all_impls, default=all_impls)
-    dtypes = _names(sweep, where, "dtypes", list(op.tolerances), default=["float32"])
-    modes = _names(sweep, where, "modes", list(op.input_modes), default=["random"])
-    backward = _get(sweep, where, "backward", bool, default=False)
+    impls = _names(sweep.impls, where.at("impls"), all_impls, default=all_impls)
+    dtypes = _names(sweep.dtypes, where.at("dtypes"), list(op.tolerances), default=["float32"])
+    modes = _names(sweep.modes, where.at("modes"), list(op.input_modes), default=["random"])
+    backward = sweep.backward
 
-    fixed = _get(sweep, where, "params", dict, default={})
+    fixed = sweep.params
     for name, value in fixed.items():
         _check_param(op, where.at("params").at(name), name, value)
-    axes = _get(sweep, where, "axes", dict, default={})
+    axes = sweep.axes
     for name, values in axes.items():
         _check_axis(op, where.at("axes").at(name), name, values)
-    tied = _get(sweep, where, "tied", dict, default={})
+    tied = sweep.tied
     for group, entries in tied.items():
         key = where.at("tied").at(group)
         if not isinstance(entries, list) or not entries or not all(
@@ -192,8 +257,7 @@ def _expand_op(op: registry.Operator, sweep: dict[str, Any], where: _Where) -> l
                 _check_param(op, key.at(f"[{i}]").at(name), name, value)
     _check_set_once(fixed, axes, tied, where)
     filters = [
-        Filter(text, where.at(f"filters[{i}]"), op)
-        for i, text in enumerate(_get(sweep, where, "filters", list, default=[]))
+        Filter(text, where.at(f"filters[{i}]"), op) for i, text in enumerate(sweep.filters)
     ]
 
     axis_points = [[(name, v) for v in values] for name, values in axes.items()]
@@ -352,38 +416,18 @@ def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
     return isinstance(value, kinds)
 
 
-_MISSING = object()
-
-
-def _get(table: Mapping[str, Any], where: _Where, key: str, kind, default: Any = _MISSING) -> Any:
-    if key not in table:
-        if default is _MISSING:
-            raise SuiteError(f"{where.at(key)}: missing; expected {_a(kind)}")
+def _names(names: Any, where: _Where, choices: list[str], default: list[str]) -> list[str]:
+    """A list of names out of ``choices``, or "all" of them; ``default`` when not given."""
+    if names is None:
         return default
-    value = table[key]
-    if not _is(value, kind):
-        raise SuiteError(f"{where.at(key)}: expected {_a(kind)}, got {_show(value)}")
-    return value
-
-
-def _check_keys(table: Mapping[str, Any], where: _Where, allowed: set[str]) -> None:
-    for key in table:
-        if key not in allowed:
-            raise SuiteError(f"{where.at(key)}: unknown key; expected one of: "
-                             f"{', '.join(sorted(allowed))}")
-
-
-def _names(table, where: _Where, key: str, choices: list[str], default: list[str]) -> list[str]:
-    """A list of names out of ``choices``, or "all" of them."""
-    names = _get(table, where, key, (list, str), default=default)
     if names == "all":
         return choices
     if not isinstance(names, list) or not names:
-        raise SuiteError(f"{where.at(key)}: expected a non-empty list of names or \"all\", "
+        raise SuiteError(f"{where}: expected a non-empty list of names or \"all\", "
                          f"got {_show(names)}")
     for name in names:
         if name not in choices:
-            raise SuiteError(f"{where.at(key)}: {_show(name)} is not one of: {', '.join(choices)}")
+            raise SuiteError(f"{where}: {_show(name)} is not one of: {', '.join(choices)}")
     return names
 
 

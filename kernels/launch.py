@@ -206,7 +206,6 @@ class DeviceProperties:
 
 # The path CPU tensors take: "emulator" or "cupy" (see the module docstring).
 cpu_backend = "emulator"
-BACKENDS = ("emulator", "cupy")
 
 
 def _backend(device: torch.device) -> str:
@@ -385,7 +384,7 @@ class Kernel:
     def _launch_cupy(self, grid: Dim3, block: Dim3, args: tuple[Any, ...], shared_mem: int) -> None:
         import cupy
 
-        stream = _cupy_stream(torch.cuda.current_stream(self.device.index))
+        stream = _cupy_stream(torch.cuda.current_stream(self.device.index).cuda_stream)
         try:
             with _on_device(self.device), stream:
                 self._function(grid, block, args, shared_mem=shared_mem)
@@ -400,13 +399,24 @@ class Kernel:
             ) from error
 
 
+@dataclasses.dataclass(frozen=True)
+class _StreamHandle:
+    """A stream's handle under the CUDA stream protocol, which CuPy reads (not every
+    torch release our GPU images carry implements it on its own streams)."""
+
+    pointer: int
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.pointer)
+
+
 @functools.cache
-def _cupy_stream(torch_stream: Any) -> Any:
-    """CuPy's view of a torch stream, through the CUDA stream protocol
-    (``__cuda_stream__``; ``cupy.cuda.ExternalStream`` is deprecated in CuPy 14)."""
+def _cupy_stream(pointer: int) -> Any:
+    """CuPy's view of the stream ``pointer``, through ``Stream.from_external``
+    (``cupy.cuda.ExternalStream`` is deprecated in CuPy 14)."""
     import cupy
 
-    return cupy.cuda.Stream.from_external(torch_stream)
+    return cupy.cuda.Stream.from_external(_StreamHandle(pointer))
 
 
 def _device_pointer(tensor: torch.Tensor) -> np.uint64:

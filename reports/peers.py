@@ -11,13 +11,15 @@ of every run in the report:
   did not (fail and xfail: a peer's known inaccuracy still misses the contract).
 - **speed**: the geometric mean of its ``speedup`` over the operator's
   baseline on the rows that were timed (emulated kernels are never timed).
-- **precision**: whether it computes float16 / bfloat16 natively or upcasts
-  (``harness.operators.peer_packages.precision_of``).
+- **precision**: whether it computes float16 / bfloat16 natively or upcasts, as
+  the runs' metadata says (``peers.precision``, written by
+  ``harness.operators.peer_packages``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
@@ -25,10 +27,13 @@ import pandas as pd
 CHECKED = ("ok", "fail", "xfail")
 
 
-def table(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """One entry per (device, op, impl, dtype) of the non-reference rows, sorted."""
-    from harness.operators.peer_packages import precision_of
-
+def table(frame: pd.DataFrame, metadata: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (device, op, impl, dtype) of the non-reference rows, sorted;
+    ``metadata`` is each run's metadata by run id."""
+    precision: dict[str, dict[str, str]] = {}
+    for run in metadata.values():
+        for key, dtypes in run.get("peers", {}).get("precision", {}).items():
+            precision.setdefault(key, {}).update(dtypes)
     rows = frame[frame["impl_kind"] != "reference"]
     entries = []
     for (device, op, impl, dtype), group in rows.groupby(["device", "op", "impl", "dtype"],
@@ -49,12 +54,12 @@ def table(frame: pd.DataFrame) -> list[dict[str, Any]]:
         entries.append({"device": device, "op": op, "impl": impl,
                         "kind": group["impl_kind"].iloc[0], "dtype": dtype,
                         "supported": supported, "passes": passes, "speed": speed,
-                        "timed_rows": len(speedups), "precision": precision_of(op, impl, dtype)})
+                        "timed_rows": len(speedups), "precision": precision.get(f"{op}/{impl}", {}).get(dtype, "–")})
     return entries
 
 
-def render(site, frame: pd.DataFrame) -> str:
+def render(site, frame: pd.DataFrame, metadata: Mapping[str, Mapping[str, Any]]) -> str:
     """Write ``peers.html`` into ``site`` (a ``reports.site.Site``); its path."""
     path = "peers.html"
-    site.render(path, "peers.html", title="peers", entries=table(frame))
+    site.render(path, "peers.html", title="peers", entries=table(frame, metadata))
     return path

@@ -25,7 +25,7 @@ import jinja2
 import numpy as np
 import pandas as pd
 
-from harness import compare, results
+from harness import compare, metrics, results
 from harness.results import DIRECTIONS, STATUSES
 from reports import figures, history, peers, sampling
 
@@ -205,9 +205,16 @@ def _swept_axes(rows: pd.DataFrame) -> list[str]:
     return axes
 
 
+def _metric_columns(rows: pd.DataFrame) -> list[metrics.Metric]:
+    """The registered metrics some of ``rows`` have, beyond the median time itself: the
+    case table shows one column each."""
+    return [m for m in metrics.METRICS.values()
+            if m.name != "time_ms" and m.name in rows and rows[m.name].notna().any()]
+
+
 def _case_table(rows: pd.DataFrame) -> list[dict[str, Any]]:
     keep = ["case_id", "impl", "dtype", "direction", "mode", "status", "time_median_ms",
-            "time_iqr_ms", "speedup", "tflops", "gbps", "rel_l2", "tol_rel_l2"]
+            "time_iqr_ms", *(m.name for m in _metric_columns(rows)), "rel_l2", "tol_rel_l2"]
     table = rows[keep].sort_values(["case_id", "impl", "direction"])
     return table.replace({np.nan: None}).to_dict("records")
 
@@ -251,6 +258,7 @@ def _run_page(site: Site, run: Run, previous: Run | None, compare_path: str | No
         site.render(f"runs/{slug(run.run_id)}/{slug(op)}.html", "operator.html",
                     title=f"{op} · {run.run_id}", run=run, op=op, axes=axes, timed=timed,
                     figures=figs, cases=_case_table(rows[rows["op"] == op]),
+                    metric_columns=_metric_columns(rows[rows["op"] == op]),
                     run_path=f"../{slug(run.run_id)}.html")
 
 
@@ -287,10 +295,10 @@ def _history_page(site: Site, group: tuple[str, str], runs: list[Run], path: str
 
 
 def _default_cases(runs: list[Run], folder: Path) -> list[Path]:
-    """One saved case per operator with a sampling adapter: its smallest random-input case
+    """One saved case per operator with a sampling view: its smallest random-input case
     of the newest run, run by the reference on the CPU with that run's seed."""
     saved = []
-    for op in sampling.ADAPTERS:
+    for op in sampling.viewable_operators():
         newest = next((r for r in reversed(runs) if op in set(r.rows["op"])), None)
         if newest is None:
             continue
@@ -367,7 +375,7 @@ def build(run_dirs: Sequence[Path], out: Path, cases: Sequence[Path] = ()) -> Bu
                   history_paths.get(run.group))
     case_files = list(cases) or _default_cases(runs, site.out / "sampling")
     sampled = _sampling_pages(site, case_files)
-    peers_path = peers.render(site, frame)
+    peers_path = peers.render(site, frame, metadata)
     site.render("index.html", "index.html", title="dcnbench report",
                 runs=list(reversed(runs)), slug=slug, compare_paths=compare_paths,
                 history_paths=history_paths, regressions=regressions, sampled=sampled,

@@ -636,14 +636,15 @@ def test_cupy_launch_glue_with_a_stand_in_cupy(monkeypatch):
 
     cuda = types.SimpleNamespace(
         Device=lambda index: Context(f"device {index}"),
-        ExternalStream=lambda pointer, index: Context(f"stream {pointer} on {index}"),
+        Stream=types.SimpleNamespace(
+            from_external=lambda handle: Context(f"stream {handle.__cuda_stream__()}")),
         driver=types.SimpleNamespace(CUDADriverError=DriverError),
     )
     monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cuda))
     monkeypatch.setattr(
         torch.cuda, "current_stream", lambda index: types.SimpleNamespace(cuda_stream=77)
     )
-    launch._external_stream.cache_clear()
+    launch._cupy_stream.cache_clear()
 
     def function(grid, block, args, shared_mem):
         events.append(f"launch {grid} {block} {args} {shared_mem}")
@@ -652,9 +653,9 @@ def test_cupy_launch_glue_with_a_stand_in_cupy(monkeypatch):
     kernel._launch_cupy((2, 1, 1), (256, 1, 1), (np.uint64(4096), np.int32(3)), 0)
     assert events == [
         "enter device 1",
-        "enter stream 77 on 1",
+        "enter stream (0, 77)",
         "launch (2, 1, 1) (256, 1, 1) (np.uint64(4096), np.int32(3)) 0",
-        "exit stream 77 on 1",
+        "exit stream (0, 77)",
         "exit device 1",
     ]
 
@@ -665,4 +666,4 @@ def test_cupy_launch_glue_with_a_stand_in_cupy(monkeypatch):
         launch.Kernel("k<float>", failing, torch.device("cuda", 1))._launch_cupy(
             (2, 1, 1), (256, 1, 1), (), 0
         )
-    launch._external_stream.cache_clear()
+    launch._cupy_stream.cache_clear()

@@ -48,11 +48,11 @@ def test_parameters_are_the_contracts():
 
 def test_implementations_and_baselines():
     kinds = {op: {impl.name: impl.kind for impl in implementations_of(op)} for op in CONV_OPS}
-    assert kinds["conv2d"] == {"reference": "reference", "pytorch": "baseline"}
+    # At least these: plugins may add more.
+    assert kinds["conv2d"].items() >= {"reference": "reference", "pytorch": "baseline"}.items()
     for op in DEFORM_OPS:
-        assert kinds[op] == {"reference": "reference", "torchvision": "peer", "cupy": "kernel",
-                             "deformops_eager": "peer", "deformops_triton": "peer",
-                             "deformops_cuda": "peer"}
+        assert kinds[op].items() >= {"reference": "reference", "torchvision": "peer",
+                                     "cupy": "kernel"}.items()
         assert get_operator(op).baseline == "torchvision"
         assert get_implementation(op, "cupy").emulated_on == ("cpu",)
     assert get_operator("conv2d").baseline == "pytorch"
@@ -313,16 +313,9 @@ def test_cupy_kernel_through_the_registry(op, dtype):
 
 
 def test_kernel_availability_reports_a_missing_piece(monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_cupy(name, *args, **kwargs):
-        if name == "cupy":
-            raise ImportError("No module named 'cupy'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_cupy)
+    # None in sys.modules makes any import of cupy fail, whether or not an earlier test
+    # imported it already (an __import__ hook would miss the cached module).
+    monkeypatch.setitem(sys.modules, "cupy", None)
     reason = get_implementation("deform_conv2d", "cupy").available("cuda")
     assert reason is not None and "cupy is not importable" in reason
 

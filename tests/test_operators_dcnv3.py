@@ -67,8 +67,8 @@ def test_implementations_kinds_and_devices():
     for op in ALL_OPS:
         impls = {impl.name: impl for impl in implementations_of(op)}
         expected = {"reference", "pytorch_gridsample", "cupy_direct", "cupy_vectorized"}
-        assert set(impls) == (expected | ({"torch_compile"} if op != "dcnv3_layer" else set())
-                              | ({"dcnv4_official"} if op == "dcnv4" else set()))
+        # At least these: plugins may add more.
+        assert set(impls) >= expected | ({"torch_compile"} if op != "dcnv3_layer" else set())
         assert get_operator(op).baseline == "pytorch_gridsample"
         for design in ("cupy_direct", "cupy_vectorized"):
             assert impls[design].kind == "kernel" and impls[design].emulated_on == ("cpu",)

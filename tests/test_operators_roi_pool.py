@@ -8,6 +8,7 @@ through the CPU emulator), and saved cases in the contract's format.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -71,13 +72,18 @@ def test_tensors_implementations_and_baselines():
     assert tensors["modulated_deform_roi_pool"] == [*tensors["deform_roi_pool"], ("mask", True)]
     assert tensors["deform_psroi_pool"] == [("input", True), ("rois", False), ("trans", True)]
     kinds = {op: {impl.name: impl.kind for impl in implementations_of(op)} for op in ALL_OPS}
-    assert kinds["roi_align"] == {"reference": "reference", "torchvision": "peer", "cupy": "kernel"}
-    assert kinds["deform_psroi_pool"] == {"reference": "reference", "torchvision": "peer", "cupy": "kernel"}
+    # At least these: plugins may add more.
+    ours = {"reference": "reference", "torchvision": "peer", "cupy": "kernel"}
+    assert kinds["roi_align"].items() >= ours.items()
+    assert kinds["deform_psroi_pool"].items() >= ours.items()
     for op in ("deform_roi_pool", "modulated_deform_roi_pool"):
-        assert kinds[op] == {"reference": "reference", "cupy": "kernel"}
+        assert kinds[op].items() >= {"reference": "reference", "cupy": "kernel",
+                                     "torchvision_roi_align": "baseline"}.items()
+        # No peer computes it: the baseline is plain RoIAlign by torchvision, never ourselves.
+        assert get_operator(op).baseline == "torchvision_roi_align"
+        assert get_implementation(op, "torchvision_roi_align").judged_as == "roi_align"
     assert get_operator("roi_align").baseline == "torchvision"
-    for op in ("deform_roi_pool", "modulated_deform_roi_pool", "deform_psroi_pool"):
-        assert get_operator(op).baseline == "cupy"
+    assert get_operator("deform_psroi_pool").baseline == "torchvision"
     for op in ALL_OPS:
         assert get_implementation(op, "cupy").emulated_on == ("cpu",)
         assert get_operator(op).forward_only_modes == ("degenerate_rois",)
@@ -393,3 +399,19 @@ def test_case_save_writes_the_contract_names(tmp_path, op, params, names):
         assert str(saved_params[key]) == value or float(saved_params[key]) == float(value)
     assert saved_params["op"] == op
     json.dumps(saved_params)
+
+
+@pytest.mark.parametrize("op", ["deform_roi_pool", "modulated_deform_roi_pool"])
+def test_the_roi_align_baseline_is_judged_by_roi_align(op):
+    """torchvision's roi_align leaves the offsets out: right as roi_align (its rows pass,
+    gradients too), wrong as the deformable op (judged by that reference, it fails)."""
+    case = make_case(get_operator(op), {}, "float32", "random")
+    case_run = execution.prepare(case, "cpu", seed=3, backward=True)
+    baseline = get_implementation(op, "torchvision_roi_align")
+    for direction in ("forward", "backward"):
+        row, _ = execution.run(case_run, baseline, direction, None)
+        assert row.status == "ok", row.reason
+        assert row.case_id == case.id  # the deformable op's case: speedups join on it
+    misjudged = dataclasses.replace(baseline, judged_as="")
+    row, _ = execution.run(case_run, misjudged, "forward", None)
+    assert row.status == "fail"

@@ -77,7 +77,7 @@ def test_torch_ms_deform_attn_passes_forward_and_gradients_on_the_cpu(softmax, d
 
 def test_torch_ms_deform_attn_metadata_names_its_version_and_build():
     pytest.importorskip("torch_ms_deform_attn", reason="built by `nox -s tests` (pip sdist)")
-    found = peer_packages.peer_metadata()["torch-ms-deform-attn"]
+    found = peer_packages.peer_metadata()["packages"]["torch-ms-deform-attn"]
     assert found["version"] == "0.1.1"
     assert found["cuda_kernels"] is torch.cuda.is_available()  # CPU build here
 
@@ -114,8 +114,12 @@ def test_deformops_msda_fuses_the_softmax(fake_packages):
 
 
 def test_deformops_metadata_with_the_package_importable(fake_packages):
-    assert peer_packages.peer_metadata()["deformops"] == {
+    found = peer_packages.peer_metadata()
+    assert found["packages"]["deformops"] == {
         "version": "3.0.1+fake", "backends": ["eager", "triton", "cuda"]}
+    assert found["precision"]["ms_deform_attn/torch_ms_deform_attn"]["float16"] == "upcast to float32"
+    assert found["precision"]["ms_deform_attn/cupy_vectorized"]["bfloat16"] == (
+        "native storage, float32 arithmetic")
 
 
 # --- DCNv4: the fake of its documented surface --------------------------------

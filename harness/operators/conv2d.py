@@ -26,11 +26,19 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from harness.operators.inputs import (
+    UNIT_ROUNDOFF,
+    check_mode,
+    draw,
+    draw_uniform,
+    in_float64,
+    to_case,
+)
 from harness.registry import (
     KERNEL_DTYPES,
     Operator,
@@ -61,8 +69,16 @@ CONV_PARAMS: dict[str, Any] = {
     "bias": True,
 }
 
-# Unit roundoff u of each dtype: half the distance from 1 to the next number.
-_UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+# How case ids write the family's parameters (harness.cases): short keys, and the
+# (h, w) pairs as one token; a kernel reads as a size, so it is always "3x3", the
+# others collapse to one number when both directions agree.
+CONV_ID_KEYS = {"C_in": "Cin", "C_out": "Cout", "groups": "g", "offset_groups": "og"}
+GEOMETRY_ID_PAIRS = {
+    "kernel_h": ("kernel_w", "k", True),
+    "stride_h": ("stride_w", "s", False),
+    "pad_h": ("pad_w", "p", False),
+    "dilation_h": ("dilation_w", "d", False),
+}
 
 # One table for the whole family; see docs/operators/conv.md for the derivation.
 # n = (C_in/groups)·kh·kw is at most 4608 (512 channels, 3×3) in the suites.
@@ -91,8 +107,8 @@ CONV_TOLERANCES: dict[str, Tolerance] = {
         ),
     ),
     "float16": Tolerance(
-        rel_l2=4 * _UNIT_ROUNDOFF["float16"],
-        max_abs=8 * _UNIT_ROUNDOFF["float16"],
+        rel_l2=4 * UNIT_ROUNDOFF["float16"],
+        max_abs=8 * UNIT_ROUNDOFF["float16"],
         why=(
             "u = 2^-11 ≈ 4.9e-4; float32 accumulation, but columns (sampled values) and the "
             "output may be stored in half: two roundings of rms u/sqrt(3) each, ~0.8u relative "
@@ -102,8 +118,8 @@ CONV_TOLERANCES: dict[str, Tolerance] = {
         ),
     ),
     "bfloat16": Tolerance(
-        rel_l2=4 * _UNIT_ROUNDOFF["bfloat16"],
-        max_abs=8 * _UNIT_ROUNDOFF["bfloat16"],
+        rel_l2=4 * UNIT_ROUNDOFF["bfloat16"],
+        max_abs=8 * UNIT_ROUNDOFF["bfloat16"],
         why=(
             "u = 2^-8 ≈ 3.9e-3; the same argument as float16 (float32 accumulation, columns "
             "and output stored in bfloat16: ~0.8u in L2): rel_l2 = 4u, max_abs = 8u."
@@ -187,16 +203,6 @@ def element_counts(params: Mapping[str, Any]) -> dict[str, int]:
     }
 
 
-def draw(generator: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
-    """Standard normal float64 numbers on the CPU from ``generator``."""
-    return torch.randn(shape, generator=generator, dtype=torch.float64)
-
-
-def draw_uniform(generator: torch.Generator, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
-    """Uniform float64 numbers in [low, high) on the CPU from ``generator``."""
-    return low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)
-
-
 def draw_weight_and_bias(params: Mapping[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
     """``weight`` [C_out, C_in/groups, kh, kw] ~ N(0, 1/fan_in) and ``bias`` [C_out].
 
@@ -212,38 +218,6 @@ def draw_weight_and_bias(params: Mapping[str, Any], generator: torch.Generator) 
         bound = 1 / math.sqrt(fan_in)
         tensors["bias"] = draw_uniform(generator, (p["C_out"],), -bound, bound)
     return tensors
-
-
-def to_case(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-    """Round every tensor to ``dtype``, then move it to ``device``."""
-    return {name: tensor.to(dtype).to(device) for name, tensor in tensors.items()}
-
-
-def check_mode(op: str, mode: str, modes: tuple[str, ...]) -> None:
-    """Raise ValueError unless ``mode`` is one of the operator's input ``modes``."""
-    if mode not in modes:
-        raise ValueError(f"operator {op!r} has no input mode {mode!r}; expected one of: {', '.join(modes)}")
-
-
-def in_float64(prepare: Callable[..., Callable[[], torch.Tensor]]
-               ) -> Callable[..., Callable[[], torch.Tensor]]:
-    """``prepare(inputs, params)`` on float64 copies of the inputs (made once, in
-    prepare), its call returning the case's dtype.
-
-    The references compute in float64 whatever the case's dtype; autograd flows
-    through the casts, so gradients land on the case's tensors. Integer tensors
-    (``ms_deform_attn``'s level table) pass as they are; the case's dtype is
-    that of the first floating one.
-    """
-
-    @functools.wraps(prepare)
-    def prepare_in_float64(inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]):
-        dtype = next(t.dtype for t in inputs.values() if t.is_floating_point())
-        call = prepare({name: t.to(torch.float64) if t.is_floating_point() else t
-                        for name, t in inputs.items()}, params)
-        return lambda: call().to(dtype)
-
-    return prepare_in_float64
 
 
 def _make_inputs(params, dtype, device, generator, mode="random"):
@@ -293,6 +267,8 @@ register_operator(
         input_modes=("random",),
         baseline="pytorch",
         validate=validate_conv_params,
+        id_keys=CONV_ID_KEYS,
+        id_pairs=GEOMETRY_ID_PAIRS,
     )
 )
 

@@ -44,17 +44,19 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
-from harness.operators.conv2d import (
-    _UNIT_ROUNDOFF,
+from harness.operators.conv2d import GEOMETRY_ID_PAIRS
+from harness.operators.deform_conv2d import KINK_MARGIN, _round_to
+from harness.operators.inputs import (
+    UNIT_ROUNDOFF,
     check_mode,
     draw,
     draw_uniform,
     in_float64,
     to_case,
 )
-from harness.operators.deform_conv2d import KINK_MARGIN, _round_to
 from harness.registry import (
     KERNEL_DTYPES,
     Operator,
@@ -64,6 +66,7 @@ from harness.registry import (
     kernel_availability,
     register_operator,
 )
+from harness.sampling import SamplingPicture
 from kernels.ops import dcnv3_layer as layer_ops
 from kernels.peers import dcnv3_gridsample
 from kernels.reference import dcnv3 as reference_ops
@@ -109,7 +112,7 @@ BACKWARD_POINT_FLOPS = 18
 BACKWARD_SOFTMAX_POINT_FLOPS = 4
 BACKWARD_SAMPLE_FLOPS = 32
 
-_U = _UNIT_ROUNDOFF
+_U = UNIT_ROUNDOFF
 CORE_TOLERANCES: dict[str, Tolerance] = {
     "float64": Tolerance(
         rel_l2=1e-12, max_abs=1e-11,
@@ -473,6 +476,44 @@ def _dcnv3_arguments(params):
     return {**core_arguments(params), "softmax": params["softmax"]}
 
 
+# --- the sampling view (reports' sampling page) ---------------------------
+
+def sampling_view(params: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> SamplingPicture:
+    """DCNv3/DCNv4 (channels-last): taps column-major, (dx, dy) at g·P·2 + 2p, x first;
+    DCNv4's fused ``offset_mask`` unpacked as the contract says."""
+    import torch
+
+    from kernels.reference.dcnv3 import Geometry, unpack_offset_mask
+
+    geometry, group = Geometry.from_params(params), params["group"]
+    taps = geometry.taps
+    if "offset_mask" in arrays:
+        offset, mask = unpack_offset_mask(
+            torch.from_numpy(arrays["offset_mask"].astype(np.float64)), group, taps)
+    else:
+        offset = torch.from_numpy(arrays["offset"].astype(np.float64))
+        mask = torch.from_numpy(arrays["mask"].astype(np.float64))
+    _, out_h, out_w, _ = offset.shape
+    ho, wo = out_h // 2, out_w // 2
+    y, x = geometry.sample_positions(offset, group)
+    base_y, base_x = geometry.sample_positions(torch.zeros_like(offset), group)
+    weight = mask[0, ho, wo, :taps]
+    if params.get("softmax"):
+        weight = torch.softmax(weight, dim=0)
+    tap_y, tap_x = geometry.tap_grid(dtype=torch.float64, device="cpu")
+    heat = arrays["input"][0, :, :, :params["group_channels"]].astype(np.float64).mean(axis=-1)
+    return SamplingPicture(
+        op=params["op"], case_id=params["case_id"],
+        title=f"output (ho={ho}, wo={wo}) of batch element 0, group 0",
+        heat=heat,
+        regular=np.stack([base_y[0, ho, wo, 0].numpy(), base_x[0, ho, wo, 0].numpy()], axis=1),
+        deformed=np.stack([y[0, ho, wo, 0].numpy(), x[0, ho, wo, 0].numpy()], axis=1),
+        weight=weight.numpy(),
+        labels=[f"tap {p} (dy={ty:g}, dx={tx:g})"
+                for p, (ty, tx) in enumerate(zip(tap_y.tolist(), tap_x.tolist(), strict=True))],
+    )
+
+
 register_operator(Operator(
     name="dcnv3",
     summary="InternImage's DCNv3 core op, channels-last (mask as given, or softmax over taps fused)",
@@ -490,8 +531,10 @@ register_operator(Operator(
     backward_bytes=core_backward_bytes,
     input_modes=CORE_MODES,
     baseline="pytorch_gridsample",
+    id_pairs=GEOMETRY_ID_PAIRS,
     forward_only_modes=FORWARD_ONLY_MODES,
     validate=validate_core_params,
+    sampling_view=sampling_view,
 ))
 register_core_implementations("dcnv3", ("input", "offset", "mask"), _dcnv3_arguments, "kernels.ops.dcnv3")
 
@@ -653,6 +696,7 @@ register_operator(Operator(
     backward_bytes=layer_backward_bytes,
     input_modes=("random",),
     baseline="pytorch_gridsample",
+    id_pairs=GEOMETRY_ID_PAIRS,
     validate=validate_layer_params,
 ))
 

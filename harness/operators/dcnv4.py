@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.operators.conv2d import check_mode, draw, to_case
+from harness.operators.conv2d import GEOMETRY_ID_PAIRS
 from harness.operators.dcnv3 import (
     CORE_MODES,
     CORE_PARAMS,
@@ -29,8 +29,10 @@ from harness.operators.dcnv3 import (
     core_flops,
     draw_offset_and_mask,
     register_core_implementations,
+    sampling_view,
     validate_core_params,
 )
+from harness.operators.inputs import check_mode, draw, to_case
 from harness.registry import Operator, TensorSpec, register_operator
 from kernels.reference.dcnv3 import Geometry, offset_mask_channels
 
@@ -87,5 +89,7 @@ register_operator(Operator(
     baseline="pytorch_gridsample",
     forward_only_modes=FORWARD_ONLY_MODES,
     validate=validate_core_params,
+    id_pairs=GEOMETRY_ID_PAIRS,
+    sampling_view=sampling_view,  # dcnv3's: it unpacks offset_mask
 ))
 register_core_implementations("dcnv4", ("input", "offset_mask"), core_arguments, "kernels.ops.dcnv4")

@@ -65,24 +65,23 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from harness.operators.conv2d import (
+    CONV_ID_KEYS,
     CONV_PARAMS,
     CONV_TOLERANCES,
+    GEOMETRY_ID_PAIRS,
     bias_flops,
-    check_mode,
     conv_arguments,
-    draw,
-    draw_uniform,
     draw_weight_and_bias,
     element_counts,
     gemm_flops,
-    in_float64,
     output_size,
-    to_case,
     validate_conv_params,
 )
+from harness.operators.inputs import check_mode, draw, draw_uniform, in_float64, to_case
 from harness.registry import (
     KERNEL_DTYPES,
     Operator,
@@ -91,6 +90,7 @@ from harness.registry import (
     kernel_availability,
     register_operator,
 )
+from harness.sampling import SamplingPicture
 from kernels.peers import torchvision_ops
 from kernels.reference import deform_conv2d as reference_ops
 from kernels.reference.deform_conv2d import base_coordinates
@@ -331,6 +331,39 @@ def _register_implementations(op: str, modulated: bool) -> None:
         _prepare_kernel)
 
 
+# --- the sampling view (reports' sampling page) ---------------------------
+
+def sampling_view(params: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> SamplingPicture:
+    """DCNv1/DCNv2 (NCHW): tap k = i·kw + j; offset channel 2·(g·kh·kw + k) is dy, +1 dx."""
+    import torch
+
+    from kernels.reference.deform_conv2d import base_coordinates, sample_coordinates
+
+    kernel = (params["kernel_h"], params["kernel_w"])
+    stride = (params["stride_h"], params["stride_w"])
+    padding = (params["pad_h"], params["pad_w"])
+    dilation = (params["dilation_h"], params["dilation_w"])
+    offset = torch.from_numpy(arrays["offset"].astype(np.float64))
+    _, _, out_h, out_w = offset.shape
+    ho, wo = out_h // 2, out_w // 2
+    y, x = sample_coordinates(offset, kernel, stride, padding, dilation, params["offset_groups"])
+    base_y, base_x = base_coordinates((out_h, out_w), kernel, stride, padding, dilation,
+                                      dtype=torch.float64, device="cpu")
+    group_channels = params["C_in"] // params["offset_groups"]
+    heat = arrays["input"][0, :group_channels].astype(np.float64).mean(axis=0)
+    mask = arrays.get("mask")
+    taps = kernel[0] * kernel[1]
+    return SamplingPicture(
+        op=params["op"], case_id=params["case_id"],
+        title=f"output (ho={ho}, wo={wo}) of batch element 0, offset group 0",
+        heat=heat,
+        regular=np.stack([base_y[:, ho, wo].numpy(), base_x[:, ho, wo].numpy()], axis=1),
+        deformed=np.stack([y[0, 0, :, ho, wo].numpy(), x[0, 0, :, ho, wo].numpy()], axis=1),
+        weight=None if mask is None else mask[0, :taps, ho, wo].astype(np.float64),
+        labels=[f"tap {k} (i={k // kernel[1]}, j={k % kernel[1]})" for k in range(taps)],
+    )
+
+
 # --- operators --------------------------------------------------------------
 
 _TENSORS = {
@@ -366,6 +399,9 @@ for _name, (_modulated, _summary) in DEFORM_OPERATORS.items():
             baseline="torchvision",
             forward_only_modes=FORWARD_ONLY_MODES,
             validate=validate_conv_params,
+            id_keys=CONV_ID_KEYS,
+            id_pairs=GEOMETRY_ID_PAIRS,
+            sampling_view=sampling_view,
         )
     )
     _register_implementations(_name, _modulated)

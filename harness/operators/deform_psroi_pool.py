@@ -34,9 +34,10 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
-from harness.operators.conv2d import check_mode, draw, draw_uniform, in_float64, to_case
+from harness.operators.inputs import check_mode, draw, draw_uniform, in_float64, to_case
 from harness.operators.roi_align import (
     BACKWARD_INPUT_FLOPS,
     BACKWARD_POSITION_FLOPS,
@@ -60,6 +61,7 @@ from harness.registry import (
     kernel_availability,
     register_operator,
 )
+from harness.sampling import SamplingPicture, grid_points
 from kernels.peers import torchvision_ops
 from kernels.reference import deform_psroi_pool as reference_ops
 from kernels.reference.deform_psroi_pool import MIN_ROI_SIZE, c_round, sample_positions
@@ -231,6 +233,40 @@ def _backward_bytes(params, itemsize):
     return float(itemsize * (differentiable + counts["rois"] + counts["output"] + differentiable))
 
 
+# --- the sampling view (reports' sampling page) ---------------------------
+
+def sampling_view(params: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> SamplingPicture:
+    """Deformable PS RoI pooling (R-FCN): the samples of RoI 0's centre bin for output
+    channel 0 (class 0), moved by trans·trans_std·roi size, over the position-sensitive
+    input channel that bin reads."""
+    import torch
+
+    from kernels.reference.deform_psroi_pool import sample_positions
+
+    pooled, samples = params["pooled_size"], params["sample_per_part"]
+    group_size = params["group_size"]
+    part_size = params["part_size"] or pooled
+    b = pooled // 2
+    rois = torch.from_numpy(arrays["rois"][:1].astype(np.float64))
+    trans = None if params["no_trans"] else torch.from_numpy(arrays["trans"][:1].astype(np.float64))
+    geometry = dict(spatial_scale=params["spatial_scale"], pooled_size=pooled,
+                    part_size=part_size, sample_per_part=samples,
+                    trans_std=params["trans_std"], num_classes=params["num_classes"])
+    h, w = sample_positions(rois, trans, **geometry)
+    base_h, base_w = sample_positions(rois, None, **geometry)
+    cell = min(b * group_size // pooled, group_size - 1)  # gh = gw for the centre bin
+    channel = cell * group_size + cell  # (ctop·group_size + gh)·group_size + gw, ctop = 0
+    return SamplingPicture(
+        op=params["op"], case_id=params["case_id"],
+        title=f"bin (ph={b}, pw={b}) of RoI 0, output channel 0 (input channel {channel})",
+        heat=arrays["input"][int(arrays["rois"][0, 0]), channel].astype(np.float64),
+        regular=grid_points(base_h[0, 0, b, b].numpy(), base_w[0, 0, b, b].numpy()),
+        deformed=grid_points(h[0, 0, b, b].numpy(), w[0, 0, b, b].numpy()),
+        weight=None,
+        labels=[f"sample (ih={s // samples}, iw={s % samples})" for s in range(samples**2)],
+    )
+
+
 register_operator(
     Operator(
         name=OP,
@@ -249,10 +285,12 @@ register_operator(
         backward_bytes=_backward_bytes,
         input_modes=PSROI_MODES,
         # torchvision's ps_roi_align computes this operator on a subset only
-        # (no_trans, group_size == pooled_size, samples inside the map).
-        baseline="cupy",
+        # (no_trans, group_size == pooled_size, samples inside the map): there the
+        # speedups are over it; elsewhere no peer computes it and there are none.
+        baseline="torchvision",
         forward_only_modes=FORWARD_ONLY_MODES,
         validate=validate_psroi_params,
+        sampling_view=sampling_view,
     )
 )
 

@@ -35,15 +35,17 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
-from harness.operators.conv2d import check_mode, draw, draw_uniform, in_float64, to_case
+from harness.operators.inputs import check_mode, draw, draw_uniform, in_float64, to_case
 from harness.operators.roi_align import (
     BACKWARD_INPUT_FLOPS,
     BACKWARD_POSITION_FLOPS,
     CHANNEL_SAMPLE_FLOPS,
     FORWARD_ONLY_MODES,
     POINT_FLOPS,
+    POOLED_ID_PAIRS,
     ROI_MODES,
     ROI_PARAMS,
     ROI_TENSORS,
@@ -57,6 +59,7 @@ from harness.operators.roi_align import (
     roi_arguments,
     roi_element_counts,
     round_to,
+    torchvision_roi_align,
     validate_roi_params,
 )
 from harness.registry import (
@@ -67,6 +70,7 @@ from harness.registry import (
     kernel_availability,
     register_operator,
 )
+from harness.sampling import SamplingPicture, grid_points
 from kernels.reference import deform_roi_pool as reference_ops
 from kernels.reference.deform_roi_pool import roi_boxes
 
@@ -186,6 +190,38 @@ def prepare_kernel(inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]
                    **roi_arguments(params), gamma=params.get("gamma", 0.0))
 
 
+# --- the sampling view (reports' sampling page) ---------------------------
+
+def sampling_view(params: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> SamplingPicture:
+    """DCNv1/DCNv2 RoI pooling (mmcv semantics): the sample grid of RoI 0's centre bin,
+    moved as a whole by gamma·roi size·offset (channel 0 moves x, channel 1 moves y)."""
+    import torch
+
+    from kernels.reference.deform_roi_pool import roi_boxes, sample_positions, sampling_grid
+
+    pooled_h, pooled_w = params["pooled_h"], params["pooled_w"]
+    ph, pw = pooled_h // 2, pooled_w // 2
+    rois = torch.from_numpy(arrays["rois"][:1].astype(np.float64))
+    offset = torch.from_numpy(arrays["offset"][:1].astype(np.float64))
+    _, _, roi_h, roi_w = roi_boxes(rois, params["spatial_scale"])
+    grid_h, grid_w = sampling_grid(roi_h, roi_w, pooled_h, pooled_w, params["sampling_ratio"])
+    grid = (int(grid_h[0]), int(grid_w[0]))
+    geometry = (pooled_h, pooled_w, params["spatial_scale"], params["gamma"])
+    y, x = sample_positions(rois, offset, grid, *geometry)
+    base_y, base_x = sample_positions(rois, None, grid, *geometry)
+    count = grid[0] * grid[1]
+    mask = arrays.get("mask")
+    return SamplingPicture(
+        op=params["op"], case_id=params["case_id"],
+        title=f"bin (ph={ph}, pw={pw}) of RoI 0 ({grid[0]}×{grid[1]} samples)",
+        heat=arrays["input"][int(arrays["rois"][0, 0])].astype(np.float64).mean(axis=0),
+        regular=grid_points(base_y[0, ph, pw].numpy(), base_x[0, ph, pw].numpy()),
+        deformed=grid_points(y[0, ph, pw].numpy(), x[0, ph, pw].numpy()),
+        weight=None if mask is None else np.full(count, float(mask[0, 0, ph, pw])),
+        labels=[f"sample (iy={s // grid[1]}, ix={s % grid[1]})" for s in range(count)],
+    )
+
+
 # Operator name -> (whether it takes a mask, summary).
 DEFORM_ROI_OPERATORS = {
     "deform_roi_pool": (False, "Deformable RoI pooling DCNv1 (mmcv deform_roi_pool), NCHW"),
@@ -210,16 +246,25 @@ for _name, (_modulated, _summary) in DEFORM_ROI_OPERATORS.items():
             backward_flops=_backward_flops,
             backward_bytes=_backward_bytes,
             input_modes=DEFORM_ROI_MODES,
-            # No GPU peer computes this operator (mmcv is not a dependency):
-            # speedups are reported against our own kernel, i.e. not at all.
-            baseline="cupy",
+            # No peer computes this operator (mmcv is not a dependency): speedups are
+            # over torchvision's roi_align on the same input and RoIs, what a user
+            # pays for the deformation over plain RoIAlign.
+            baseline="torchvision_roi_align",
             forward_only_modes=FORWARD_ONLY_MODES,
             validate=validate_roi_params,
+            id_pairs=POOLED_ID_PAIRS,
+            sampling_view=sampling_view,
         )
     )
     implementation(_name, "reference", kind="reference", dtypes=tuple(ROI_TOLERANCES))(in_float64(
         _prepare(lambda _op=_name: getattr(reference_ops, _op), _modulated,
                  f"kernels.reference.deform_roi_pool.{_name}: plain PyTorch from the contract, in float64.")))
+    # float32 only: a baseline cannot be known-inaccurate, and torchvision's half is.
+    implementation(_name, "torchvision_roi_align", kind="baseline", dtypes=("float32",),
+                   judged_as="roi_align",
+                   description="torchvision.ops.roi_align(aligned=True) on the same input and "
+                               "RoIs, offsets (and mask) left out: the baseline, judged as "
+                               "roi_align")(torchvision_roi_align)
     implementation(_name, "cupy", kind="kernel", dtypes=KERNEL_DTYPES,
                    available=kernel_availability("kernels.ops.deform_roi_pool"), emulated_on=("cpu",),
                    description=f"kernels.ops.deform_roi_pool.{_name}: our CuPy kernels (CPU: the emulator).")(

@@ -36,11 +36,12 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
-from harness.operators.conv2d import check_mode, draw, draw_uniform, in_float64, to_case
 from harness.operators.dcnv3 import CORE_TOLERANCES, GRIDSAMPLE_INACCURATE
 from harness.operators.deform_conv2d import KINK_MARGIN, _round_to
+from harness.operators.inputs import check_mode, draw, draw_uniform, in_float64, to_case
 from harness.registry import (
     KERNEL_DTYPES,
     Operator,
@@ -49,6 +50,7 @@ from harness.registry import (
     kernel_availability,
     register_operator,
 )
+from harness.sampling import SamplingPicture
 from kernels.peers import ms_deform_attn_gridsample
 from kernels.reference import ms_deform_attn as reference_ops
 
@@ -251,6 +253,38 @@ def _backward_bytes(params, itemsize) -> float:
     return float(itemsize * (2 * (values + 3 * points) + outputs))
 
 
+def sampling_view(params: Mapping[str, Any], arrays: Mapping[str, Any]) -> SamplingPicture:
+    """Every level of one head side by side (a column of NaN between them, each at its
+    own resolution), the points of one query on each; pixel x = loc_x·W_l − 0.5,
+    y = loc_y·H_l − 0.5. A query has no regular grid: the grid marks are each level's
+    centroid of the points, so the arrows show their spread."""
+    shapes = arrays["spatial_shapes"].astype(np.int64).reshape(-1, 2)
+    starts = arrays["level_start_index"].astype(np.int64)
+    locations, weights = arrays["sampling_locations"], arrays["attention_weights"]
+    query = locations.shape[1] // 2
+    height = int(shapes[:, 0].max())
+    levels, regular, deformed, labels, x_first = [], [], [], [], 0
+    for level, ((h, w), start) in enumerate(zip(shapes.tolist(), starts.tolist(), strict=True)):
+        level_map = np.full((height, w), np.nan)
+        level_map[:h] = arrays["value"][0, start:start + h * w, 0].astype(np.float64).mean(-1).reshape(h, w)
+        levels += [level_map, np.full((height, 1), np.nan)]
+        points = locations[0, query, 0, level].astype(np.float64)  # [P, 2], x first
+        at = np.stack([points[:, 1] * h - 0.5, points[:, 0] * w - 0.5 + x_first], axis=1)
+        deformed.append(at)
+        regular.append(np.repeat(at.mean(axis=0, keepdims=True), len(at), axis=0))
+        labels += [f"level {level} ({h}x{w}), point {p}" for p in range(len(at))]
+        x_first += w + 1
+    weight = weights[0, query, 0].astype(np.float64).reshape(-1)
+    if params["softmax"]:
+        weight = np.exp(weight - weight.max()) / np.exp(weight - weight.max()).sum()
+    return SamplingPicture(
+        op=params["op"], case_id=params["case_id"],
+        title=f"query {query} of batch element 0, head 0, on its {len(shapes)} levels",
+        heat=np.concatenate(levels[:-1], axis=1), regular=np.concatenate(regular),
+        deformed=np.concatenate(deformed), weight=weight, labels=labels,
+    )
+
+
 register_operator(Operator(
     name="ms_deform_attn",
     summary="Deformable DETR's multi-scale deformable attention (weights as given, or softmax fused)",
@@ -274,6 +308,8 @@ register_operator(Operator(
     baseline="pytorch_gridsample",
     forward_only_modes=FORWARD_ONLY_MODES,
     validate=validate,
+    id_keys={"spatial_shapes": "levels"},
+    sampling_view=sampling_view,
 ))
 
 TENSORS = ("value", "spatial_shapes", "level_start_index", "sampling_locations",

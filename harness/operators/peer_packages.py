@@ -24,7 +24,7 @@ from typing import Any
 from harness.operators.conv2d import conv_arguments
 from harness.operators.dcnv3 import core_arguments
 from harness.operators.ms_deform_attn import TENSORS
-from harness.registry import KERNEL_DTYPES, implementation
+from harness.registry import IMPLEMENTATIONS, KERNEL_DTYPES, implementation, register_run_metadata
 from kernels.peers import dcnv4_official, deformops, torch_ms_deform_attn
 
 # (op, implementation) -> dtype -> "native" / "upcast to float32" / ...
@@ -32,9 +32,19 @@ PRECISION: dict[tuple[str, str], Mapping[str, str]] = {}
 
 
 def peer_metadata() -> dict[str, Any]:
-    """Installed version and build of each peer package ({} for an absent one)."""
-    return {"torch-ms-deform-attn": torch_ms_deform_attn.metadata(),
-            "deformops": deformops.metadata(), "DCNv4": dcnv4_official.metadata()}
+    """The run's ``peers`` metadata: each peer package's installed version and build ({}
+    for an absent one), and how every registered implementation computes each dtype
+    ("op/impl" -> dtype -> ``precision_of``), which the report's peers page shows."""
+    return {
+        "packages": {"torch-ms-deform-attn": torch_ms_deform_attn.metadata(),
+                     "deformops": deformops.metadata(), "DCNv4": dcnv4_official.metadata()},
+        "precision": {f"{op}/{impl.name}": {dtype: precision_of(op, impl.name, dtype)
+                                            for dtype in impl.dtypes}
+                      for (op, _), impl in IMPLEMENTATIONS.items() if impl.kind != "reference"},
+    }
+
+
+register_run_metadata("peers", peer_metadata)
 
 
 def _msda_tensors(inputs):
@@ -122,7 +132,5 @@ def precision_of(op: str, impl: str, dtype: str) -> str:
         return GRIDSAMPLE_PRECISION
     if impl == "torchvision":
         return "native (torchvision's kernels in the dtype)"
-    from harness.registry import IMPLEMENTATIONS
-
     found = IMPLEMENTATIONS.get((op, impl))
     return OWN_PRECISION.get(found.kind, "–") if found is not None else "–"

@@ -52,8 +52,14 @@ from typing import Any
 
 import torch
 
-from harness.operators.conv2d import _UNIT_ROUNDOFF as UNIT_ROUNDOFF
-from harness.operators.conv2d import check_mode, draw, draw_uniform, in_float64, to_case
+from harness.operators.inputs import (
+    UNIT_ROUNDOFF,
+    check_mode,
+    draw,
+    draw_uniform,
+    in_float64,
+    to_case,
+)
 from harness.registry import (
     KERNEL_DTYPES,
     Operator,
@@ -277,6 +283,10 @@ def kernel_function(module: str, name: str) -> Callable[..., torch.Tensor]:
 
 # --- roi_align ----------------------------------------------------------------------
 
+# Case ids write the output bins as one token (harness.cases): "pooled7", "pooled7x5".
+POOLED_ID_PAIRS = {"pooled_h": ("pooled_w", "pooled", False)}
+
+
 def validate_roi_params(params: Mapping[str, Any]) -> None:
     """Reject a case no RoIAlign-family op can run, naming the parameter."""
     for name, minimum in (("N", 1), ("C", 1), ("H", 1), ("W", 1), ("K", 1), ("pooled_h", 1),
@@ -346,6 +356,7 @@ register_operator(
         baseline="torchvision",
         forward_only_modes=FORWARD_ONLY_MODES,
         validate=validate_roi_params,
+        id_pairs=POOLED_ID_PAIRS,
     )
 )
 

@@ -12,9 +12,9 @@ imported (it imports without a GPU); what would need a GPU is answered here:
 - ``cupy.RawModule``: records the source and options CuPy would compile (and
   key its cache by), then runs the kernels through ``kernels.emulator``.
   Arguments are packed as CuPy packs them (``function.pyx``'s ``_pointer``
-  and ``CScalar``): ``None`` a null pointer, a NumPy scalar at its own width,
-  a Python ``int`` / ``float`` / ``bool`` as int64 / float64 / bool, anything
-  else refused. A pointer argument's value must be the ``data_ptr()`` of a
+  and ``CScalar``): ``None`` a null pointer, a NumPy scalar (or one-element
+  array) at its own width, a Python ``int`` (``bool`` included) / ``float`` /
+  ``complex`` as int64 / float64 / complex128, anything else refused. A pointer argument's value must be the ``data_ptr()`` of a
   live CPU tensor, which then goes to the emulator with its dtype and size.
 - ``cupy.cuda.Device``, ``Stream`` (``from_external``, ``with stream:``,
   ``get_current_stream``), ``ExternalStream`` (warning as CuPy 14 does),
@@ -203,14 +203,19 @@ class EmulatedGpu:
         return self.tensor_at(int(value), where) if int(value) else None
 
 
+# The NumPy scalar types CuPy passes at their own width (function.pyx).
+_CUPY_SCALAR_TYPES = {np.dtype(code).type for code in "?bhilqBHILQefdFD"}
+
+
 def _cupy_packed(kernel: str, position: int, arg: Any) -> Any:
-    """``arg`` as CuPy passes it to the kernel: None (a null pointer) or a NumPy
-    scalar of the width CuPy gives it."""
-    if arg is None or isinstance(arg, np.generic):
+    """``arg`` as CuPy's ``_pointer`` passes it: None (a null pointer) or a NumPy
+    scalar of the width CuPy gives it. Its order is kept: a Python bool is an
+    int, so it goes as 8 bytes too."""
+    if arg is None or type(arg) in _CUPY_SCALAR_TYPES:
         return arg
-    # bool before int: it is one.
-    for python_type, dtype in ((bool, np.bool_), (int, np.int64), (float, np.float64),
-                               (complex, np.complex128)):
+    if isinstance(arg, np.ndarray) and arg.size == 1:
+        return arg.reshape(())[()]  # by value, at the array's width
+    for python_type, dtype in ((int, np.int64), (float, np.float64), (complex, np.complex128)):
         if isinstance(arg, python_type):
             return dtype(arg)
     raise TypeError(f"kernel '{kernel}', argument {position}: Unsupported type {type(arg)}")
@@ -346,15 +351,11 @@ def _check_torch_device(device: Any) -> None:
 
 def _torch_stream_class(gpu: EmulatedGpu) -> type:
     class Stream:
-        """``torch.cuda.Stream``: a made-up handle, the CUDA stream protocol."""
+        """``torch.cuda.Stream``: a made-up handle."""
 
         def __init__(self, device: Any = None, priority: int = 0, *, handle: int | None = None):
             _check_torch_device(device)
             self.cuda_stream = gpu.new_handle() if handle is None else handle
-            self.device_index = 0
-
-        def __cuda_stream__(self) -> tuple[int, int]:
-            return (0, self.cuda_stream)
 
         def __eq__(self, other: object) -> bool:
             return isinstance(other, Stream) and other.cuda_stream == self.cuda_stream

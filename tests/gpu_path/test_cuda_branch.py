@@ -141,3 +141,22 @@ def test_arguments_reach_the_kernel_as_cupy_packs_them(emulated_gpu):
         raw((1,), (256,), (*pointers, *([1] * 16), launch.float32(1.0)))
     with pytest.raises(TypeError, match="Unsupported type"):
         raw((1,), (256,), (x, offset, mask, out, *([launch.int32(1)] * 16), launch.float32(1.0)))
+    # A Python bool is an int to CuPy: 8 bytes for the kernel's `int remove_center`.
+    with pytest.raises(KernelArgumentError, match="argument 19 .* got numpy.int64"):
+        raw((1,), (256,), (*pointers, *([launch.int32(1)] * 15), True, launch.float32(1.0)))
+
+
+def test_a_module_runs_inside_the_stand_in_from_the_command_line(tmp_path):
+    """`python -m kernels.emulator.cupy_shim MODULE ARGS`: what scripts use."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "kernels.emulator.cupy_shim", "--gpu", "A100", "harness", "run",
+         "--suite", "smoke", "--device", "cpu", "--no-timing", "--op", "dcnv3", "--impl",
+         "cupy_direct", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").open()]
+    assert {row["status"] for row in rows} == {"ok", "skipped"}
+    assert "through the CUDA branch on an emulated NVIDIA A100-SXM4-80GB" in result.stderr

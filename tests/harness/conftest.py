@@ -14,6 +14,7 @@ from harness import registry
 def toy(monkeypatch):
     """A private registry holding only ``toy_scale`` (nothing leaks into the real
     one); returns the implementations' call log."""
+    registry.load_all()  # the real registrations first: their check observers stay
     monkeypatch.setattr(registry, "OPERATORS", {})
     monkeypatch.setattr(registry, "IMPLEMENTATIONS", {})
     monkeypatch.setattr(registry, "load_all", lambda: None)

@@ -80,6 +80,7 @@ def register_toy(calls: Calls) -> None:
         forward_only_modes=("zeros",),
         baseline="baseline",
         validate=_validate,
+        id_pairs={"stride_h": ("stride_w", "s", False)},
     ))
 
     def timed(name, compute):

@@ -20,13 +20,15 @@ FAST = TimingConfig(warmup_ms=0.5, rep_ms=1, min_samples=5)
 
 def context(toy_op, device_ms=2.0, host_us=None, as_called_ms=None, impl="good",
             baseline=None, measured=None, environment=None) -> MetricContext:
+    """A context for ``impl`` (``"baseline"`` is the toy's baseline)."""
     def stats(value):
         return None if value is None else timing.summarize([value] * 3, 0.1)
     found = Measurement("cuda-spin", stats(device_ms), stats(host_us), stats(as_called_ms))
     params = toy_op.resolve({"N": 2, "C": 3, "H": 4, "W": 5})
     return MetricContext(op=toy_op, params=params, direction="forward", dtype="float32",
                          impl=impl, measurement=found, measured=measured or {},
-                         environment=environment or {}, baseline=baseline)
+                         environment=environment or {}, baseline=baseline,
+                         is_baseline=impl == toy_op.baseline)
 
 
 def test_shipped_metrics_on_known_numbers(toy):

@@ -125,7 +125,7 @@ def test_a_plugin_that_is_not_importable_is_named(write_suite):
         [[sweep]]
         op = "conv2d"
     """, name="bad")
-    with pytest.raises(suites.SuiteError, match="plugins: expected a list of module names, got 3"):
+    with pytest.raises(suites.SuiteError, match="plugins\\[0\\]: expected a list of module names, got 3"):
         suites.load(path)
 
 

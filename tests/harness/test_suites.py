@@ -199,8 +199,10 @@ def test_smoke_covers_every_operator_implementation_and_input_mode():
     for op in registry.OPERATORS.values():
         mine = [sc for sc in suite.cases if sc.case.op is op]
         assert mine, f"smoke has no {op.name} case"
-        assert {i for sc in mine for i in sc.impls} == {
-            i.name for i in registry.implementations_of(op.name)}
+        # Every implementation of the repository's own (plugins' come and go).
+        assert {i for sc in mine for i in sc.impls} >= {
+            i.name for i in registry.implementations_of(op.name)
+            if i.source.startswith("harness.operators")}
         assert {sc.case.mode for sc in mine} == set(op.input_modes)
         assert {sc.case.dtype for sc in mine} == {"float32", "float16", "bfloat16"}
         assert all(sc.backward for sc in mine)

@@ -27,7 +27,12 @@ def entries():
          "ValueError: softmax must be true", None),
         ("cpu", "ms_deform_attn", "cupy_vectorized", "kernel", "float16", "forward", "ok", "", None),
     )
-    return {(e["device"], e["impl"], e["dtype"]): e for e in peers.table(frame)}
+    metadata = {"run-a": {"peers": {"precision": {
+        "ms_deform_attn/torch_ms_deform_attn": {"float16": "upcast to float32"}}}},
+        "run-b": {"peers": {"precision": {
+            "ms_deform_attn/cupy_vectorized": {"float16": "native storage, float32 arithmetic"}}}},
+        "run-c": {}}  # an older run without the peers metadata
+    return {(e["device"], e["impl"], e["dtype"]): e for e in peers.table(frame, metadata)}
 
 
 def test_the_references_are_not_listed(entries):

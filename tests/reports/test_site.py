@@ -30,6 +30,21 @@ def test_every_page_type_is_built(site, smoke_run, slow_history):
     assert site.runs == 1 + len(slow_history)
 
 
+def test_pages_show_every_registered_metric_the_rows_have(site, smoke_run):
+    from harness import metrics, results
+
+    frame = results.load(smoke_run)
+    had = {m for m in metrics.METRICS if m != "time_ms" and frame[m].notna().any()}
+    assert {"speedup", "tflops", "gbps", "roofline_fraction"} <= had  # a CPU run's metrics
+    page = (site.index.parent / f"runs/{smoke_run.name}/deform_conv2d.html").read_text()
+    header = page.split("<thead>")[-1].split("</thead>")[0]
+    for name in had:
+        unit = metrics.METRICS[name].unit
+        assert f">{name} ({unit})<" in header if unit else f">{name}<" in header, name
+    compare = _page(site, "compare/").read_text()
+    assert "<h2>Metrics</h2>" in compare and ">tflops (TFLOP/s)<" in compare
+
+
 def test_offline_plotly_written_once(site):
     out = site.index.parent
     assert [p.name for p in out.rglob("plotly*.js")] == ["plotly.min.js"]
@@ -72,8 +87,9 @@ def test_run_page_shows_failures_with_their_command(smoke_run, tmp_path):
         if row["impl"] == "torchvision" and row["direction"] == "forward" and not broken:
             broken.append(row)
             return {**row, "status": "error", "reason": error, "traceback": "Traceback ...",
+                    "metrics": {}, "samples": None,
                     **dict.fromkeys(("rel_l2", "max_abs", "time_median_ms", "time_iqr_ms",
-                                     "time_min_ms", "tflops", "gbps", "speedup"))}
+                                     "time_min_ms"))}
         return row
 
     broken: list[dict] = []
