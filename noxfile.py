@@ -18,9 +18,21 @@ nox.options.reuse_venv = "yes"
 TORCH = ("torch==2.14.1", "torchvision==0.29.1")
 
 
+# Peers that ship as sdists and build against the installed torch (CPU here):
+# torch-ms-deform-attn's C++ extension, ~65 s of compile on 2 cores, cached by pip
+# after the first build. --no-build-isolation: it must see our torch.
+PEER_BUILD_TOOLS = ("setuptools>=77", "packaging>=24.2", "wheel")
+PEERS_BUILT = ("torch-ms-deform-attn==0.1.1",)
+
+
 def install(session: nox.Session, extras: str) -> None:
     session.install(*TORCH)
     session.install("-e", f".[{extras}]")
+
+
+def install_peers(session: nox.Session) -> None:
+    session.install(*PEER_BUILD_TOOLS)
+    session.install("--no-build-isolation", *PEERS_BUILT)
 
 
 def has_cuda(session: nox.Session) -> bool:
@@ -30,8 +42,10 @@ def has_cuda(session: nox.Session) -> bool:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The CPU test suite: emulated kernels, harness, references, build check."""
+    """The CPU test suite: emulated kernels, harness, references, build check, and the
+    peers that build on the CPU (torch-ms-deform-attn)."""
     install(session, "test,report")
+    install_peers(session)
     session.run("dcnbench", "kernels")
     session.run("python", "-m", "pytest", "-q", *session.posargs)
     # The counters gate (docs/counters.md): no kernel's traffic grows unnoticed.
@@ -93,6 +107,7 @@ def bench(session: nox.Session) -> None:
     """Run the default suite on this machine's device (`smoke` on a CPU, `resnet50-dcn` on a
     GPU), then build the report and print where to open it."""
     install(session, "test,report")
+    install_peers(session)
     device, suite = ("cuda", "resnet50-dcn") if has_cuda(session) else ("cpu", "smoke")
     # A failing row must not stop the report that shows it: the exit status comes last.
     passed = passes(session, "dcnbench", "run", "--suite", suite, "--device", device,

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from harness import nvml
+from harness import nvml, registry
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,6 +92,7 @@ def collect(device: str) -> dict[str, Any]:
             "fp16": torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
             "bf16": torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
         },
+        **registry.run_metadata(),  # "peers": harness.operators.peer_packages
         "torch_threads": torch.get_num_threads(),
         "argv": sys.argv,
     }

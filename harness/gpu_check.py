@@ -10,6 +10,11 @@ rich, pytest, nvidia-ml-py; ncu and compute-sanitizer; no network). The steps
 - the suites on CUDA with short timing windows; InternImage as one case per
   stage (``internimage-stages``), ``torch_compile`` in a step of its own (its
   cold compiles take 20-60 s a graph);
+- the peer packages carried in ``.whl/`` (``scripts/fetch-peers.sh``):
+  deformops' wheel installed, torch-ms-deform-attn's and DCNv4's sdists built
+  for this GPU (``harness.peer_builds``; skipped when nothing was carried),
+  then the ``msda-l4`` suite with every implementation, peers included; every
+  later step has the peers' folder on its ``PYTHONPATH``;
 - ``compute-sanitizer`` memcheck and racecheck over every kernel of ours on
   small shapes in every input mode (the ``gpu-probe`` suite; skipped, not
   failed, where the sanitizer reports the device unsupported);
@@ -58,6 +63,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BUDGET_S = 420
 GRACE_S = 5  # between a step's SIGINT and its SIGKILL, inside its limit
 MIN_STEP_S = 10  # a step with less time left than this is skipped
+# The peer packages, carried by the device call (git-ignored), and where the
+# peer step installs them inside the check's work directory.
+WHEELS = ROOT / ".whl"
+PEER_SITE = "peers-site"
 PY = sys.executable
 TIMING = ("--warmup-ms", "5", "--rep-ms", "20")  # short windows: the script must fit one call
 OUR_KERNELS = ("--impl", "cupy", "cupy_direct", "cupy_vectorized")
@@ -93,6 +102,7 @@ class Step:
     # A regex for a line of the log that means "cannot run on this machine": the
     # step is then skipped, not failed.
     unsupported: str | None = None
+    needs: Path | None = None  # a path that must exist, else the step is skipped
 
 
 def our_kernel_names() -> list[str]:
@@ -109,7 +119,7 @@ def steps(work: Path) -> list[Step]:
 
     def sanitizer(tool: str) -> Step:
         return Step(
-            tool, 40,
+            tool, 25,
             ("compute-sanitizer", "--tool", tool, "--error-exitcode", "86",
              *harness_run(tool, *PROBE)),
             # One cudaMalloc per tensor: an access past a tensor's end is out of bounds.
@@ -117,13 +127,19 @@ def steps(work: Path) -> list[Step]:
             unsupported=SANITIZER_UNSUPPORTED,
         )  # fmt: skip
 
-    def timed(suite: str, *args: str) -> Step:
-        """A suite timed with every implementation but torch_compile (a step of its own)."""
+    def timed(suite: str, *args: str, without: tuple[str, ...] = ()) -> Step:
+        """A suite timed with every implementation but torch_compile (a step of its own)
+        and those named in ``without``."""
         from harness import suites
 
         impls = dict.fromkeys(i for case in suites.load(suite).cases for i in case.impls)
-        impls.pop("torch_compile", None)
+        for name in ("torch_compile", *without):
+            impls.pop(name, None)
         return harness_run(suite, "--suite", suite, "--impl", *impls, *args, *TIMING)
+
+    # deformops' Triton kernels compile per shape (seconds each): its convolutions are
+    # timed on the smoke shapes, not on every ResNet-50 layer in three dtypes.
+    deformops = tuple(f"deformops_{backend}" for backend in ("eager", "triton", "cuda"))
 
     kernels = "|".join(our_kernel_names())
     return [
@@ -134,18 +150,24 @@ def steps(work: Path) -> list[Step]:
             # need CPU-side tooling (g++, NVRTC wheels, plotly) the GPU image lacks.
             "--ignore=tests/emulator", "--ignore=tests/test_build_check.py",
             "--ignore=tests/reports", "--ignore=tests/gpu_path")),
-        Step("smoke", 25, timed("smoke")),
-        Step("resnet50-dcn", 30, timed("resnet50-dcn")),
+        # Both sdists build at once, for this GPU's architecture only, while nothing
+        # else runs (measured build times land in peer-builds.json).
+        Step("peer-builds", 60, (
+            PY, "-m", "harness.peer_builds", "--wheels", str(WHEELS),
+            "--site", str(work / PEER_SITE), "--work", str(work)), needs=WHEELS),
+        Step("smoke", 20, timed("smoke")),
+        Step("msda-l4", 30, timed("msda-l4")),
+        Step("resnet50-dcn", 30, timed("resnet50-dcn", without=deformops)),
         # dtypes is resnet50-dcn in three dtypes: its float32 rows are the step above's.
-        Step("dtypes", 25, timed("dtypes", "--dtype", "float16", "bfloat16")),
-        Step("internimage-stages", 30, timed("internimage-stages")),
-        Step("rfcn-dpsroi", 15, timed("rfcn-dpsroi")),
-        Step("faster-rcnn-dpool", 15, timed("faster-rcnn-dpool")),
-        Step("torch-compile", 45, harness_run(
+        Step("dtypes", 20, timed("dtypes", "--dtype", "float16", "bfloat16", without=deformops)),
+        Step("internimage-stages", 25, timed("internimage-stages")),
+        Step("rfcn-dpsroi", 12, timed("rfcn-dpsroi")),
+        Step("faster-rcnn-dpool", 12, timed("faster-rcnn-dpool")),
+        Step("torch-compile", 30, harness_run(
             "torch-compile", "--suite", "internimage-stages", "--impl", "torch_compile", *TIMING)),
         sanitizer("memcheck"),
         sanitizer("racecheck"),
-        Step("ncu", 45, (
+        Step("ncu", 25, (
             "ncu", "--csv", "--page", "raw", "--log-file", str(work / "ncu.csv"),
             "--metrics", ",".join(NCU_METRICS), "--kernel-name", f"regex:^({kernels})$",
             "--launch-count", str(NCU_LAUNCH_COUNT), *harness_run("ncu", *PROBE)),
@@ -170,6 +192,8 @@ def run_step(step: Step, work: Path, deadline: float) -> dict:
     outcome = {"step": step.name, "limit_s": step.limit_s, "command": shlex.join(step.argv)}
     if shutil.which(step.argv[0]) is None:
         return {**outcome, "status": "skipped", "reason": f"{step.argv[0]} is not on the PATH"}
+    if step.needs is not None and not step.needs.exists():
+        return {**outcome, "status": "skipped", "reason": f"{step.needs} is not here"}
     limit = min(step.limit_s, deadline - time.monotonic())
     if limit < MIN_STEP_S:
         return {**outcome, "status": "skipped", "reason": f"out of budget ({limit:.0f} s left)"}
@@ -179,7 +203,8 @@ def run_step(step: Step, work: Path, deadline: float) -> dict:
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             step.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **step.env},
+            env={**os.environ, "PYTHONPATH": os.pathsep.join((str(ROOT), str(work / PEER_SITE))),
+                 "PYTHONUNBUFFERED": "1", **step.env},
             start_new_session=True)
         copier = threading.Thread(target=_tee, args=(process.stdout, log, sys.stdout.buffer))
         copier.start()

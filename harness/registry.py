@@ -356,6 +356,23 @@ def implementation(
     return register
 
 
+# What registered modules add to a run's metadata: name -> a function returning a
+# JSON-able value (the installed peers' versions and builds, say).
+RUN_METADATA: dict[str, Callable[[], Any]] = {}
+
+
+def register_run_metadata(name: str, provide: Callable[[], Any]) -> None:
+    if name in RUN_METADATA:
+        raise RegistryError(f"run metadata {name!r} is registered twice")
+    RUN_METADATA[name] = provide
+
+
+def run_metadata() -> dict[str, Any]:
+    """Every registered module's contribution to a run's metadata, by name."""
+    load_all()
+    return {name: provide() for name, provide in RUN_METADATA.items()}
+
+
 def load_all() -> None:
     """Import every module that registers operators and implementations: the
     built-in ones, then the installed plugins (``harness.plugins``)."""

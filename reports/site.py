@@ -5,7 +5,7 @@ speedup matrix, environment, failures with their reproducing command), one
 page per operator of each run (metrics against every swept parameter,
 roofline, error against tolerance), a compare page for each run and the
 previous run of the same device and suite, a history page per device and
-suite, and the sampling view of saved cases. plotly.js is written once into
+suite, the sampling view of saved cases, and the peers page (``reports.peers``). plotly.js is written once into
 ``assets/``; figures are embedded as JSON and drawn when they scroll into view.
 """
 
@@ -27,7 +27,7 @@ import pandas as pd
 
 from harness import compare, metrics, results
 from harness.results import DIRECTIONS, STATUSES
-from reports import counters, figures, history, sampling
+from reports import counters, figures, history, peers, sampling
 
 HERE = Path(__file__).parent
 STATUS_ORDER = ["error", "fail", "xfail", "ok", "skipped"]  # worst first
@@ -390,9 +390,10 @@ def build(run_dirs: Sequence[Path], out: Path, cases: Sequence[Path] = ()) -> Bu
     case_files = list(cases) or _default_cases(runs, site.out / "sampling")
     sampled = _sampling_pages(site, case_files)
     counted = counters.render(site, run_dirs)
+    peers_path = peers.render(site, frame, metadata)
     site.render("index.html", "index.html", title="dcnbench report",
                 runs=list(reversed(runs)), slug=slug, compare_paths=compare_paths,
                 history_paths=history_paths, regressions=regressions, sampled=sampled,
-                statuses=STATUSES, counted=counted)
+                statuses=STATUSES, counted=counted, peers_path=peers_path)
     return Built(index=site.out / "index.html", pages=site.pages, rows=len(frame),
                  runs=len(runs), seconds=time.perf_counter() - start)

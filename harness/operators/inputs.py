@@ -40,13 +40,16 @@ def in_float64(prepare: Callable[..., Callable[[], torch.Tensor]]
     prepare), its call returning the case's dtype.
 
     The references compute in float64 whatever the case's dtype; autograd flows
-    through the casts, so gradients land on the case's tensors.
+    through the casts, so gradients land on the case's tensors. Integer tensors
+    (``ms_deform_attn``'s level table) pass as they are; the case's dtype is
+    that of the first floating one.
     """
 
     @functools.wraps(prepare)
     def prepare_in_float64(inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]):
-        dtype = inputs["input"].dtype
-        call = prepare({name: t.to(torch.float64) for name, t in inputs.items()}, params)
+        dtype = next(t.dtype for t in inputs.values() if t.is_floating_point())
+        call = prepare({name: t.to(torch.float64) if t.is_floating_point() else t
+                        for name, t in inputs.items()}, params)
         return lambda: call().to(dtype)
 
     return prepare_in_float64

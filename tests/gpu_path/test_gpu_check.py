@@ -3,11 +3,14 @@ its steps behave at their limits (harness/gpu_check.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tarfile
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -186,3 +189,35 @@ def test_everything_comes_back_in_one_tarball(quick_limits, tmp_path, monkeypatc
     assert {"rows.jsonl", "writes.log", "fails.log", "nvidia-smi.csv", "steps.txt"} <= names
     assert [(o["step"], o["status"], o["exit_code"]) for o in outcomes] == [
         ("writes", "ok", 0), ("fails", "failed", 1)]
+
+
+def test_the_peers_are_built_before_the_suites_that_use_them_and_skipped_when_not_carried(tmp_path):
+    names = list(PLAN)
+    assert names.index("peer-builds") < min(names.index("smoke"), names.index("msda-l4"))
+    step = PLAN["peer-builds"]
+    assert step.needs == gpu_check.WHEELS
+    missing = dataclasses.replace(step, needs=tmp_path / "absent")
+    outcome = gpu_check.run_step(missing, tmp_path, time.monotonic() + 60)
+    assert outcome["status"] == "skipped" and "is not here" in outcome["reason"]
+
+
+def test_the_peer_step_installs_carried_wheels_and_records_each_build(tmp_path):
+    """A carried wheel lands in the site every later step imports from; peer-builds.json
+    says what installed, how, and in how many seconds."""
+    from harness import peer_builds
+
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    dist = "fakepeer-1.0.dist-info"
+    files = {"fakepeer/__init__.py": "VERSION = '1.0'\n",
+             f"{dist}/METADATA": "Metadata-Version: 2.1\nName: fakepeer\nVersion: 1.0\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    with zipfile.ZipFile(wheels / "fakepeer-1.0-py3-none-any.whl", "w") as wheel:
+        for name, text in files.items():
+            wheel.writestr(name, text)
+        wheel.writestr(f"{dist}/RECORD", "".join(f"{name},,\n" for name in files) + f"{dist}/RECORD,,\n")
+    site = tmp_path / "site"
+    assert peer_builds.install(wheels, site, tmp_path) == 0
+    assert (site / "fakepeer" / "__init__.py").is_file()
+    [outcome] = json.loads((tmp_path / "peer-builds.json").read_text())
+    assert outcome["status"] == "ok" and outcome["kind"] == "wheels" and outcome["seconds"] >= 0

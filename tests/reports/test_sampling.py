@@ -134,3 +134,27 @@ def test_psroi_pool_sampling_follows_the_contract(tmp_path):
     # Output channel 0 of bin (1, 1) reads input channel (0·3 + 1)·3 + 1 = 4.
     assert picture.heat == pytest.approx(arrays["input"][int(batch), 4])
     assert picture.weight is None
+
+
+def test_msda_sampling_draws_every_level_side_by_side(tmp_path):
+    params = {"N": 1, "Lq": 5, "M": 2, "D": 3, "L": 3, "P": 2, "H": 6, "W": 7, "softmax": True,
+              "spatial_shapes": ""}
+    path = sampling.save_case("ms_deform_attn", params, "float32", "random", 0, tmp_path / "c.npz")
+    picture = sampling.picture(path)
+    _, arrays = casefile.load(path)
+    widths, heights = [7, 4, 2], [6, 3, 2]  # ceil(W / 2^l), ceil(H / 2^l)
+    assert picture.heat.shape == (6, sum(widths) + 2)  # a NaN column between levels
+    loc = arrays["sampling_locations"][0, 2, 0]  # query Lq // 2, head 0: [L, P, 2]
+    first = 0
+    for level, (h, w) in enumerate(zip(heights, widths, strict=True)):
+        for p in range(2):
+            # docs/ops-semantics.md: x = loc_x·W_l − 0.5, y = loc_y·H_l − 0.5 on level l.
+            assert picture.deformed[level * 2 + p] == pytest.approx(
+                [loc[level, p, 1] * h - 0.5, loc[level, p, 0] * w - 0.5 + first])
+        start = int(arrays["level_start_index"][level])
+        expected = arrays["value"][0, start:start + h * w, 0].astype(np.float64).mean(-1).reshape(h, w)
+        assert picture.heat[:h, first:first + w] == pytest.approx(expected)
+        first += w + 1
+    logits = arrays["attention_weights"][0, 2, 0].reshape(-1)
+    assert picture.weight == pytest.approx(np.exp(logits) / np.exp(logits).sum())
+    assert len(picture.labels) == len(picture.regular) == 6
