@@ -54,7 +54,7 @@ def _page_type(path: str) -> str:
         return "index"
     if path.startswith("runs/"):
         return "operator" if path.count("/") == 2 else "run"
-    return path.split("/")[0]  # compare, history, sampling
+    return path.split("/")[0].removesuffix(".html")  # compare, history, sampling, peers
 
 
 def test_every_page_renders(site, browser):
@@ -96,7 +96,7 @@ def test_every_page_renders(site, browser):
         if kind not in shot:
             shot.add(kind)
             page.screenshot(path=str(SCREENSHOTS / f"{kind}.png"), full_page=kind != "operator")
-    assert shot == {"index", "run", "operator", "compare", "history", "sampling"}
+    assert shot == {"index", "run", "operator", "compare", "history", "sampling", "peers"}
 
 
 def test_tables_sort_on_click(site, browser):
