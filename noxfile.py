@@ -31,7 +31,7 @@ def has_cuda(session: nox.Session) -> bool:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The CPU test suite: emulated kernels, harness, references, build check."""
-    install(session, "test,report")
+    install(session, "test,report,ray")
     session.run("dcnbench", "kernels")
     session.run("python", "-m", "pytest", "-q", *session.posargs)
 
