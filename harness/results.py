@@ -17,6 +17,7 @@ bytes a sample.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -344,11 +345,13 @@ def merge(run_dirs: Iterable[str | Path], out: str | Path) -> Merged:
         count = counts.pop()
         present = {s["index"] for s in shards if s}
         missing += [f"shard {k}/{count}" for k in range(1, count + 1) if k not in present]
-    finished = {row["case_id"] for row in rows}
+    finished = collections.Counter(row["case_id"] for row in rows)
     for path, shard in zip(paths, shards, strict=True):
         if shard:
-            missing += [f"{case_id} (shard {shard['index']}/{shard['count']}, {path})"
-                        for case_id in shard["cases"] if case_id not in finished]
+            missing += [f"{case_id} (shard {shard['index']}/{shard['count']}, {path}): "
+                        f"{finished[case_id]} of its {planned} rows"
+                        for case_id, planned in shard["cases"].items()
+                        if finished[case_id] < planned]
     merged = {key: value for key, value in first.items() if key != "shard"}
     merged["run_id"] = Path(out).name
     merged["merged_from"] = [{"run_id": m["run_id"], "shard": (m.get("shard") or {}).get("index"),

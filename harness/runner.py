@@ -170,7 +170,8 @@ def _open_run_dir(run_dir: RunDir, options: RunOptions, selected: list,
         }
         if options.shard:
             metadata["shard"] = {"index": options.shard[0], "count": options.shard[1],
-                                 "cases": [sc.case.id for sc, _ in selected]}
+                                 "cases": {sc.case.id: len(impls) * len(_directions(sc))
+                                           for sc, impls in selected}}
         return run_dir.create(metadata), []
     metadata, rows = run_dir.reopen()
     shard = metadata.get("shard")

@@ -327,13 +327,13 @@ class WorkerPool:
             return death_reason(worker.process.exitcode)
         if worker.task is None:
             return None
-        if (self.case_timeout is not None
-                and time.monotonic() - worker.since > self.case_timeout):
-            return timeout_reason(self.case_timeout)
-        if self.memory_limit is not None:
+        if self.memory_limit is not None:  # first: a row over both limits is over this one
             resident = resident_bytes(worker.process.pid) or 0
             if resident > self.memory_limit:
                 return memory_reason(resident, self.memory_limit)
+        if (self.case_timeout is not None
+                and time.monotonic() - worker.since > self.case_timeout):
+            return timeout_reason(self.case_timeout)
         return None
 
     def _stamp(self, worker: _Worker, row: Row) -> Row:

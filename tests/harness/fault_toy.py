@@ -19,15 +19,7 @@ import torch
 from harness.registry import Operator, TensorSpec, Tolerance, implementation, register_operator
 
 OP = "fault_scale"
-FAULTS = {  # implementation -> what its error row's reason says
-    "segfault": "the worker died of SIGSEGV",
-    "deadlock": "timed out after",
-    "sleeps": "timed out after",
-    "exits": "the worker exited with status 1",
-    "hog": "the worker exceeded the memory limit",
-}
-HOG_STEP = 64 << 20  # bytes per allocation step of the hog
-HOG_MAX = 4 << 30  # it stops there: a limit that fails leaves a timeout, not a dead machine
+HOG_MAX = 3 << 30  # what the hog holds: a limit that fails leaves a timeout, not a dead machine
 
 WILD_WRITE = r"""
 extern "C" __global__ void wild_write(float* out, int n) {
@@ -92,11 +84,10 @@ def exits(inputs, params):
 
 
 def hog(inputs, params):
-    """Planted fault: allocates (and touches) memory step by step, up to HOG_MAX."""
-    held = []
-    while len(held) * HOG_STEP < HOG_MAX:
-        held.append(np.ones(HOG_STEP, dtype=np.uint8))
+    """Planted fault: allocates (and touches) HOG_MAX bytes, then holds them."""
+    held = np.ones(HOG_MAX, dtype=np.uint8)
     time.sleep(3600)
+    del held
     return _math(inputs, params)
 
 
