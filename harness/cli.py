@@ -194,9 +194,9 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    devices = _parse_devices(args.devices)
-    if devices and args.device != "cuda":
+    if args.devices and args.device != "cuda":
         raise UsageError(f"--devices: names GPUs; expected --device cuda, got {args.device}")
+    devices = _parse_devices(args.devices)
     _check_device(args.device)
     if args.resume and args.out is None:
         raise UsageError("--resume: needs --out DIR naming the run directory to resume")

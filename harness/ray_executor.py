@@ -34,7 +34,8 @@ RETIRES = "the worker retires)"
 _setup_done = False
 
 
-def _import_ray() -> Any:
+def import_ray() -> Any:
+    """The ray module, or a ValueError saying how to install it."""
     try:
         import ray
     except ImportError:
@@ -84,7 +85,7 @@ class RayExecutor:
 
     def __init__(self, context: workers.WorkerContext, address: str | None,
                  case_timeout: float | None):
-        self.ray = ray = _import_ray()
+        self.ray = ray = import_ray()
         self.context, self.case_timeout = context, case_timeout
         self.started = not ray.is_initialized()
         if self.started:

@@ -227,6 +227,10 @@ def check_execution(options: RunOptions) -> None:
                              "or --devices (Ray limits its tasks itself)")
     if options.ray_address is not None and options.executor != "ray":
         raise ValueError("--address: names a Ray cluster; expected --executor ray with it")
+    if options.executor == "ray":
+        from harness import ray_executor  # here: Ray is an optional extra
+
+        ray_executor.import_ray()  # before the run directory is made
 
 
 def run_suite(options: RunOptions, console: Console | None = None) -> int:

@@ -5,6 +5,7 @@ directory's lock; Ctrl-C and kill -9 of the parent keep every finished row."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import signal
@@ -94,6 +95,17 @@ def test_every_fault_is_an_error_row_and_the_run_goes_on(tmp_path):
     assert f"timed out after {CASE_TIMEOUT_S} s" in done.stdout
     assert results.read_metadata(out)["execution"]["case_timeout_s"] == CASE_TIMEOUT_S
 
+    # The report's run page shows each fault with the command that reproduces it.
+    site = tmp_path / "site"
+    assert dcnbench("report", str(out), "-o", str(site)).returncode == 0
+    page = (site / "runs" / f"{out.name}.html").read_text()
+    failures = page.split("<h2>Failures</h2>")[1].split("<h2>")[0]
+    for row in results.read_rows(out):
+        if row["status"] == "error":
+            assert html.escape(row["reason"]) in failures
+            assert html.escape(row["reproduce"]) in failures
+    assert f"local, 2 workers, case timeout {CASE_TIMEOUT_S} s, memory limit" in page
+
 
 @pytest.fixture
 def fault_registry(monkeypatch):
@@ -144,6 +156,35 @@ def test_ray_and_workers_give_the_rows_of_a_plain_run(fault_registry, local_ray,
     assert len(plain) == 4
     assert statuses(tmp_path / "ray") == plain
     assert statuses(tmp_path / "workers") == plain
+
+
+def test_without_ray_the_executor_says_how_to_install_it(toy, toy_suite, tmp_path, capsys,
+                                                         monkeypatch):
+    from harness import cli
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray: ImportError
+    out = tmp_path / "run"
+    assert cli.main(["run", "--suite", toy_suite, "--device", "cpu", "--executor", "ray",
+                     "--out", str(out)]) == cli.EXIT_USAGE
+    assert "pip install 'dcnbench[ray]'" in capsys.readouterr().out.replace("\n", "")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--workers", "-1"], "--workers: expected 0 (in this process) or more, got -1"),
+    (["--case-timeout", "0", "--workers", "1"], "--case-timeout: expected a positive number"),
+    (["--memory-limit-gb", "2"], "--memory-limit-gb: limits a local worker; expected --workers"),
+    (["--address", "auto"], "--address: names a Ray cluster; expected --executor ray"),
+    (["--devices", "cuda:0"], "--devices: names GPUs; expected --device cuda, got cpu"),
+    (["--shard", "3/2"], "--shard: expected K/N with 1 <= K <= N, got '3/2'"),
+    (["--shard", "1"], "--shard: expected K/N with 1 <= K <= N, got '1'"),
+])
+def test_bad_execution_options_are_usage_errors(toy, toy_suite, tmp_path, capsys, argv, message):
+    from harness import cli
+
+    assert cli.main(["run", "--suite", toy_suite, "--device", "cpu", "--out",
+                     str(tmp_path / "run"), *argv]) == cli.EXIT_USAGE
+    assert message in capsys.readouterr().out.replace("\n", "")
 
 
 def test_shards_partition_the_cases_and_merge_joins_them(tmp_path):
