@@ -290,8 +290,9 @@ class WorkerPool:
                 fault = yield from self._drain(worker)
                 if fault is not None:
                     if not worker.ready:
-                        raise RuntimeError(f"worker {worker.slot.index} could not start "
-                                           f"({fault}); see its traceback above")
+                        raise RuntimeError(f"worker {worker.slot.index} could not start (exit "
+                                           f"status {worker.process.exitcode}); see its "
+                                           "traceback above")
                     yield from self._fail(worker, fault, queue)
                     self.workers[index] = _Worker(worker.slot, self.context)
 
