@@ -200,6 +200,26 @@ def test_shards_partition_the_cases_and_merge_joins_them(tmp_path):
         runner.shard_of(selected, 4, 3)
 
 
+def test_shards_balance_the_cost_not_the_count(toy, write_suite):
+    """Two costly cases among cheap ones, the costly ones where a split blind to the cost
+    (every other case) would put both in one shard: each shard gets one."""
+    suite = write_suite("""
+        description = "two costly cases"
+        [[sweep]]
+        op = "toy_scale"
+        impls = ["good"]
+        [sweep.params]
+        H = 100
+        W = 100
+        [sweep.axes]
+        C = [1000, 1, 999, 2, 3, 4]
+    """)
+    selected = runner.select(runner.RunOptions(suite=suites.load(suite)))
+    costly = [[sc.case.params["C"] for sc, _ in runner.shard_of(selected, k, 2)
+               if sc.case.params["C"] >= 999] for k in (1, 2)]
+    assert sorted(map(len, costly)) == [1, 1], costly
+
+
 def test_shard_runs_merge_into_the_rows_of_a_plain_run(toy, toy_suite, tmp_path, capsys):
     from harness import cli
 
