@@ -296,16 +296,21 @@ def test_stopping_the_parent_mid_launch_keeps_every_finished_row(tmp_path, stop)
                               env={**ENV, **tag},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
-    _started_rows(out, 1, parent)  # the reference's row: the deadlock runs now
-    time.sleep(1)
-    stopped = time.monotonic()
-    if stop == "ctrl-c":  # as a terminal sends it: to the whole process group
-        os.killpg(parent.pid, signal.SIGINT)
-        assert parent.wait(timeout=30) == runner.EXIT_INTERRUPTED
-        assert time.monotonic() - stopped < 10
-    else:
-        parent.kill()
-        parent.wait()
+    try:
+        _started_rows(out, 1, parent)  # the reference's row: the deadlock runs now
+        time.sleep(1)
+        stopped = time.monotonic()
+        if stop == "ctrl-c":  # as a terminal sends it: to the whole process group
+            os.killpg(parent.pid, signal.SIGINT)
+            assert parent.wait(timeout=30) == runner.EXIT_INTERRUPTED
+            assert time.monotonic() - stopped < 10
+        else:
+            parent.kill()
+            parent.wait()
+    finally:  # a failed check leaves no deadlocked process spinning
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait()
     deadline = time.monotonic() + 30  # the worker dies with its parent
     while time.monotonic() < deadline and _processes_with(tag):
         time.sleep(0.2)
