@@ -44,7 +44,7 @@ def has_cuda(session: nox.Session) -> bool:
 def tests(session: nox.Session) -> None:
     """The CPU test suite: emulated kernels, harness, references, build check, and the
     peers that build on the CPU (torch-ms-deform-attn)."""
-    install(session, "test,report")
+    install(session, "test,report,ray")
     install_peers(session)
     session.run("dcnbench", "kernels")
     session.run("python", "-m", "pytest", "-q", *session.posargs)
@@ -143,9 +143,10 @@ NIGHTLY_FAIL_ABOVE = "5"  # percent slower, beyond the noise, that fails the nig
 
 @nox.session
 def nightly(session: nox.Session) -> None:
-    """The GPU suites, each compared with the last stored run of the same GPU and suite
-    (failing on a slowdown beyond 5 % with confidence), the mutation testing of the
-    kernels (failing below a 95 % score), then the report."""
+    """The GPU suites in workers (one per GPU: a crashing case is an error row), each
+    compared with the last stored run of the same GPU and suite (failing on a slowdown
+    beyond 5 % with confidence), the mutation testing of the kernels (failing below a
+    95 % score), then the report."""
     install(session, "test,report")
     if not has_cuda(session):
         session.error("nightly: needs a CUDA GPU")
@@ -154,8 +155,10 @@ def nightly(session: nox.Session) -> None:
     failed = []
     for suite in NIGHTLY_SUITES:
         run_dir = new_run_dir(suite)
+        # Every GPU, one worker each: a crashing or hanging case is an error row, not the
+        # end of the night.
         if not passes(session, "dcnbench", "run", "--suite", suite, "--device", "cuda",
-                      "--out", str(run_dir)):
+                      "--devices", "all", "--out", str(run_dir)):
             failed.append(f"{suite}: failing rows")
         previous = last_run_of(gpu, suite, run_dir)
         if previous is None:

@@ -5,6 +5,9 @@
     dcnbench run --suite NAME|PATH [--device cpu|cuda|counters] [--op OP ...] [--impl IMPL ...]
                  [--dtype DTYPE ...] [--out DIR] [--resume] [--seed S] [--no-timing]
                  [--cuda-graph] [--warmup-ms MS] [--rep-ms MS]
+                 [--workers N | --devices cuda:0,cuda:1|all] [--executor local|ray [--address A]]
+                 [--case-timeout S] [--memory-limit-gb GB] [--shard K/N]
+    dcnbench merge RUN_DIR... -o RUN_DIR
     dcnbench case OP [--param NAME=VALUE ...] [--dtype DTYPE] [--mode MODE] [--impl NAME]
                   [--device cpu|cuda] [--seed S] [--backward] [--save FILE.npz]
     dcnbench kernels [...]   (the NVRTC build check: kernels.build_check)
@@ -27,7 +30,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from harness import casefile, environment, execution, plugins, registry, runner, suites
+from harness import (
+    casefile,
+    environment,
+    execution,
+    plugins,
+    registry,
+    results,
+    runner,
+    suites,
+    workers,
+)
 from harness.cases import format_value, make_case
 from harness.timing import TimingConfig
 
@@ -149,10 +162,45 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
 # ---------------------------------------------------------------------------- run
 
 
+def _parse_devices(text: str | None) -> tuple[int, ...]:
+    """``--devices cuda:0,cuda:1`` or ``all`` as GPU indices."""
+    if text is None:
+        return ()
+    if text == "all":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise UsageError("--devices all: no CUDA device here")
+        return tuple(range(count))
+    indices = []
+    for word in text.split(","):
+        prefix, _, index = word.strip().partition(":")
+        if prefix != "cuda" or not index.isdigit():
+            raise UsageError(f"--devices: expected cuda:0,cuda:1,... or all, got {word!r}")
+        if int(index) >= torch.cuda.device_count():
+            raise UsageError(f"--devices: {word} is not here ({torch.cuda.device_count()} "
+                             "CUDA devices)")
+        indices.append(int(index))
+    if len(set(indices)) != len(indices):
+        raise UsageError(f"--devices: {text!r} names a GPU twice; one timing worker per GPU")
+    return tuple(indices)
+
+
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    index, sep, count = text.partition("/")
+    if not (sep and index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count)):
+        raise UsageError(f"--shard: expected K/N with 1 <= K <= N, got {text!r}")
+    return int(index), int(count)
+
+
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     # --device counters: the CPU, emulated kernels counted (docs/counters.md), nothing timed.
     counters = args.device == "counters"
     device = "cpu" if counters else args.device
+    if args.devices and device != "cuda":
+        raise UsageError(f"--devices: names GPUs; expected --device cuda, got {args.device}")
+    devices = _parse_devices(args.devices)
     _check_device(device)
     if args.resume and args.out is None:
         raise UsageError("--resume: needs --out DIR naming the run directory to resume")
@@ -162,8 +210,28 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     options = runner.RunOptions(
         suite=suite, device=device, ops=args.op, impls=args.impl, dtypes=args.dtype,
         out=args.out, resume=args.resume, seed=args.seed, timing=timing, counters=counters,
+        workers=args.workers, devices=devices, case_timeout=args.case_timeout,
+        memory_limit_gb=args.memory_limit_gb, shard=_parse_shard(args.shard),
+        executor=args.executor, ray_address=args.address,
     )
     return runner.run_suite(options, console)
+
+
+# ---------------------------------------------------------------------------- merge
+
+
+def cmd_merge(args: argparse.Namespace, console: Console) -> int:
+    merged = results.merge(args.run_dirs, args.out)
+    for warning in merged.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    console.print(f"merged {merged.rows} rows of {len(args.run_dirs)} runs into "
+                  f"[bold]{escape(str(args.out))}")
+    if merged.missing:
+        console.print(f"[red]missing: {len(merged.missing)}[/]", highlight=False)
+        for what in merged.missing:
+            console.print(f"  {escape(what)}", highlight=False, soft_wrap=True)
+        return 1
+    return 0
 
 
 # ---------------------------------------------------------------------------- case
@@ -328,7 +396,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"warm-up time per measurement (default {defaults.warmup_ms:g})")
     p.add_argument("--rep-ms", type=float, default=defaults.rep_ms, metavar="MS",
                    help=f"measured time per measurement (default {defaults.rep_ms:g})")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="run the cases in N worker processes (a crash, hang or runaway "
+                        "allocation becomes an error row); on the CPU they check in parallel "
+                        "(default 0: in this process)")
+    p.add_argument("--devices", metavar="cuda:0,cuda:1|all",
+                   help="one timing worker per GPU, pinned by CUDA_VISIBLE_DEVICES")
+    p.add_argument("--case-timeout", type=float, metavar="S",
+                   help="seconds a worker may spend on one row before it is killed (default: "
+                        f"the suite's case_timeout, else {workers.DEFAULT_CASE_TIMEOUT_S:g})")
+    p.add_argument("--memory-limit-gb", type=float, metavar="GB",
+                   help="kill a local worker whose resident memory grows past GB")
+    p.add_argument("--shard", metavar="K/N",
+                   help="run the K-th of N cost-balanced shares of the cases (Slurm arrays, "
+                        "CI matrices; join them with `dcnbench merge`)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="ray: send the cases to a Ray cluster as tasks (pip install "
+                        "dcnbench[ray])")
+    p.add_argument("--address", metavar="ADDR",
+                   help="the Ray cluster to join (default: start a local Ray instance)")
     p.set_defaults(handler=cmd_run)
+
+    p = commands.add_parser("merge", help="join shard runs of one suite into one run")
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="the shard runs")
+    p.add_argument("-o", "--out", type=Path, required=True, metavar="RUN_DIR",
+                   help="the merged run directory (must not exist yet)")
+    p.set_defaults(handler=cmd_merge)
 
     p = commands.add_parser("case", help="run one case, optionally saving it as .npz")
     p.add_argument("op", metavar="OP", help="operator name (see `dcnbench list`)")

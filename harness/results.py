@@ -17,9 +17,14 @@ bytes a sample.
 from __future__ import annotations
 
 import base64
+import collections
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
+import os
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,7 @@ SCHEMA_VERSION = 2
 V1_METRIC_COLUMNS = ("tflops", "gbps", "roofline_fraction", "speedup")
 METADATA = "metadata.json"
 RESULTS = "results.jsonl"
+LOCK = "run.lock"
 STATUSES = ("ok", "fail", "xfail", "error", "skipped")
 DIRECTIONS = ("forward", "backward")
 
@@ -85,6 +91,8 @@ class Row:
     rechecked: bool | None = None  # the last timed call's output matched the reference too
     impl_source: str = ""  # the module that registered the implementation (plugins)
     counters: dict[str, float] | None = None  # `run --device counters`: docs/counters.md
+    device_index: int | None = None  # the GPU's index on the host, for a worker pinned to one
+    device_name: str | None = None  # that GPU's name
     reproduce: str = ""
     finished_at: str = ""
     schema_version: int = SCHEMA_VERSION
@@ -186,6 +194,26 @@ class RunDir:
             self.results_path.write_text(complete)
         return metadata, read_rows(self.path)
 
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the run directory's lock while writing into it: refuses, naming the
+        holder's pid and host, while another live process holds it. The lock is an
+        ``flock`` on ``run.lock``, so the system releases it when its holder dies
+        however it dies (kill -9 too), and the next run takes it over."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with (self.path / LOCK).open("a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "a process that has not said who it is"
+                raise RunDirLocked(f"{self.path}: another run is writing into it ({holder}); "
+                                   "wait for it to finish or choose another --out") from None
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on host {socket.gethostname()}, since {utc_now()}\n")
+            f.flush()
+            yield
+
     def append(self, row: Row) -> dict[str, Any]:
         """Write ``row`` (stamped with the time) and return it as stored."""
         row.finished_at = utc_now()
@@ -195,6 +223,10 @@ class RunDir:
             f.write(line + "\n")
             f.flush()
         return stored
+
+
+class RunDirLocked(OSError):
+    """Another live process is writing into the run directory."""
 
 
 def read_metadata(run_dir: Path) -> dict[str, Any]:
@@ -258,3 +290,77 @@ def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
         frame[name] = [m.get(name, np.nan) for m in frame["metrics"]]
     frame.attrs["metadata"] = metadata
     return frame
+
+
+@dataclasses.dataclass
+class Merged:
+    """What ``merge`` wrote and what it found missing or worth a warning."""
+
+    rows: int
+    missing: list[str]  # shards that are not among the runs, cases a shard did not finish
+    warnings: list[str]
+
+
+def merge(run_dirs: Iterable[str | Path], out: str | Path) -> Merged:
+    """Join the runs of one suite (the shards of a ``--shard K/N`` sweep) into ``out``.
+
+    The runs must share the suite's name and hash, device and seed (else
+    ``ValueError``), and hold no row twice (else ``ValueError`` naming the
+    rows); runs of different code commits are joined with a warning. The
+    merged metadata is the first run's, with ``merged_from`` (every run's id,
+    shard and commit) in place of ``shard``.
+    """
+    paths = [Path(p) for p in run_dirs]
+    if len(paths) < 2:
+        raise ValueError(f"merge: expected two or more run directories, got {len(paths)}")
+    metadata = [read_metadata(p) for p in paths]
+    first = metadata[0]
+    for path, meta in zip(paths[1:], metadata[1:], strict=True):
+        for key, value in (("suite name", lambda m: m["suite"]["name"]),
+                           ("suite sha256", lambda m: m["suite"]["sha256"]),
+                           ("device", lambda m: m["device"]), ("seed", lambda m: m["seed"])):
+            if value(meta) != value(first):
+                raise ValueError(f"merge: {path} has {key} {value(meta)!r}, {paths[0]} has "
+                                 f"{value(first)!r}; expected shards of one suite run")
+    warnings = []
+    commits = {str(p): (m.get("git") or {}).get("commit") for p, m in zip(paths, metadata,
+                                                                          strict=True)}
+    if len(set(commits.values())) > 1:
+        warnings.append("the runs were made from different commits: " + ", ".join(
+            f"{p} at {c}" for p, c in commits.items()))
+    rows, seen, duplicated = [], {}, []
+    for path in paths:
+        for row in read_rows(path):
+            key = row_key(row)
+            if key in seen:
+                duplicated.append(f"{' '.join(key)} (in {seen[key]} and {path})")
+            seen[key] = path
+            rows.append(row)
+    if duplicated:
+        shown = "; ".join(duplicated[:5])
+        more = f" and {len(duplicated) - 5} more" if len(duplicated) > 5 else ""
+        raise ValueError(f"merge: {len(duplicated)} rows are in more than one run: {shown}{more}")
+    missing = []
+    shards = [m.get("shard") for m in metadata]
+    counts = {s["count"] for s in shards if s}
+    if len(counts) == 1:
+        count = counts.pop()
+        present = {s["index"] for s in shards if s}
+        missing += [f"shard {k}/{count}" for k in range(1, count + 1) if k not in present]
+    finished = collections.Counter(row["case_id"] for row in rows)
+    for path, shard in zip(paths, shards, strict=True):
+        if shard:
+            missing += [f"{case_id} (shard {shard['index']}/{shard['count']}, {path}): "
+                        f"{finished[case_id]} of its {planned} rows"
+                        for case_id, planned in shard["cases"].items()
+                        if finished[case_id] < planned]
+    merged = {key: value for key, value in first.items() if key != "shard"}
+    merged["run_id"] = Path(out).name
+    merged["merged_from"] = [{"run_id": m["run_id"], "shard": (m.get("shard") or {}).get("index"),
+                              "git": m.get("git")} for m in metadata]
+    target = RunDir(Path(out))
+    with target.lock():
+        target.create(merged)
+        with target.results_path.open("a") as f:
+            f.writelines(json.dumps(row, allow_nan=False) + "\n" for row in rows)
+    return Merged(len(rows), missing, warnings)

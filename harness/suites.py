@@ -24,7 +24,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 
 from harness import plugins, registry
 from harness.cases import Case
@@ -74,6 +83,8 @@ class SuiteTable(_Table):
     override: dict[str, Any] = Field(default_factory=dict, description="a table")
     sweep: list[SweepTable] = Field(min_length=1, description="a list")
     plugins: list[StrictStr] = Field(default_factory=list, description="a list of module names")
+    case_timeout: StrictInt | StrictFloat | None = Field(
+        None, gt=0, description="a positive number of seconds")
 
 
 def _validated(model: type[BaseModel], data: Any, where: _Where) -> Any:
@@ -126,6 +137,7 @@ class Suite:
     sha256: str  # of the file's bytes (and of the suites it extends), for the run metadata
     cases: tuple[SuiteCase, ...]
     plugins: tuple[str, ...] = ()  # modules imported before the sweeps are expanded
+    case_timeout: float | None = None  # seconds a worker's row may take (--case-timeout)
 
 
 def resolve_path(name_or_path: str) -> Path:
@@ -177,6 +189,7 @@ def load(name_or_path: str) -> Suite:
         sha256=digest,
         cases=tuple(suite_case for suite_case, _ in cases.values()),
         plugins=tuple(table.plugins),
+        case_timeout=table.case_timeout,
     )
 
 

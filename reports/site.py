@@ -152,6 +152,25 @@ def _matrix(rows: pd.DataFrame) -> dict[str, Any]:
     return {"columns": columns, "lines": lines}
 
 
+def _execution(meta: dict) -> str:
+    """Where the cases ran: in the run's process, in workers, on Ray; shard, merge."""
+    execution = meta.get("execution") or {"executor": "in-process"}
+    words = [execution["executor"]]
+    if execution.get("workers"):
+        words.append(f"{execution['workers']} workers")
+    if execution.get("devices"):
+        words.append("GPUs " + ", ".join(map(str, execution["devices"])))
+    if execution.get("case_timeout_s"):
+        words.append(f"case timeout {execution['case_timeout_s']:g} s")
+    if execution.get("memory_limit_gb"):
+        words.append(f"memory limit {execution['memory_limit_gb']:g} GB")
+    if meta.get("shard"):
+        words.append(f"shard {meta['shard']['index']}/{meta['shard']['count']}")
+    if meta.get("merged_from"):
+        words.append(f"merged from {len(meta['merged_from'])} runs")
+    return ", ".join(words)
+
+
 def _environment(run: Run) -> list[tuple[str, str]]:
     meta = run.metadata
     rows = run.rows
@@ -177,6 +196,7 @@ def _environment(run: Run) -> list[tuple[str, str]]:
         ("timing", ", ".join(f"{k}={v}" for k, v in timing.items()) if timing else "off"),
         ("TF32", json.dumps(meta.get("tf32"))),
         ("torch threads", str(meta.get("torch_threads", "–"))),
+        ("execution", _execution(meta)),
         ("suite", f"{meta['suite']['name']}: {meta['suite'].get('description', '')}"),
         ("seed", str(meta.get("seed"))),
         ("commit", run.commit),
