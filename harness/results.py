@@ -20,7 +20,9 @@ import base64
 import dataclasses
 import json
 import math
+import uuid
 import warnings
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -169,7 +171,7 @@ class RunDir:
                 "or choose another --out"
             )
         self.path.mkdir(parents=True, exist_ok=True)
-        stored = {"schema_version": SCHEMA_VERSION, **metadata}
+        stored = {"schema_version": SCHEMA_VERSION, "run_uuid": uuid.uuid4().hex, **metadata}
         self.write_metadata(stored)
         self.results_path.touch()
         return stored
@@ -285,15 +287,30 @@ def read_rows(run_dir: Path, *, strict: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
-def _run_dirs(path: Path) -> list[Path]:
+def _run_dirs(path: Path) -> list[tuple[str, Path]]:
     """``path`` itself when it is a run, else every run below it at any depth
-    (results/ holds results/local/<run>, results/<device>/<run>, ...)."""
+    (results/ holds results/local/<run>, results/<device>/<run>, ...), each
+    with its id: its path relative to ``path`` (the run's name for ``path``
+    itself), so results/local/X and results/cpu/X stay two runs."""
     if (path / METADATA).is_file():
-        return [path]
+        return [(path.resolve().name, path)]
     found = sorted(p.parent for p in path.glob(f"**/{METADATA}"))
     if not found:
         raise FileNotFoundError(f"{path}: neither a run directory nor a folder of run directories")
-    return found
+    return [(run.relative_to(path).as_posix(), run) for run in found]
+
+
+def _identified_runs(paths: Iterable[str | Path]) -> list[tuple[str, Path]]:
+    """Every run under ``paths`` once, with an id no other of them has: its
+    path relative to the argument it was found under, or where two arguments
+    give the same id (two runs named X passed by name), the path as given."""
+    runs: dict[Path, tuple[str, Path]] = {}
+    for path in paths:
+        for run_id, run_dir in _run_dirs(Path(path)):
+            runs.setdefault(run_dir.resolve(), (run_id, run_dir))
+    ids = Counter(run_id for run_id, _ in runs.values())
+    return [(run_dir.as_posix() if ids[run_id] > 1 else run_id, run_dir)
+            for run_id, run_dir in runs.values()]
 
 
 def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
@@ -301,7 +318,9 @@ def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
 
     ``paths`` is a run directory, a folder holding run directories at any
     depth, or a list of either, of any schema version (rows are migrated). Each
-    row gains ``run_id`` (its directory's name); parameters are spread into
+    row gains ``run_id`` (its run's path relative to the folder it was found
+    in, or the run's name when given itself: unique among the runs loaded);
+    parameters are spread into
     ``params.<name>`` columns; every registered metric (``harness.metrics``) gets
     a column of its name (NaN where a row has none); ``samples`` holds each
     row's decoded samples ({measurement: float32 array}, or None).
@@ -312,9 +331,9 @@ def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     if isinstance(paths, (str, Path)):
         paths = [paths]
     rows, metadata = [], {}
-    for run_dir in (d for p in paths for d in _run_dirs(Path(p))):
-        metadata[run_dir.name] = read_metadata(run_dir)
-        rows += [{"run_id": run_dir.name, **row} for row in read_rows(run_dir)]
+    for run_id, run_dir in _identified_runs(paths):
+        metadata[run_id] = read_metadata(run_dir)
+        rows += [{"run_id": run_id, **row} for row in read_rows(run_dir)]
     nested = {name: [row.pop(name, None) for row in rows]
               for name in ("samples", "metrics", "measured")}
     columns = ["run_id"] + [f.name for f in dataclasses.fields(Row) if f.name not in nested]

@@ -12,6 +12,7 @@ suite, and the sampling view of saved cases. plotly.js is written once into
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import shutil
@@ -43,7 +44,13 @@ class Built:
 
 
 def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+    """A file name for ``text``, distinct for distinct texts: a text that is not
+    already a safe name (``local/X``, ``a b``, ``..``) gets a hash of itself
+    appended, so ``local/X`` and ``cpu/X`` (or ``a/b`` and ``a-b``) never share a page."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:80]
+    if safe == text and text:
+        return text
+    return f"{safe or 'x'}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 class Site:
