@@ -171,7 +171,7 @@ class RunDir:
                 "or choose another --out"
             )
         self.path.mkdir(parents=True, exist_ok=True)
-        stored = {"schema_version": SCHEMA_VERSION, "run_uuid": uuid.uuid4().hex, **metadata}
+        stored = {"schema_version": SCHEMA_VERSION, **metadata, "run_uuid": uuid.uuid4().hex}
         self.write_metadata(stored)
         self.results_path.touch()
         return stored

@@ -46,7 +46,7 @@ def test_slugs_of_distinct_names_are_distinct_file_names():
     names = ["local/X", "cpu/X", "local-X", "a b", "a  b", "a/b", "a-b", "", "-", ".", "..",
              "../../etc", "x" * 200, "x" * 201, "ünïcode", "unicode", "<script>", "CON"]
     slugs = [site_builder.slug(n) for n in names]
-    assert len(set(slugs)) == len(names), dict(zip(names, slugs))
+    assert len(set(slugs)) == len(names), dict(zip(names, slugs, strict=True))
     for s in slugs:
         assert s and len(s) <= 100 and "/" not in s and s not in (".", "..") and not s.startswith(".")
     assert site_builder.slug("20261128T174700Z-smoke") == "20261128T174700Z-smoke"  # safe: kept
