@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import socket
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,7 +93,7 @@ def _directions(suite_case: SuiteCase) -> list[str]:
     return ["forward", "backward"] if suite_case.backward else ["forward"]
 
 
-def _open_run_dir(options: RunOptions, console: Console) -> tuple[RunDir, dict, list[dict]]:
+def _open_run_dir(options: RunOptions) -> tuple[RunDir, dict, list[dict]]:
     """Create the run directory, or reopen it with ``resume``; its metadata and rows."""
     suite = options.suite
     run_dir = RunDir(options.out or default_out_dir(suite.name))
@@ -112,16 +113,20 @@ def _open_run_dir(options: RunOptions, console: Console) -> tuple[RunDir, dict, 
         }
         return run_dir, run_dir.create(metadata), []
     metadata, rows = run_dir.reopen()
-    expected = {"suite": suite.name, "device": options.device, "seed": options.run_seed}
-    found = {"suite": metadata["suite"]["name"], "device": metadata["device"],
-             "seed": metadata["seed"]}
+    # A run's identity: the suite by name and by content (a file of the same name
+    # with other sweeps is another suite), where, with which seed and how timed;
+    # rows made otherwise would be foreign to it.
+    timing = dataclasses.asdict(options.timing) if options.timing else None
+    expected = {"suite": suite.name, "suite sha256": suite.sha256, "device": options.device,
+                "seed": options.run_seed, "timing": json.loads(json.dumps(timing))}
+    found = {"suite": metadata["suite"]["name"], "suite sha256": metadata["suite"].get("sha256"),
+             "device": metadata.get("device"), "seed": metadata.get("seed"),
+             "timing": metadata.get("timing")}
     for key, value in expected.items():
         if found[key] != value:
             raise ValueError(f"--resume: {run_dir.path} was run with {key} {found[key]!r}, "
-                             f"this run asks for {value!r}")
-    if metadata["suite"]["sha256"] != suite.sha256:
-        console.print(f"[yellow]suite {suite.name} changed since {run_dir.path} started; "
-                      "finished cases keep their rows")
+                             f"this run asks for {value!r}; resume it as it was run, or "
+                             "start a new run in another --out")
     git = environment.git_state()
     metadata.setdefault("resumed", []).append({"time": environment.utc_now(), "git": git})
     run_dir.write_metadata(metadata)
@@ -143,7 +148,7 @@ def run_suite(options: RunOptions, console: Console | None = None) -> int:
     console = console or Console()
     selected = select(options)
     environment.use_contract_precision()  # before collect(): the metadata records it
-    run_dir, metadata, rows = _open_run_dir(options, console)
+    run_dir, metadata, rows = _open_run_dir(options)
     console.print(f"run directory: [bold]{escape(str(run_dir.path))}")
     _copy_bandwidth(options, run_dir, metadata, console)
     done = {row_key(row) for row in rows}
