@@ -20,6 +20,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -425,8 +426,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     console = Console()
     try:
-        plugins.load(args.plugin)
-        return args.handler(args, console)
+        with warnings.catch_warnings():
+            # A warning (a damaged row a reader skipped) as one line, like the errors.
+            warnings.showwarning = lambda message, *_: console.print(
+                f"[yellow]dcnbench {args.command}: warning:[/] {escape(str(message))}",
+                highlight=False)
+            plugins.load(args.plugin)
+            return args.handler(args, console)
     except (ValueError, LookupError, OSError) as exc:
         # Bad input (unknown names, malformed suites, unwritable paths): one clear line.
         console.print(f"[red]dcnbench {args.command}: error:[/] {escape(str(exc))}",

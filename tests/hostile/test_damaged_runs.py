@@ -75,3 +75,15 @@ def test_a_row_of_an_unknown_schema_version_is_an_error_naming_its_line(tmp_path
     run_dir.results_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"results.jsonl:2: results schema version 3 is unknown"):
         results.load(tmp_path)
+
+
+def test_the_cli_shows_a_skipped_line_as_one_warning_line(tmp_path, capsys):
+    from harness import cli
+
+    base, new = _run(tmp_path / "base"), _run(tmp_path / "new")
+    with base.results_path.open("a") as f:
+        f.write("garbage\n")
+    assert cli.main(["compare", str(base.path), str(new.path)]) == 0
+    out = "".join(capsys.readouterr().out.split())  # the console wraps lines, even in words
+    assert f"dcnbenchcompare:warning:{base.results_path}:3:notJSON" in out
+    assert "lineskipped" in out and "warnings.warn" not in out
