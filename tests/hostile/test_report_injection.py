@@ -72,3 +72,19 @@ def test_the_sampling_view_refuses_a_case_too_large_to_re_run(tmp_path):
     with pytest.raises(ValueError, match=r"moves .* bytes; the sampling view takes cases up to"):
         sampling.save_case("deform_conv2d", huge, "float32", "random", 0, tmp_path / "x.npz")
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_a_report_whose_rows_are_too_large_to_re_run_leaves_out_that_view(tmp_path):
+    run = tmp_path / "runs" / "huge"
+    run.mkdir(parents=True)
+    shutil.copy(COMMITTED_RUN / results.METADATA, run / results.METADATA)
+    rows = [json.loads(line) for line in
+            (COMMITTED_RUN / results.RESULTS).read_text().splitlines()[8:20]]  # deform_conv2d
+    for row in rows:  # a hostile row: 5.5·10^16 bytes, were it re-run
+        row["params"].update(N=4096, C_in=4096, H=4096, W=4096)
+    (run / results.RESULTS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match="sampling view of deform_conv2d left out: case "
+                                         "deform_conv2d/.* moves .* bytes"):
+        built = site_builder.build([run], tmp_path / "site")
+    assert not any("sampling/" in p.as_posix() for p in built.pages)
+    assert any(p.name == "deform_conv2d.html" for p in built.pages)
