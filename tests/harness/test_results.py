@@ -65,7 +65,7 @@ def test_load_returns_a_dataframe_of_one_or_several_runs(tmp_path):
     nested = RunDir(tmp_path / "runs" / "local" / "run-c")  # as results/local/<run>
     nested.create({"suite": {"name": "run-c"}})
     nested.append(row(impl="deep"))
-    assert sorted(set(results.load(tmp_path / "runs")["run_id"])) == ["run-a", "run-b", "run-c"]
+    assert sorted(set(results.load(tmp_path / "runs")["run_id"])) == ["local/run-c", "run-a", "run-b"]
 
 
 def test_load_of_an_empty_run_has_the_schema_columns(tmp_path):
