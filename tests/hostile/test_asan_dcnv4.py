@@ -25,4 +25,6 @@ def test_dcnv4_backward_under_asan_matches_normal_mode():
     with emulator.mode("asan"):
         under_asan = gradients()
     for got, expected in zip(under_asan, normal, strict=True):
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        # float32's tolerance, not bit equality: the input gradient's float atomics add
+        # in a thread-dependent order (the bug made offset_mask's gradient wrong by ~10)
+        torch.testing.assert_close(got, expected)
