@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,6 +51,36 @@ EXIT_USAGE = 2
 
 class UsageError(ValueError):
     """A bad argument; the message names it and says what was expected."""
+
+
+# The seed reaches torch.Generator.manual_seed and numpy, which take 64-bit values.
+MAX_SEED = 2**63 - 1
+
+
+def _seed(text: str) -> int:
+    """argparse type of --seed: an integer in 0..MAX_SEED."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..2**63-1, got {text}")
+    return value
+
+
+def _number(low: float, *, above: bool = False):
+    """argparse type of a finite number >= ``low`` (> with ``above``): NaN, an
+    infinity or a negative time would disable a gate or a measurement silently."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(
+                f"expected a finite number {'>' if above else '>='} {low:g}, got {text!r}")
+        return value
+    return parse
 
 
 def _default_device() -> str:
@@ -323,6 +355,12 @@ def cmd_counters(args: argparse.Namespace, console: Console) -> int:
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     # Imported here: the site needs plotly and jinja2, which the run paths (and the GPU
     # machines) do without.
+    try:
+        import jinja2  # noqa: F401
+        import plotly  # noqa: F401
+    except ModuleNotFoundError as exc:
+        raise UsageError(f"the report needs {exc.name}, which is not installed; install the "
+                         "report extra: pip install -e '.[report]'") from None
     from reports import site
 
     built = site.build(args.run_dirs, args.out, cases=args.case)
@@ -387,14 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory (default: results/local/<UTC time>-<host>-<suite>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out, skipping the rows it already has")
-    p.add_argument("--seed", type=int, help="seed of every case's inputs (default: the suite's)")
+    p.add_argument("--seed", type=_seed, help="seed of every case's inputs (default: the suite's)")
     p.add_argument("--no-timing", action="store_true", help="check correctness only")
     p.add_argument("--cuda-graph", action="store_true",
                    help="time CUDA graph replays of each call (no launch overhead)")
     defaults = TimingConfig()
-    p.add_argument("--warmup-ms", type=float, default=defaults.warmup_ms, metavar="MS",
+    p.add_argument("--warmup-ms", type=_number(0), default=defaults.warmup_ms, metavar="MS",
                    help=f"warm-up time per measurement (default {defaults.warmup_ms:g})")
-    p.add_argument("--rep-ms", type=float, default=defaults.rep_ms, metavar="MS",
+    p.add_argument("--rep-ms", type=_number(0, above=True), default=defaults.rep_ms, metavar="MS",
                    help=f"measured time per measurement (default {defaults.rep_ms:g})")
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="run the cases in N worker processes (a crash, hang or runaway "
@@ -431,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="random", help="input mode (see `dcnbench list`)")
     p.add_argument("--impl", metavar="NAME", help="implementation (default: the reference)")
     p.add_argument("--device", **device)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--backward", action="store_true", help="check the gradients too")
     p.add_argument("--save", type=Path, metavar="FILE.npz",
                    help="save inputs, output (and gradients) in the contract's .npz format")
@@ -463,9 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("compare", help="compare two runs case by case")
     p.add_argument("base", type=Path, metavar="BASE", help="the run directory to compare with")
     p.add_argument("new", type=Path, metavar="NEW", help="the run directory being judged")
-    p.add_argument("--fail-above", type=float, metavar="PCT",
+    p.add_argument("--fail-above", type=_number(0), metavar="PCT",
                    help="exit 1 when any case is slower by more than PCT percent beyond its noise")
-    p.add_argument("--min-effect", type=float, default=2.0, metavar="PCT",
+    p.add_argument("--min-effect", type=_number(0), default=2.0, metavar="PCT",
                    help="smallest change called faster or slower (default 2)")
     p.add_argument("--all", action="store_true", help="print every case, not the 40 extremes")
     p.set_defaults(handler=cmd_compare)
@@ -481,8 +519,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     console = Console()
     try:
-        plugins.load(args.plugin)
-        return args.handler(args, console)
+        with warnings.catch_warnings():
+            # A warning (a damaged row a reader skipped) as one line, like the errors.
+            warnings.showwarning = lambda message, *_: console.print(
+                f"[yellow]dcnbench {args.command}: warning:[/] {escape(str(message))}",
+                highlight=False)
+            plugins.load(args.plugin)
+            return args.handler(args, console)
     except (ValueError, LookupError, OSError) as exc:
         # Bad input (unknown names, malformed suites, unwritable paths): one clear line.
         console.print(f"[red]dcnbench {args.command}: error:[/] {escape(str(exc))}",

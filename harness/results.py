@@ -25,6 +25,9 @@ import json
 import math
 import os
 import socket
+import uuid
+import warnings
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ import pandas as pd
 from harness.environment import utc_now
 
 SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, SCHEMA_VERSION)  # what readers take; migrate_row brings each to the current
 # v1 rows had these metrics as columns of their own; v2 keeps them in ``metrics``.
 V1_METRIC_COLUMNS = ("tflops", "gbps", "roofline_fraction", "speedup")
 METADATA = "metadata.json"
@@ -42,6 +46,10 @@ RESULTS = "results.jsonl"
 LOCK = "run.lock"
 STATUSES = ("ok", "fail", "xfail", "error", "skipped")
 DIRECTIONS = ("forward", "backward")
+
+
+class DamagedRunWarning(UserWarning):
+    """A damaged line of a run's ``results.jsonl``, skipped by a reader."""
 
 
 @dataclasses.dataclass
@@ -108,6 +116,12 @@ def decode_samples(text: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text), dtype="<f4")
 
 
+def _check_version(version: Any, where: str) -> None:
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise ValueError(f"{where}: results schema version {version!r} is unknown; this "
+                         f"dcnbench reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+
+
 def migrate_row(row: dict[str, Any]) -> dict[str, Any]:
     """A stored row of any known schema version as a current one.
 
@@ -116,11 +130,9 @@ def migrate_row(row: dict[str, Any]) -> dict[str, Any]:
     samples, measured values or re-check, which stay empty.
     """
     version = row.get("schema_version", 1)
+    _check_version(version, "row")
     if version == SCHEMA_VERSION:
         return row
-    if version != 1:
-        raise ValueError(f"results schema version {version!r} is unknown; expected 1 or "
-                         f"{SCHEMA_VERSION}")
     row = dict(row)
     metrics = {name: row.pop(name) for name in V1_METRIC_COLUMNS if name in row}
     metrics["time_ms"] = row.get("time_median_ms")
@@ -167,7 +179,7 @@ class RunDir:
                 "or choose another --out"
             )
         self.path.mkdir(parents=True, exist_ok=True)
-        stored = {"schema_version": SCHEMA_VERSION, **metadata}
+        stored = {"schema_version": SCHEMA_VERSION, **metadata, "run_uuid": uuid.uuid4().hex}
         self.write_metadata(stored)
         self.results_path.touch()
         return stored
@@ -184,7 +196,7 @@ class RunDir:
         if not self.metadata_path.is_file():
             raise FileNotFoundError(f"{self.path}: no {METADATA}; expected a run directory")
         metadata = read_metadata(self.path)
-        if metadata.get("schema_version") != SCHEMA_VERSION:
+        if metadata.get("schema_version", 1) != SCHEMA_VERSION:
             raise ValueError(
                 f"{self.path}: results schema version {metadata.get('schema_version')}, "
                 f"expected {SCHEMA_VERSION}; start a new run"
@@ -192,7 +204,7 @@ class RunDir:
         text, complete = _complete_lines(self.path)
         if complete != text:
             self.results_path.write_text(complete)
-        return metadata, read_rows(self.path)
+        return metadata, read_rows(self.path, strict=True)
 
     @contextlib.contextmanager
     def lock(self):
@@ -230,32 +242,107 @@ class RunDirLocked(OSError):
 
 
 def read_metadata(run_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / METADATA).read_text())
+    """A run's ``metadata.json``, checked: a JSON object of a readable schema
+    version with its ``suite`` (``{name, ...}``). Raises ValueError naming the
+    file and what is wrong."""
+    path = Path(run_dir) / METADATA
+    try:
+        metadata = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not JSON ({exc}); expected the run's metadata object") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(metadata).__name__}")
+    _check_version(metadata.get("schema_version", 1), str(path))
+    suite = metadata.get("suite")
+    if not isinstance(suite, dict) or not isinstance(suite.get("name"), str):
+        raise ValueError(f"{path}: expected 'suite' to be {{name, path, sha256, description}}, "
+                         f"got {suite!r}")
+    return metadata
 
 
 def _complete_lines(run_dir: Path) -> tuple[str, str]:
     """``results.jsonl``'s text, and the same without a last line cut short."""
     path = Path(run_dir) / RESULTS
-    text = path.read_text() if path.exists() else ""
+    text = path.read_text(errors="replace") if path.exists() else ""
     return text, text[: text.rfind("\n") + 1]
 
 
-def read_rows(run_dir: Path) -> list[dict[str, Any]]:
+# The fields every reader relies on, with their JSON types.
+_REQUIRED = {"case_id": str, "op": str, "impl": str, "impl_kind": str, "direction": str,
+             "dtype": str, "mode": str, "params": dict, "status": str}
+
+
+def _row_damage(row: Any) -> str | None:
+    """What makes a parsed line no row (None for a row)."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got a {type(row).__name__}"
+    missing = [name for name in _REQUIRED if name not in row]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    wrong = [f"{name} is a {type(row[name]).__name__}, expected {kind.__name__}"
+             for name, kind in _REQUIRED.items() if not isinstance(row[name], kind)]
+    if wrong:
+        return "; ".join(wrong)
+    if row["direction"] not in DIRECTIONS or row["status"] not in STATUSES:
+        return (f"direction {row['direction']!r} / status {row['status']!r}: expected one of "
+                f"{DIRECTIONS} / {STATUSES}")
+    return None
+
+
+def read_rows(run_dir: Path, *, strict: bool = False) -> list[dict[str, Any]]:
     """Every complete row of a run, in the order they finished, migrated to the
-    current schema."""
+    current schema.
+
+    A damaged line (not JSON, blank, not a row object) is skipped with a
+    DamagedRunWarning naming the file and line, or with ``strict`` (resume:
+    rows must not be lost) raises ValueError asking for that line's repair. A
+    row of an unknown schema version raises ValueError either way.
+    """
+    path = Path(run_dir) / RESULTS
     _, complete = _complete_lines(run_dir)
-    return [migrate_row(json.loads(line)) for line in complete.splitlines()]
+    rows = []
+    for number, line in enumerate(complete.split("\n")[:-1], start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problem = f"not JSON ({exc.msg})" if line.strip("\0 \t\r") else "a blank line"
+        else:
+            problem = _row_damage(row)
+        if problem is None:
+            _check_version(row.get("schema_version", 1), f"{path}:{number}")
+            rows.append(migrate_row(row))
+        elif strict:
+            raise ValueError(f"{path}:{number}: {problem}; repair or delete that line")
+        else:
+            warnings.warn(f"{path}:{number}: {problem}; line skipped", DamagedRunWarning,
+                          stacklevel=2)
+    return rows
 
 
-def _run_dirs(path: Path) -> list[Path]:
+def _run_dirs(path: Path) -> list[tuple[str, Path]]:
     """``path`` itself when it is a run, else every run below it at any depth
-    (results/ holds results/local/<run>, results/<device>/<run>, ...)."""
+    (results/ holds results/local/<run>, results/<device>/<run>, ...), each
+    with its id: its path relative to ``path`` (the run's name for ``path``
+    itself), so results/local/X and results/cpu/X stay two runs."""
     if (path / METADATA).is_file():
-        return [path]
+        return [(path.resolve().name, path)]
     found = sorted(p.parent for p in path.glob(f"**/{METADATA}"))
     if not found:
         raise FileNotFoundError(f"{path}: neither a run directory nor a folder of run directories")
-    return found
+    return [(run.relative_to(path).as_posix(), run) for run in found]
+
+
+def _identified_runs(paths: Iterable[str | Path]) -> list[tuple[str, Path]]:
+    """Every run under ``paths`` once, with an id no other of them has: its
+    path relative to the argument it was found under, or where two arguments
+    give the same id (two runs named X passed by name), the path as given."""
+    runs: dict[Path, tuple[str, Path]] = {}
+    for path in paths:
+        for run_id, run_dir in _run_dirs(Path(path)):
+            runs.setdefault(run_dir.resolve(), (run_id, run_dir))
+    ids = Counter(run_id for run_id, _ in runs.values())
+    return [(run_dir.as_posix() if ids[run_id] > 1 else run_id, run_dir)
+            for run_id, run_dir in runs.values()]
 
 
 def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
@@ -263,7 +350,9 @@ def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
 
     ``paths`` is a run directory, a folder holding run directories at any
     depth, or a list of either, of any schema version (rows are migrated). Each
-    row gains ``run_id`` (its directory's name); parameters are spread into
+    row gains ``run_id`` (its run's path relative to the folder it was found
+    in, or the run's name when given itself: unique among the runs loaded);
+    parameters are spread into
     ``params.<name>`` columns; every registered metric (``harness.metrics``) gets
     a column of its name (NaN where a row has none); ``samples`` holds each
     row's decoded samples ({measurement: float32 array}, or None).
@@ -274,9 +363,9 @@ def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     if isinstance(paths, (str, Path)):
         paths = [paths]
     rows, metadata = [], {}
-    for run_dir in (d for p in paths for d in _run_dirs(Path(p))):
-        metadata[run_dir.name] = read_metadata(run_dir)
-        rows += [{"run_id": run_dir.name, **row} for row in read_rows(run_dir)]
+    for run_id, run_dir in _identified_runs(paths):
+        metadata[run_id] = read_metadata(run_dir)
+        rows += [{"run_id": run_id, **row} for row in read_rows(run_dir)]
     nested = {name: [row.pop(name, None) for row in rows]
               for name in ("samples", "metrics", "measured")}
     columns = ["run_id"] + [f.name for f in dataclasses.fields(Row) if f.name not in nested]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import json
 import os
 import socket
 from collections.abc import Iterator, Sequence
@@ -151,8 +152,8 @@ def _execution_metadata(options: RunOptions) -> dict:
             "memory_limit_gb": options.memory_limit_gb, "ray_address": options.ray_address}
 
 
-def _open_run_dir(run_dir: RunDir, options: RunOptions, selected: list,
-                  console: Console) -> tuple[dict, list[dict]]:
+def _open_run_dir(run_dir: RunDir, options: RunOptions, selected: list
+                  ) -> tuple[dict, list[dict]]:
     """Create the run directory, or reopen it with ``resume``; its metadata and rows."""
     suite = options.suite
     if not options.resume:
@@ -176,19 +177,23 @@ def _open_run_dir(run_dir: RunDir, options: RunOptions, selected: list,
                                            for sc, impls in selected}}
         return run_dir.create(metadata), []
     metadata, rows = run_dir.reopen()
+    # A run's identity: the suite by name and by content (a file of the same name
+    # with other sweeps is another suite), where, with which seed, which shard and how
+    # timed; rows made otherwise would be foreign to it.
     shard = metadata.get("shard")
-    expected = {"suite": suite.name, "device": options.device, "seed": options.run_seed,
+    timing = dataclasses.asdict(options.timing) if options.timing else None
+    expected = {"suite": suite.name, "suite sha256": suite.sha256, "device": options.device,
+                "seed": options.run_seed, "timing": json.loads(json.dumps(timing)),
                 "shard": options.shard}
-    found = {"suite": metadata["suite"]["name"], "device": metadata["device"],
-             "seed": metadata["seed"], "shard": (shard["index"], shard["count"]) if shard
-             else None}
+    found = {"suite": metadata["suite"]["name"], "suite sha256": metadata["suite"].get("sha256"),
+             "device": metadata.get("device"), "seed": metadata.get("seed"),
+             "timing": metadata.get("timing"),
+             "shard": (shard["index"], shard["count"]) if shard else None}
     for key, value in expected.items():
         if found[key] != value:
             raise ValueError(f"--resume: {run_dir.path} was run with {key} {found[key]!r}, "
-                             f"this run asks for {value!r}")
-    if metadata["suite"]["sha256"] != suite.sha256:
-        console.print(f"[yellow]suite {suite.name} changed since {run_dir.path} started; "
-                      "finished cases keep their rows")
+                             f"this run asks for {value!r}; resume it as it was run, or "
+                             "start a new run in another --out")
     git = environment.git_state()
     metadata.setdefault("resumed", []).append({"time": environment.utc_now(), "git": git})
     run_dir.write_metadata(metadata)
@@ -249,7 +254,7 @@ def run_suite(options: RunOptions, console: Console | None = None) -> int:
 
 
 def _run_locked(run_dir: RunDir, selected: list, options: RunOptions, console: Console) -> int:
-    metadata, rows = _open_run_dir(run_dir, options, selected, console)
+    metadata, rows = _open_run_dir(run_dir, options, selected)
     console.print(f"run directory: [bold]{escape(str(run_dir.path))}")
     _copy_bandwidth(options, run_dir, metadata, console)
     done = {row_key(row) for row in rows}

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import operator as pyop
 import tomllib
 from collections.abc import Mapping
@@ -39,8 +40,13 @@ from harness import plugins, registry
 from harness.cases import Case
 
 SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
-
-
+# A suite's axes multiply: the count is checked before any point is made, so a
+# few lines cannot ask for millions of cases (the largest suite in suites/ has
+# a few thousand).
+MAX_SUITE_CASES = 100_000
+# Filters are small expressions: bounded so that evaluating one stays cheap.
+MAX_FILTER_NODES = 200
+MAX_FILTER_STRING = 10_000
 
 class SuiteError(ValueError):
     """A malformed suite file; the message names the file, the key and what was expected."""
@@ -171,7 +177,7 @@ def load(name_or_path: str) -> Suite:
     cases: dict[str, tuple[SuiteCase, str]] = {}
     for index, sweep in enumerate(sweeps):
         sweep_where = where.at(f"sweep[{index}]")
-        for suite_case in _expand_sweep(sweep, sweep_where):
+        for suite_case in _expand_sweep(sweep, sweep_where, MAX_SUITE_CASES - len(cases)):
             case_id = suite_case.case.id
             if case_id in cases:
                 raise SuiteError(
@@ -229,7 +235,9 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any]
     return data, digest.hexdigest(), label
 
 
-def _expand_sweep(sweep: SweepTable, where: _Where) -> list[SuiteCase]:
+def _expand_sweep(sweep: SweepTable, where: _Where, budget: int) -> list[SuiteCase]:
+    """The sweep's cases; SuiteError if they would be more than ``budget``
+    (what MAX_SUITE_CASES leaves after the sweeps before)."""
     op_names = [sweep.op] if isinstance(sweep.op, str) else sweep.op
     if not op_names:
         raise SuiteError(f"{where.at('op')}: expected an operator name or a list of them, "
@@ -240,11 +248,12 @@ def _expand_sweep(sweep: SweepTable, where: _Where) -> list[SuiteCase]:
             op = registry.get_operator(op_name)
         except registry.RegistryError as exc:
             raise SuiteError(f"{where.at('op')}: {exc}") from None
-        expanded += _expand_op(op, sweep, where)
+        expanded += _expand_op(op, sweep, where, budget - len(expanded))
     return expanded
 
 
-def _expand_op(op: registry.Operator, sweep: SweepTable, where: _Where) -> list[SuiteCase]:
+def _expand_op(op: registry.Operator, sweep: SweepTable, where: _Where,
+               budget: int) -> list[SuiteCase]:
     all_impls = [impl.name for impl in registry.implementations_of(op.name)]
     impls = _names(sweep.impls, where.at("impls"), all_impls, default=all_impls)
     dtypes = _names(sweep.dtypes, where.at("dtypes"), list(op.tolerances), default=["float32"])
@@ -275,6 +284,15 @@ def _expand_op(op: registry.Operator, sweep: SweepTable, where: _Where) -> list[
 
     axis_points = [[(name, v) for v in values] for name, values in axes.items()]
     group_points = [list(entries) for entries in tied.values()]
+    factors = {**{f"axes.{name}": len(values) for name, values in axes.items()},
+               **{f"tied.{group}": len(entries) for group, entries in tied.items()},
+               "dtypes": len(dtypes), "modes": len(modes)}
+    count = math.prod(factors.values())
+    if count > budget:
+        product = " × ".join(f"{key} ({n})" for key, n in factors.items())
+        raise SuiteError(f"{where}: {op.name}: {product} = {count:,} cases; expected at most "
+                         f"{MAX_SUITE_CASES:,} in the whole suite ({budget:,} left for this "
+                         "sweep): split the suite or drop axis values")
     cases = []
     for combo in itertools.product(*axis_points, *group_points):
         overrides = dict(fixed)
@@ -284,7 +302,13 @@ def _expand_op(op: registry.Operator, sweep: SweepTable, where: _Where) -> list[
             params = op.resolve(overrides)
         except ValueError as exc:
             raise SuiteError(f"{where}: point {overrides}: {exc}") from None
-        if all(f(params) for f in filters):
+        try:
+            kept = all(f(params) for f in filters)
+        except FilterError as exc:
+            case_id = Case(op, params, dtypes[0], modes[0]).id
+            raise SuiteError(f"{exc.filter.where}: {exc.filter.text!r} on case {case_id}: "
+                             f"{exc}") from None
+        if kept:
             cases += [
                 SuiteCase(Case(op, params, dtype, mode), tuple(impls), backward)
                 for dtype in dtypes
@@ -306,6 +330,14 @@ def _check_set_once(fixed: dict, axes: dict, tied: dict, where: _Where) -> None:
             places[name] = place
 
 
+class FilterError(Exception):
+    """A filter that cannot be evaluated at a point (load turns it into a SuiteError)."""
+
+    def __init__(self, filter: Filter, message: str):
+        super().__init__(message)
+        self.filter = filter
+
+
 class Filter:
     """A boolean expression over a case's parameters, e.g. ``"C_out >= C_in"``.
 
@@ -323,13 +355,21 @@ class Filter:
     def __init__(self, text: Any, where: _Where, op: registry.Operator):
         if not isinstance(text, str):
             raise SuiteError(f"{where}: expected an expression string, got {_show(text)}")
+        self.text = text
+        self.where = where
         try:
             self.tree = ast.parse(text, mode="eval").body
         except SyntaxError as exc:
             raise SuiteError(f"{where}: {text!r} is not an expression: {exc.msg}") from None
-        self.text = text
-        self.where = where
+        except (RecursionError, MemoryError):
+            self._too_large()
+        if sum(1 for _ in ast.walk(self.tree)) > MAX_FILTER_NODES:
+            self._too_large()
         self._check(self.tree, op)
+
+    def _too_large(self) -> None:
+        raise SuiteError(f"{self.where}: {self.text[:80]!r}... is too large; expected an "
+                         f"expression of at most {MAX_FILTER_NODES} names, numbers and operators")
 
     def _check(self, node: ast.AST, op: registry.Operator) -> None:
         if isinstance(node, ast.Name):
@@ -354,7 +394,22 @@ class Filter:
                 self._check(child, op)
 
     def __call__(self, params: Mapping[str, Any]) -> bool:
-        return bool(self._eval(self.tree, params))
+        """Whether the point holds; FilterError where the expression cannot be
+        evaluated there (a division by zero, a string compared with a number)."""
+        try:
+            return bool(self._eval(self.tree, params))
+        except (ArithmeticError, TypeError, ValueError) as exc:
+            raise FilterError(self, str(exc)) from None
+
+    def _binary(self, op: ast.operator, left: Any, right: Any) -> Any:
+        if isinstance(op, ast.Mod) and isinstance(left, str):
+            raise ValueError("a string on the left of % (string formatting) is not allowed")
+        if isinstance(op, ast.Mult) and (isinstance(left, str) or isinstance(right, str)):
+            text, times = (left, right) if isinstance(left, str) else (right, left)
+            if isinstance(times, int) and len(text) * times > MAX_FILTER_STRING:
+                raise ValueError(f"a string of {len(text) * times:,} characters; expected at "
+                                 f"most {MAX_FILTER_STRING:,}")
+        return self.BINARY[type(op)](left, right)
 
     def _eval(self, node: ast.AST, params: Mapping[str, Any]) -> Any:
         match node:
@@ -363,7 +418,7 @@ class Filter:
             case ast.Constant(value=value):
                 return value
             case ast.BinOp(left=left, op=op, right=right):
-                return self.BINARY[type(op)](self._eval(left, params), self._eval(right, params))
+                return self._binary(op, self._eval(left, params), self._eval(right, params))
             case ast.UnaryOp(op=op, operand=operand):
                 return self.UNARY[type(op)](self._eval(operand, params))
             case ast.BoolOp(op=ast.And(), values=values):

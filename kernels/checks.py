@@ -3,7 +3,53 @@ what was expected and what came."""
 
 from __future__ import annotations
 
+import math
+import numbers
+
+import numpy as np
 import torch
+
+
+def _scalar(value: object) -> object:
+    """A 0-d tensor as its Python number; anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return value.item()
+    return value
+
+
+def _is_bool(value: object) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+def as_int(name: str, value: object, minimum: int | None = None) -> int:
+    """``value`` as a Python int: an int of Python, of NumPy or a 0-d integer
+    tensor (as torchvision takes them), not a bool, >= ``minimum``."""
+    value = _scalar(value)
+    if _is_bool(value) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def as_float(name: str, value: object, positive: bool = False) -> float:
+    """``value`` as a finite Python float: a real number of Python, of NumPy or a
+    0-d tensor, not a bool (> 0 with ``positive``)."""
+    value = _scalar(value)
+    if _is_bool(value) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value) or (positive and value <= 0):
+        kind = "a positive finite number" if positive else "a finite number"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return float(value)
+
+
+def as_bool(name: str, value: object) -> bool:
+    """``value`` as a Python bool: a bool of Python, of NumPy or a 0-d bool tensor."""
+    value = _scalar(value)
+    if not _is_bool(value):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return bool(value)
 
 
 def check_tensor(name: str, tensor: object, ndim: int) -> torch.Tensor:
@@ -22,16 +68,15 @@ def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], why:
 
 
 def check_pair(name: str, value: object, minimum: int) -> tuple[int, int]:
-    """``value`` as an (h, w) pair: an int for both or a pair of ints, each >= ``minimum``."""
-    values = (value, value) if isinstance(value, int) else value
-    if isinstance(values, (tuple, list, torch.Size)):
-        values = tuple(values)
-    if not (
-        isinstance(values, tuple)
-        and len(values) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
-    ):
+    """``value`` as an (h, w) pair: an int for both or a pair of ints (of any
+    type ``as_int`` takes), each >= ``minimum``."""
+    pair = value if isinstance(value, (tuple, list, torch.Size)) else (value, value)
+    if len(pair) != 2:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    try:
+        values = tuple(as_int(name, v) for v in pair)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
     if min(values) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return values  # type: ignore[return-value]
@@ -49,9 +94,7 @@ def conv_groups(groups: object, in_channels: int, weight: torch.Tensor) -> int:
                 f"{in_channels} channels (groups = C_in / weight.shape[1])"
             )
         return in_channels // per_group
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups must be a positive int or None, got {groups!r}")
-    return groups
+    return as_int("groups", groups, minimum=1)
 
 
 def offset_groups_from(offset_groups: object, offset: torch.Tensor, taps: int) -> int:
@@ -64,6 +107,4 @@ def offset_groups_from(offset_groups: object, offset: torch.Tensor, taps: int) -
                 f"got {channels}"
             )
         return channels // (2 * taps)
-    if not isinstance(offset_groups, int) or isinstance(offset_groups, bool) or offset_groups < 1:
-        raise ValueError(f"offset_groups must be a positive int or None, got {offset_groups!r}")
-    return offset_groups
+    return as_int("offset_groups", offset_groups, minimum=1)

@@ -19,6 +19,11 @@ from typing import Any
 from harness import registry
 from harness.sampling import SamplingPicture
 
+# The view re-runs the reference (float64, on the CPU) on a case taken from a
+# results table: a bound on the bytes it moves keeps a hostile or huge row
+# from asking for more memory than the machine has.
+MAX_SAMPLING_CASE_BYTES = 1 << 30
+
 
 def viewable_operators() -> list[str]:
     """The operators that declare a sampling view."""
@@ -51,6 +56,11 @@ def save_case(op: str, params: dict[str, Any], dtype: str, mode: str, seed: int,
     # gaps): give each the type of its default.
     typed = {name: type(operator.params[name])(value) for name, value in params.items()}
     case = make_case(operator, typed, dtype, mode)
+    moved = operator.bytes(case.params, 8)
+    if moved > MAX_SAMPLING_CASE_BYTES:
+        raise ValueError(f"case {case.id}: its float64 reference moves {moved:.3g} bytes; the "
+                         f"sampling view takes cases up to {MAX_SAMPLING_CASE_BYTES:.3g} bytes "
+                         "(save a smaller one with dcnbench case --save and pass --case)")
     case_run = execution.prepare(case, "cpu", seed, backward=False)
     row, tensors = execution.run(case_run, registry.reference_of(op), "forward", None)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,12 @@ suite, the sampling view of saved cases, and the peers page (``reports.peers``).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import shutil
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -43,7 +45,26 @@ class Built:
 
 
 def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+    """A file name for ``text``, distinct for distinct texts: a text that is not
+    already a safe name (``local/X``, ``a b``, ``..``) gets a hash of itself
+    appended, so ``local/X`` and ``cpu/X`` (or ``a/b`` and ``a-b``) never share a page."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:80]
+    if safe == text and text:
+        return text
+    return f"{safe or 'x'}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+# Inside <script type="application/json"> the HTML parser looks for "</script" and
+# also for "<!--" (after which a "<script" keeps the element open past its end tag):
+# JSON strings may spell every character as \uXXXX, so these never appear as such.
+_SCRIPT_ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026",
+                                 "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def script_json(value: Any) -> str:
+    """``value`` as compact JSON that is safe as a script element's text: no
+    ``<``, ``>``, ``&`` or U+2028/2029 in it (each as its \\u escape)."""
+    return json.dumps(value, separators=(",", ":")).translate(_SCRIPT_ESCAPES)
 
 
 class Site:
@@ -73,8 +94,7 @@ class Site:
         figs = context.pop("figures", {})
         html = self.env.get_template(template).render(
             root=root, figures=figs,
-            figure_json={k: json.dumps(v, separators=(",", ":")).replace("</", "<\\/")
-                         for k, v in figs.items()},
+            figure_json={k: script_json(v) for k, v in figs.items()},
             **context)
         target.write_text(html)
         self.pages.append(target)
@@ -350,8 +370,11 @@ def _default_cases(runs: list[Run], folder: Path) -> list[Path]:
         values = {c.removeprefix("params."): _python(smallest[c])
                   for c in params.columns if c.startswith("params.")}
         path = folder / f"{slug(op)}.npz"
-        saved.append(sampling.save_case(op, values, smallest["dtype"], smallest["mode"],
-                                        int(smallest["seed"]), path))
+        try:
+            saved.append(sampling.save_case(op, values, smallest["dtype"], smallest["mode"],
+                                            int(smallest["seed"]), path))
+        except ValueError as exc:  # rows too large (or not a case): the other views still draw
+            warnings.warn(f"sampling view of {op} left out: {exc}", stacklevel=2)
     return saved
 
 

@@ -493,7 +493,7 @@ BAD_ARGUMENTS = {
         r"weight must have shape \(6, 4, 3, 3\)",
     ),
     "groups_divide": (_bad(groups=3), ValueError, r"groups=3 must divide"),
-    "groups_type": (_bad(groups=1.0), ValueError, r"groups must be a positive int or None, got 1.0"),
+    "groups_type": (_bad(groups=1.0), TypeError, r"groups must be an int, got 1.0"),
     "groups_inferred": (
         _bad(weight=torch.zeros(6, 3, 3, 3), groups=None),
         ValueError,

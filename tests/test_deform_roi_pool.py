@@ -663,7 +663,7 @@ BAD_ARGUMENTS = {
         r"offset is on meta, expected input's device cpu",
     ),
     "pooled_h": (_bad(pooled_h=0), ValueError, r"pooled_h must be an int >= 1, got 0"),
-    "sampling_ratio_type": (_bad(sampling_ratio=1.5), ValueError, r"sampling_ratio must be an int"),
+    "sampling_ratio_type": (_bad(sampling_ratio=1.5), TypeError, r"sampling_ratio must be an int"),
     "sampling_ratio_too_large": (
         _bad(sampling_ratio=1025),
         ValueError,

@@ -298,8 +298,8 @@ def test_int_parameters_and_empty_sizes_in_the_conv2d_reference():
     ({"stride": 1.5}, TypeError, "stride must be an int or a pair of ints, got 1.5"),
     ({"padding": (1, 1, 1)}, TypeError, r"padding must be an int or a pair of ints, got \(1, 1, 1\)"),
     ({"dilation": 0}, ValueError, "dilation must be >= 1, got 0"),
-    ({"groups": 0}, ValueError, "groups must be a positive int or None, got 0"),
-    ({"offset_groups": 2.0}, ValueError, "offset_groups must be a positive int or None, got 2.0"),
+    ({"groups": 0}, ValueError, "groups must be an int >= 1, got 0"),
+    ({"offset_groups": 2.0}, TypeError, "offset_groups must be an int, got 2.0"),
 ])
 def test_int_pair_and_group_arguments_are_checked(change, error, message):
     tensors, geometry, groups = make_case(CONFIGS[0], seed=7)

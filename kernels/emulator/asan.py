@@ -5,7 +5,11 @@ This mode builds the module and the runtime with ``-fsanitize=address`` and
 runs the launch in a fresh Python with libasan preloaded (Python itself is
 not instrumented, so the sanitizer cannot live in this process). The child
 allocates each array at its exact size, so the first byte past its end is an
-ASan redzone; it sends the arrays back after a clean launch. An ASan report
+ASan redzone; it sends the arrays back after a clean launch. Arguments whose
+memory overlaps (dcnv4's backward passes one buffer as grad_offset and
+grad_mask) share one allocation spanning them all, at the same relative
+offsets, so a write through one is seen through the other and no copy back
+overwrites another's writes. An ASan report
 becomes an AddressSanitizerError naming the argument the access fell next to
 and the kernel's source line.
 
@@ -51,13 +55,15 @@ def launch(module, kernel: str, grid: tuple[int, int, int], block: tuple[int, in
            shared_mem: int, values: Sequence[ArrayArg | bytes], params: Sequence[Param]) -> None:
     """Runs ``kernel`` of ``module`` (a RawModule) under ASan; copies written
     arrays back into ``values``' arrays. Raises what the launch found."""
+    buffers, places = _shared_buffers(values)
     payload = {
         "code": module.code, "options": module.options,
         "name_expressions": module.name_expressions, "kernel": kernel,
         "grid": grid, "block": block, "shared_mem": shared_mem,
+        "buffers": [(ctypes.string_at(address, nbytes), writable)
+                    for address, nbytes, writable in buffers],
         # A null pointer (address 0) stays null: no buffer, so no redzone to hit.
-        "args": [(ctypes.string_at(v.address, v.nbytes) if v.address else None, v.writable)
-                 if isinstance(v, ArrayArg) else v for v in values],
+        "args": [places.get(i) if isinstance(v, ArrayArg) else v for i, v in enumerate(values)],
     }
     with tempfile.TemporaryDirectory(prefix="dcnbench-asan-") as tmp:
         payload_path, result_path = Path(tmp) / "payload.pkl", Path(tmp) / "result.pkl"
@@ -79,8 +85,31 @@ def launch(module, kernel: str, grid: tuple[int, int, int], block: tuple[int, in
         result = pickle.loads(result_path.read_bytes())
     if "error" in result:
         raise getattr(errors, result["error"], EmulatorError)(result["message"])
-    for index, data in result["arrays"].items():
-        ctypes.memmove(values[index].address, data, len(data))
+    for index, data in result["buffers"].items():
+        ctypes.memmove(buffers[index][0], data, len(data))
+
+
+def _shared_buffers(values: Sequence[ArrayArg | bytes]
+                    ) -> tuple[list[tuple[int, int, bool]], dict[int, tuple[int, int, int, bool]]]:
+    """Groups the non-null array arguments whose memory overlaps: returns the
+    buffers (address, nbytes, written by any of them) and, per argument index,
+    (buffer index, byte offset in it, nbytes, writable)."""
+    arrays = sorted((v.address, i) for i, v in enumerate(values)
+                    if isinstance(v, ArrayArg) and v.address)
+    buffers: list[list] = []
+    owner: dict[int, int] = {}
+    for address, index in arrays:
+        value = values[index]
+        if buffers and address < buffers[-1][0] + buffers[-1][1]:
+            last = buffers[-1]
+            last[1] = max(last[1], address + value.nbytes - last[0])
+            last[2] = last[2] or value.writable
+        else:
+            buffers.append([address, value.nbytes, value.writable])
+        owner[index] = len(buffers) - 1
+    places = {i: (b, values[i].address - buffers[b][0], values[i].nbytes, values[i].writable)
+              for i, b in owner.items()}
+    return [tuple(b) for b in buffers], places
 
 
 def _child_failure(kernel: str, child: subprocess.CompletedProcess, regions: list,
@@ -120,24 +149,27 @@ def _child_main(payload_path: str, result_path: str, regions_path: str) -> None:
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
+    addresses = []
+    for data, _ in payload["buffers"]:
+        address = libc.malloc(len(data))  # exact size: the next byte is a redzone
+        ctypes.memmove(address, data, len(data))
+        addresses.append(address)
     values, regions = [], []
     for index, arg in enumerate(payload["args"]):
         if isinstance(arg, bytes):
             values.append(arg)
-            continue
-        data, writable = arg
-        if data is None:
-            values.append(ArrayArg(None, 0, 0, writable))
-            continue
-        address = libc.malloc(len(data))  # exact size: the next byte is a redzone
-        ctypes.memmove(address, data, len(data))
-        values.append(ArrayArg(None, address, len(data), writable))
-        regions.append((index, address, len(data)))
+        elif arg is None:
+            values.append(ArrayArg(None, 0, 0, False))
+        else:
+            buffer, offset, nbytes, writable = arg
+            values.append(ArrayArg(None, addresses[buffer] + offset, nbytes, writable))
+            regions.append((index, addresses[buffer] + offset, nbytes))
     Path(regions_path).write_text(json.dumps(regions))  # read by the parent if ASan kills us
     try:
         execute(entry, payload["grid"], payload["block"], payload["shared_mem"], pack(values))
-        result = {"arrays": {i: ctypes.string_at(a, n) for i, a, n in regions
-                             if payload["args"][i][1]}}
+        result = {"buffers": {b: ctypes.string_at(addresses[b], len(data))
+                              for b, (data, writable) in enumerate(payload["buffers"])
+                              if writable}}
     except EmulatorError as error:
         result = {"error": type(error).__name__, "message": str(error)}
     Path(result_path).write_bytes(pickle.dumps(result))

@@ -39,7 +39,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels import determinism, launch
+from kernels import checks, determinism, launch
 from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
 from kernels.reference import dcnv3 as contract
 from kernels.reference.dcnv3 import offset_mask_channels
@@ -152,10 +152,6 @@ class Call:
         return (*(launch.int32(v) for v in ints), launch.float32(g.offset_scale))
 
 
-def _int_parameter(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    return value
 
 
 def check_arguments(
@@ -171,16 +167,13 @@ def check_arguments(
     or offset_mask) to (tensor, expected last dimension as a function of P).
     Each error names the argument, what was expected and what came.
     """
-    for name, value in geometry.items():
-        if name not in ("offset_scale", "remove_center"):
-            _int_parameter(name, value)
-    if not isinstance(geometry["offset_scale"], (int, float)) or isinstance(
-        geometry["offset_scale"], bool
-    ):
-        raise TypeError(f"offset_scale must be a float, got {geometry['offset_scale']!r}")
-    group = _int_parameter("group", group)
-    group_channels = _int_parameter("group_channels", group_channels)
-    shape = contract.Geometry(**{**geometry, "offset_scale": float(geometry["offset_scale"])})
+    # Numbers of any Python / NumPy / 0-d tensor type, as Python numbers from here on.
+    geometry = {name: checks.as_float(name, value) if name == "offset_scale"
+                else checks.as_bool(name, value) if name == "remove_center"
+                else checks.as_int(name, value) for name, value in geometry.items()}
+    group = checks.as_int("group", group)
+    group_channels = checks.as_int("group_channels", group_channels)
+    shape = contract.Geometry(**geometry)
     tensors = {"input": input, **{name: t for name, (t, _) in modulation.items()}}
     for name, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor):
@@ -449,6 +442,7 @@ def prepare_run(
     """
     if design not in DESIGNS:
         raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
+    softmax = checks.as_bool("softmax", softmax)
     call = check_arguments(input, modulation, geometry, group, group_channels)
     g = call.geometry
     # The kernels read dense channels-last rows: other strides (a permuted
@@ -582,5 +576,5 @@ def prepare(
     }
     return prepare_run(
         input, offset, mask, modulation, group=group, group_channels=group_channels,
-        softmax=bool(softmax), design=design, **geometry,
+        softmax=softmax, design=design, **geometry,
     )  # fmt: skip

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import checks
 from kernels.reference import dcnv3 as reference
 
 LAYER_NORM_EPS = 1e-6
@@ -222,6 +223,7 @@ class DCNv3Layer(nn.Module):
                  center_feature_scale: bool = False,
                  core: Callable[..., torch.Tensor] = reference.dcnv3) -> None:
         super().__init__()
+        channels, group = checks.as_int("channels", channels, 1), checks.as_int("group", group, 1)
         if channels % group:
             raise ValueError(f"group must divide channels, got channels={channels}, group={group}")
         self.core = core

@@ -41,7 +41,15 @@ import torch
 from torch import nn
 
 from kernels import determinism, launch
-from kernels.checks import check_pair, check_shape, check_tensor, conv_groups, offset_groups_from
+from kernels.checks import (
+    as_bool,
+    as_int,
+    check_pair,
+    check_shape,
+    check_tensor,
+    conv_groups,
+    offset_groups_from,
+)
 from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
 
 __all__ = [
@@ -871,6 +879,12 @@ class _DeformConv2dBase(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        in_channels = as_int("in_channels", in_channels, minimum=0)
+        out_channels = as_int("out_channels", out_channels, minimum=0)
+        groups = as_int("groups", groups, minimum=1)
+        if offset_groups is not None:
+            offset_groups = as_int("offset_groups", offset_groups, minimum=1)
+        bias = as_bool("bias", bias)
         if in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"groups={groups} must divide in_channels ({in_channels}) and out_channels "

@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -46,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernels import determinism, launch
+from kernels import checks, determinism, launch
 from kernels.checks import check_shape, check_tensor
 from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
 from kernels.rois import (
@@ -242,33 +241,16 @@ def adaptive_grid(rois: torch.Tensor, g: Geometry | AdaptiveGrid) -> tuple[torch
 
 
 def check_positive_int(name: str, value: object, minimum: int | None = 1) -> int:
-    """``value`` an int (not a bool) >= ``minimum`` (None: any int)."""
-    if (
-        not isinstance(value, int)
-        or isinstance(value, bool)
-        or (minimum is not None and value < minimum)
-    ):
-        expected = "an int" if minimum is None else f"an int >= {minimum}"
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-    return value
+    """``value`` an int (of any type ``checks.as_int`` takes) >= ``minimum`` (None: any int)."""
+    return checks.as_int(name, value, minimum)
 
 
 def check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-    return value
+    return checks.as_bool(name, value)
 
 
 def check_finite_float(name: str, value: object, positive: bool = False) -> float:
-    if (
-        not isinstance(value, (int, float))
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or (positive and value <= 0)
-    ):
-        kind = "a positive finite number" if positive else "a finite number"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
-    return float(value)
+    return checks.as_float(name, value, positive)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -669,7 +651,7 @@ def pooled_size(output_size: object, pooled_h: object, pooled_w: object) -> tupl
             f"give output_size or pooled_h / pooled_w, not both: got output_size={output_size!r}, "
             f"pooled_h={pooled_h!r}, pooled_w={pooled_w!r}"
         )
-    pair = (output_size, output_size) if isinstance(output_size, int) else output_size
+    pair = output_size if isinstance(output_size, (tuple, list)) else (output_size, output_size)
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
         raise ValueError(f"output_size must be an int or an (h, w) pair, got {output_size!r}")
     return check_positive_int("output_size[0]", pair[0]), check_positive_int(

@@ -182,7 +182,8 @@ def sample_coordinates(
 def bilinear_b0(input: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Values of the maps at real positions by the zero-outside rule B0.
 
-    B0: 0 when y <= -1, y >= H, x <= -1 or x >= W; otherwise the bilinear
+    B0: 0 when y <= -1, y >= H, x <= -1 or x >= W, or y or x is NaN (a
+    non-finite offset puts a sample outside the map); otherwise the bilinear
     blend of the corners (floor(y), floor(x)) … (floor(y)+1, floor(x)+1),
     where a corner outside [0, H-1]×[0, W-1] contributes 0.
 
@@ -225,7 +226,10 @@ def bilinear_b0(input: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.
             # Invalid corners read pixel 0 and are then weighted by 0.
             index = torch.where(valid, corner_y.long() * width + corner_x.long(), 0)
             corner = maps.gather(3, index[:, :, None, :].expand(-1, -1, channels, -1))
-            term = corner * (weight_y * weight_x * valid)[:, :, None, :]
+            # where, not a product with valid: at a NaN position (a NaN offset, outside
+            # the map by the contract) the weights are NaN, and NaN * 0 is NaN.
+            weight = torch.where(valid, weight_y * weight_x, 0)
+            term = corner * weight[:, :, None, :]
             value = term if value is None else value + term
     return value.reshape(batch, groups, channels, *sample_shape)
 

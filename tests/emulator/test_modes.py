@@ -56,6 +56,37 @@ def test_asan_mode_runs_fibers_cleanly_and_returns_results(rng):
     np.testing.assert_array_equal(y, expected)
 
 
+ALIASED_SOURCE = r"""
+extern "C" __global__ void fill_halves(float* low, float* high, int n) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n / 2) low[i] = 1.0f;
+  else if (i < n) high[i] = 2.0f;
+}
+"""
+
+
+@pytest.mark.parametrize("mode", ["asan", "memcheck"])
+def test_writes_through_two_aliased_arguments_both_land(mode, rng):
+    # dcnv4's backward passes one buffer as grad_offset and grad_mask.
+    kernel = emulator.RawKernel(ALIASED_SOURCE, "fill_halves")
+    y = rng.standard_normal(300, dtype=np.float32)
+    with emulator.mode(mode):
+        kernel((2,), (256,), (y, y, np.int32(y.size)))
+    np.testing.assert_array_equal(y, np.repeat(np.float32([1, 2]), 150))
+
+
+def test_asan_mode_shares_one_allocation_between_overlapping_arguments(rng):
+    kernel = emulator.RawKernel(ALIASED_SOURCE, "fill_halves")
+    y = rng.standard_normal(310, dtype=np.float32)
+    untouched = y[150:160].copy()
+    with emulator.mode("asan"):
+        # high starts 10 floats into low: high[i] is low[i + 10].
+        kernel((2,), (256,), (y, y[10:], np.int32(300)))
+    np.testing.assert_array_equal(y[:150], np.ones(150, np.float32))
+    np.testing.assert_array_equal(y[150:160], untouched)
+    np.testing.assert_array_equal(y[160:], np.full(150, 2, np.float32))
+
+
 NULLABLE_SOURCE = r"""
 extern "C" __global__ void scale_or_negate(const float* scale, float* y, int n) {
   int i = blockIdx.x * blockDim.x + threadIdx.x;

@@ -33,15 +33,15 @@ def test_rows_are_appended_one_json_line_each_and_non_finite_numbers_become_null
 
 def test_reopen_cuts_a_half_written_row_and_checks_the_schema(tmp_path):
     run_dir = RunDir(tmp_path / "run")
-    run_dir.create({})
+    run_dir.create({"suite": {"name": "s"}})
     run_dir.append(row())
     with run_dir.results_path.open("a") as f:
         f.write('{"case_id": "op/N1/flo')
     metadata, rows = run_dir.reopen()
     assert len(rows) == 1 and metadata["schema_version"] == results.SCHEMA_VERSION
     assert run_dir.results_path.read_text().endswith("}\n")
-    run_dir.write_metadata({**metadata, "schema_version": 0})
-    with pytest.raises(ValueError, match=f"results schema version 0, expected {results.SCHEMA_VERSION}; start a new run"):
+    run_dir.write_metadata({**metadata, "schema_version": 1})  # readable, not resumable
+    with pytest.raises(ValueError, match=f"results schema version 1, expected {results.SCHEMA_VERSION}; start a new run"):
         run_dir.reopen()
     with pytest.raises(FileNotFoundError, match="no metadata.json; expected a run directory"):
         RunDir(tmp_path / "nothing").reopen()
@@ -65,11 +65,11 @@ def test_load_returns_a_dataframe_of_one_or_several_runs(tmp_path):
     nested = RunDir(tmp_path / "runs" / "local" / "run-c")  # as results/local/<run>
     nested.create({"suite": {"name": "run-c"}})
     nested.append(row(impl="deep"))
-    assert sorted(set(results.load(tmp_path / "runs")["run_id"])) == ["run-a", "run-b", "run-c"]
+    assert sorted(set(results.load(tmp_path / "runs")["run_id"])) == ["local/run-c", "run-a", "run-b"]
 
 
 def test_load_of_an_empty_run_has_the_schema_columns(tmp_path):
-    RunDir(tmp_path / "run").create({})
+    RunDir(tmp_path / "run").create({"suite": {"name": "s"}})
     frame = results.load(tmp_path / "run")
     assert frame.empty and {"run_id", "case_id", "status", "time_median_ms"} <= set(frame.columns)
     with pytest.raises(FileNotFoundError, match="neither a run directory nor a folder of run"):
@@ -105,7 +105,7 @@ def test_the_committed_v1_run_loads_as_v2():
 
 
 def test_an_unknown_schema_version_is_an_error_naming_it():
-    with pytest.raises(ValueError, match="results schema version 7 is unknown; expected 1 or 2"):
+    with pytest.raises(ValueError, match="results schema version 7 is unknown; this dcnbench reads versions 1, 2"):
         results.migrate_row({"schema_version": 7})
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness_toy import CORRECT_IMPLS, TOY, toy_math
+from harness_toy import CORRECT_IMPLS, TOY, TOY_SUITE, toy_math
 from rich.console import Console
 
 from harness import execution, registry, results, runner, suites, timing
@@ -217,6 +217,26 @@ def test_resume_refuses_another_seed_or_suite(toy, toy_suite, write_suite, tmp_p
     other = write_suite('description = "x"\n[[sweep]]\nop = "toy_scale"\n', name="other")
     with pytest.raises(ValueError, match="was run with suite 'toy', this run asks for 'other'"):
         run(other, tmp_path / "run", resume=True)
+
+
+def test_resume_refuses_another_file_of_the_same_name_or_other_timing(toy, toy_suite,
+                                                                      write_suite, tmp_path):
+    run(toy_suite, tmp_path / "run", impls=["good"])
+    rows = len(results.read_rows(tmp_path / "run"))
+    run(toy_suite, tmp_path / "untimed", impls=["good"], timing=None)
+    with pytest.raises(ValueError, match=r"was run with timing None, this run asks for \{"):
+        run(toy_suite, tmp_path / "untimed", impls=["good"], resume=True)
+    with pytest.raises(ValueError, match="was run with timing .* this run asks for None"):
+        run(toy_suite, tmp_path / "run", impls=["good"], resume=True, timing=None)
+    slower = dataclasses.replace(FAST, rep_ms=2)
+    with pytest.raises(ValueError, match="'rep_ms': 1,.* this run asks for .*'rep_ms': 2,"):
+        run(toy_suite, tmp_path / "run", impls=["good"], resume=True, timing=slower)
+    # Another file named toy.toml: the same name, other sweeps.
+    write_suite(TOY_SUITE.replace("C = [2, 3]", "C = [4]"), name="toy")
+    with pytest.raises(ValueError, match="was run with suite sha256 '[0-9a-f]{64}', this run "
+                                         "asks for '[0-9a-f]{64}'"):
+        run(toy_suite, tmp_path / "run", impls=["good"], resume=True)
+    assert len(results.read_rows(tmp_path / "run")) == rows  # nothing foreign appended
 
 
 def test_no_timing_checks_only(toy, toy_suite, tmp_path):

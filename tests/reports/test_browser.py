@@ -2,51 +2,18 @@
 with data, every link resolving. A screenshot of each page type goes to
 test-artifacts/screenshots/.
 
-Needs Debian's chromium (/usr/bin/chromium; .ci/run installs it) and the playwright
-package (never its browser download). Without them the tests skip, except under CI
-(CI=true), where they fail.
+The ``browser`` fixture (tests/conftest.py) needs Debian's chromium (/usr/bin/chromium;
+.ci/run installs it) and the playwright package (never its browser download). Without
+them the tests skip, except under CI (CI=true), where they fail.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-import pytest
-
-CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def _missing() -> str | None:
-    if not CHROMIUM.is_file():
-        return f"{CHROMIUM} is not installed (apt-get install chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright package is not installed"
-    return None
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    if (reason := _missing()) is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"browser tests cannot run in CI: {reason}")
-        pytest.skip(reason)
-    from playwright.sync_api import sync_playwright
-
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    with sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(profile), executable_path=str(CHROMIUM), headless=True, args=FLAGS,
-            viewport={"width": 1400, "height": 900})
-        yield context
-        context.close()
 
 
 def _page_type(path: str) -> str:
