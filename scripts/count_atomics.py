@@ -21,6 +21,7 @@ from kernels.ops import dcnv3 as dcnv3_ops
 from kernels.ops import deform_conv2d as dcn
 from kernels.ops import deform_psroi_pool as psroi
 from kernels.ops import deform_roi_pool as roi
+from kernels.ops import ms_deform_attn as msda
 from kernels.ops.dcnv4 import dcnv4
 
 COUNTING = "-DDCNBENCH_COUNT_ATOMICS"
@@ -90,6 +91,7 @@ def main() -> None:
         rows.append((f"dcnv4 {design} N{N} {H}x{W} G{G} D{D}", _count(source, dcnv4_backward)))
 
     rows += _roi_pool_rows(generator)
+    rows.append(_ms_deform_attn_row(generator))
     print(f"{'backward (grad_input scatter)':44} {'float':>10} {'fixed point':>12}")
     for name, counts in rows:
         print(f"{name:44} {counts['float']:>10} {counts['fixed point']:>12}")
@@ -130,6 +132,25 @@ def _roi_pool_rows(generator: torch.Generator) -> list[tuple[str, dict[str, int]
             lambda: psroi.deform_psroi_pool(x_ps, rois, trans, spatial_scale=scale, output_dim=2,
                                             group_size=7, pooled_size=7, trans_std=0.1), x_ps))),
     ]
+
+
+def _ms_deform_attn_row(generator: torch.Generator) -> tuple[str, dict[str, int]]:
+    """ms_deform_attn on a Deformable DETR decoder-like case scaled for the CPU:
+    4 levels 16²…2², 100 queries, 8 heads, D = 32, 4 points, the fused softmax."""
+    msda.SOURCE = _counting(msda.SOURCE)
+    shapes = torch.tensor([(16, 16), (8, 8), (4, 4), (2, 2)])
+    N, Lq, M, D, L, P = 1, 100, 8, 32, 4, 4
+    S = int((shapes[:, 0] * shapes[:, 1]).sum())
+    value = torch.randn(N, S, M, D, generator=generator, requires_grad=True)
+    locations = torch.rand(N, Lq, M, L, P, 2, generator=generator)
+    logits = torch.randn(N, Lq, M, L, P, generator=generator)
+    starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+
+    def backward():
+        out = msda.ms_deform_attn(value, shapes, starts, locations, logits, softmax=True)
+        torch.autograd.grad(out, value, torch.ones_like(out))
+
+    return f"ms_deform_attn Lq{Lq} M{M} D{D} 4 levels P{P}", _count(msda.SOURCE, backward)
 
 
 if __name__ == "__main__":

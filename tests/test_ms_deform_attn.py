@@ -18,10 +18,10 @@ from kernels.emulator import cupy_shim
 from kernels.ops import ms_deform_attn as ops
 from kernels.reference import ms_deform_attn as reference
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # A few units of the dtype's rounding: inputs rounded already, every sum in
-# float32, outputs and gradients rounded once.
-REL_L2 = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 5e-3}
+# float32 (float64 in double), outputs and gradients rounded once.
+REL_L2 = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 5e-3, torch.float64: 1e-13}
 MAX_ABS = {dtype: 2 * bound for dtype, bound in REL_L2.items()}
 assert_close = close_to_reference(REL_L2, MAX_ABS)
 FLOATS = ("value", "sampling_locations", "attention_weights")
@@ -109,39 +109,99 @@ def test_an_empty_level_no_queries_and_no_images():
 
 
 def test_harness_input_modes_on_the_kernels():
-    """The operator's generators (pixel lines, outside [0, 1]) through the harness's check."""
+    """The operator's generators (pixel lines, outside [0, 1]) and the float64 kernels
+    through the harness's check."""
     from harness import execution, registry
     from harness.cases import Case
 
     op = registry.get_operator("ms_deform_attn")
     impl = registry.get_implementation("ms_deform_attn", "cupy_vectorized")
-    for mode, backward in (("pixel_lines", False), ("outside", True)):
-        case = Case(op, op.resolve({"N": 1, "Lq": 6, "D": 8, "softmax": True}), "float32", mode)
+    for mode, backward, dtype in (("pixel_lines", False, "float32"), ("outside", True, "float32"),
+                                  ("random", True, "float64")):
+        case = Case(op, op.resolve({"N": 1, "Lq": 6, "D": 8, "softmax": True}), dtype, mode)
         run = execution.prepare(case, "cpu", seed=0, backward=backward)
         for direction in ("forward", "backward") if backward else ("forward",):
             row, _ = execution.run(run, impl, direction, timing_config=None)
             assert row.status == "ok", (mode, direction, row.reason)
 
 
-def test_deterministic_mode_raises_in_the_backward_as_pytorch_does():
-    inputs = make_inputs(*CASES["scalar_D5"], torch.float32)
-    value = inputs["value"].requires_grad_()
-    out = ops.ms_deform_attn(*inputs.values())
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+@pytest.mark.parametrize("softmax", [False, True], ids=["weights", "softmax"])
+def test_gradcheck_on_the_emulated_kernels(softmax, deterministic):
+    """torch.autograd.gradcheck (float64, the kernels' double instantiations) on every
+    floating input, grad_value by float atomics and by the fixed-point sums."""
+    inputs = make_inputs([(3, 4), (2, 2)], 1, 3, 2, 3, 2, torch.float64, seed=5, softmax=softmax)
+    leaves = [t.requires_grad_() if k in FLOATS else t for k, t in inputs.items()]
     previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(deterministic)
     try:
-        with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
-            out.sum().backward()
+        assert torch.autograd.gradcheck(
+            lambda *tensors: ops.ms_deform_attn(*tensors, softmax=softmax), leaves,
+            eps=1e-6, atol=1e-7, rtol=1e-5)
     finally:
         torch.use_deterministic_algorithms(previous)
-    assert value.grad is None
+
+
+def _gradients_with_queries_permuted(inputs, permutation, grad_output, softmax=True):
+    """Every gradient of ours with the queries in ``permutation``'s order, put back in the
+    original order: the same numbers, only the order of grad_value's adds changes."""
+    permuted = {k: t[:, permutation] if k in ("sampling_locations", "attention_weights") else t
+                for k, t in inputs.items()}
+    leaves = {k: t.clone().requires_grad_() if k in FLOATS else t for k, t in permuted.items()}
+    out = ops.ms_deform_attn(*leaves.values(), softmax=softmax)
+    grads = torch.autograd.grad(out, [leaves[k] for k in FLOATS], grad_output[:, permutation])
+    inverse = torch.argsort(permutation)
+    return grads[0], grads[1][:, inverse], grads[2][:, inverse]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=lambda d: str(d).removeprefix("torch."))
+def test_deterministic_backward_does_not_depend_on_the_order_of_the_adds(dtype):
+    """Under torch.use_deterministic_algorithms(True) the queries in another order give
+    the same bits (grad_value in fixed point, the others written once); float32 atomics,
+    the control, do not. In both modes as accurate as the reference check wants."""
+    # 64 queries with 4 points each on one 3x3 map: ~100 adds to every value element.
+    inputs = make_inputs([(3, 3)], 1, 64, 1, 8, 4, dtype, seed=11)
+    grad_output = torch.randn(1, 64, 8, generator=torch.Generator().manual_seed(12)).to(dtype)
+    permutation = torch.randperm(64, generator=torch.Generator().manual_seed(13))
+    identity = torch.arange(64)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        for deterministic in (True, False):
+            torch.use_deterministic_algorithms(deterministic)
+            for name, ours, ref in run_both(inputs, softmax=True):
+                assert_close(name, ours.detach(), ref.detach(), dtype)
+            first = _gradients_with_queries_permuted(inputs, identity, grad_output)
+            second = _gradients_with_queries_permuted(inputs, permutation, grad_output)
+            assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
+            if deterministic:
+                assert torch.equal(first[0], second[0])
+            elif dtype == torch.float32:  # bfloat16's rounding of the float32 sums hides the order
+                assert not torch.equal(first[0], second[0])
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.usefixtures("deterministic_algorithms")
+def test_deterministic_backward_takes_the_fixed_point_path():
+    """One NaN in grad_output: float atomics carry it to the values its query samples;
+    the fixed-point sums (no NaN in fixed point) make all of grad_value NaN."""
+    inputs = make_inputs(*CASES["detr_like_D8"], torch.float32, seed=4)
+    value = inputs["value"].requires_grad_()
+    grad_output = torch.ones(2, 5, 16)
+    grad_output[0, 0, 0] = float("nan")
+    out = ops.ms_deform_attn(*inputs.values(), softmax=True)
+    assert torch.autograd.grad(out, value, grad_output)[0].isnan().all()
+    torch.use_deterministic_algorithms(False)
+    out = ops.ms_deform_attn(*inputs.values(), softmax=True)
+    assert not torch.autograd.grad(out, value, grad_output)[0].isnan().all()
 
 
 def test_bad_arguments_name_the_argument():
     inputs = make_inputs(*CASES["scalar_D5"], torch.float32)
     tensors = list(inputs.values())
-    with pytest.raises(TypeError, match="value has dtype torch.float64"):
-        ops.ms_deform_attn(*(t.double() if t.is_floating_point() else t for t in tensors))
+    with pytest.raises(TypeError, match="value has dtype torch.complex64"):
+        ops.ms_deform_attn(*(t.to(torch.complex64) if t.is_floating_point() else t
+                             for t in tensors))
     transposed = tensors[3].transpose(1, 2).contiguous().transpose(1, 2)
     with pytest.raises(ValueError, match="sampling_locations must be contiguous"):
         ops.ms_deform_attn(*tensors[:3], transposed, tensors[4])

@@ -339,7 +339,7 @@ def gridsample_ms_deform_attn(inputs, params):
         *(inputs[name] for name in TENSORS), **_arguments(params))
 
 
-@implementation("ms_deform_attn", "cupy_vectorized", kind="kernel", dtypes=KERNEL_DTYPES,
+@implementation("ms_deform_attn", "cupy_vectorized", kind="kernel", dtypes=(*KERNEL_DTYPES, "float64"),
                 available=kernel_availability("kernels.ops.ms_deform_attn"), emulated_on=("cpu",))
 def kernel_ms_deform_attn(inputs, params):
     """kernels.ops.ms_deform_attn: our CuPy kernels (CPU: the emulator); checked once, then unchecked."""

@@ -3,7 +3,8 @@
 Semantics: ``shared/ops-semantics.md``, "Multi-scale deformable attention"
 (Deformable DETR's ``MSDeformAttnFunction``; B0 sampling; normalised
 locations, x first). float32 / float16 / bfloat16 with float32 accumulation,
-any number of levels, points, heads and channels, the softmax over a head's
+float64 in double throughout (for ``torch.autograd.gradcheck``), any number of
+levels, points, heads and channels, the softmax over a head's
 L·P weights optionally fused. Design notes and what to measure:
 ``docs/kernels/ms_deform_attn.md``.
 
@@ -12,11 +13,12 @@ thread owns vectors of a head's channels loaded 16 bytes at a time, each
 sampling point computed once per point and reused across the vector.
 
 Gradients: grad_value accumulates with float32 atomics in a float32 buffer
-(cast once at the end); grad_sampling_locations and grad_attention_weights
-are reduced over the head's channels by warp shuffles and written once per
-element in float32, then cast. ``torch.use_deterministic_algorithms(True)``
-makes the backward raise, as PyTorch's own non-deterministic ops do (the
-contract's "Determinism"): its float32 atomics are not bit-reproducible.
+(float64 for float64; cast once at the end); under
+``torch.use_deterministic_algorithms(True)`` with fixed-point int64 atomics
+instead, bit-reproducible (``kernels/determinism.py``).
+grad_sampling_locations and grad_attention_weights are reduced over the
+head's channels by warp shuffles and written once per element in the
+accumulation type, then cast: deterministic either way.
 
 On a CPU tensor the kernels run through ``kernels.emulator``: for correctness
 checks, never for timing.
@@ -29,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels import launch
+from kernels import determinism, launch
 from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
 from kernels.reference import ms_deform_attn as contract
 
@@ -41,13 +43,21 @@ BLOCK_SIZE = 256
 WARP_SIZE = 32
 VECTOR_BYTES = 16  # one load: float4 / 8 halves / 8 bfloat16
 
-_CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+_CTYPES = {
+    torch.float32: "float",
+    torch.float16: "__half",
+    torch.bfloat16: "__nv_bfloat16",
+    torch.float64: "double",
+}
 SUPPORTED_DTYPES = tuple(_CTYPES)
 _KERNELS = ("forward", "backward")
 
 
-def _vector_widths(dtype: torch.dtype) -> tuple[int, int]:
-    """Channels per vector: one 16-byte load, or 1 (the scalar path)."""
+def _vector_widths(dtype: torch.dtype) -> tuple[int, ...]:
+    """Channels per vector: one 16-byte load, or 1 (the scalar path); float64 (for
+    gradcheck, not speed) has the scalar path only."""
+    if dtype == torch.float64:
+        return (1,)
     return (VECTOR_BYTES // torch.empty((), dtype=dtype).element_size(), 1)
 
 
@@ -79,6 +89,8 @@ def _vector(dtype: torch.dtype, channels: int, *tensors: torch.Tensor) -> tuple[
     written by vectors is 16-byte aligned; channels one by one otherwise, with the
     reason (for the launch log: the scalar path is several times slower)."""
     wide = _vector_widths(dtype)[0]
+    if wide == 1:
+        return 1, ""
     if channels % wide:
         return 1, (f"scalar fallback: D={channels} is not a multiple of {wide}, the "
                    f"{VECTOR_BYTES}-byte vector")
@@ -116,16 +128,33 @@ def _forward(value, spatial_shapes, level_start_index, sampling_locations, atten
 
 def _backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
               attention_weights, softmax: bool, want_value: bool):
-    device = value.device
-    grad_value = (torch.zeros(value.shape, dtype=torch.float32, device=device) if want_value
-                  else launch.null(torch.float32, device))  # the kernel skips the scatter
-    grad_locations = launch.new_output(sampling_locations.shape, torch.float32, device)
-    grad_weights = launch.new_output(attention_weights.shape, torch.float32, device)
+    dtype, device = value.dtype, value.device
+    # What the kernels accumulate in: float32, float64 for float64.
+    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+    grad_locations = launch.new_output(sampling_locations.shape, accumulate, device)
+    grad_weights = launch.new_output(attention_weights.shape, accumulate, device)
+    fixed_sums = None
+    fixed_args = determinism.FixedPointSum.unused(device)
+    grad_value = launch.null(accumulate, device)  # null: the kernel skips the float scatter
+    if want_value and determinism.enabled():
+        # Each (query, point) adds at most one value to an element of grad_value:
+        # bilinear weight (<= 1) times attention weight times grad_output.
+        _, queries, _, levels, points, _ = sampling_locations.shape
+        fixed_sums = determinism.FixedPointSum(
+            value.shape, device,
+            max_abs=determinism.max_abs(grad_output) * (
+                1.0 if softmax else determinism.max_abs(attention_weights)),
+            max_addends=max(queries * levels * points, 1),
+        )
+        fixed_args = fixed_sums.kernel_args()
+    elif want_value:
+        grad_value = torch.zeros(value.shape, dtype=accumulate, device=device)
     if grad_weights.numel():
         _launch("backward", softmax, value, sampling_locations, (value, grad_output),
                 (value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                 grad_output, grad_value, grad_locations, grad_weights))
-    dtype = value.dtype
+                 grad_output, grad_value, *fixed_args, grad_locations, grad_weights))
+    if fixed_sums is not None:
+        grad_value = fixed_sums.result(accumulate)
     return (grad_value.to(dtype) if want_value else value.new_empty(0),
             grad_locations.to(dtype), grad_weights.to(dtype))
 
@@ -176,12 +205,6 @@ def _setup_context(ctx, inputs, output):
 
 
 def _autograd_backward(ctx, grad_output):
-    if torch.are_deterministic_algorithms_enabled():
-        raise RuntimeError(
-            "ms_deform_attn_backward_cuda does not have a deterministic implementation, but you "
-            "set 'torch.use_deterministic_algorithms(True)'. (grad_value scatters with float32 "
-            "atomics; kernels.ops.ms_deform_attn)"
-        )
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_value, grad_locations, grad_weights = torch.ops.dcnbench.ms_deform_attn_backward(
@@ -262,11 +285,14 @@ def ms_deform_attn(
     x = loc_x·W_l − 0.5, y = loc_y·H_l − 0.5 (``grid_sample`` with
     align_corners=False), a the weights as given or, with ``softmax``, their
     softmax over the L·P points of (n, q, m), computed in the kernel in
-    float32. CUDA tensors run on the GPU (PyTorch's current stream), CPU
-    tensors through the emulator.
+    float32 (float64 for float64). CUDA tensors run on the GPU (PyTorch's
+    current stream), CPU tensors through the emulator. Under
+    ``torch.use_deterministic_algorithms(True)`` grad_value is accumulated in
+    fixed point and bit-reproducible (``kernels/determinism.py``); the other
+    gradients are deterministic either way.
 
     Args:
-        value: [N, S, M, D], S = Σ_l H_l·W_l, float32 / float16 / bfloat16.
+        value: [N, S, M, D], S = Σ_l H_l·W_l, float32 / float16 / bfloat16 / float64.
         spatial_shapes: [L, 2] int64, (H_l, W_l) (a level may be empty: 0 rows).
         level_start_index: [L] int64, where level l starts in S.
         sampling_locations: [N, Lq, M, L, P, 2], normalised per level, x first.
