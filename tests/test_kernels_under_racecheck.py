@@ -45,6 +45,8 @@ SCATTER_HEAVY = {
     "group": 4,
     "group_channels": 16,
     "K": 48,
+    "Lq": 128,  # ms_deform_attn: many queries sampling one small map
+    "M": 4,
 }
 # More cases where a declaration has the parameters: D = 6 sends the vectorized
 # DCNv3 design down its scalar path (no 16-byte vectors: scalar atomics).

@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 
 from kernels import determinism, launch
+from kernels.checks import as_bool
 from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
 from kernels.reference import ms_deform_attn as contract
 
@@ -254,11 +255,11 @@ def prepare(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index
     """Check the arguments of :func:`ms_deform_attn` once (reading the level table on
     the host); the returned call runs the operator on them with no checks and no
     synchronisation: the harness's timed call."""
+    softmax = as_bool("softmax", softmax)
     check_arguments(value, spatial_shapes, level_start_index, sampling_locations,
                     attention_weights)
     return functools.partial(torch.ops.dcnbench.ms_deform_attn, value, spatial_shapes,
-                             level_start_index, sampling_locations, attention_weights,
-                             bool(softmax))
+                             level_start_index, sampling_locations, attention_weights, softmax)
 
 
 def unchecked_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,

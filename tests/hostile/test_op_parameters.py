@@ -40,6 +40,10 @@ VALID = {
     "roi_align": lambda: ((_seeded(1, 2, 8, 8), _rois()), {"output_size": 2}),
     "deform_psroi_pool": lambda: ((_seeded(1, 2, 8, 8), _rois(), _seeded(1, 2, 2, 2)),
                                   {"output_dim": 2, "pooled_size": 2}),
+    # One 3x4 level, 2 queries, 1 head of 4 channels, 2 points.
+    "ms_deform_attn": lambda: ((_seeded(1, 12, 1, 4), torch.tensor([[3, 4]]), torch.tensor([0]),
+                                _seeded(1, 2, 1, 1, 2, 2).sigmoid(),
+                                _seeded(1, 2, 1, 1, 2).softmax(-1)), {}),
 }
 
 
