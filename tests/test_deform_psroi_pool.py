@@ -254,11 +254,6 @@ BAD_ARGUMENTS = {
         ValueError,
         r"finite coordinates",
     ),
-    "nan_trans": (
-        _bad(trans=torch.full((9, 4, 3, 3), float("nan"))),
-        ValueError,
-        r"trans must be finite",
-    ),
     "channels_not_output_dim_group_size_squared": (
         _bad(input=torch.zeros(2, 15, 8, 9)),
         ValueError,

@@ -14,9 +14,10 @@ atomics into a buffer of the accumulation dtype (cast once at the end; under
 per-bin, per-channel-slice partial sums of the trans gradient; here they are
 summed over slices and over the bins that share a part cell. Only requested
 gradients are computed. ``rois`` (a [K, 5] tensor or a list of [L, 4] boxes
-per image, float32 or the input's dtype) and ``trans`` values are checked on
-the host, as in :mod:`kernels.ops.deform_roi_pool` (one synchronisation per
-forward on a GPU). K = 0 RoIs or output_dim = 0 give an empty output and zero
+per image, float32 or the input's dtype) values are checked on the host, as
+in :mod:`kernels.ops.deform_roi_pool` (one synchronisation per forward on a
+GPU); ``trans`` values are not (a non-finite one puts its bins' samples
+outside the map, uncounted). K = 0 RoIs or output_dim = 0 give an empty output and zero
 gradients, without a launch.
 """
 
@@ -475,7 +476,7 @@ def deform_psroi_pool(
     """
     g, operands = _operands(input, rois, trans, spatial_scale, output_dim, group_size,
                             pooled_size, part_size, sample_per_part, trans_std, no_trans)
-    torch.ops.dcnbench.check_roi_values(operands[1], g.batch, operands[2], "trans")
+    torch.ops.dcnbench.check_roi_values(operands[1], g.batch)
     return torch.ops.dcnbench.deform_psroi_pool(*operands)
 
 
@@ -500,7 +501,7 @@ def prepare(
     """
     g, operands = _operands(input, rois, trans, spatial_scale, output_dim, group_size,
                             pooled_size, part_size, sample_per_part, trans_std, no_trans)
-    check_values(operands[1], g.batch, trans=operands[2])
+    check_values(operands[1], g.batch)
     return functools.partial(torch.ops.dcnbench.deform_psroi_pool, *operands)
 
 

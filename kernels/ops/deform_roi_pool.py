@@ -17,11 +17,14 @@ grad_offset / grad_mask, summed here (no atomics: reproducible either way).
 Only requested gradients are computed.
 
 ``rois`` (a [K, 5] tensor or a list of [L, 4] boxes per image, see
-``kernels.rois``) and ``offset`` values are checked on the host (integral
-batch indices in range, finite coordinates and offsets, adaptive sampling
-grids within ``kernels.rois.MAX_SAMPLES_PER_BIN``): on a GPU that is one
+``kernels.rois``) values are checked on the host (integral batch indices in
+range, finite coordinates, adaptive sampling grids within
+``kernels.rois.MAX_SAMPLES_PER_BIN``): on a GPU that is one
 device-to-host synchronisation per forward call (:func:`check_values`), the
-price of a clear error instead of a silently wrong result.
+price of a clear error instead of a silently wrong result. ``offset``
+values are not checked: a NaN or infinite one puts its bin's samples outside
+the map (docs/ops-semantics.md, "Non-finite positions"), as the kernels'
+in-range tests, written as "inside", do by themselves.
 
 K = 0 RoIs or C = 0 channels give an empty output of the right shape and
 zero gradients, without a launch.
@@ -169,12 +172,11 @@ def check_values(
     rois: torch.Tensor,
     batch: int,
     adaptive: Geometry | AdaptiveGrid | None = None,
-    **moves: torch.Tensor | None,
 ) -> None:
-    """Batch indices integral and in [0, batch), coordinates finite, every
-    tensor in ``moves`` (offset, trans: they move sample positions) finite,
-    and, given the ``adaptive`` geometry of a call with sampling_ratio <= 0,
-    every RoI's sampling grid within ``MAX_SAMPLES_PER_BIN``.
+    """Batch indices integral and in [0, batch), coordinates finite, and,
+    given the ``adaptive`` geometry of a call with sampling_ratio <= 0, every
+    RoI's sampling grid within ``MAX_SAMPLES_PER_BIN``. (Offsets and trans
+    need no check: a non-finite one samples outside the map.)
 
     Reads values: on a GPU one synchronisation (the error path takes more,
     to name the first bad element). Callers that check a case once (the
@@ -183,19 +185,11 @@ def check_values(
     index = rois[:, 0]
     bad_index = (index != index.floor()) | (index < 0) | (index >= batch)
     bad_coordinates = ~torch.isfinite(rois[:, 1:]).all(dim=1)
-    given = {name: tensor for name, tensor in moves.items() if tensor is not None}
     grid_h, grid_w = (None, None) if adaptive is None else adaptive_grid(rois, adaptive)
     bad_grid = (
         torch.zeros_like(bad_index) if adaptive is None else grid_too_large(grid_h, grid_w)
     )
-    flags = torch.stack(
-        [
-            bad_index.any(),
-            bad_coordinates.any(),
-            bad_grid.any(),
-            *(~torch.isfinite(tensor).all() for tensor in given.values()),
-        ]
-    ).tolist()
+    flags = torch.stack([bad_index.any(), bad_coordinates.any(), bad_grid.any()]).tolist()
     if flags[0]:
         k = int(bad_index.nonzero()[0, 0])
         raise ValueError(
@@ -210,9 +204,6 @@ def check_values(
     if flags[2]:
         k = int(bad_grid.nonzero()[0, 0])
         raise grid_too_large_error(k, int(grid_h[k]), int(grid_w[k]))
-    for name, bad in zip(given, flags[3:], strict=True):
-        if bad:
-            raise ValueError(f"{name} must be finite (it moves sample positions), got NaN or Inf")
 
 
 class AdaptiveGrid(NamedTuple):
@@ -662,20 +653,19 @@ def pooled_size(output_size: object, pooled_h: object, pooled_w: object) -> tupl
 @torch.library.custom_op(
     "dcnbench::check_roi_values",
     mutates_args=(),
-    schema="(Tensor rois, int batch, Tensor? moves, str name, int pooled_h=0, int pooled_w=0, "
+    schema="(Tensor rois, int batch, int pooled_h=0, int pooled_w=0, "
     "float spatial_scale=1.0, bool aligned=True) -> ()",
 )
-def _check_values_op(rois, batch, moves, name, pooled_h=0, pooled_w=0, spatial_scale=1.0,
-                     aligned=True):
+def _check_values_op(rois, batch, pooled_h=0, pooled_w=0, spatial_scale=1.0, aligned=True):
     """:func:`check_values` as an operator: torch.compile keeps it whole (it reads values,
     which a traced graph cannot) instead of breaking the graph there. ``pooled_h`` > 0:
     the call's sampling grid is adaptive, of these bins, scale and alignment."""
     grid = None if pooled_h == 0 else AdaptiveGrid(pooled_h, pooled_w, spatial_scale, aligned)
-    check_values(rois, batch, grid, **{name: moves})
+    check_values(rois, batch, grid)
 
 
 @_check_values_op.register_fake
-def _(rois, batch, moves, name, *grid):
+def _(rois, batch, *grid):
     return None
 
 
@@ -734,7 +724,7 @@ def prepare(
         input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma,
         aligned,
     )
-    check_values(operands[1], g.batch, g if g.sampling_ratio <= 0 else None, offset=offset)
+    check_values(operands[1], g.batch, g if g.sampling_ratio <= 0 else None)
     return functools.partial(torch.ops.dcnbench.deform_roi_pool, *operands)
 
 
@@ -742,8 +732,7 @@ def _pool(input, rois, offset, mask, size, spatial_scale, sampling_ratio, gamma,
     g, operands = _operands(
         input, rois, offset, mask, *size, spatial_scale, sampling_ratio, gamma, aligned
     )
-    torch.ops.dcnbench.check_roi_values(operands[1], g.batch, offset, "offset",
-                                        *_adaptive_grid_arguments(g))
+    torch.ops.dcnbench.check_roi_values(operands[1], g.batch, *_adaptive_grid_arguments(g))
     return torch.ops.dcnbench.deform_roi_pool(*operands)
 
 

@@ -15,7 +15,9 @@ W_p-wide map at pixel x_p = ((g + 1)·W_p − 1) / 2 for the grid value g, so
 g = 2·(x_p + 0.5) / W_p − 1 addresses padded pixel x_p = x + pad_w exactly
 (up to rounding of the normalisation); zeros padding makes every corner
 outside the padded map 0, and the padded rows and columns are 0 themselves,
-so every corner outside the unpadded map contributes 0: rule B0.
+so every corner outside the unpadded map contributes 0: rule B0. A NaN or
+infinite offset samples outside (``kernels.peers.grid_sample``), where upstream
+gives NaN.
 
 Precision: everything runs in the arguments' dtype, grid_sample included. In
 float16 / bfloat16 the normalised grid has 11 / 8 significant bits, i.e. a
@@ -31,6 +33,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from kernels.peers.grid_sample import sample_b0
 from kernels.reference.dcnv3 import (
     Geometry,
     check_arguments,
@@ -205,8 +208,7 @@ def _grid_sample_core(input, offset, mask, geometry: Geometry, group: int, softm
     maps = padded.view(batch, padded_h * padded_w, channels).transpose(1, 2)
     maps = maps.reshape(batch * group, channels // group, padded_h, padded_w)
     grid = grid.view(batch, out_h * out_w, group, taps, 2).transpose(1, 2).flatten(0, 1)
-    sampled = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros",
-                            align_corners=False)  # [N·G, D, H_out·W_out, P]
+    sampled = sample_b0(maps, grid)  # [N·G, D, H_out·W_out, P]
     weights = mask.view(batch, out_h * out_w, group, taps).transpose(1, 2)
     weights = weights.reshape(batch * group, 1, out_h * out_w, taps)
     if softmax:

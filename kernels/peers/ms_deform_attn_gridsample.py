@@ -10,7 +10,8 @@ us from the contract, with the arguments of ``kernels.reference.ms_deform_attn``
 
 Why it is the contract's B0: with align_corners=False grid_sample reads a
 W-wide map at pixel ((g + 1)·W − 1) / 2 = loc·W − 0.5, and zeros padding makes
-every corner outside the map 0.
+every corner outside the map 0. A NaN or infinite location samples outside
+(``kernels.peers.grid_sample``), where upstream gives NaN.
 
 Precision: everything runs in the arguments' dtype, grid_sample included; in
 float16 / bfloat16 the grid has 11 / 8 significant bits, a position error of
@@ -25,8 +26,8 @@ import functools
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
+from kernels.peers.grid_sample import sample_b0
 from kernels.reference.ms_deform_attn import check_arguments
 
 
@@ -81,8 +82,7 @@ def _grid_sample_core(value, shapes, sampling_locations, attention_weights, soft
         maps = value_levels[level].flatten(2).transpose(1, 2).reshape(batch * heads, channels,
                                                                       height, width)
         grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # [N·M, Lq, P, 2]
-        sampled.append(F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros",
-                                     align_corners=False))  # [N·M, D, Lq, P]
+        sampled.append(sample_b0(maps, grid))  # [N·M, D, Lq, P]
     weights = weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
     out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # [N·M, D, Lq]
     return out.view(batch, heads * channels, queries).transpose(1, 2).contiguous()

@@ -42,6 +42,8 @@ from kernels.reference.conv2d import conv_output_size
 
 # Column values (channels × taps × output pixels × images) computed per chunk.
 MAX_CHUNK_ELEMENTS = 2**24
+# Where bilinear_b0 moves a position outside the map: both corners outside too.
+OUTSIDE = -2.0
 
 
 def deform_conv2d(
@@ -182,8 +184,9 @@ def sample_coordinates(
 def bilinear_b0(input: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Values of the maps at real positions by the zero-outside rule B0.
 
-    B0: 0 when y <= -1, y >= H, x <= -1 or x >= W, or y or x is NaN (a
-    non-finite offset puts a sample outside the map); otherwise the bilinear
+    B0: 0 when y <= -1, y >= H, x <= -1 or x >= W, or y or x is NaN or
+    infinite (a non-finite offset puts a sample outside the map, with no
+    gradient through it); otherwise the bilinear
     blend of the corners (floor(y), floor(x)) … (floor(y)+1, floor(x)+1),
     where a corner outside [0, H-1]×[0, W-1] contributes 0.
 
@@ -204,14 +207,18 @@ def bilinear_b0(input: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.
     x = x.reshape(batch, groups, samples)
     maps = input.reshape(batch, groups, channels, height * width)
 
+    # The rule's first clause. A position outside (NaN or infinite ones too: the
+    # comparisons are false) moves to a point with every corner outside: its value
+    # and gradient are 0, and no NaN reaches a weight (NaN * 0 is NaN). At y = -1
+    # or x = -1 exactly this decides the gradient, where the blend alone would
+    # give a one-sided nonzero slope.
+    inside = (y > -1) & (y < height) & (x > -1) & (x < width)
+    y = torch.where(inside, y, OUTSIDE)
+    x = torch.where(inside, x, OUTSIDE)
     y_low = torch.floor(y).detach()
     x_low = torch.floor(x).detach()
     frac_y = y - y_low
     frac_x = x - x_low
-    # The rule's first clause. It changes no value (every corner of such a
-    # sample is outside), but it decides the gradient at y = -1 or x = -1
-    # exactly, where the blend alone would give a one-sided nonzero slope.
-    inside = (y > -1) & (y < height) & (x > -1) & (x < width)
 
     value = None
     for corner_y, weight_y in ((y_low, 1 - frac_y), (y_low + 1, frac_y)):
@@ -226,8 +233,6 @@ def bilinear_b0(input: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.
             # Invalid corners read pixel 0 and are then weighted by 0.
             index = torch.where(valid, corner_y.long() * width + corner_x.long(), 0)
             corner = maps.gather(3, index[:, :, None, :].expand(-1, -1, channels, -1))
-            # where, not a product with valid: at a NaN position (a NaN offset, outside
-            # the map by the contract) the weights are NaN, and NaN * 0 is NaN.
             weight = torch.where(valid, weight_y * weight_x, 0)
             term = corner * weight[:, :, None, :]
             value = term if value is None else value + term

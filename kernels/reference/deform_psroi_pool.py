@@ -37,7 +37,6 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from kernels.reference.deform_roi_pool import (
-    check_finite,
     check_like_input,
     check_rois,
     check_shape,
@@ -153,7 +152,8 @@ def bilinear_b2(maps: torch.Tensor, height: int, width: int, index: torch.Tensor
                 y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Values of single maps at real positions by the PSRoI rule B2.
 
-    B2: a sample with x < -0.5, x > W-0.5, y < -0.5 or y > H-0.5 is skipped;
+    B2: a sample with x < -0.5, x > W-0.5, y < -0.5 or y > H-0.5, or a NaN or
+    infinite coordinate (a non-finite trans: not a point of the map), is skipped;
     otherwise x is clamped to [0, W-1], y to [0, H-1], and the corners
     floor/ceil of each coordinate are blended.
 
@@ -166,8 +166,10 @@ def bilinear_b2(maps: torch.Tensor, height: int, width: int, index: torch.Tensor
         (values, counted): the blend (0 where skipped) and whether each sample counts.
     """
     counted = (x >= -0.5) & (x <= width - 0.5) & (y >= -0.5) & (y <= height - 0.5)
-    y = y.clamp(0, height - 1)
-    x = x.clamp(0, width - 1)
+    # A skipped position (NaN or infinite ones too: the comparisons are false) reads
+    # pixel (0, 0) weighted by 0: no NaN reaches an index, a weight or a gradient.
+    y = torch.where(counted, y, 0.0).clamp(0, height - 1)
+    x = torch.where(counted, x, 0.0).clamp(0, width - 1)
     y_low, y_high = torch.floor(y).detach(), torch.ceil(y).detach()
     x_low, x_high = torch.floor(x).detach(), torch.ceil(x).detach()
     dist_y, dist_x = y - y_low, x - x_low
@@ -236,5 +238,4 @@ def _check_arguments(input, rois, trans, spatial_scale, output_dim, group_size, 
             f"trans's num_classes = {num_classes} (2·num_classes = {trans.shape[1]} channels) must "
             f"divide output_dim = {output_dim}")
     check_like_input("trans", trans, input)
-    check_finite("trans", trans)
     return batch, num_classes

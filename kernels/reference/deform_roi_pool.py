@@ -145,12 +145,6 @@ def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], mean
         raise ValueError(f"{name} must be {meaning} = {list(expected)}, got {list(tensor.shape)}")
 
 
-def check_finite(name: str, tensor: torch.Tensor) -> None:
-    """Raise ValueError when ``tensor`` holds NaN or Inf (they are sample coordinates)."""
-    if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"{name} must be finite: its values move sample positions, got NaN or Inf")
-
-
 def roi_boxes(rois: torch.Tensor, spatial_scale: float, aligned: bool = True):
     """(start_y, start_x, roi_h, roi_w), each [K], of the RoIs on the feature map."""
     shift = 0.5 if aligned else 0.0
@@ -221,7 +215,9 @@ def sample_positions(rois, offset, grid, pooled_h, pooled_w, spatial_scale, gamm
 def bilinear_b1(input: torch.Tensor, batch: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Values of the maps at real positions by the RoIAlign rule B1.
 
-    B1: 0 when y < -1, y > H, x < -1 or x > W. Otherwise clamp y and x below
+    B1: 0 when y < -1, y > H, x < -1 or x > W, or y or x is NaN or infinite
+    (a non-finite offset puts a sample outside the map, with no gradient
+    through it). Otherwise clamp y and x below
     at 0; y_low = int(y); if y_low >= H-1 then y_low = y_high = H-1 and
     y = y_low, else y_high = y_low+1 (same for x); bilinear blend of the four
     corners.
@@ -239,6 +235,10 @@ def bilinear_b1(input: torch.Tensor, batch: torch.Tensor, y: torch.Tensor, x: to
     rows = input.permute(0, 2, 3, 1).reshape(-1, channels)  # [N·H·W, C]
     y, x = torch.broadcast_tensors(y, x)
     inside = (y >= -1) & (y <= height) & (x >= -1) & (x <= width)
+    # A position outside (NaN or infinite ones too: the comparisons are false) reads
+    # pixel (0, 0) weighted by 0: no NaN reaches an index, a weight or a gradient.
+    y = torch.where(inside, y, 0.0)
+    x = torch.where(inside, x, 0.0)
     corners = []
     for coordinate, size in ((y, height), (x, width)):
         coordinate = coordinate.clamp(min=0)
@@ -328,6 +328,4 @@ def _check_arguments(input, rois, offset, mask, pooled_h, pooled_w, spatial_scal
         channels = 2 if name == "offset" else 1
         check_shape(name, tensor, (count, channels, pooled_h, pooled_w), meaning)
         check_like_input(name, tensor, input)
-    if offset is not None:
-        check_finite("offset", offset)
     return batch
