@@ -227,18 +227,36 @@ class RunDir:
             yield
 
     def append(self, row: Row) -> dict[str, Any]:
-        """Write ``row`` (stamped with the time) and return it as stored."""
+        """Write ``row`` (stamped with the time) and return it as stored.
+
+        Raises :class:`RowNotWritten` when the write fails (a full disk): the
+        file then ends with the last whole row, as before the call.
+        """
         row.finished_at = utc_now()
         stored = _finite_or_none(dataclasses.asdict(row))
-        line = json.dumps(stored, allow_nan=False)
-        with self.results_path.open("a") as f:
-            f.write(line + "\n")
-            f.flush()
+        line = memoryview((json.dumps(stored, allow_nan=False) + "\n").encode())
+        # Unbuffered: a failed write raises here, not again when the file closes.
+        with self.results_path.open("ab", buffering=0) as f:
+            end = f.seek(0, os.SEEK_END)
+            try:
+                while line:
+                    line = line[f.write(line):]
+            except OSError as error:
+                f.truncate(end)  # the part of the line that made it (truncating takes no space)
+                raise RowNotWritten(
+                    f"{self.results_path}: a finished row could not be written "
+                    f"({error.strerror or error})"
+                ) from error
         return stored
 
 
 class RunDirLocked(OSError):
     """Another live process is writing into the run directory."""
+
+
+class RowNotWritten(OSError):
+    """A row could not be appended to a run (the disk is full, say); the rows
+    before it are intact."""
 
 
 def read_metadata(run_dir: Path) -> dict[str, Any]:

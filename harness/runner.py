@@ -6,7 +6,8 @@ a ``fail`` or ``error`` row and the sweep goes on; with workers
 (``harness.workers``: ``workers``, ``devices``, or the Ray executor) so does a
 case that kills its process, hangs or runs out of memory. Ctrl-C stops after
 writing what finished; ``resume`` skips the rows a run directory already
-holds; ``shard`` runs a balanced share of the cases. At the end a table sums
+holds; ``shard`` runs a balanced share of the cases. A row that cannot be
+written (a full disk) stops the sweep the same way. At the end a table sums
 up pass/fail and speedups.
 """
 
@@ -33,12 +34,13 @@ from rich.progress import (
 )
 
 from harness import environment, plugins, registry, workers
-from harness.results import RunDir, row_key
+from harness.results import RowNotWritten, RunDir, row_key
 from harness.suites import Suite, SuiteCase
 from harness.summary import print_summary
 from harness.timing import TimingConfig, copy_bandwidth_gbps
 
 EXIT_INTERRUPTED = 130
+EXIT_NOT_WRITTEN = 74  # sysexits.h's EX_IOERR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,6 +280,7 @@ def _run_locked(run_dir: RunDir, selected: list, options: RunOptions, console: C
         plugins=tuple(plugins.LOADED), counters=options.counters,
         threads=max(1, (os.cpu_count() or 1) // options.workers) if options.workers else None)
     interrupted = False
+    not_written: RowNotWritten | None = None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -297,11 +300,18 @@ def _run_locked(run_dir: RunDir, selected: list, options: RunOptions, console: C
                         )
         except KeyboardInterrupt:
             interrupted = True
+        except RowNotWritten as error:
+            not_written = error
     print_summary(rows, console)
     console.print(f"results: [bold]{escape(str(run_dir.path))}")
+    resume = (f"the {len(rows)} finished rows are saved; run the same command again with "
+              f"--resume --out {escape(str(run_dir.path))} to finish the run")
+    if not_written is not None:
+        console.print(f"[red]stopped: {escape(str(not_written))}[/]; {resume} "
+                      "once there is space", highlight=False, soft_wrap=True)
+        return EXIT_NOT_WRITTEN
     if interrupted:
-        console.print(f"[yellow]interrupted: the finished rows are saved; add "
-                      f"--resume --out {escape(str(run_dir.path))} to finish the run")
+        console.print(f"[yellow]interrupted: {resume}", highlight=False, soft_wrap=True)
         return EXIT_INTERRUPTED
     return 1 if any(row["status"] in ("fail", "error") for row in rows) else 0
 

@@ -1,6 +1,8 @@
 import dataclasses
+import errno
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +210,51 @@ def test_resume_cuts_off_a_row_whose_write_was_interrupted(toy, toy_suite, tmp_p
     assert run(toy_suite, tmp_path / "run", impls=["good"], resume=True) == 0
     assert [json.loads(line) for line in path.read_text().splitlines()][-1]["impl"] == "good"
     assert len(results.read_rows(tmp_path / "run")) == len(lines)
+
+
+class _DiskFullAfter:
+    """``Path.open`` for a disk that fills up after ``rows`` rows of results.jsonl: the
+    next row's write gets half its bytes onto the disk, then ENOSPC, as write(2) does."""
+
+    def __init__(self, rows: int):
+        self.rows, self.real_open = rows, Path.open
+
+    def __call__(self, path, mode="r", *args, **kwargs):
+        f = self.real_open(path, mode, *args, **kwargs)
+        if path.name != results.RESULTS or "a" not in mode:
+            return f
+        if self.rows == 0:
+            real_write = f.write
+
+            def write(data):
+                if len(data) > 1:
+                    return real_write(data[:len(data) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            f.write = write
+        self.rows -= 1
+        return f
+
+
+def test_a_full_disk_stops_the_run_keeping_every_written_row_and_says_how_to_resume(
+        toy, toy_suite, tmp_path, monkeypatch):
+    out = io.StringIO()
+    disk = _DiskFullAfter(rows=5)
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "open", lambda path, *a, **k: disk(path, *a, **k))
+        assert run(toy_suite, tmp_path / "run", console_file=out) == runner.EXIT_NOT_WRITTEN
+    printed = out.getvalue()
+    assert "No space left on device" in printed and "dcnbench results" in printed
+    assert f"the 5 finished rows are saved; run the same command again with --resume --out " \
+           f"{tmp_path / 'run'}" in printed
+    # The half-written sixth row was taken back: the file is whole, resume needs no repair.
+    text = (tmp_path / "run" / results.RESULTS).read_text()
+    assert text.endswith("\n") and len(text.splitlines()) == 5
+    written = results.read_rows(tmp_path / "run")
+    assert run(toy_suite, tmp_path / "run", resume=True) == 1  # the toy's wrong impls fail
+    rows = results.read_rows(tmp_path / "run")
+    assert rows[:5] == written and len(rows) == CASES * IMPLS * 2
+    assert len({results.row_key(r) for r in rows}) == len(rows)
 
 
 def test_resume_refuses_another_seed_or_suite(toy, toy_suite, write_suite, tmp_path):
