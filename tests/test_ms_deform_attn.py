@@ -53,10 +53,12 @@ def make_inputs(shapes, N, Lq, M, D, P, dtype, seed=0, softmax=False):
             "sampling_locations": locations.to(dtype), "attention_weights": weights.to(dtype)}
 
 
-def run_both(inputs, softmax, backward=True):
-    """(ours, reference): outputs and, with ``backward``, the gradients of FLOATS."""
-    ours_in = {k: t.clone().requires_grad_(backward) if k in FLOATS else t for k, t in inputs.items()}
-    ref_in = {k: t.double().requires_grad_(backward) if k in FLOATS else t for k, t in inputs.items()}
+def run_both(inputs, softmax, backward=True, differentiable=FLOATS):
+    """(ours, reference): outputs and, with ``backward``, the gradients of the
+    ``differentiable`` FLOATS (the others need none)."""
+    wanted = {k: backward and k in differentiable for k in FLOATS}
+    ours_in = {k: t.clone().requires_grad_(wanted[k]) if k in FLOATS else t for k, t in inputs.items()}
+    ref_in = {k: t.double().requires_grad_(wanted[k]) if k in FLOATS else t for k, t in inputs.items()}
     ours = ops.ms_deform_attn(*ours_in.values(), softmax=softmax)
     ref = reference.ms_deform_attn(*ref_in.values(), softmax=softmax)
     results = [("output", ours, ref)]
@@ -64,7 +66,7 @@ def run_both(inputs, softmax, backward=True):
         grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
         ours.backward(grad.to(ours.dtype))
         ref.backward(grad.to(ours.dtype).double())
-        results += [(f"grad_{k}", ours_in[k].grad, ref_in[k].grad) for k in FLOATS]
+        results += [(f"grad_{k}", ours_in[k].grad, ref_in[k].grad) for k in differentiable]
     return results
 
 
@@ -75,6 +77,19 @@ def test_forward_and_gradients_match_the_reference(case, softmax, dtype):
     inputs = make_inputs(*CASES[case], dtype, softmax=softmax)
     for name, ours, ref in run_both(inputs, softmax):
         assert_close(name, ours.detach(), ref.detach(), dtype)
+
+
+@pytest.mark.parametrize("softmax", [False, True], ids=["weights", "softmax"])
+@pytest.mark.parametrize("value_grad", [False, True], ids=["value_frozen", "value_trained"])
+def test_location_and_weight_gradients_whether_value_needs_one_or_not(value_grad, softmax):
+    """A frozen ``value`` (a detector's fixed features) turns the kernel's
+    grad_value scatter off; the location and weight gradients must not change."""
+    differentiable = FLOATS if value_grad else FLOATS[1:]
+    inputs = make_inputs(*CASES["detr_like_D8"], torch.float32, softmax=softmax)
+    results = run_both(inputs, softmax, differentiable=differentiable)
+    assert [name for name, _, _ in results] == ["output", *(f"grad_{k}" for k in differentiable)]
+    for name, ours, ref in results:
+        assert_close(name, ours.detach(), ref.detach(), torch.float32)
 
 
 def test_the_variant_follows_D_and_alignment_and_says_why():
