@@ -211,6 +211,23 @@ def test_deterministic_backward_takes_the_fixed_point_path():
     assert not torch.autograd.grad(out, value, grad_output)[0].isnan().all()
 
 
+@pytest.mark.usefixtures("deterministic_algorithms")
+def test_deterministic_backward_takes_a_value_exactly_at_the_scales_bound():
+    """One query, one point, on pixel (0, 0) exactly, every factor 1: the one value
+    added is max_abs itself, and the scale (a power of two, max_abs · scale ·
+    max_addends <= 2^62, kernels.determinism) puts it at 2^62 exactly: a sum that
+    fits, not an overflow."""
+    value = torch.randn(1, 4, 1, 4, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    spatial_shapes = torch.tensor([[2, 2]])
+    locations = torch.full((1, 1, 1, 1, 1, 2), 0.25)  # x = y = 0.25 · 2 - 0.5 = 0
+    weights = torch.ones(1, 1, 1, 1, 1)
+    out = ops.ms_deform_attn(value, spatial_shapes, torch.tensor([0]), locations, weights)
+    (grad_value,) = torch.autograd.grad(out, value, torch.ones_like(out))
+    expected = torch.zeros(1, 4, 1, 4)
+    expected[0, 0] = 1  # only pixel (0, 0), with bilinear weight 1
+    assert torch.equal(grad_value, expected)
+
+
 def test_bad_arguments_name_the_argument():
     inputs = make_inputs(*CASES["scalar_D5"], torch.float32)
     tensors = list(inputs.values())

@@ -61,8 +61,9 @@ __device__ __forceinline__ void fixed_point_add(long long* sum, value_t value, d
     const double scaled = v * scale;  // exact: scale is 2^e
     // One test for the common path (false for NaN too); v - v is NaN exactly
     // for a NaN or infinite v. No isfinite / llrint: calls, which made ptxas
-    // spill the backwards on sm_80.
-    if (!(fabs(scaled) < 4611686018427387904.0)) {  // 2^62
+    // spill the backwards on sm_80. 2^62 itself is in range: the host's scale
+    // may put max|v| exactly there (max_addends = 1, max|v| a power of two).
+    if (!(fabs(scaled) <= 4611686018427387904.0)) {  // 2^62
         atomicOr(status, v - v == 0.0 ? FIXED_POINT_OVERFLOW : FIXED_POINT_NONFINITE);
         return;
     }
