@@ -224,6 +224,14 @@ class DCNv3Layer(nn.Module):
                  core: Callable[..., torch.Tensor] = reference.dcnv3) -> None:
         super().__init__()
         channels, group = checks.as_int("channels", channels, 1), checks.as_int("group", group, 1)
+        kernel_size = checks.as_int("kernel_size", kernel_size, 1)
+        stride = checks.as_int("stride", stride, 1)
+        pad = None if pad is None else checks.as_int("pad", pad, 0)
+        dilation = checks.as_int("dilation", dilation, 1)
+        offset_scale = checks.as_float("offset_scale", offset_scale)
+        remove_center = checks.as_bool("remove_center", remove_center)
+        dw_kernel_size = checks.as_int("dw_kernel_size", dw_kernel_size, 1)
+        center_feature_scale = checks.as_bool("center_feature_scale", center_feature_scale)
         if channels % group:
             raise ValueError(f"group must divide channels, got channels={channels}, group={group}")
         self.core = core

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from kernels import checks
 from kernels.ops import ms_deform_attn as ops
 
 Core = Callable[..., torch.Tensor]
@@ -37,10 +38,10 @@ class MSDeformAttn(nn.Module):
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8,
                  n_points: int = 4, core: Core = ops.ms_deform_attn):
         super().__init__()
-        for name, value in (("d_model", d_model), ("n_levels", n_levels), ("n_heads", n_heads),
-                            ("n_points", n_points)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        d_model, n_levels, n_heads, n_points = (
+            checks.as_int(name, value, minimum=1)
+            for name, value in (("d_model", d_model), ("n_levels", n_levels),
+                                ("n_heads", n_heads), ("n_points", n_points)))
         if d_model % n_heads:
             raise ValueError(f"d_model must be a multiple of n_heads={n_heads}, got {d_model}")
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
