@@ -93,13 +93,15 @@ def in_memory(matrix: np.ndarray, row_major: bool, pad: int, dtype) -> np.ndarra
     return aligned(memory)
 
 
-def run_gemm(module, gemm: Gemm, a: np.ndarray, b: np.ndarray, c: np.ndarray, alpha: float):
-    """D from the emulator (as float64) and the NaN-padded memory it was stored in."""
+def run_gemm(module, gemm: Gemm, a: np.ndarray, b: np.ndarray, c: np.ndarray, alpha: float,
+             padded: bool = True) -> np.ndarray:
+    """D from the emulator, as float64; with ``padded``, the leading dimensions
+    are longer than the rows (columns) and the padding is NaN."""
     m, n, k = gemm.shape
     memory = MEMORY_DTYPE[gemm.input]
     accumulator = MEMORY_DTYPE[gemm.accumulator]
-    pad_in = 16 // np.dtype(memory).itemsize  # one more 16-byte step of ldm
-    pad_acc = 32 // np.dtype(accumulator).itemsize
+    pad_in = 16 // np.dtype(memory).itemsize if padded else 0  # one more 16-byte step of ldm
+    pad_acc = 32 // np.dtype(accumulator).itemsize if padded else 0
     a_mem = in_memory(a, gemm.row_major_a, pad_in, memory)
     b_mem = in_memory(b, gemm.row_major_b, pad_in, memory)
     c_mem = in_memory(c, gemm.row_major_c, pad_acc, accumulator)
@@ -185,9 +187,11 @@ def test_fragment_elements_per_lane(wmma):
     owner = aligned(np.full((16, 16), np.nan, dtype=np.float32))
     counts = np.zeros(4, dtype=np.int32)
     wmma.get_function("wmma_fragment_layout")((1,), (32,), (owner, counts))
-    # Documented mapping: lane l holds elements 8l .. 8l+7 of the row-major 16 x 16 tile.
-    linear = np.arange(256).reshape(16, 16)
-    np.testing.assert_array_equal(owner, (linear // 8) * 64 + linear % 8)
+    # Documented mapping: x[i] of lane l is row l / 4 + 8 (i / 4), column 4 (l % 4) + i % 4.
+    lane, i = np.meshgrid(np.arange(32), np.arange(8), indexing="ij")
+    expected = np.full((16, 16), np.nan, dtype=np.float32)
+    expected[lane // 4 + 8 * (i // 4), 4 * (lane % 4) + i % 4] = lane * 64 + i
+    np.testing.assert_array_equal(owner, expected)
     # CUDA's num_elements: accumulator 16x16 float, matrix_a half, tf32 matrix_a, double acc.
     np.testing.assert_array_equal(counts, [8, 16, 4, 2])
 
@@ -241,3 +245,73 @@ def test_unsupported_fragment_type_fails_at_build():
             "  nvcuda::wmma::load_matrix_sync(f, a, 16);\n}\n")
     with pytest.raises(emulator.CompileError, match="wmma supports m16n16k16"):
         emulator.RawModule(code=code).get_function("k")
+
+
+# ------------------------------------------------------------- the modes --
+@pytest.mark.parametrize("gemm", GEMMS[:2], ids=str)
+def test_counters_count_each_fragment_access_as_the_sectors_it_touches(wmma, rng, gemm):
+    a, b, c = inputs(rng, gemm, integers=True)  # 2 x 3 tiles of 16 x 16, 3 steps of k
+    with emulator.mode("counters"), emulator.recording() as launches:
+        d = run_gemm(wmma, gemm, a, b, c, alpha=1.0, padded=False)
+    np.testing.assert_array_equal(d, a.astype(np.float64) @ b.astype(np.float64) + c)
+    counts = {buffer.name: buffer for buffer in launches[0].buffers}
+    warps = 6
+    # A 16 x 16 half tile: one 16-byte vector per lane, 512 consecutive bytes: 16 sectors.
+    for name in "ab":
+        load = counts[name].access["load"]
+        assert (load.requests, load.sectors, load.efficiency) == (3 * warps, 3 * warps * 16, 1.0)
+    assert counts["a"].distinct_read_sectors == a.nbytes // 32
+    # A 16 x 16 float accumulator: two vectors per lane row-major (16 sectors each);
+    # column-major, 8 scalar accesses per lane, each request 8 rows of 4 columns.
+    requests, sectors = (2, 16) if gemm.row_major_c else (8, 4)
+    for name, kind in (("c", "load"), ("d", "store")):
+        access = counts[name].access[kind]
+        assert (access.requests, access.sectors, access.efficiency) == (
+            requests * warps, requests * warps * sectors, 1.0)
+    assert counts["d"].distinct_written_sectors == c.nbytes // 32
+
+
+def staged(module, barrier: int, rng):
+    a = aligned(rng.integers(-4, 5, (16, 16)).astype(np.float16))
+    b = aligned(rng.integers(-4, 5, (16, 16)).astype(np.float16))
+    d = aligned(np.full((16, 16), np.nan, dtype=np.float32))
+    module.get_function("wmma_staged")((1,), (64,), (a, b, d, np.int32(barrier)))
+    np.testing.assert_array_equal(d, a.astype(np.float64) @ b.astype(np.float64))
+
+
+def test_racecheck_sees_the_lanes_fragment_accesses(wmma, rng):
+    with emulator.mode("racecheck"):
+        staged(wmma, 1, rng)
+        run_gemm(wmma, GEMMS[0], *inputs(rng, GEMMS[0], integers=True), alpha=1.0)
+        with pytest.raises(emulator.RaceCheckError,
+                           match=r"data race on shared memory.*written by block \(0, 0, 0\) "
+                                 r"thread \(\d+, 0, 0\), then read by block \(0, 0, 0\) "
+                                 r"thread \((3[2-9]|[4-6]\d), 0, 0\)"):
+            staged(wmma, 0, rng)
+
+
+def test_memcheck_catches_a_fragment_stored_past_the_end(wmma, rng):
+    gemm = GEMMS[0]
+    a, b, c = inputs(rng, gemm, integers=True)
+    kernel = wmma.get_function(gemm.expression)
+    depth, cols = np.int32(a.shape[1]), np.int32(c.shape[1])
+    short_d = aligned(np.zeros((c.shape[0] - 1, c.shape[1]), dtype=np.float32))
+    with emulator.mode("memcheck"), pytest.raises(
+            emulator.MemcheckError, match=r"argument 3 'd'.*past its end"):
+        kernel((6,), (32,), (aligned(a), aligned(np.ascontiguousarray(b.T)), aligned(c), short_d,
+                             np.int32(3), depth, depth, depth, cols, np.float32(1)))
+
+
+def test_asan_catches_a_fragment_loaded_past_the_end(kernel_source, rng):
+    gemm = GEMMS[0]
+    module = emulator.RawModule(code=kernel_source("wmma.cu"), name_expressions=(gemm.expression,))
+    a, b, c = inputs(rng, gemm, integers=True)
+    depth, cols = np.int32(a.shape[1]), np.int32(c.shape[1])
+    short_a = aligned(a[:-1])
+    with emulator.mode("asan"), pytest.raises(
+            emulator.AddressSanitizerError,
+            match=r"heap-buffer-overflow, READ of 16 byte\(s\).*argument 0 'a'"):
+        module.get_function(gemm.expression)(
+            (6,), (32,), (short_a, aligned(np.ascontiguousarray(b.T)), aligned(c),
+                          aligned(np.zeros_like(c)), np.int32(3), depth, depth, depth, cols,
+                          np.float32(1)))

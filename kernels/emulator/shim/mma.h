@@ -71,11 +71,14 @@ namespace wmma_detail {
 namespace w = ::nvcuda::wmma;
 
 // The matrix a fragment holds (matrix_a: m x k, matrix_b: k x n, accumulator:
-// m x n) and how it is spread over the lanes: lane l holds the `distinct`
-// elements l*distinct ... l*distinct+distinct-1 of the matrix in storage order
-// (row-major for accumulators and row_major fragments, column-major for
-// col_major ones). Where CUDA's fragment has more elements than that (__half
-// matrix_a / matrix_b: 16), x[i] holds element i % distinct again.
+// m x n) and how it is spread over the lanes. In storage order (row-major for
+// accumulators and row_major fragments, column-major for col_major ones) the
+// matrix is cut into vectors of 16 bytes (`vector` elements), dealt out to the
+// lanes in turn: x[i] of lane l is element (32 * (i / vector) + l) * vector +
+// i % vector. So the warp's i-th vectors are 512 consecutive bytes of the
+// matrix, as a GPU's wide loads would fetch them. Where CUDA's fragment has more
+// elements than the lane's share, `distinct` (__half matrix_a / matrix_b: 16),
+// x[i] holds element i % distinct again.
 template <class Use, int m, int n, int k, class T, class Layout>
 struct Shape {
   static constexpr bool is_a = std::is_same_v<Use, w::matrix_a>;
@@ -84,6 +87,9 @@ struct Shape {
   static constexpr int rows = is_b ? k : m;
   static constexpr int cols = is_a ? k : n;
   static constexpr int distinct = rows * cols / 32;
+  static constexpr int vector_bytes = 16;
+  static constexpr int vector = std::min<int>(
+      distinct, vector_bytes / sizeof(typename w::helper_traits<T>::storage_element_type));
   static constexpr bool half_input = (is_a || is_b) && std::is_same_v<T, __half>;
   static constexpr int num_elements = half_input ? 16 : distinct;
   static constexpr bool row_major_storage =
@@ -111,7 +117,8 @@ struct Shape {
 
   // Row and column of the lane's element i.
   static void position(unsigned lane, int i, int& row, int& col) {
-    const int linear = int(lane) * distinct + i % distinct;
+    const int element = i % distinct;
+    const int linear = (32 * (element / vector) + int(lane)) * vector + element % vector;
     if (row_major_storage) {
       row = linear / cols;
       col = linear % cols;

@@ -91,3 +91,23 @@ extern "C" __global__ void wmma_divergent_load(const __half* a, float* d, int sp
   }
   wmma::store_matrix_sync(d, accumulator, 16, wmma::mem_row_major);
 }
+
+// Warp 0 copies a 16 x 16 tile of A into shared memory; warp 1 multiplies it by
+// B (D = A B, one wmma step). With `barrier` 0 the __syncthreads() that orders
+// the copy before warp 1's load_matrix_sync is missing: a race.
+extern "C" __global__ void wmma_staged(const __half* a, const __half* b, float* d, int barrier) {
+  __shared__ __align__(32) __half tile[256];
+  if (threadIdx.x < 32)
+    for (int i = threadIdx.x; i < 256; i += 32) tile[i] = a[i];
+  if (barrier) __syncthreads();
+  if (threadIdx.x >= 32) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> fb;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> accumulator;
+    wmma::fill_fragment(accumulator, 0.0f);
+    wmma::load_matrix_sync(fa, tile, 16);
+    wmma::load_matrix_sync(fb, b, 16);
+    wmma::mma_sync(accumulator, fa, fb, accumulator);
+    wmma::store_matrix_sync(d, accumulator, 16, wmma::mem_row_major);
+  }
+}
