@@ -1,4 +1,6 @@
-"""Tensor cores in the emulator: nvcuda::wmma (kernels/wmma.cu) against NumPy.
+"""Tensor cores in the emulator: nvcuda::wmma (kernels/wmma.cu) against NumPy,
+and the same kernels built by NVRTC for sm_90 and sm_80 (valid CUDA: what the
+known-answer tests run is what a GPU would run).
 
 The GEMM kernel computes D = alpha (A B + C), one warp per tile, over every
 supported shape, input type and layout, with padded leading dimensions whose
@@ -9,12 +11,17 @@ element stored to the wrong place overwrites NaN padding or leaves a NaN hole.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import KERNELS
 
 from kernels import emulator
+from kernels.build_check import check_kernels
+from kernels.cuda_sources import CudaSource
+from kernels.nvrtc import ToolchainNotFound, find_toolchain
 
 HALF, BF16, TF32, DOUBLE = "__half", "__nv_bfloat16", "wmma::precision::tf32", "double"
 MEMORY_DTYPE = {HALF: np.float16, BF16: ml_dtypes.bfloat16, TF32: np.float32, DOUBLE: np.float64,
@@ -279,6 +286,13 @@ def staged(module, barrier: int, rng):
     np.testing.assert_array_equal(d, a.astype(np.float64) @ b.astype(np.float64))
 
 
+def test_counters_a_shared_tile_fragment_is_four_wavefronts(wmma, rng):
+    with emulator.mode("counters"), emulator.recording() as launches:
+        staged(wmma, 1, rng)
+    # Warp 1's load_matrix_sync from the shared tile: 32 lanes x 16 bytes, 4 per bank.
+    assert launches[0].shared["load"] == emulator.traced.SharedCounts(requests=1, wavefronts=4)
+
+
 def test_racecheck_sees_the_lanes_fragment_accesses(wmma, rng):
     with emulator.mode("racecheck"):
         staged(wmma, 1, rng)
@@ -315,3 +329,21 @@ def test_asan_catches_a_fragment_loaded_past_the_end(kernel_source, rng):
             (6,), (32,), (short_a, aligned(np.ascontiguousarray(b.T)), aligned(c),
                           aligned(np.zeros_like(c)), np.int32(3), depth, depth, depth, cols,
                           np.float32(1)))
+
+
+# ----------------------------------------------------------- NVRTC build --
+def test_the_kernels_build_for_sm90_and_sm80_with_nvrtc():
+    try:
+        find_toolchain()
+    except ToolchainNotFound as error:
+        if os.environ.get("CI"):  # the wheels are test dependencies: CI must have them
+            raise
+        pytest.skip(f"CUDA toolchain wheels not installed: {error}")
+    others = {"wmma_fragment_layout": 32, "wmma_divergent_load": 32, "wmma_staged": 64}
+    source = CudaSource("wmma.cu", tuple(g.expression for g in GEMMS),
+                        {**others, **{g.expression: 32 for g in GEMMS}}, options=("-std=c++17",))
+    result = check_kernels({source.filename: source}, cuda_dir=KERNELS, only=(source.filename,))
+    assert [p for p in result.problems if p.severity == "error"] == []
+    built = {(report.arch, report.kernel) for report in result.kernels}
+    assert built == {(arch, kernel) for arch in ("sm_90", "sm_80")
+                     for kernel in (*others, *(g.expression for g in GEMMS))}

@@ -47,7 +47,7 @@ __global__ void wmma_gemm(const Memory* __restrict__ a, const Memory* __restrict
                            lda);
     wmma::load_matrix_sync(fb, b + (kRowMajorB ? (long long)p * ldb + col : (long long)col * ldb + p),
                            ldb);
-    if (kRoundTf32) {
+    if constexpr (kRoundTf32) {
       round_to_tf32(fa);
       round_to_tf32(fb);
     }
