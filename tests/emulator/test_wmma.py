@@ -304,6 +304,23 @@ def test_racecheck_sees_the_lanes_fragment_accesses(wmma, rng):
             staged(wmma, 0, rng)
 
 
+def warp_epilogue(module, sync: int, rng):
+    c = aligned(rng.standard_normal((16, 16)).astype(np.float32))
+    d = aligned(np.full((16, 16), np.nan, dtype=np.float32))
+    module.get_function("wmma_warp_epilogue")((1,), (32,), (c, d, np.int32(sync)))
+    np.testing.assert_array_equal(d, c.T)
+
+
+def test_racecheck_orders_a_warps_accesses_by_its_wmma_operations_and_syncwarp(wmma, rng):
+    with emulator.mode("racecheck"):
+        warp_epilogue(wmma, 1, rng)  # store, load, store of the same tile: no race
+        with pytest.raises(emulator.RaceCheckError,
+                           match=r"data race on shared memory, byte offset 4: written by block "
+                                 r"\(0, 0, 0\) thread \(0, 0, 0\), then read by block \(0, 0, 0\) "
+                                 r"thread \(1, 0, 0\)"):
+            warp_epilogue(wmma, 0, rng)  # lanes read what others stored, without __syncwarp()
+
+
 def test_memcheck_catches_a_fragment_stored_past_the_end(wmma, rng):
     gemm = GEMMS[0]
     a, b, c = inputs(rng, gemm, integers=True)
@@ -339,7 +356,8 @@ def test_the_kernels_build_for_sm90_and_sm80_with_nvrtc():
         if os.environ.get("CI"):  # the wheels are test dependencies: CI must have them
             raise
         pytest.skip(f"CUDA toolchain wheels not installed: {error}")
-    others = {"wmma_fragment_layout": 32, "wmma_divergent_load": 32, "wmma_staged": 64}
+    others = {"wmma_fragment_layout": 32, "wmma_divergent_load": 32, "wmma_staged": 64,
+              "wmma_warp_epilogue": 32}
     source = CudaSource("wmma.cu", tuple(g.expression for g in GEMMS),
                         {**others, **{g.expression: 32 for g in GEMMS}}, options=("-std=c++17",))
     result = check_kernels({source.filename: source}, cuda_dir=KERNELS, only=(source.filename,))

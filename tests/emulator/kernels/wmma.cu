@@ -111,3 +111,18 @@ extern "C" __global__ void wmma_staged(const __half* a, const __half* b, float* 
     wmma::store_matrix_sync(d, accumulator, 16, wmma::mem_row_major);
   }
 }
+
+// One warp transposes C through a shared tile: stored row-major, loaded back
+// column-major (wmma operations synchronise the warp: ordered), stored again,
+// then read element by element by other lanes than wrote them, which needs the
+// __syncwarp() that `sync` 0 leaves out: a race.
+extern "C" __global__ void wmma_warp_epilogue(const float* c, float* d, int sync) {
+  __shared__ __align__(32) float tile[256];
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> accumulator;
+  wmma::load_matrix_sync(accumulator, c, 16, wmma::mem_row_major);
+  wmma::store_matrix_sync(tile, accumulator, 16, wmma::mem_row_major);
+  wmma::load_matrix_sync(accumulator, tile, 16, wmma::mem_col_major);
+  wmma::store_matrix_sync(tile, accumulator, 16, wmma::mem_row_major);
+  if (sync) __syncwarp();
+  for (int i = threadIdx.x; i < 256; i += 32) d[i] = tile[i];
+}
