@@ -165,7 +165,7 @@ inline const char* layout_name(w::layout_t layout) {
 }
 
 template <class Storage>
-const char* check_target(void* const* lane_data) {
+DCN_UNTRACED const char* check_target(void* const* lane_data) {
   static thread_local char problem[512];
   const Target& first = *static_cast<const Target*>(lane_data[0]);
   for (int l = 1; l < 32; ++l) {
@@ -274,8 +274,9 @@ void gather(void* const* lane_data, const void* MmaOperands::*which, Acc (&matri
 // D = A B + C over the whole warp: each product (exact: the inputs have at
 // most 11 significant bits, or are doubles fused) added to C in k order,
 // rounded to the accumulator's precision (float or double) at every step.
+// Fragments are registers on the GPU: the traced build does not trace them here.
 template <class D, class A, class B, class C>
-const char* multiply(void* const* lane_data) {
+DCN_UNTRACED const char* multiply(void* const* lane_data) {
   using Acc = std::conditional_t<std::is_same_v<typename Traits<D>::Element, double>, double, float>;
   constexpr int M = Traits<A>::rows, K = Traits<A>::cols, N = Traits<B>::cols;
   Acc a[M][K], b[K][N], sum[M][N];
@@ -284,7 +285,11 @@ const char* multiply(void* const* lane_data) {
   gather<C>(lane_data, &MmaOperands::c, sum);
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j)
-      for (int p = 0; p < K; ++p) sum[i][j] = std::fma(a[i][p], b[p][j], sum[i][j]);
+      for (int p = 0; p < K; ++p) {
+        // A float product of these inputs is exact: one rounding, as fused.
+        if constexpr (std::is_same_v<Acc, float>) sum[i][j] += a[i][p] * b[p][j];
+        else sum[i][j] = std::fma(a[i][p], b[p][j], sum[i][j]);
+      }
   using T = Traits<D>;
   for (unsigned lane = 0; lane < 32; ++lane) {
     D& d = *static_cast<D*>(static_cast<const MmaOperands*>(lane_data[lane])->d);
