@@ -190,10 +190,17 @@ def test_tf32_inputs_keep_10_mantissa_bits(wmma, rng, round_inputs):
     assert np.median(np.abs(d - fp32) / bound) > 10
 
 
-def test_fragment_elements_per_lane(wmma):
+def fragment_layout(module, block: int):
     owner = aligned(np.full((16, 16), np.nan, dtype=np.float32))
     counts = np.zeros(4, dtype=np.int32)
-    wmma.get_function("wmma_fragment_layout")((1,), (32,), (owner, counts))
+    a = aligned(np.arange(256).reshape(16, 16).astype(np.float16))  # distinct elements
+    replicated = np.zeros(32, dtype=np.int32)
+    module.get_function("wmma_fragment_layout")((1,), (block,), (owner, counts, a, replicated))
+    return owner, counts, replicated
+
+
+def test_fragment_elements_per_lane(wmma):
+    owner, counts, replicated = fragment_layout(wmma, 32)
     # Documented mapping: x[i] of lane l is row l / 4 + 8 (i / 4), column 4 (l % 4) + i % 4.
     lane, i = np.meshgrid(np.arange(32), np.arange(8), indexing="ij")
     expected = np.full((16, 16), np.nan, dtype=np.float32)
@@ -201,6 +208,8 @@ def test_fragment_elements_per_lane(wmma):
     np.testing.assert_array_equal(owner, expected)
     # CUDA's num_elements: accumulator 16x16 float, matrix_a half, tf32 matrix_a, double acc.
     np.testing.assert_array_equal(counts, [8, 16, 4, 2])
+    # A __half matrix_a holds 8 distinct elements per lane, CUDA's 16 as two copies.
+    np.testing.assert_array_equal(replicated, 1)
 
 
 def test_a_lane_missing_from_a_load_is_a_deadlock_naming_the_line(wmma, kernel_source):
@@ -222,10 +231,8 @@ def test_lanes_passing_different_pointers_are_an_error(wmma):
 
 
 def test_a_warp_of_fewer_than_32_threads_is_an_error(wmma):
-    owner = aligned(np.zeros((16, 16), dtype=np.float32))
-    counts = np.zeros(4, dtype=np.int32)
     with pytest.raises(emulator.WarpMatrixError, match=r"warp 1 of the block has only 16 thread"):
-        wmma.get_function("wmma_fragment_layout")((1,), (48,), (owner, counts))
+        fragment_layout(wmma, 48)
 
 
 def test_misaligned_pointer_and_leading_dimension_are_errors(wmma, rng):
