@@ -213,8 +213,8 @@ def test_fragment_elements_per_lane(wmma):
 
 
 def test_a_lane_missing_from_a_load_is_a_deadlock_naming_the_line(wmma, kernel_source):
-    line = next(i for i, text in enumerate(kernel_source("wmma.cu").splitlines(), 1)
-                if "load_matrix_sync(fa, a, 16)" in text)
+    line = 1 + next(i for i, text in enumerate(kernel_source("wmma.cu").splitlines(), 1)
+                    if "else if (lane < 16)" in text)
     a = aligned(np.zeros((32, 16), dtype=np.float16))
     d = aligned(np.zeros((16, 16), dtype=np.float32))
     with pytest.raises(emulator.KernelDeadlockError,

@@ -182,7 +182,8 @@ DCN_UNTRACED const char* check_target(void* const* lane_data) {
   if (reinterpret_cast<std::uintptr_t>(first.pointer) % 32 != 0) {
     std::snprintf(problem, sizeof problem,
                   "pointer %p is not 32-byte (256-bit) aligned, as wmma requires (NumPy aligns "
-                  "its arrays to 16 bytes only: pass torch tensors, aligned to 64)", first.pointer);
+                  "arrays to 16 bytes only: pass torch tensors; give __shared__ tiles "
+                  "__align__(32))", first.pointer);
     return problem;
   }
   if (first.ldm * sizeof(Storage) % 16 != 0) {
@@ -202,7 +203,7 @@ DCN_UNTRACED void copy_lane(Fragment& f, Storage* memory, unsigned ldm, w::layou
                             bool store) {
   using T = Traits<Fragment>;
   const unsigned lane = lane_id();
-  constexpr int kRun = 16 / sizeof(Storage) > 0 ? int(16 / sizeof(Storage)) : 1;
+  constexpr int kRun = int(16 / sizeof(Storage));
   auto offset = [&](int i) {
     int row, col;
     T::position(lane, i, row, col);
