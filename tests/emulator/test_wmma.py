@@ -169,7 +169,8 @@ def test_half_and_bfloat16_products_are_exact_and_accumulate_in_float(wmma, rng,
 
 def to_tf32(x: np.ndarray, ties_away: bool) -> np.ndarray:
     """x (float32) with 11 significant bits, by NumPy's frexp: rounded to nearest
-    with ties away from zero (cvt.rna) or truncated (what the tensor core reads)."""
+    with ties away from zero (cvt.rna) or truncated (the emulated mma_sync on
+    inputs that __float_to_tf32 did not round)."""
     mantissa, exponent = np.frexp(x.astype(np.float64))
     scaled = np.abs(mantissa) * 2.0**11
     kept = np.floor(scaled + 0.5) if ties_away else np.floor(scaled)

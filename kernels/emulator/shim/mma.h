@@ -234,8 +234,9 @@ void load(int line, Fragment& f, const typename Traits<Fragment>::Storage* p, un
   copy_lane(f, const_cast<Storage*>(p), ldm, layout, false);
 }
 
-// Inputs as the tensor core reads them: tf32 keeps 10 mantissa bits (the
-// hardware ignores the 13 low bits of a value not rounded by __float_to_tf32).
+// Inputs as the tensor core reads them: tf32 keeps 10 mantissa bits; a value
+// not rounded by __float_to_tf32 is truncated (the GPU's handling of one is
+// undocumented).
 template <class Element, class Storage, class Acc>
 inline Acc input_value(Storage x) {
   if constexpr (std::is_same_v<Element, w::precision::tf32>)
