@@ -252,13 +252,18 @@ def test_misaligned_pointer_and_leading_dimension_are_errors(wmma, rng):
         kernel((1,), (32,), (shifted, *args[1:]))
 
 
-def test_unsupported_fragment_type_fails_at_build():
+@pytest.mark.parametrize(("element", "call", "message"), [
+    ("float", "load_matrix_sync(f, a, 16)", "wmma supports m16n16k16"),
+    ("__half", "load_matrix_sync(f, a, 16, wmma::mem_row_major)",  # a layout only for C
+     "no matching function for call to .load_matrix_sync"),
+], ids=["float-matrix_a", "layout-for-matrix_a"])
+def test_what_cuda_refuses_fails_at_build(element, call, message):
     code = ("#include <mma.h>\n"
-            'extern "C" __global__ void k(const float* a) {\n'
-            "  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, float,"
-            " nvcuda::wmma::row_major> f;\n"
-            "  nvcuda::wmma::load_matrix_sync(f, a, 16);\n}\n")
-    with pytest.raises(emulator.CompileError, match="wmma supports m16n16k16"):
+            "using namespace nvcuda;\n"
+            f'extern "C" __global__ void k(const {element}* a) {{\n'
+            f"  wmma::fragment<wmma::matrix_a, 16, 16, 16, {element}, wmma::row_major> f;\n"
+            f"  wmma::{call};\n}}\n")
+    with pytest.raises(emulator.CompileError, match=message):
         emulator.RawModule(code=code).get_function("k")
 
 

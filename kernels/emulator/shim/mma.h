@@ -153,6 +153,14 @@ struct Traits<w::fragment<Use, m, n, k, T, Layout>> : Shape<Use, m, n, k, T, Lay
 
 inline unsigned lane_id() { return dcn_current->linear_tid & 31u; }
 
+// The caller's source line, for deadlock reports: a defaulted last parameter of
+// each operation (evaluated at the call), so CUDA's signatures stay as they are
+// and no extra argument of the caller's converts to it.
+struct CallerLine {
+  explicit CallerLine(int line) : line(line) {}
+  int line;
+};
+
 // What each lane passes to a load or a store: all 32 must agree.
 struct Target {
   const void* pointer;
@@ -310,38 +318,40 @@ DCN_UNTRACED const char* multiply(void* const* lane_data) {
 namespace nvcuda {
 namespace wmma {
 
-// Called through the macros below, which add the source line for deadlock reports.
+using CallerLine = ::dcn::wmma_detail::CallerLine;
+
 template <class Use, int m, int n, int k, class T, class Layout>
-inline void load_matrix_sync_at(int line, fragment<Use, m, n, k, T, Layout>& a,
-                                const typename helper_traits<T>::storage_element_type* p,
-                                unsigned ldm) {
+inline void load_matrix_sync(fragment<Use, m, n, k, T, Layout>& a,
+                             const typename helper_traits<T>::storage_element_type* p,
+                             unsigned ldm, CallerLine line = CallerLine(__builtin_LINE())) {
   static_assert(!std::is_same_v<Use, accumulator>,
                 "load_matrix_sync of an accumulator takes a layout (mem_row_major or mem_col_major)");
-  ::dcn::wmma_detail::load(line, a, p, ldm,
+  ::dcn::wmma_detail::load(line.line, a, p, ldm,
                            std::is_same_v<Layout, row_major> ? mem_row_major : mem_col_major);
 }
 
 template <int m, int n, int k, class T>
-inline void load_matrix_sync_at(int line, fragment<accumulator, m, n, k, T>& a, const T* p,
-                                unsigned ldm, layout_t layout) {
-  ::dcn::wmma_detail::load(line, a, p, ldm, layout);
+inline void load_matrix_sync(fragment<accumulator, m, n, k, T>& a, const T* p, unsigned ldm,
+                             layout_t layout, CallerLine line = CallerLine(__builtin_LINE())) {
+  ::dcn::wmma_detail::load(line.line, a, p, ldm, layout);
 }
 
 template <int m, int n, int k, class T>
-inline void store_matrix_sync_at(int line, T* p, const fragment<accumulator, m, n, k, T>& a,
-                                 unsigned ldm, layout_t layout) {
+inline void store_matrix_sync(T* p, const fragment<accumulator, m, n, k, T>& a, unsigned ldm,
+                              layout_t layout, CallerLine line = CallerLine(__builtin_LINE())) {
   ::dcn::wmma_detail::Target target{p, ldm, layout};
-  ::dcn::warp_matrix(line, "wmma::store_matrix_sync", &target,
+  ::dcn::warp_matrix(line.line, "wmma::store_matrix_sync", &target,
                      &::dcn::wmma_detail::check_target<T>);
   ::dcn::wmma_detail::copy_lane(const_cast<fragment<accumulator, m, n, k, T>&>(a), p, ldm,
                                 layout, true);
 }
 
 template <int m, int n, int k, class TD, class TA, class LA, class TB, class LB, class TC>
-inline void mma_sync_at(int line, fragment<accumulator, m, n, k, TD>& d,
-                        const fragment<matrix_a, m, n, k, TA, LA>& a,
-                        const fragment<matrix_b, m, n, k, TB, LB>& b,
-                        const fragment<accumulator, m, n, k, TC>& c) {
+inline void mma_sync(fragment<accumulator, m, n, k, TD>& d,
+                     const fragment<matrix_a, m, n, k, TA, LA>& a,
+                     const fragment<matrix_b, m, n, k, TB, LB>& b,
+                     const fragment<accumulator, m, n, k, TC>& c,
+                     CallerLine line = CallerLine(__builtin_LINE())) {
   static_assert(std::is_same_v<TA, TB>, "mma_sync: matrix_a and matrix_b of one element type");
   static_assert(std::is_same_v<TA, __half> ||
                     (std::is_same_v<TD, TC> &&
@@ -351,7 +361,7 @@ inline void mma_sync_at(int line, fragment<accumulator, m, n, k, TD>& d,
                 "precision::tf32 inputs float ones, double inputs double ones");
   ::dcn::wmma_detail::MmaOperands operands{&a, &b, &c, &d};
   ::dcn::warp_matrix(
-      line, "wmma::mma_sync", &operands,
+      line.line, "wmma::mma_sync", &operands,
       &::dcn::wmma_detail::multiply<fragment<accumulator, m, n, k, TD>,
                                     fragment<matrix_a, m, n, k, TA, LA>,
                                     fragment<matrix_b, m, n, k, TB, LB>,
@@ -360,7 +370,3 @@ inline void mma_sync_at(int line, fragment<accumulator, m, n, k, TD>& d,
 
 }  // namespace wmma
 }  // namespace nvcuda
-
-#define load_matrix_sync(...) load_matrix_sync_at(__LINE__, __VA_ARGS__)
-#define store_matrix_sync(...) store_matrix_sync_at(__LINE__, __VA_ARGS__)
-#define mma_sync(...) mma_sync_at(__LINE__, __VA_ARGS__)

@@ -110,11 +110,13 @@ extern "C" __global__ void wmma_staged(const __half* a, const __half* b, float* 
     wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
     wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> fb;
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> accumulator;
-    wmma::fill_fragment(accumulator, 0.0f);
-    wmma::load_matrix_sync(fa, tile, 16);
-    wmma::load_matrix_sync(fb, b, 16);
-    wmma::mma_sync(accumulator, fa, fb, accumulator);
-    wmma::store_matrix_sync(d, accumulator, 16, wmma::mem_row_major);
+    using wmma::load_matrix_sync;  // CUDA's names, found as NVRTC finds them
+    using namespace nvcuda::wmma;
+    fill_fragment(accumulator, 0.0f);
+    load_matrix_sync(fa, tile, 16);
+    load_matrix_sync(fb, b, 16);
+    mma_sync(accumulator, fa, fb, accumulator);
+    store_matrix_sync(d, accumulator, 16, mem_row_major);
   }
 }
 
