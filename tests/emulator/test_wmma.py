@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import KERNELS
 
 from kernels import emulator
 from kernels.build_check import check_kernels
@@ -373,7 +373,8 @@ def test_the_kernels_build_for_sm90_and_sm80_with_nvrtc():
               "wmma_warp_epilogue": 32}
     source = CudaSource("wmma.cu", tuple(g.expression for g in GEMMS),
                         {**others, **{g.expression: 32 for g in GEMMS}}, options=("-std=c++17",))
-    result = check_kernels({source.filename: source}, cuda_dir=KERNELS, only=(source.filename,))
+    kernels = Path(__file__).parent / "kernels"
+    result = check_kernels({source.filename: source}, cuda_dir=kernels, only=(source.filename,))
     assert [p for p in result.problems if p.severity == "error"] == []
     built = {(report.arch, report.kernel) for report in result.kernels}
     assert built == {(arch, kernel) for arch in ("sm_90", "sm_80")
