@@ -120,9 +120,12 @@ __device__ __forceinline__ void flush_fixed_region(const long long* sums, long l
 // block, a region_h x region_w shared grad_input region (dynamic shared
 // memory: region_h * region_w * D elements of acc_t<scalar_t>, or of int64
 // with grad_input_fixed) starting `halo` pixels before the tile's taps.
-// At least 3 blocks per SM (<= 85 registers), as the vectorized backward.
+// At least 3 blocks per SM (<= 85 registers) for the 16-byte vectors, as the
+// vectorized backward; 2 for the scalar path (VEC = 1, float64 included),
+// which spilled at 80 registers (the fallback and the flush are on top of the
+// vectorized backward's work).
 template <typename scalar_t, int MODULATION, int VEC>
-__global__ void __launch_bounds__(DCNV3_BLOCK_SIZE, 3)
+__global__ void __launch_bounds__(DCNV3_BLOCK_SIZE, VEC == 1 ? 2 : 3)
 dcnv3_shared_scatter_backward(const scalar_t* __restrict__ input,        // [N, H, W, G*D]
                               const scalar_t* __restrict__ offset,
                               const scalar_t* __restrict__ mask,
