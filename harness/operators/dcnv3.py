@@ -432,8 +432,9 @@ def _dynamo_counts() -> dict[str, int]:
 def register_core_implementations(op: str, tensor_names: tuple[str, ...],
                                   arguments: Callable[[Mapping[str, Any]], dict[str, Any]],
                                   kernel_module: str) -> None:
-    """reference, pytorch_gridsample, torch_compile, cupy_direct and cupy_vectorized of
-    ``op``: each calls its module's function named ``op`` on ``tensor_names``."""
+    """reference, pytorch_gridsample, torch_compile and cupy_<design> for our kernels'
+    designs (direct, vectorized, shared_scatter) of ``op``: each calls its module's
+    function named ``op`` on ``tensor_names``."""
 
     def prepare(load_function, doc):
         def bind(inputs, params):

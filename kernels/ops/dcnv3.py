@@ -52,7 +52,7 @@ from kernels.reference.dcnv3 import offset_mask_channels
 
 __all__ = ["DESIGNS", "SUPPORTED_DTYPES", "dcnv3", "prepare", "unchecked_dcnv3"]
 
-# Threads per block of every kernel of both designs (a multiple of the warp);
+# Threads per block of every kernel of every design (a multiple of the warp);
 # passed to the .cu files as a macro, so __launch_bounds__ and our grids agree.
 BLOCK_SIZE = 256
 # Lanes of one warp that share an item in the vectorized design, at most.
