@@ -4,7 +4,10 @@ The cost of the deterministic backward (``kernels/determinism.py``) in
 operations: every kernel source is rebuilt with ``-DDCNBENCH_COUNT_ATOMICS``
 (``kernels/cuda/deterministic_atomics.cuh`` then counts each scatter-add it
 issues), each backward runs once with ``torch.use_deterministic_algorithms``
-off and once on, and the counts are printed. A measurement, not a test:
+off and once on, and the counts are printed. The shared-scatter DCNv3
+design's counts include its shared-memory adds (they go through a
+``ScatterAdd`` too); its global atomics are the counters' figures
+(``docs/kernels/dcnv3.md``). A measurement, not a test:
 
     PYTHONPATH=. python scripts/count_atomics.py
 """

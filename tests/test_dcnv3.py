@@ -420,6 +420,69 @@ def test_forward_on_borders_and_far_outside(dtype, design, kind):
 
 
 # --------------------------------------------------------------------------- #
+# The shared-scatter backward's tiles (docs/kernels/dcnv3.md). The cases above
+# fit in one tile whose shared region holds every sample; these cut the map
+# into many tiles (uneven ones, regions clamped at the map's far edges),
+# shrink the halo below the offsets' reach (corners outside the region take
+# the global atomics), or leave no region at all.
+# --------------------------------------------------------------------------- #
+
+SCATTER_TILES = {
+    "2x2_tiles_no_halo": {"SHARED_SCATTER_TILES": (2,), "SHARED_SCATTER_HALO": 0},
+    "uneven_3x3_tiles_halo_1": {"SHARED_SCATTER_TILES": (3,), "SHARED_SCATTER_HALO": 1},
+    "no_region": {"SHARED_SCATTER_BYTES": 0},
+}
+SCATTER_CASES = {
+    "9x11_G2_D8": Case(N=2, H=9, W=11, group=2, group_channels=8),
+    "3x5_stride2_dilation2_G3_D16": CASES["3x5_stride2_dilation2_G3_D16"],
+}
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_id)
+@pytest.mark.parametrize("case_name", list(SCATTER_CASES))
+@pytest.mark.parametrize("tiles", list(SCATTER_TILES))
+def test_shared_scatter_tiles_and_fallbacks(
+    monkeypatch, request, tiles, case_name, dtype, kind, deterministic
+):
+    for name, value in SCATTER_TILES[tiles].items():
+        monkeypatch.setattr(ops, name, value)
+    if deterministic:
+        request.getfixturevalue("deterministic_algorithms")
+    case = SCATTER_CASES[case_name]
+    inputs = make_inputs(case, kind, dtype, seed=9)
+    check_against_reference(kind, inputs, case.params(), "shared_scatter", dtype)
+
+
+@pytest.mark.parametrize(
+    "case, accumulator_bytes, expected",
+    [
+        # InternImage-T stage 1 (D = 16): 56 = 4 tiles of 14; region 14 + 2 + 2·3.
+        (Case(N=1, H=56, W=56, group=4, group_channels=16), 4, (14, 14, 22, 22)),
+        # int64 sums: 22² · 16 · 8 bytes exceed 48 KiB; tiles of 8, regions of 16.
+        (Case(N=1, H=56, W=56, group=4, group_channels=16), 8, (8, 8, 16, 16)),
+        # Stage 4: one tile, the region the whole 7 x 7 map.
+        (Case(N=1, H=7, W=7, group=32, group_channels=16), 4, (7, 7, 7, 7)),
+        # Stride 2, dilation 2, a 3 x 5 kernel: 4 x 3 outputs, one tile; its
+        # region, 3·2 + 2·2 + 1 + 6 rows, 2·2 + 4·2 + 1 + 6 columns, clamped to 7 x 8.
+        (CASES["3x5_stride2_dilation2_G3_D16"], 4, (4, 3, 7, 8)),
+        # 9 · 9 · 4096 · 4 bytes do not fit even for a one-pixel tile: no region.
+        (Case(N=1, H=10, W=10, group=1, group_channels=4096), 4, (1, 1, 0, 0)),
+    ],
+    ids=["stage1", "stage1_fixed_point", "stage4", "stride2_dilation2", "no_region"],
+)
+def test_scatter_tile_is_the_largest_that_fits(case, accumulator_bytes, expected):
+    call = ops.Call(
+        case.geometry, case.N, case.H, case.W, case.group, case.group_channels,
+        *case.geometry.output_size(case.H, case.W),
+    )  # fmt: skip
+    tile = ops.scatter_tile(call, accumulator_bytes)
+    assert (tile.tile_h, tile.tile_w, tile.region_h, tile.region_w) == expected
+    assert tile.shared_bytes(call, accumulator_bytes) <= ops.SHARED_SCATTER_BYTES
+
+
+# --------------------------------------------------------------------------- #
 # Bad arguments.
 # --------------------------------------------------------------------------- #
 

@@ -63,14 +63,18 @@ def test_parameters_are_the_contracts():
         "dw_kernel_size", "center_feature_scale"]
 
 
+# Our kernels' designs, registered for dcnv3, dcnv4 and dcnv3_layer.
+KERNEL_IMPLEMENTATIONS = ("cupy_direct", "cupy_vectorized", "cupy_shared_scatter")
+
+
 def test_implementations_kinds_and_devices():
     for op in ALL_OPS:
         impls = {impl.name: impl for impl in implementations_of(op)}
-        expected = {"reference", "pytorch_gridsample", "cupy_direct", "cupy_vectorized"}
+        expected = {"reference", "pytorch_gridsample", *KERNEL_IMPLEMENTATIONS}
         # At least these: plugins may add more.
         assert set(impls) >= expected | ({"torch_compile"} if op != "dcnv3_layer" else set())
         assert get_operator(op).baseline == "pytorch_gridsample"
-        for design in ("cupy_direct", "cupy_vectorized"):
+        for design in KERNEL_IMPLEMENTATIONS:
             assert impls[design].kind == "kernel" and impls[design].emulated_on == ("cpu",)
             assert not impls[design].known_inaccurate
         assert set(impls["pytorch_gridsample"].known_inaccurate) == {"float16", "bfloat16"}
@@ -407,7 +411,7 @@ def _kernel_reason(op):
     return get_implementation(op, "cupy_direct").available("cpu")
 
 
-@pytest.mark.parametrize("impl", ["cupy_direct", "cupy_vectorized"])
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
 @pytest.mark.parametrize("op, overrides", KERNEL_CASES)
 def test_cupy_kernels_through_the_registry(op, overrides, impl):
     """Our kernels (emulated on the CPU) in every mode in float32 and random in half;
@@ -421,7 +425,7 @@ def test_cupy_kernels_through_the_registry(op, overrides, impl):
         check_against_reference(op, impl, overrides, dtype, "random")
 
 
-@pytest.mark.parametrize("impl", ["cupy_direct", "cupy_vectorized"])
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
 def test_cupy_layer_through_the_registry(impl):
     reason = get_implementation("dcnv3_layer", impl).available("cpu")
     if reason is not None:

@@ -141,6 +141,7 @@ template <typename real>
 struct Sample {
     bool in_range;  // false: B0 gives 0 and every gradient through it is 0
     real ly, lx;    // fractional parts
+    int y0, x0;     // the first corner's row and column (its neighbours are +1)
     int corner[4];  // (y0, x0), (y0, x1), (y1, x0), (y1, x1)
     real weight[4];
 };
@@ -160,6 +161,8 @@ __device__ __forceinline__ Sample<real> locate(const Geometry& g, const Tap& t, 
     s.ly = y - y_floor;
     s.lx = x - x_floor;
     const int y0 = static_cast<int>(y_floor), x0 = static_cast<int>(x_floor);
+    s.y0 = y0;
+    s.x0 = x0;
     const bool y0_in = y0 >= 0, y1_in = y0 + 1 < g.height;
     const bool x0_in = x0 >= 0, x1_in = x0 + 1 < g.width;
     const int row0 = y0 * g.width, row1 = row0 + g.width;

@@ -53,6 +53,21 @@ __device__ unsigned long long dcnbench_atomics_issued[2];
 #define FIXED_POINT_NONFINITE 1
 #define FIXED_POINT_OVERFLOW 2
 
+// Adds `addend`, already in fixed point (a value, or a partial sum of values,
+// times the scale), to the int64 fixed-point sum *sum.
+__device__ __forceinline__ void fixed_point_add_sum(long long* sum, long long addend_value,
+                                                    int* status) {
+    // CUDA has no signed 64-bit atomicAdd; two's complement makes the unsigned
+    // one the same operation.
+    const unsigned long long addend = static_cast<unsigned long long>(addend_value);
+    const unsigned long long old =
+        atomicAdd(reinterpret_cast<unsigned long long*>(sum), addend);
+    const unsigned long long result = old + addend;
+    // Signed overflow: both operands of one sign, the result of the other.
+    if (static_cast<long long>((old ^ result) & (addend ^ result)) < 0)
+        atomicOr(status, FIXED_POINT_OVERFLOW);
+}
+
 // Adds round(value * scale) to the int64 fixed-point sum *sum.
 template <typename value_t>
 __device__ __forceinline__ void fixed_point_add(long long* sum, value_t value, double scale,
@@ -67,15 +82,7 @@ __device__ __forceinline__ void fixed_point_add(long long* sum, value_t value, d
         atomicOr(status, v - v == 0.0 ? FIXED_POINT_OVERFLOW : FIXED_POINT_NONFINITE);
         return;
     }
-    const unsigned long long addend = static_cast<unsigned long long>(__double2ll_rn(scaled));
-    // CUDA has no signed 64-bit atomicAdd; two's complement makes the unsigned
-    // one the same operation.
-    const unsigned long long old =
-        atomicAdd(reinterpret_cast<unsigned long long*>(sum), addend);
-    const unsigned long long result = old + addend;
-    // Signed overflow: both operands of one sign, the result of the other.
-    if (static_cast<long long>((old ^ result) & (addend ^ result)) < 0)
-        atomicOr(status, FIXED_POINT_OVERFLOW);
+    fixed_point_add_sum(sum, __double2ll_rn(scaled), status);
 }
 
 // A scatter-add target: float atomics into `values`, or the deterministic

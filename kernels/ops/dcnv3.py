@@ -6,7 +6,7 @@ accumulation, float64 in double throughout (for ``torch.autograd.gradcheck``),
 any kernel size, any ``group_channels``. Design notes and what
 to measure: ``docs/kernels/dcnv3.md``.
 
-Two designs of the same kernels, picked by ``design=``:
+Three designs of the same kernels, picked by ``design=``:
 
 - ``"direct"`` (``kernels/cuda/dcnv3_direct.cu``): upstream DCNv3's mapping,
   one thread per output element (pixel, group, channel); backward reduces
@@ -15,6 +15,12 @@ Two designs of the same kernels, picked by ``design=``:
   vectors of channels loaded 16 bytes at a time, sampling computed once per
   tap and reused across the vector, several pixels per block, softmax fused;
   backward reduces with warp shuffles.
+- ``"shared_scatter"`` (``kernels/cuda/dcnv3_shared_scatter.cu``, backward
+  only; the forward is ``"vectorized"``'s): a block owns a tile of output
+  pixels of one (image, group) and accumulates their grad_input in a
+  shared-memory tile of the input region their taps reach, added to
+  grad_input once with coalesced atomics (samples outside the region fall
+  back to global atomics).
 
 Both kernels are templated on the layout of the modulation (``Modulation``):
 ``dcnv3``'s separate offset and mask (optionally softmax-normalised in the
@@ -46,7 +52,7 @@ from kernels.reference.dcnv3 import offset_mask_channels
 
 __all__ = ["DESIGNS", "SUPPORTED_DTYPES", "dcnv3", "prepare", "unchecked_dcnv3"]
 
-# Threads per block of every kernel of both designs (a multiple of the warp);
+# Threads per block of every kernel of every design (a multiple of the warp);
 # passed to the .cu files as a macro, so __launch_bounds__ and our grids agree.
 BLOCK_SIZE = 256
 # Lanes of one warp that share an item in the vectorized design, at most.
@@ -61,7 +67,9 @@ _CTYPES = {
     torch.float64: "double",
 }
 SUPPORTED_DTYPES = tuple(_CTYPES)
-DESIGNS = ("direct", "vectorized")
+DESIGNS = ("direct", "vectorized", "shared_scatter")
+# Designs that change the backward only, and the design whose forward they run.
+FORWARD_DESIGN = {"shared_scatter": "vectorized"}
 _KERNELS = ("forward", "backward")
 
 
@@ -85,7 +93,7 @@ def _name_expression(
     design: str, kernel: str, dtype: torch.dtype, modulation: Modulation, vector: int
 ) -> str:
     arguments = [_CTYPES[dtype], str(int(modulation))]
-    if design == "vectorized":
+    if design != "direct":
         arguments.append(str(vector))
     return f"dcnv3_{design}_{kernel}<{', '.join(arguments)}>"
 
@@ -108,7 +116,40 @@ def _register(design: str) -> CudaSource:
     )
 
 
-SOURCES = {design: _register(design) for design in DESIGNS}
+# The shared-scatter tile: output pixels per block side, tried largest first,
+# and the input pixels beyond the undeformed taps that the shared region
+# covers (the harness's random offsets are uniform(-2, 2) + N(0, 1) pixels:
+# a halo of 3 keeps the corners of all but a few per cent of the samples of
+# a tile's edge pixels inside; docs/kernels/dcnv3.md counts them).
+SHARED_SCATTER_TILES = (16, 8, 4, 2, 1)
+SHARED_SCATTER_HALO = 3
+# The region's budget: the shared memory a block gets without opting in.
+SHARED_SCATTER_BYTES = 48 * 1024
+
+
+def _register_shared_scatter() -> CudaSource:
+    kernel = "dcnv3_shared_scatter_backward"
+    return register(
+        CudaSource(
+            filename="dcnv3_shared_scatter.cu",
+            name_expressions=tuple(
+                _name_expression("shared_scatter", "backward", dtype, modulation, vector)
+                for dtype in SUPPORTED_DTYPES
+                for modulation in Modulation
+                for vector in _vector_widths(dtype)
+            ),
+            block_sizes={kernel: BLOCK_SIZE},
+            options=(*COMPILE_OPTIONS, f"-DDCNV3_BLOCK_SIZE={BLOCK_SIZE}"),
+            # For the build check's occupancy: the largest region a launch asks for.
+            dynamic_smem={kernel: SHARED_SCATTER_BYTES},
+        )
+    )
+
+
+SOURCES = {
+    design: _register_shared_scatter() if design == "shared_scatter" else _register(design)
+    for design in DESIGNS
+}
 
 
 # --------------------------------------------------------------------------- #
@@ -265,6 +306,75 @@ def _launch(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class ScatterTile:
+    """The shared-scatter backward's work split: ``tile_h`` × ``tile_w`` output
+    pixels per block, and the ``region_h`` × ``region_w`` input pixels (clamped
+    to the map) whose grad_input the block keeps in shared memory; 0 × 0 when
+    not even a one-pixel tile's region fits (every sample scatters globally)."""
+
+    tile_h: int
+    tile_w: int
+    region_h: int
+    region_w: int
+
+    def blocks(self, call: Call) -> int:
+        tiles = -(-call.out_h // self.tile_h) * -(-call.out_w // self.tile_w)
+        return call.batch * tiles * call.group
+
+    def shared_bytes(self, call: Call, accumulator_bytes: int) -> int:
+        return self.region_h * self.region_w * call.group_channels * accumulator_bytes
+
+
+def scatter_tile(call: Call, accumulator_bytes: int) -> ScatterTile:
+    """The largest tile of ``SHARED_SCATTER_TILES`` whose region fits
+    ``SHARED_SCATTER_BYTES`` of ``accumulator_bytes`` per element (4: float32,
+    8: float64 or the deterministic mode's int64). A tile side is the map's
+    side cut evenly (56 rows in tiles of 16 are 4 tiles of 14)."""
+    g = call.geometry
+
+    def even(side: int, most: int) -> int:
+        return -(-side // -(-side // most))
+
+    def reach(tile: int, stride: int, dilation: int, kernel: int, size: int) -> int:
+        window = (tile - 1) * stride + dilation * (kernel - 1) + 1
+        return min(window + 2 * SHARED_SCATTER_HALO, size)
+
+    for most in SHARED_SCATTER_TILES:
+        tile_h, tile_w = even(call.out_h, most), even(call.out_w, most)
+        tile = ScatterTile(
+            tile_h, tile_w,
+            reach(tile_h, g.stride_h, g.dilation_h, g.kernel_h, call.height),
+            reach(tile_w, g.stride_w, g.dilation_w, g.kernel_w, call.width),
+        )  # fmt: skip
+        if tile.shared_bytes(call, accumulator_bytes) <= SHARED_SCATTER_BYTES:
+            return tile
+    return ScatterTile(tile_h, tile_w, 0, 0)
+
+
+def _launch_shared_scatter(
+    call: Call,
+    modulation: Modulation,
+    vector_tensors: tuple[torch.Tensor, ...],
+    tensors: tuple[torch.Tensor, ...],
+    fixed_point: bool,
+) -> None:
+    """The shared-scatter backward: one block per (image, tile, group)."""
+    input = tensors[0]
+    vector, why = _vector("shared_scatter", call, input.dtype, *vector_tensors)
+    function = launch.module(SOURCES["shared_scatter"], input.device).function(
+        _name_expression("shared_scatter", "backward", input.dtype, modulation, vector)
+    )
+    accumulator_bytes = 8 if fixed_point or input.dtype == torch.float64 else 4
+    tile = scatter_tile(call, accumulator_bytes)
+    tile_args = (tile.tile_h, tile.tile_w, tile.region_h, tile.region_w, SHARED_SCATTER_HALO)
+    function(
+        tile.blocks(call), BLOCK_SIZE,
+        (*tensors, *(launch.int32(v) for v in tile_args), *call.kernel_arguments()),
+        shared_mem=tile.shared_bytes(call, accumulator_bytes), variant_reason=why,
+    )  # fmt: skip
+
+
 def _modulation(mask: torch.Tensor | None, softmax: bool) -> Modulation:
     if mask is None:
         return Modulation.FUSED_OFFSET_MASK
@@ -279,8 +389,9 @@ def _forward(call: Call, input, offset, mask, softmax: bool, design: str) -> tor
     # dcnv4: the kernel reads offsets and masks from the one offset_mask.
     mask_or_fused = offset if mask is None else mask
     _launch(
-        "forward", design, call, modulation, (input, output), (input, offset, mask_or_fused, output)
-    )
+        "forward", FORWARD_DESIGN.get(design, design), call, modulation, (input, output),
+        (input, offset, mask_or_fused, output),
+    )  # fmt: skip
     return output
 
 
@@ -330,11 +441,12 @@ def _backward(
         grad_mask = grad_offset
     else:
         grad_mask = launch.new_output(mask.shape, accumulate, device)
-    _launch(
-        "backward", design, call, modulation, (input, grad_output),
-        (input, offset, offset if mask is None else mask, grad_output, grad_input, *fixed_args,
-         grad_offset, grad_mask),
-    )  # fmt: skip
+    tensors = (input, offset, offset if mask is None else mask, grad_output, grad_input,
+               *fixed_args, grad_offset, grad_mask)  # fmt: skip
+    if design == "shared_scatter":
+        _launch_shared_scatter(call, modulation, (input, grad_output), tensors, fixed_sums is not None)
+    else:
+        _launch("backward", design, call, modulation, (input, grad_output), tensors)
     if fixed_sums is not None:
         grad_input = fixed_sums.result(accumulate)
     return (
@@ -539,7 +651,8 @@ def dcnv3(
             (remove_center needs odd kernel sizes).
         group, group_channels: G and D; input has G·D channels.
         softmax: normalise the mask over the taps of each group in the kernel.
-        design: ``"vectorized"`` or ``"direct"`` (the module docstring).
+        design: ``"vectorized"``, ``"direct"`` or ``"shared_scatter"`` (the module
+            docstring).
 
     All tensors share one dtype and device. Any strides are accepted: a
     tensor that is not dense channels-last (say ``x.permute(0, 2, 3, 1)`` of an
