@@ -359,7 +359,7 @@ def add_arguments(parser) -> None:
                         help="count every kernel of a suite instead of one case")
     parser.add_argument("--check", type=Path, metavar="BASELINE",
                         help="with --suite: exit 1 when a kernel's sectors, atomic sectors or "
-                             f"modelled floor grew by more than {GATE_GROWTH:.0%} over BASELINE")
+                             f"modelled floor grew by more than {GATE_GROWTH * 100:.0f}%% over BASELINE")
     parser.add_argument("--update", type=Path, metavar="BASELINE",
                         help="with --suite: write the counters as the new BASELINE")
 

@@ -157,3 +157,20 @@ assert "kernels.build_check" not in sys.modules, "the build check was imported e
     assert done.returncode == 0, done.stderr
     names = {op["name"] for op in json.loads(done.stdout)["operators"]}
     assert {"conv2d", "deform_conv2d", "modulated_deform_conv2d"} <= names
+
+
+def _subcommands() -> list[str]:
+    import argparse
+
+    actions = [a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sorted(actions[0].choices)
+
+
+@pytest.mark.parametrize("command", [c for c in _subcommands() if c != "kernels"])
+def test_every_subcommands_help_prints(command, capsys):
+    # argparse formats help lazily with %: a bare % in a help string crashes --help only.
+    # ("kernels" hands --help to kernels.build_check, its own program.)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage:" in capsys.readouterr().out
