@@ -13,7 +13,15 @@ atomics into a buffer of the accumulation dtype (cast once at the end; under
 ``kernels.ops.deform_roi_pool.InputGradient``) and writes
 per-bin, per-channel-slice partial sums of the trans gradient; here they are
 summed over slices and over the bins that share a part cell. Only requested
-gradients are computed. ``rois`` (a [K, 5] tensor or a list of [L, 4] boxes
+gradients are computed.
+
+A second design, ``design="channels_fastest"``
+(``kernels/cuda/deform_psroi_pool_channels_fastest.cu``): lanes over 32 output
+channels of one bin, reading a staging of the input with the output channels
+innermost ([N, H, W, group_size², output_dim]) and scattering into one,
+transposed back; the trans gradient per output channel, summed here per class.
+
+``rois`` (a [K, 5] tensor or a list of [L, 4] boxes
 per image, float32 or the input's dtype) and ``trans`` values are checked on
 the host, as in :mod:`kernels.ops.deform_roi_pool` (one synchronisation per
 forward on a GPU). K = 0 RoIs or output_dim = 0 give an empty output and zero
