@@ -21,8 +21,8 @@
 // partial sum per (RoI, channel chunk, bin), written by lane 0, the host sums
 // the chunks (the pw-fastest design's slices).
 //
-// SAMPLING = 1 or 2: sampling_ratio as a compile-time constant (the sample
-// loops unroll); 0: any other value, the adaptive grid included (runtime).
+// SAMPLING = 1 or 2: sampling_ratio as a compile-time constant (a row's
+// samples unroll); 0: any other value, the adaptive grid included (runtime).
 
 #include "deform_roi_pool.cu"
 #include "channels_last.cuh"
