@@ -43,8 +43,13 @@ class Case:
     # here, float64 in the reference): a true discontinuity, not a kernel error.
     spatial_scale: float = 0.37
     no_trans: bool = False
+    design: str = "pw_fastest"
 
     def params(self) -> dict:
+        """Our function's keyword arguments; the reference's are :meth:`reference_params`."""
+        return dict(self.reference_params(), design=self.design)
+
+    def reference_params(self) -> dict:
         return dict(
             spatial_scale=self.spatial_scale,
             output_dim=self.output_dim,
@@ -67,7 +72,11 @@ CASES = {
     "pooled_7x7_one_sample": Case(
         N=1, pooled_size=7, group_size=3, output_dim=2, sample_per_part=1
     ),
+    # Two chunks of 32 output channels in the channels-fastest design (8 dead
+    # lanes in the second), class 3 of 10 channels split across them.
+    "channels_40": Case(N=1, H=5, W=6, output_dim=40, num_classes=4, sample_per_part=3),
 }
+DESIGNS = ops.DESIGNS
 
 
 def make_rois(case: Case, generator: torch.Generator) -> torch.Tensor:
@@ -124,7 +133,7 @@ def check_against_reference(
     }
     out = ops.deform_psroi_pool(leaves["input"], leaves["rois"], leaves["trans"], **case.params())
     expected = reference.deform_psroi_pool(
-        references["input"], references["rois"], references["trans"], **case.params()
+        references["input"], references["rois"], references["trans"], **case.reference_params()
     )
     assert_close("output", out, expected, dtype)
     grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -140,20 +149,23 @@ def check_against_reference(
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("case_name", list(CASES))
-def test_forward_and_gradients(case_name, dtype):
-    case = CASES[case_name]
+@pytest.mark.parametrize("design", DESIGNS)
+def test_forward_and_gradients(case_name, dtype, design):
+    case = dataclasses.replace(CASES[case_name], design=design)
     check_against_reference(case, make_inputs(case, dtype), dtype)
 
 
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("case_name", ["basic", "part_cells_shared_by_bins"])
-def test_float64_kernels(case_name):
+def test_float64_kernels(case_name, design):
     """The float64 instantiations compute in float64: the reference to ~1e-15."""
-    case = CASES[case_name]
+    case = dataclasses.replace(CASES[case_name], design=design)
     check_against_reference(case, make_inputs(case, torch.float64), torch.float64)
 
 
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("no_trans", [False, True], ids=["trans", "no_trans"])
-def test_gradcheck_on_the_kernels(no_trans):
+def test_gradcheck_on_the_kernels(no_trans, design):
     """torch.autograd.gradcheck of the emulated kernels in float64, input and
     trans; RoIs and trans keep every sample off B2's borders and kinks."""
     generator = torch.Generator().manual_seed(15)
@@ -162,7 +174,7 @@ def test_gradcheck_on_the_kernels(no_trans):
     trans = (torch.rand(2, 2, 2, 2, dtype=torch.float64, generator=generator) * 0.4 - 0.2
              ).requires_grad_()
     arguments = dict(spatial_scale=0.53, output_dim=2, group_size=2, pooled_size=2, part_size=2,
-                     sample_per_part=2, trans_std=0.13, no_trans=no_trans)
+                     sample_per_part=2, trans_std=0.13, no_trans=no_trans, design=design)
     if no_trans:
         assert torch.autograd.gradcheck(
             lambda i: ops.deform_psroi_pool(i, rois, None, **arguments), (x,))
@@ -198,15 +210,17 @@ def test_channel_slices(monkeypatch, min_channels, waves):
     check_against_reference(case, make_inputs(case, torch.float32, seed=3), torch.float32)
 
 
-def test_rois_in_several_launches(monkeypatch):
+@pytest.mark.parametrize("design", DESIGNS)
+def test_rois_in_several_launches(monkeypatch, design):
     monkeypatch.setattr(launch, "MAX_GRID_DIM", (2**31 - 1, 4, 65535))
-    case = CASES["part_cells_shared_by_bins"]
+    case = dataclasses.replace(CASES["part_cells_shared_by_bins"], design=design)
     check_against_reference(case, make_inputs(case, torch.float32, seed=4), torch.float32)
 
 
 @pytest.mark.parametrize("requires_grad", [("input",), ("trans",)], ids="+".join)
-def test_only_requested_gradients(requires_grad):
-    case = CASES["basic"]
+@pytest.mark.parametrize("design", DESIGNS)
+def test_only_requested_gradients(requires_grad, design):
+    case = dataclasses.replace(CASES["basic"], design=design)
     check_against_reference(
         case, make_inputs(case, torch.float32, seed=5), torch.float32, requires_grad
     )
@@ -221,11 +235,12 @@ def test_no_trans_ignores_trans():
     torch.testing.assert_close(ignored, none, rtol=0, atol=0)
 
 
-def test_memcheck():
+@pytest.mark.parametrize("design", DESIGNS)
+def test_memcheck(design):
     """No out-of-bounds write in the forward or backward (trans and no_trans)."""
     with emulator.mode("memcheck"):
         for name in ("basic", "no_trans"):
-            case = CASES[name]
+            case = dataclasses.replace(CASES[name], design=design)
             check_against_reference(case, make_inputs(case, torch.float32, seed=7), torch.float32)
 
 
@@ -244,6 +259,11 @@ def _rois_with(k: int, column: int, value: float) -> torch.Tensor:
 
 BAD_ARGUMENTS = {
     "rois_not_k_by_5": (_bad(rois=torch.zeros(9, 6)), ValueError, r"rois must have shape \(K, 5\)"),
+    "design": (
+        _bad(design="nhwc"),
+        ValueError,
+        r"design must be one of 'pw_fastest', 'channels_fastest', got 'nhwc'",
+    ),
     "batch_index": (
         _bad(rois=_rois_with(5, 0, 7.0)),
         ValueError,
@@ -330,7 +350,7 @@ def test_defaults_are_mmdets():
                                  pooled_size=3)
     expected = reference.deform_psroi_pool(
         inputs["input"].double(), inputs["rois"].double(), inputs["trans"].double(),
-        **case.params())
+        **case.reference_params())
     assert_close("output", ours, expected, torch.float32)
     no_trans = ops.deform_psroi_pool(inputs["input"], inputs["rois"], output_dim=4, pooled_size=3,
                                      no_trans=True)
@@ -356,19 +376,19 @@ def test_boxes_per_image_and_float32_boxes_with_half_features():
     assert out.dtype == torch.float16
 
 
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("empty", ["K", "output_dim"])
-def test_empty_output_and_zero_gradients(empty):
+def test_empty_output_and_zero_gradients(empty, design):
     """K = 0 RoIs or output_dim = 0: an empty output of the right shape and
     zero gradients, in ours and in the reference."""
-    case = CASES["basic"] if empty == "K" else dataclasses.replace(
-        CASES["basic"], output_dim=0, num_classes=1)
+    case = dataclasses.replace(CASES["basic"], design=design) if empty == "K" else dataclasses.replace(
+        CASES["basic"], output_dim=0, num_classes=1, design=design)
     inputs = make_inputs(case, torch.float32, seed=11)
     if empty == "K":
         inputs = {n: t if n == "input" else t[:0] for n, t in inputs.items()}
-    for module in (ops, reference):
+    for module, params in ((ops, case.params()), (reference, case.reference_params())):
         leaves = {n: t.clone().requires_grad_(n != "rois") for n, t in inputs.items()}
-        out = module.deform_psroi_pool(leaves["input"], leaves["rois"], leaves["trans"],
-                                       **case.params())
+        out = module.deform_psroi_pool(leaves["input"], leaves["rois"], leaves["trans"], **params)
         assert out.shape == (inputs["rois"].shape[0], case.output_dim, 3, 3)
         grads = torch.autograd.grad(out.sum(), [leaves["input"], leaves["trans"]])
         for name, grad in zip(("input", "trans"), grads, strict=True):
@@ -426,23 +446,26 @@ def test_pack_needs_one_trans_cell_per_bin():
         ops.DeformPSRoIPoolPack(0.5, 3, 4, part_size=2)
 
 
-def _tiny_op_arguments(with_trans: bool):
+def _tiny_op_arguments(with_trans: bool, design: str = "pw_fastest"):
     case = Case(N=2, H=4, W=5, output_dim=2, group_size=2, pooled_size=2, num_classes=1)
     inputs = make_inputs(case, torch.float32, seed=8)
     trans = inputs["trans"].requires_grad_() if with_trans else None
-    return (inputs["input"].requires_grad_(), inputs["rois"], trans, 0.5, 2, 2, 2, 2, 2, 0.1)
+    return (inputs["input"].requires_grad_(), inputs["rois"], trans, 0.5, 2, 2, 2, 2, 2, 0.1,
+            design)
 
 
 @pytest.mark.parametrize("with_trans", [True, False], ids=["trans", "no_trans"])
-def test_opcheck(with_trans):
+@pytest.mark.parametrize("design", DESIGNS)
+def test_opcheck(with_trans, design):
     torch.library.opcheck(
-        torch.ops.dcnbench.deform_psroi_pool.default, _tiny_op_arguments(with_trans)
+        torch.ops.dcnbench.deform_psroi_pool.default, _tiny_op_arguments(with_trans, design)
     )
 
 
-def test_opcheck_backward():
+@pytest.mark.parametrize("design", DESIGNS)
+def test_opcheck_backward(design):
     input, rois, trans, *params = (
-        a.detach() if isinstance(a, torch.Tensor) else a for a in _tiny_op_arguments(True)
+        a.detach() if isinstance(a, torch.Tensor) else a for a in _tiny_op_arguments(True, design)
     )
     torch.library.opcheck(
         torch.ops.dcnbench.deform_psroi_pool_backward.default,
@@ -465,7 +488,8 @@ def _no_gpu() -> str | None:
 class TestOnGPU:
     @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
     @pytest.mark.parametrize("case_name", list(CASES))
-    def test_against_reference(self, case_name, dtype):
-        case = CASES[case_name]
+    @pytest.mark.parametrize("design", DESIGNS)
+    def test_against_reference(self, case_name, dtype, design):
+        case = dataclasses.replace(CASES[case_name], design=design)
         inputs = {n: None if t is None else t.cuda() for n, t in make_inputs(case, dtype).items()}
         check_against_reference(case, inputs, dtype)

@@ -28,6 +28,9 @@ pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
 def call(module, inputs: dict, params: dict) -> torch.Tensor:
+    """Ours or the reference, which takes no ``design``."""
+    if module is reference:
+        params = {name: value for name, value in params.items() if name != "design"}
     return module.deform_psroi_pool(inputs["input"], inputs["rois"], inputs["trans"], **params)
 
 
@@ -51,10 +54,10 @@ def check_against_reference(inputs: dict, params: dict) -> torch.Tensor:
 
 
 def params_of(output_dim: int, group_size: int, pooled_size: int, sample_per_part: int,
-              trans_std: float, no_trans: bool = False) -> dict:
+              trans_std: float, no_trans: bool = False, design: str = "pw_fastest") -> dict:
     return dict(spatial_scale=1.0, output_dim=output_dim, group_size=group_size,
                 pooled_size=pooled_size, part_size=0, sample_per_part=sample_per_part,
-                trans_std=trans_std, no_trans=no_trans)
+                trans_std=trans_std, no_trans=no_trans, design=design)
 
 
 # --------------------------------------------------------------------------- #
@@ -63,7 +66,8 @@ def params_of(output_dim: int, group_size: int, pooled_size: int, sample_per_par
 
 
 @pytest.mark.parametrize("no_trans", [False, True], ids=["trans_0", "no_trans"])
-def test_samples_exactly_on_the_counting_borders(no_trans):
+@pytest.mark.parametrize("design", ops.DESIGNS)
+def test_samples_exactly_on_the_counting_borders(no_trans, design):
     """One sample per RoI (1x1 bin, sample_per_part 1, spatial_scale 1) lies
     at (round(y1) - 0.5, round(x1) - 0.5): y1 = H puts it exactly on H - 0.5
     and y1 = 0 on -0.5, likewise x, each with the other coordinate inside,
@@ -84,7 +88,7 @@ def test_samples_exactly_on_the_counting_borders(no_trans):
         "trans": torch.zeros(len(targets), 2, 1, 1),
     }
     params = params_of(output_dim=C, group_size=1, pooled_size=1, sample_per_part=1,
-                       trans_std=0.1, no_trans=no_trans)
+                       trans_std=0.1, no_trans=no_trans, design=design)
     expected = check_against_reference(inputs, params)
     assert (expected != 0).all(), "a sample on the border was not counted by the reference"
 
@@ -95,7 +99,8 @@ def test_samples_exactly_on_the_counting_borders(no_trans):
 
 
 @pytest.mark.parametrize("no_trans", [False, True], ids=["trans", "no_trans"])
-def test_roi_corners_on_halves_round_away_from_zero(no_trans):
+@pytest.mark.parametrize("design", ops.DESIGNS)
+def test_roi_corners_on_halves_round_away_from_zero(no_trans, design):
     """Every corner of these RoIs is an even integer plus a half (-2.5, 0.5,
     2.5, ...), where C's round (away from zero) and rounding half to even
     differ by a whole pixel: x1, y1, x2 and y2 each move the samples."""
@@ -113,7 +118,7 @@ def test_roi_corners_on_halves_round_away_from_zero(no_trans):
         "trans": torch.rand(len(rois), 2, 2, 2, generator=generator) * 2 - 1,
     }
     params = params_of(output_dim=C, group_size=1, pooled_size=2, sample_per_part=2,
-                       trans_std=0.0917, no_trans=no_trans)
+                       trans_std=0.0917, no_trans=no_trans, design=design)
     check_against_reference(inputs, params)
 
 
@@ -164,7 +169,8 @@ def exactly_representable_values(shape: tuple[int, ...], dtype: torch.dtype,
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("no_trans", [False, True], ids=["trans", "no_trans"])
-def test_half_precision_output_is_rounded_to_nearest_even(no_trans, dtype):
+@pytest.mark.parametrize("design", ops.DESIGNS)
+def test_half_precision_output_is_rounded_to_nearest_even(no_trans, dtype, design):
     """RoIs 4 pixels wide on integer corners, 2x2 bins, 2x2 samples: samples
     at half pixels, moved by quarters (trans_std · roi = 1/4, trans in
     {-1, 0, 1, 2}), all inside, so every bin averages 4 counted samples and its
@@ -181,7 +187,7 @@ def test_half_precision_output_is_rounded_to_nearest_even(no_trans, dtype):
         "trans": torch.randint(-1, 3, (k, 2, pooled, pooled), generator=generator).double(),
     }
     params = params_of(output_dim=output_dim, group_size=group_size, pooled_size=pooled,
-                       sample_per_part=2, trans_std=0.0625, no_trans=no_trans)
+                       sample_per_part=2, trans_std=0.0625, no_trans=no_trans, design=design)
     typed = {n: t.to(dtype) for n, t in inputs.items()}
     assert all(torch.equal(typed[n].double(), t) for n, t in inputs.items())
     out = call(ops, typed, params)

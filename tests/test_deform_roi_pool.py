@@ -34,6 +34,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REL_L2 = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-13}
 MAX_ABS = {dtype: 2 * bound for dtype, bound in REL_L2.items()}
 OPS = ("roi_align", "deform_roi_pool", "modulated_deform_roi_pool")
+DESIGNS = ops.DESIGNS
 
 
 # Every kernel output starts as NaN: an unwritten element fails its comparison.
@@ -56,12 +57,14 @@ class Case:
     # different sides (a true gradient difference, not a kernel error).
     gamma: float = 0.0917
 
-    def params(self, op: str) -> dict:
+    def params(self, op: str, design: str = "pw_fastest") -> dict:
+        """Our function's keyword arguments (``reference_call`` drops the design)."""
         params = dict(
             pooled_h=self.pooled_h,
             pooled_w=self.pooled_w,
             spatial_scale=self.spatial_scale,
             sampling_ratio=self.sampling_ratio,
+            design=design,
         )
         if op != "roi_align":
             params["gamma"] = self.gamma
@@ -73,6 +76,9 @@ CASES = {
     "sampling_ratio_2": Case(sampling_ratio=2, gamma=0.2917),
     "pooled_1x1": Case(N=1, C=2, pooled_h=1, pooled_w=1, spatial_scale=0.25),
     "pooled_14x14": Case(N=1, C=2, H=5, W=6, pooled_h=14, pooled_w=14, sampling_ratio=1),
+    # Two chunks of 32 channels in the channels-fastest design, the second with
+    # 5 (27 dead lanes); a sampling ratio that is not specialised.
+    "channels_37": Case(N=2, C=37, H=5, W=6, pooled_h=3, pooled_w=3, sampling_ratio=3),
 }
 
 
@@ -131,6 +137,7 @@ def call(module, op: str, inputs: dict, params: dict) -> torch.Tensor:
 
 
 def reference_call(op: str, inputs: dict, params: dict) -> torch.Tensor:
+    params = {name: value for name, value in params.items() if name != "design"}
     if op == "roi_align":
         return roi_align_reference.roi_align(inputs["input"], inputs["rois"], **params)
     return call(reference, op, inputs, params)
@@ -177,24 +184,27 @@ def check_against_reference(
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("case_name", list(CASES))
-def test_forward_and_gradients(case_name, op, dtype):
+def test_forward_and_gradients(case_name, op, dtype, design):
     case = CASES[case_name]
-    check_against_reference(op, make_inputs(case, op, dtype), case.params(op), dtype)
+    check_against_reference(op, make_inputs(case, op, dtype), case.params(op, design), dtype)
 
 
 @pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("case_name", ["adaptive_grid", "sampling_ratio_2"])
-def test_float64_kernels(case_name, op):
+def test_float64_kernels(case_name, op, design):
     """The float64 instantiations (forward and backward) compute in float64:
     the reference's values to ~1e-15, every gradient included."""
     case = CASES[case_name]
-    check_against_reference(op, make_inputs(case, op, torch.float64), case.params(op),
+    check_against_reference(op, make_inputs(case, op, torch.float64), case.params(op, design),
                             torch.float64)
 
 
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("op", OPS)
-def test_gradcheck_on_the_kernels(op):
+def test_gradcheck_on_the_kernels(op, design):
     """torch.autograd.gradcheck (float64 finite differences) of the emulated
     kernels, every differentiable argument; RoIs inside the map at generic
     positions (no sample within eps of B1's kinks)."""
@@ -205,7 +215,7 @@ def test_gradcheck_on_the_kernels(op):
     offset = (torch.rand(3, 2, 2, 3, dtype=torch.float64, generator=generator) * 0.4 - 0.2
               ).requires_grad_()
     mask = torch.rand(3, 1, 2, 3, dtype=torch.float64, generator=generator).requires_grad_()
-    params = dict(pooled_h=2, pooled_w=3, spatial_scale=0.5, sampling_ratio=2)
+    params = dict(pooled_h=2, pooled_w=3, spatial_scale=0.5, sampling_ratio=2, design=design)
     if op == "roi_align":
         function, arguments = (lambda i: ops.roi_align(i, rois, **params)), (x,)
     elif op == "deform_roi_pool":
@@ -218,12 +228,13 @@ def test_gradcheck_on_the_kernels(op):
 
 
 @pytest.mark.parametrize("sampling_ratio", [0, 2])
-def test_roi_align_matches_torchvision(sampling_ratio):
+@pytest.mark.parametrize("design", DESIGNS)
+def test_roi_align_matches_torchvision(sampling_ratio, design):
     """roi_align = torchvision.ops.roi_align(aligned=True), forward and grad_input."""
     case = dataclasses.replace(CASES["adaptive_grid"], sampling_ratio=sampling_ratio)
     inputs = make_inputs(case, "roi_align", torch.float32, seed=2)
     x = inputs["input"].clone().requires_grad_()
-    out = ops.roi_align(x, inputs["rois"], **case.params("roi_align"))
+    out = ops.roi_align(x, inputs["rois"], **case.params("roi_align", design))
     x_tv = inputs["input"].double().requires_grad_()
     expected = torchvision.ops.roi_align(
         x_tv,
@@ -240,7 +251,8 @@ def test_roi_align_matches_torchvision(sampling_ratio):
     assert_close("grad_input", x.grad, x_tv.grad, torch.float32)
 
 
-def test_zero_size_roi_with_adaptive_grid_is_zero():
+@pytest.mark.parametrize("design", DESIGNS)
+def test_zero_size_roi_with_adaptive_grid_is_zero(design):
     """sampling_ratio 0 and a zero-size RoI: an empty grid, the bin is 0 and
     nothing has a gradient (the reference's graph does not even reach the inputs)."""
     case = CASES["adaptive_grid"]
@@ -252,7 +264,7 @@ def test_zero_size_roi_with_adaptive_grid_is_zero():
         "offset": inputs["offset"][:1].clone().requires_grad_(),
         "mask": inputs["mask"][:1].clone().requires_grad_(),
     }
-    out = call(ops, op, inputs, case.params(op))
+    out = call(ops, op, inputs, case.params(op, design))
     assert (out == 0).all()
     grads = torch.autograd.grad(
         out, [inputs[n] for n in ("input", "offset", "mask")], torch.ones_like(out)
@@ -278,31 +290,34 @@ def test_channel_slices(monkeypatch, min_channels, waves):
     )
 
 
-def test_rois_in_several_launches(monkeypatch):
+@pytest.mark.parametrize("design", DESIGNS)
+def test_rois_in_several_launches(monkeypatch, design):
     """More RoIs than one launch's gridDim.y: chunks of 4 RoIs (the real limit is 65535)."""
     monkeypatch.setattr(launch, "MAX_GRID_DIM", (2**31 - 1, 4, 65535))
     case = CASES["sampling_ratio_2"]
     op = "modulated_deform_roi_pool"
     check_against_reference(
-        op, make_inputs(case, op, torch.float32, seed=6), case.params(op), torch.float32
+        op, make_inputs(case, op, torch.float32, seed=6), case.params(op, design), torch.float32
     )
 
 
 @pytest.mark.parametrize(
     "requires_grad", [("input",), ("offset",), ("mask",), ("offset", "mask")], ids="+".join
 )
-def test_only_requested_gradients(requires_grad):
+@pytest.mark.parametrize("design", DESIGNS)
+def test_only_requested_gradients(requires_grad, design):
     case = CASES["adaptive_grid"]
     op = "modulated_deform_roi_pool"
     inputs = make_inputs(case, op, torch.float32, seed=7)
-    check_against_reference(op, inputs, case.params(op), torch.float32, requires_grad)
+    check_against_reference(op, inputs, case.params(op, design), torch.float32, requires_grad)
 
 
-def test_modulated_without_offset():
+@pytest.mark.parametrize("design", DESIGNS)
+def test_modulated_without_offset(design):
     case = CASES["sampling_ratio_2"]
     op = "modulated_deform_roi_pool"
     inputs = dict(make_inputs(case, op, torch.float32, seed=8), offset=None)
-    check_against_reference(op, inputs, case.params(op), torch.float32)
+    check_against_reference(op, inputs, case.params(op, design), torch.float32)
 
 
 def test_deform_roi_pool_without_offset_is_roi_align():
@@ -315,16 +330,18 @@ def test_deform_roi_pool_without_offset_is_roi_align():
     torch.testing.assert_close(pooled, aligned, rtol=0, atol=0)
 
 
-def test_no_rois_and_noncontiguous_inputs():
+@pytest.mark.parametrize("design", DESIGNS)
+def test_no_rois_and_noncontiguous_inputs(design):
     case = CASES["adaptive_grid"]
     op = "modulated_deform_roi_pool"
+    params = case.params(op, design)
     inputs = make_inputs(case, op, torch.float32, seed=10)
     empty = {n: t[:0] if n != "input" else t for n, t in inputs.items()}
-    assert call(ops, op, empty, case.params(op)).shape == (0, case.C, case.pooled_h, case.pooled_w)
-    expected = call(ops, op, inputs, case.params(op))
+    assert call(ops, op, empty, params).shape == (0, case.C, case.pooled_h, case.pooled_w)
+    expected = call(ops, op, inputs, params)
     transposed = {n: t.transpose(-1, -2).contiguous().transpose(-1, -2) for n, t in inputs.items()}
     assert not transposed["input"].is_contiguous()
-    torch.testing.assert_close(call(ops, op, transposed, case.params(op)), expected, rtol=0, atol=0)
+    torch.testing.assert_close(call(ops, op, transposed, params), expected, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- #
@@ -332,14 +349,15 @@ def test_no_rois_and_noncontiguous_inputs():
 # --------------------------------------------------------------------------- #
 
 
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
-def test_roi_align_not_aligned_matches_torchvision(sampling_ratio):
+def test_roi_align_not_aligned_matches_torchvision(sampling_ratio, design):
     """aligned=False (torchvision's legacy rule: no -0.5, sides >= 1) = torchvision's,
     forward and grad_input; the reference agrees as well. The zero-size and
     sub-pixel RoIs of make_rois are where the clamp at 1 acts."""
     case = dataclasses.replace(CASES["adaptive_grid"], sampling_ratio=sampling_ratio)
     inputs = make_inputs(case, "roi_align", torch.float32, seed=15)
-    params = dict(case.params("roi_align"), aligned=False)
+    params = dict(case.params("roi_align", design), aligned=False)
     out = check_against_reference("roi_align", inputs, params, torch.float32)
     x_tv = inputs["input"].double().requires_grad_()
     expected = torchvision.ops.roi_align(
@@ -352,18 +370,19 @@ def test_roi_align_not_aligned_matches_torchvision(sampling_ratio):
     ops.roi_align(x, inputs["rois"], **params).backward(grad_output)
     expected.backward(grad_output.double())
     assert_close("grad_input", x.grad, x_tv.grad, torch.float32)
-    aligned = ops.roi_align(inputs["input"], inputs["rois"], **case.params("roi_align"))
+    aligned = ops.roi_align(inputs["input"], inputs["rois"], **case.params("roi_align", design))
     assert (aligned - out).abs().max() > 0.1  # the flag changes the result
 
 
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("op", OPS)
-def test_nonpositive_sampling_ratio_is_the_adaptive_grid(op):
+def test_nonpositive_sampling_ratio_is_the_adaptive_grid(op, design):
     """sampling_ratio -1 (torchvision's default) and -7 are sampling_ratio 0, bit for bit."""
     case = CASES["adaptive_grid"]
     inputs = make_inputs(case, op, torch.float32, seed=17)
-    adaptive = call(ops, op, inputs, case.params(op))
+    adaptive = call(ops, op, inputs, case.params(op, design))
     for ratio in (-1, -7):
-        params = dict(case.params(op), sampling_ratio=ratio)
+        params = dict(case.params(op, design), sampling_ratio=ratio)
         torch.testing.assert_close(call(ops, op, inputs, params), adaptive, rtol=0, atol=0)
         expected = reference_call(op, {n: None if t is None else t.double() for n, t in inputs.items()},
                                   params)
@@ -423,8 +442,9 @@ def test_boxes_per_image_are_rois(op):
     assert_close("output", expected, reference_out, torch.float32)
 
 
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("op", OPS)
-def test_float32_boxes_with_half_features_under_autocast(op):
+def test_float32_boxes_with_half_features_under_autocast(op, design):
     """Autocast hands float32 boxes to half features: accepted, read in float32
     (not rounded to half), the output and gradients half; against the
     reference on the same float32 boxes."""
@@ -434,15 +454,16 @@ def test_float32_boxes_with_half_features_under_autocast(op):
     rois[:, 1:] *= 1.0001  # coordinates that half does not hold
     inputs["rois"] = rois
     with torch.autocast("cpu", dtype=torch.float16):
-        out = check_against_reference(op, inputs, case.params(op), torch.float16)
+        out = check_against_reference(op, inputs, case.params(op, design), torch.float16)
     assert out.dtype == torch.float16
-    rounded = call(ops, op, dict(inputs, rois=inputs["rois"].half()), case.params(op))
+    rounded = call(ops, op, dict(inputs, rois=inputs["rois"].half()), case.params(op, design))
     assert not torch.equal(out, rounded)
 
 
 @pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("empty", ["K", "C", "K_and_N"])
-def test_empty_output_and_zero_gradients(op, empty):
+def test_empty_output_and_zero_gradients(op, empty, design):
     """K = 0 RoIs (also on an N = 0 batch) or C = 0 channels: an empty output of
     the right shape and zero gradients, in ours and in the reference."""
     case = CASES["adaptive_grid"]
@@ -457,7 +478,7 @@ def test_empty_output_and_zero_gradients(op, empty):
     for run in (lambda *args: call(ops, *args), reference_call):
         leaves = {n: None if t is None else t.clone().requires_grad_(n != "rois")
                   for n, t in inputs.items()}
-        out = run(op, leaves, case.params(op))
+        out = run(op, leaves, case.params(op, design))
         assert out.shape == (count, channels, case.pooled_h, case.pooled_w)
         names = [n for n in ("input", "offset", "mask") if leaves.get(n) is not None]
         grads = torch.autograd.grad(out.sum(), [leaves[n] for n in names])
@@ -465,7 +486,8 @@ def test_empty_output_and_zero_gradients(op, empty):
             assert grad.shape == inputs[name].shape and not grad.any(), name
 
 
-def test_a_million_pixel_roi_at_one_bin():
+@pytest.mark.parametrize("design", DESIGNS)
+def test_a_million_pixel_roi_at_one_bin(design):
     """A 1000 x 1000-pixel RoI pooled to 1x1 with the adaptive grid: 10^6
     samples in one thread, within MAX_SAMPLES_PER_BIN, runs and matches the
     reference (forward and grad_input); a 10^6 x 10^6 one is refused at once."""
@@ -473,7 +495,7 @@ def test_a_million_pixel_roi_at_one_bin():
     # Positive values: no cancellation in the bin's sum.
     x = torch.rand(1, 1, 1000, 1000, generator=generator).requires_grad_()
     rois = torch.tensor([[0, 0.0, 0.0, 1000.0, 1000.0]])
-    out = ops.roi_align(x, rois, 1)
+    out = ops.roi_align(x, rois, 1, design=design)
     x64 = x.detach().double().requires_grad_()
     expected = roi_align_reference.roi_align(x64, rois.double(), pooled_h=1, pooled_w=1)
     # One thread sums 10^6 float32 terms: ~sqrt(n)·u ≈ 6e-5 relative, not the
@@ -575,13 +597,14 @@ def test_pack_checks_its_channels():
     [*((op, torch.float32) for op in OPS), ("modulated_deform_roi_pool", torch.float64)],
     ids=lambda v: str(v).removeprefix("torch."),
 )
-def test_memcheck(op, dtype):
+@pytest.mark.parametrize("design", DESIGNS)
+def test_memcheck(op, dtype, design):
     """No out-of-bounds write in any forward or backward instantiation used by ``op``
     (RoIs outside the map, offsets pushing bins off it, the last image)."""
     case = CASES["sampling_ratio_2"]
     inputs = make_inputs(case, op, dtype, seed=11)
     with emulator.mode("memcheck"):
-        check_against_reference(op, inputs, case.params(op), dtype)
+        check_against_reference(op, inputs, case.params(op, design), dtype)
 
 
 # --------------------------------------------------------------------------- #
@@ -607,6 +630,11 @@ def _rois_with(k: int, column: int, value: float) -> torch.Tensor:
 BAD_ARGUMENTS = {
     "rois_not_k_by_5": (_bad(rois=torch.zeros(9, 4)), ValueError, r"rois must have shape \(K, 5\)"),
     "rois_1d": (_bad(rois=torch.zeros(5)), ValueError, r"rois must be 2-D"),
+    "design": (
+        _bad(design="nhwc"),
+        ValueError,
+        r"design must be one of 'pw_fastest', 'channels_fastest', got 'nhwc'",
+    ),
     "batch_index_out_of_range": (
         _bad(rois=_rois_with(3, 0, 2.0)),
         ValueError,
@@ -750,13 +778,14 @@ def test_missing_mask():
 # --------------------------------------------------------------------------- #
 
 
-def _tiny_op_arguments(with_offset: bool, with_mask: bool, aligned: bool = True):
+def _tiny_op_arguments(with_offset: bool, with_mask: bool, aligned: bool = True,
+                       design: str = "pw_fastest"):
     case = Case(N=2, C=2, H=4, W=5, pooled_h=2, pooled_w=2)
     inputs = make_inputs(case, "modulated_deform_roi_pool", torch.float32, seed=12)
     input = inputs["input"].requires_grad_()
     offset = inputs["offset"].requires_grad_() if with_offset else None
     mask = inputs["mask"].requires_grad_() if with_mask else None
-    return (input, inputs["rois"], offset, mask, 2, 2, 0.5, 0, 0.1, aligned)
+    return (input, inputs["rois"], offset, mask, 2, 2, 0.5, 0, 0.1, aligned, design)
 
 
 @pytest.mark.parametrize(
@@ -764,17 +793,20 @@ def _tiny_op_arguments(with_offset: bool, with_mask: bool, aligned: bool = True)
     [(False, False, True), (False, False, False), (True, False, True), (True, True, True)],
     ids=[OPS[0], "roi_align_not_aligned", *OPS[1:]],
 )
-def test_opcheck(with_offset, with_mask, aligned):
+@pytest.mark.parametrize("design", DESIGNS)
+def test_opcheck(with_offset, with_mask, aligned, design):
     """Schema, fake (meta) kernel, autograd registration and AOT dispatch of our op."""
     torch.library.opcheck(
         torch.ops.dcnbench.deform_roi_pool.default,
-        _tiny_op_arguments(with_offset, with_mask, aligned),
+        _tiny_op_arguments(with_offset, with_mask, aligned, design),
     )
 
 
-def test_opcheck_backward():
+@pytest.mark.parametrize("design", DESIGNS)
+def test_opcheck_backward(design):
     input, rois, offset, mask, *params = (
-        a.detach() if isinstance(a, torch.Tensor) else a for a in _tiny_op_arguments(True, True)
+        a.detach() if isinstance(a, torch.Tensor) else a
+        for a in _tiny_op_arguments(True, True, design=design)
     )
     grad_output = torch.randn(rois.shape[0], 2, 2, 2)
     torch.library.opcheck(
@@ -824,20 +856,22 @@ class TestOnGPU:
     @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
     @pytest.mark.parametrize("op", OPS)
     @pytest.mark.parametrize("case_name", list(CASES))
-    def test_against_reference(self, case_name, op, dtype):
+    @pytest.mark.parametrize("design", DESIGNS)
+    def test_against_reference(self, case_name, op, dtype, design):
         case = CASES[case_name]
         inputs = {
             n: None if t is None else t.cuda() for n, t in make_inputs(case, op, dtype).items()
         }
-        check_against_reference(op, inputs, case.params(op), dtype)
+        check_against_reference(op, inputs, case.params(op, design), dtype)
 
-    def test_roi_align_against_torchvision(self):
+    @pytest.mark.parametrize("design", DESIGNS)
+    def test_roi_align_against_torchvision(self, design):
         """A larger case (many RoIs, 256 channels) vs torchvision's CUDA roi_align."""
         case = Case(N=2, C=256, H=38, W=50, pooled_h=7, pooled_w=7, spatial_scale=1 / 16)
         generator = torch.Generator().manual_seed(13)
         rois = torch.cat([make_rois(case, generator) for _ in range(30)]).cuda()
         x = torch.randn(case.N, case.C, case.H, case.W, generator=generator).cuda()
-        ours = ops.roi_align(x, rois, **case.params("roi_align"))
+        ours = ops.roi_align(x, rois, **case.params("roi_align", design))
         expected = torchvision.ops.roi_align(
             x, rois, (7, 7), case.spatial_scale, case.sampling_ratio, aligned=True
         )

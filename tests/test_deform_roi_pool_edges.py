@@ -31,7 +31,10 @@ pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 def call(module, op: str, inputs: dict, params: dict) -> torch.Tensor:
     """``op`` of ``module`` (ours or the reference) on ``inputs``; the
-    reference's roi_align is its deform_roi_pool without offset."""
+    reference's roi_align is its deform_roi_pool without offset, and takes no
+    ``design``."""
+    if module is reference:
+        params = {name: value for name, value in params.items() if name != "design"}
     if op == "roi_align":
         if module is reference:
             return reference.deform_roi_pool(inputs["input"], inputs["rois"], None, **params)
@@ -88,7 +91,8 @@ def single_sample_inputs(op: str, targets: list[tuple[float, float]], seed: int)
     return inputs
 
 
-def params_of(op: str, params: dict, gamma: float = 0.1) -> dict:
+def params_of(op: str, params: dict, design: str, gamma: float = 0.1) -> dict:
+    params = {**params, "design": design}
     return params if op == "roi_align" else {**params, "gamma": gamma}
 
 
@@ -108,7 +112,8 @@ H, W = 5, 6  # the map of single_sample_inputs
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_samples_exactly_on_the_range_borders(op):
+@pytest.mark.parametrize("design", ops.DESIGNS)
+def test_samples_exactly_on_the_range_borders(op, design):
     """B1 keeps a sample at y = H exactly (it reads row H - 1) and at y = -1
     (row 0), likewise x; each paired with in-map values of the other
     coordinate, plus the four corners. Not one output is 0."""
@@ -116,7 +121,7 @@ def test_samples_exactly_on_the_range_borders(op):
     targets += with_inside([-1.0, float(W)], [0.75, 2.25, H - 1.5], flip=True)
     targets += [(-1.0, -1.0), (-1.0, float(W)), (float(H), -1.0), (float(H), float(W))]
     inputs = single_sample_inputs(op, targets, seed=41)
-    expected = check_against_reference(op, inputs, params_of(op, SINGLE_SAMPLE))
+    expected = check_against_reference(op, inputs, params_of(op, SINGLE_SAMPLE, design))
     assert (expected != 0).all(), "a sample on the border was dropped by the reference"
 
 
@@ -126,7 +131,8 @@ def test_samples_exactly_on_the_range_borders(op):
 
 
 @pytest.mark.parametrize("op", ("deform_roi_pool", "modulated_deform_roi_pool"))
-def test_clamp_slopes_at_the_kinks(op):
+@pytest.mark.parametrize("design", ops.DESIGNS)
+def test_clamp_slopes_at_the_kinks(op, design):
     """Samples exactly on x = 0 (the clamp below), x = W - 1 (the clamp at the
     last column), y likewise, each with an in-map value of the other
     coordinate: the offset gradient of the clamped coordinate is 0 there (the
@@ -136,7 +142,7 @@ def test_clamp_slopes_at_the_kinks(op):
     targets += with_inside([0.0, W - 1.0], [0.75, 2.25, H - 1.25], flip=True)
     targets += [(0.0, 0.0), (H - 1.0, W - 1.0)]
     inputs = single_sample_inputs(op, targets, seed=42)
-    check_against_reference(op, inputs, params_of(op, SINGLE_SAMPLE))
+    check_against_reference(op, inputs, params_of(op, SINGLE_SAMPLE, design))
 
 
 # --------------------------------------------------------------------------- #
@@ -167,7 +173,7 @@ def test_uneven_channel_slices(monkeypatch, op):
     if op == "modulated_deform_roi_pool":
         inputs["mask"] = torch.rand(k, 1, *pooled, generator=generator)
     params = dict(pooled_h=pooled[0], pooled_w=pooled[1], spatial_scale=1.0, sampling_ratio=2)
-    check_against_reference(op, inputs, params_of(op, params, gamma=0.0917))
+    check_against_reference(op, inputs, params_of(op, params, "pw_fastest", gamma=0.0917))
 
 
 # --------------------------------------------------------------------------- #
@@ -187,7 +193,8 @@ def exactly_representable_values(shape: tuple[int, ...], dtype: torch.dtype,
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("op", OPS)
-def test_half_precision_output_is_rounded_to_nearest_even(op, dtype):
+@pytest.mark.parametrize("design", ops.DESIGNS)
+def test_half_precision_output_is_rounded_to_nearest_even(op, dtype, design):
     """RoIs starting at a quarter of a pixel with bins 2 pixels wide and a 2x2
     grid: samples at quarter positions; offsets move them by halves (gamma ·
     roi = 1, offsets in halves), masks in {0.5, 0.75, 1}. Each bin's float32
@@ -209,7 +216,7 @@ def test_half_precision_output_is_rounded_to_nearest_even(op, dtype):
         inputs["mask"] = masks[torch.randint(3, (k, 1, *pooled), generator=generator)]
     inputs = {n: t.double() for n, t in inputs.items()}
     params = params_of(
-        op, dict(pooled_h=2, pooled_w=2, spatial_scale=1.0, sampling_ratio=2), gamma=0.25
+        op, dict(pooled_h=2, pooled_w=2, spatial_scale=1.0, sampling_ratio=2), design, gamma=0.25
     )
     typed = {n: t.to(dtype) for n, t in inputs.items()}
     assert all(torch.equal(typed[n].double(), t) for n, t in inputs.items())

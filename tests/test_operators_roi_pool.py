@@ -86,6 +86,8 @@ def test_tensors_implementations_and_baselines():
     assert get_operator("deform_psroi_pool").baseline == "torchvision"
     for op in ALL_OPS:
         assert get_implementation(op, "cupy").emulated_on == ("cpu",)
+    for op in B1_OPS:
+        assert kinds[op]["cupy_channels_fastest"] == "kernel"
         assert get_operator(op).forward_only_modes == ("degenerate_rois",)
 
 
@@ -320,17 +322,22 @@ def test_reference_returns_the_case_dtype_in_every_mode(op):
         check(op, "reference", SMALL, "float16", mode)
 
 
+# Every design of our kernels each operator registers.
+KERNELS = [(op, impl.name) for op in ALL_OPS for impl in implementations_of(op)
+           if impl.kind == "kernel"]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
-@pytest.mark.parametrize("op", ALL_OPS)
-def test_cupy_kernel_through_the_registry(op, dtype):
+@pytest.mark.parametrize("op, impl", KERNELS, ids=[f"{op}/{impl}" for op, impl in KERNELS])
+def test_cupy_kernel_through_the_registry(op, impl, dtype):
     """Our kernels (through the CPU emulator here) in every mode; skipped, saying why,
     while kernels.ops.<module> or the emulator is missing."""
-    reason = get_implementation(op, "cupy").available("cpu")
+    reason = get_implementation(op, impl).available("cpu")
     if reason is not None:
         assert isinstance(reason, str) and reason
         pytest.skip(reason)
     for mode in get_operator(op).input_modes:
-        check(op, "cupy", {**SMALL, "sampling_ratio": 0} if op in B1_OPS else SMALL, dtype, mode)
+        check(op, impl, {**SMALL, "sampling_ratio": 0} if op in B1_OPS else SMALL, dtype, mode)
 
 
 EMPTY_CASES = {

@@ -55,10 +55,10 @@ def overlapping_inputs(op: str, seed: int) -> dict:
     }
 
 
-def params(op: str) -> dict:
+def params(op: str, design: str) -> dict:
     extra = {} if op == "roi_align" else {"gamma": 0.1}
     return dict(pooled_h=POOLED[0], pooled_w=POOLED[1], spatial_scale=1.0,
-                sampling_ratio=SAMPLING_RATIO, **extra)
+                sampling_ratio=SAMPLING_RATIO, design=design, **extra)
 
 
 def grad_output_with_spread(shape, seed: int) -> torch.Tensor:
@@ -68,13 +68,14 @@ def grad_output_with_spread(shape, seed: int) -> torch.Tensor:
                                                                           generator=generator)
 
 
-def gradients(op: str, inputs: dict, grad_output: torch.Tensor, order: torch.Tensor) -> list:
+def gradients(op: str, inputs: dict, grad_output: torch.Tensor, order: torch.Tensor,
+              design: str) -> list:
     """Every gradient of ``op`` with the RoIs in ``order``, back in the original order."""
     permuted = {n: None if t is None or n == "input" else t[order] for n, t in inputs.items()}
     permuted["input"] = inputs["input"]
     leaves = {n: None if t is None else t.clone().requires_grad_(n != "rois")
               for n, t in permuted.items()}
-    out = call(ops, op, leaves, params(op))
+    out = call(ops, op, leaves, params(op, design))
     names = [n for n in ("input", "offset", "mask") if leaves[n] is not None]
     grads = torch.autograd.grad(out, [leaves[n] for n in names], grad_output[order])
     inverse = torch.argsort(order)
@@ -86,30 +87,36 @@ def gradients(op: str, inputs: dict, grad_output: torch.Tensor, order: torch.Ten
     [*((op, torch.float32) for op in OPS), ("modulated_deform_roi_pool", torch.float64)],
     ids=lambda v: str(v).removeprefix("torch."),
 )
-def test_deterministic_backward_does_not_depend_on_the_order(op, dtype, deterministic_algorithms):
+@pytest.mark.parametrize("design", ops.DESIGNS)
+def test_deterministic_backward_does_not_depend_on_the_order(op, dtype, design,
+                                                             deterministic_algorithms):
     inputs = {n: None if t is None else t.to(dtype) for n, t in overlapping_inputs(op, 1).items()}
     grad_output = grad_output_with_spread((K, C, *POOLED), seed=2).to(dtype)
     order = torch.randperm(K, generator=torch.Generator().manual_seed(3))
     identity = torch.arange(K)
-    first = gradients(op, inputs, grad_output, identity)
-    for again, permuted in zip(first, gradients(op, inputs, grad_output, order), strict=True):
+    first = gradients(op, inputs, grad_output, identity, design)
+    for again, permuted in zip(first, gradients(op, inputs, grad_output, order, design),
+                               strict=True):
         assert torch.equal(again, permuted)
-    for again, repeated in zip(first, gradients(op, inputs, grad_output, identity), strict=True):
+    for again, repeated in zip(first, gradients(op, inputs, grad_output, identity, design),
+                               strict=True):
         assert torch.equal(again, repeated)
     # Accurate too: against the float64 reference.
     references = {n: None if t is None else t.double().requires_grad_(n != "rois")
                   for n, t in inputs.items()}
-    expected = reference_call(op, references, params(op))
+    expected = reference_call(op, references, params(op, design))
     expected_grad = torch.autograd.grad(expected, references["input"], grad_output.double())[0]
     assert_close("grad_input", first[0], expected_grad, dtype)
 
     # The control: the float atomics do see a different order.
     torch.use_deterministic_algorithms(False)
-    floats = gradients(op, inputs, grad_output, identity)[0]
-    assert not torch.equal(floats, gradients(op, inputs, grad_output, order)[0])
+    floats = gradients(op, inputs, grad_output, identity, design)[0]
+    assert not torch.equal(floats, gradients(op, inputs, grad_output, order, design)[0])
 
 
-def test_deterministic_psroi_backward_does_not_depend_on_the_order(deterministic_algorithms):
+@pytest.mark.parametrize("design", ops.DESIGNS)
+def test_deterministic_psroi_backward_does_not_depend_on_the_order(design,
+                                                                   deterministic_algorithms):
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(N, 2 * 4, H, W, generator=generator)  # output_dim 2, group_size 2
     rois = overlapping_inputs("roi_align", seed=5)["rois"]
@@ -120,7 +127,8 @@ def test_deterministic_psroi_backward_does_not_depend_on_the_order(deterministic
 
     def grad_input(order):
         leaf = x.clone().requires_grad_()
-        out = psroi_ops.deform_psroi_pool(leaf, rois[order], trans[order], **arguments)
+        out = psroi_ops.deform_psroi_pool(leaf, rois[order], trans[order], **arguments,
+                                          design=design)
         return torch.autograd.grad(out, leaf, grad_output[order])[0]
 
     order = torch.randperm(K, generator=torch.Generator().manual_seed(7))
@@ -160,24 +168,31 @@ def count_atomics(monkeypatch):
     return install
 
 
-def atomics_of_backward(op: str, deterministic: bool, counters: ctypes.Array) -> list[int]:
+def atomics_of_backward(op: str, deterministic: bool, counters: ctypes.Array,
+                        design: str) -> list[int]:
     """[float, fixed-point] atomics of one backward of ``op``."""
     inputs = overlapping_inputs(op, seed=8)
     counters[0] = counters[1] = 0
     torch.use_deterministic_algorithms(deterministic)
     try:
-        gradients(op, inputs, grad_output_with_spread((K, C, *POOLED), seed=9), torch.arange(K))
+        gradients(op, inputs, grad_output_with_spread((K, C, *POOLED), seed=9), torch.arange(K),
+                  design)
     finally:
         torch.use_deterministic_algorithms(False)
     return list(counters)
 
 
+KERNEL_SOURCES = {"pw_fastest": ops.SOURCE, "channels_fastest": ops.CHANNELS_FASTEST_SOURCE}
+
+
 @pytest.mark.parametrize("op", OPS)
-def test_deterministic_backward_issues_the_same_atomics(op, count_atomics):
+@pytest.mark.parametrize("design", ops.DESIGNS)
+def test_deterministic_backward_issues_the_same_atomics(op, design, count_atomics):
     """One atomic per (RoI, bin, sample, channel, corner): every sample and
     corner of these RoIs is on the map with a non-zero weight, so the count is
-    K·bins·sampling_ratio²·C·4, in both modes (the forward issues none)."""
-    counters = count_atomics(ops.SOURCE)
+    K·bins·sampling_ratio²·C·4, in both modes (the forward issues none; the
+    channels-fastest design's dead lanes none either)."""
+    counters = count_atomics(KERNEL_SOURCES[design])
     expected = K * POOLED[0] * POOLED[1] * SAMPLING_RATIO**2 * C * 4
-    assert atomics_of_backward(op, False, counters) == [expected, 0]
-    assert atomics_of_backward(op, True, counters) == [0, expected]
+    assert atomics_of_backward(op, False, counters, design) == [expected, 0]
+    assert atomics_of_backward(op, True, counters, design) == [0, expected]

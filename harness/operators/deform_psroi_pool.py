@@ -43,6 +43,7 @@ from harness.operators.roi_align import (
     BACKWARD_POSITION_FLOPS,
     CHANNEL_SAMPLE_FLOPS,
     FORWARD_ONLY_MODES,
+    KERNEL_DESIGNS,
     POINT_FLOPS,
     ROI_KERNEL_DTYPES,
     ROI_MODES,
@@ -315,11 +316,20 @@ def torchvision_deform_psroi_pool(inputs, params):
         inputs["input"], inputs["rois"], inputs.get("trans"), **psroi_arguments(params))
 
 
-@implementation(OP, "cupy", kind="kernel", dtypes=ROI_KERNEL_DTYPES,
-                available=kernel_availability("kernels.ops.deform_psroi_pool"), emulated_on=("cpu",))
-def cupy_deform_psroi_pool(inputs, params):
-    """kernels.ops.deform_psroi_pool.deform_psroi_pool: our CuPy kernels (CPU: the emulator)."""
-    # prepare checks once (RoI and trans values included); the call never synchronises.
-    prepare = kernel_function("deform_psroi_pool", "prepare")
-    return prepare(inputs["input"], inputs["rois"], inputs.get("trans"), **psroi_arguments(params))
+def _cupy_deform_psroi_pool(design: str):
+    def prepare_kernel(inputs, params):
+        # prepare checks once (RoI and trans values included); the call never synchronises.
+        prepare = kernel_function("deform_psroi_pool", "prepare")
+        return prepare(inputs["input"], inputs["rois"], inputs.get("trans"),
+                       **psroi_arguments(params), design=design)
+
+    return prepare_kernel
+
+
+for _impl, _design in KERNEL_DESIGNS.items():
+    implementation(OP, _impl, kind="kernel", dtypes=ROI_KERNEL_DTYPES,
+                   available=kernel_availability("kernels.ops.deform_psroi_pool"),
+                   emulated_on=("cpu",),
+                   description=f"kernels.ops.deform_psroi_pool.deform_psroi_pool(design={_design!r}): "
+                               "our CuPy kernels (CPU: the emulator).")(_cupy_deform_psroi_pool(_design))
 

@@ -44,6 +44,7 @@ from harness.operators.roi_align import (
     BACKWARD_POSITION_FLOPS,
     CHANNEL_SAMPLE_FLOPS,
     FORWARD_ONLY_MODES,
+    KERNEL_DESIGNS,
     POINT_FLOPS,
     POOLED_ID_PAIRS,
     ROI_KERNEL_DTYPES,
@@ -182,12 +183,16 @@ def _prepare(load_function, modulated: bool, doc: str):
     return prepare
 
 
-def prepare_kernel(inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]):
-    """kernels.ops.deform_roi_pool.prepare: checked once (RoI values included), then the
-    unchecked operator, which never synchronises."""
-    prepare = kernel_function("deform_roi_pool", "prepare")
-    return prepare(inputs["input"], inputs["rois"], inputs.get("offset"), inputs.get("mask"),
-                   **roi_arguments(params), gamma=params.get("gamma", 0.0))
+def kernel_preparer(design: str):
+    """kernels.ops.deform_roi_pool.prepare of ``design``: checked once (RoI values
+    included), then the unchecked operator, which never synchronises."""
+
+    def prepare_kernel(inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]):
+        prepare = kernel_function("deform_roi_pool", "prepare")
+        return prepare(inputs["input"], inputs["rois"], inputs.get("offset"), inputs.get("mask"),
+                       **roi_arguments(params), gamma=params.get("gamma", 0.0), design=design)
+
+    return prepare_kernel
 
 
 # --- the sampling view (reports' sampling page) ---------------------------
@@ -265,7 +270,9 @@ for _name, (_modulated, _summary) in DEFORM_ROI_OPERATORS.items():
                    description="torchvision.ops.roi_align(aligned=True) on the same input and "
                                "RoIs, offsets (and mask) left out: the baseline, judged as "
                                "roi_align")(torchvision_roi_align)
-    implementation(_name, "cupy", kind="kernel", dtypes=ROI_KERNEL_DTYPES,
-                   available=kernel_availability("kernels.ops.deform_roi_pool"), emulated_on=("cpu",),
-                   description=f"kernels.ops.deform_roi_pool.{_name}: our CuPy kernels (CPU: the emulator).")(
-        prepare_kernel)
+    for _impl, _design in KERNEL_DESIGNS.items():
+        implementation(_name, _impl, kind="kernel", dtypes=ROI_KERNEL_DTYPES,
+                       available=kernel_availability("kernels.ops.deform_roi_pool"),
+                       emulated_on=("cpu",),
+                       description=f"kernels.ops.deform_roi_pool.{_name}(design={_design!r}): our "
+                                   "CuPy kernels (CPU: the emulator).")(kernel_preparer(_design))

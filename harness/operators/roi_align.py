@@ -396,9 +396,23 @@ def torchvision_roi_align(inputs, params):
     return _bind(torchvision_ops.roi_align, inputs, params)
 
 
-@implementation("roi_align", "cupy", kind="kernel", dtypes=ROI_KERNEL_DTYPES,
-                available=kernel_availability("kernels.ops.deform_roi_pool"), emulated_on=("cpu",))
-def cupy_roi_align(inputs, params):
-    """kernels.ops.deform_roi_pool.roi_align: our CuPy kernels (CPU: the emulator)."""
-    prepare = kernel_function("deform_roi_pool", "prepare")
-    return prepare(inputs["input"], inputs["rois"], None, None, **roi_arguments(params), gamma=0.0)
+# Our kernels' designs (kernels.ops.deform_roi_pool.DESIGNS) by implementation name,
+# shared with harness.operators.deform_roi_pool and deform_psroi_pool.
+KERNEL_DESIGNS = {"cupy": "pw_fastest", "cupy_channels_fastest": "channels_fastest"}
+
+
+def _cupy_roi_align(design: str):
+    def prepare_roi_align(inputs, params):
+        prepare = kernel_function("deform_roi_pool", "prepare")
+        return prepare(inputs["input"], inputs["rois"], None, None, **roi_arguments(params),
+                       gamma=0.0, design=design)
+
+    return prepare_roi_align
+
+
+for _impl, _design in KERNEL_DESIGNS.items():
+    implementation("roi_align", _impl, kind="kernel", dtypes=ROI_KERNEL_DTYPES,
+                   available=kernel_availability("kernels.ops.deform_roi_pool"),
+                   emulated_on=("cpu",),
+                   description=f"kernels.ops.deform_roi_pool.roi_align(design={_design!r}): our "
+                               "CuPy kernels (CPU: the emulator).")(_cupy_roi_align(_design))

@@ -13,7 +13,15 @@ atomics into a buffer of the accumulation dtype (cast once at the end; under
 ``kernels.ops.deform_roi_pool.InputGradient``) and writes
 per-bin, per-channel-slice partial sums of the trans gradient; here they are
 summed over slices and over the bins that share a part cell. Only requested
-gradients are computed. ``rois`` (a [K, 5] tensor or a list of [L, 4] boxes
+gradients are computed.
+
+A second design, ``design="channels_fastest"``
+(``kernels/cuda/deform_psroi_pool_channels_fastest.cu``): lanes over 32 output
+channels of one bin, reading a staging of the input with the output channels
+innermost ([N, H, W, group_size², output_dim]) and scattering into one,
+transposed back; the trans gradient per output channel, summed here per class.
+
+``rois`` (a [K, 5] tensor or a list of [L, 4] boxes
 per image, float32 or the input's dtype) values are checked on the host, as
 in :mod:`kernels.ops.deform_roi_pool` (one synchronisation per forward on a
 GPU); ``trans`` values are not (a non-finite one puts its bins' samples
@@ -34,12 +42,19 @@ from kernels import determinism, launch
 from kernels.checks import check_shape, check_tensor
 from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
 from kernels.ops.deform_roi_pool import (
+    BIN_TILE,
+    CHANNELS_PER_WARP,
+    DESIGNS,
     SUPPORTED_DTYPES,
+    TRANSPOSE_BLOCK_SIZE,
+    TRANSPOSE_OPTIONS,
+    TRANSPOSE_PAIRS,
     InputGradient,
     accumulate_dtype,
     accumulate_scalar,
     channel_slicing,
     check_bool,
+    check_design,
     check_finite_float,
     check_input_and_rois,
     check_positive_int,
@@ -48,10 +63,12 @@ from kernels.ops.deform_roi_pool import (
     fully_connected,
     roi_chunks,
     roi_rows,
+    transpose_name,
+    transpose_rows_and_columns,
 )
 from kernels.rois import as_rois, check_explicit_grid
 
-__all__ = ["DeformPSRoIPool", "DeformPSRoIPoolPack", "deform_psroi_pool", "prepare"]
+__all__ = ["DESIGNS", "DeformPSRoIPool", "DeformPSRoIPoolPack", "deform_psroi_pool", "prepare"]
 
 # Threads per block of both kernels (a macro in the .cu, see deform_roi_pool).
 BLOCK_SIZE = 256
@@ -80,6 +97,33 @@ SOURCE = register(
         ),
         block_sizes=dict.fromkeys(_KERNELS, BLOCK_SIZE),
         options=(*COMPILE_OPTIONS, f"-DPSROI_POOL_BLOCK_SIZE={BLOCK_SIZE}"),
+    )
+)
+
+# The channels-fastest design (kernels/cuda/deform_psroi_pool_channels_fastest.cu):
+# lanes over 32 output channels of one bin, blocks of 32 channels by BIN_TILE bins,
+# the staging transposes of kernels.ops.deform_roi_pool.
+_CHANNELS_FASTEST_KERNELS = (
+    "deform_psroi_pool_channels_fastest_forward",
+    "deform_psroi_pool_channels_fastest_backward",
+)
+CHANNELS_FASTEST_SOURCE = register(
+    CudaSource(
+        filename="deform_psroi_pool_channels_fastest.cu",
+        name_expressions=(
+            *(
+                _name_expression(kernel, dtype, has_trans)
+                for kernel in _CHANNELS_FASTEST_KERNELS
+                for dtype in SUPPORTED_DTYPES
+                for has_trans in (False, True)
+            ),
+            *(transpose_name(a, b) for a, b in TRANSPOSE_PAIRS),
+        ),
+        block_sizes={
+            **dict.fromkeys(_CHANNELS_FASTEST_KERNELS, BLOCK_SIZE),
+            "transpose_rows_and_columns": TRANSPOSE_BLOCK_SIZE,
+        },
+        options=(*SOURCE.options, f"-DPSROI_POOL_BIN_TILE={BIN_TILE}", *TRANSPOSE_OPTIONS),
     )
 )
 
@@ -211,23 +255,46 @@ def _geometry_arguments(g: Geometry, dtype: torch.dtype) -> tuple:
     )
 
 
+def _staging_shape(g: Geometry) -> tuple[int, int, int, int]:
+    """The input as [N, output_dim, group_size², H·W], the rows and columns its staging
+    [N, H·W, group_size², output_dim] swaps."""
+    return (g.batch, g.output_dim, g.group_size**2, g.height * g.width)
+
+
+def _channels_fastest_blocks(g: Geometry) -> int:
+    """Blocks of one RoI: a chunk of 32 output channels by a tile of BIN_TILE bins each."""
+    return launch.blocks(g.output_dim, CHANNELS_PER_WARP) * launch.blocks(g.bins, BIN_TILE)
+
+
 def _forward(
-    g: Geometry, input: torch.Tensor, rois: torch.Tensor, trans: torch.Tensor | None
+    g: Geometry, input: torch.Tensor, rois: torch.Tensor, trans: torch.Tensor | None, design: str
 ) -> torch.Tensor:
     output = launch.new_output(g.output_shape, input.dtype, input.device)
     if g.empty:
         return output
-    kernel = launch.module(SOURCE, input.device).function(
-        _name_expression("deform_psroi_pool_forward", input.dtype, trans is not None)
-    )
+    if design == "channels_fastest":
+        kernel = launch.module(CHANNELS_FASTEST_SOURCE, input.device).function(
+            _name_expression(
+                "deform_psroi_pool_channels_fastest_forward", input.dtype, trans is not None
+            )
+        )
+        staged = transpose_rows_and_columns(
+            CHANNELS_FASTEST_SOURCE, input, _staging_shape(g), input.dtype
+        )
+        blocks, features = _channels_fastest_blocks(g), staged
+    else:
+        kernel = launch.module(SOURCE, input.device).function(
+            _name_expression("deform_psroi_pool_forward", input.dtype, trans is not None)
+        )
+        blocks, features = launch.blocks(g.output_dim * g.bins, BLOCK_SIZE), input
     null = launch.null(input.dtype, input.device)  # unread without HAS_TRANS
     rois = rois.to(accumulate_dtype(input.dtype)).contiguous()
     for start, stop in roi_chunks(g.num_rois):
         kernel(
-            (launch.blocks(g.output_dim * g.bins, BLOCK_SIZE), stop - start),
+            (blocks, stop - start),
             BLOCK_SIZE,
             (
-                input,
+                features,
                 rois[start:stop],
                 roi_rows(trans, start, stop, null),
                 output[start:stop],
@@ -254,6 +321,7 @@ def _backward(
     rois: torch.Tensor,
     trans: torch.Tensor | None,
     output_mask: list[bool],
+    design: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_input, grad_trans); unrequested ones are empty tensors."""
     dtype, device = input.dtype, input.device
@@ -275,6 +343,10 @@ def _backward(
         samples = g.bins * g.sample_per_part**2
         return determinism.max_abs(grad_output), g.num_rois * samples
 
+    if design == "channels_fastest":
+        return _backward_channels_fastest(
+            g, grad_output, input, rois, trans, want_input, want_trans, bound
+        )
     # float32 accumulation (float64 for float64): see kernels.ops.deform_roi_pool._backward.
     grad_input = InputGradient(input.shape, dtype, device, bound) if want_input else None
     accumulate = accumulate_dtype(dtype)
@@ -331,6 +403,84 @@ def _backward(
     return grad_input, grad_trans
 
 
+def _backward_channels_fastest(
+    g: Geometry,
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    trans: torch.Tensor | None,
+    want_input: bool,
+    want_trans: bool,
+    bound: Callable[[], tuple[float, int]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_backward` of the channels-fastest design: grad_input accumulates in
+    the staged layout and is transposed back (cast on the way); grad_trans comes
+    per output channel, summed here over each class's channels and part cells."""
+    dtype, device = input.dtype, input.device
+    accumulate = accumulate_dtype(dtype)
+    batch, rows, middle, columns = _staging_shape(g)
+    grad_input = (
+        InputGradient((batch, columns, middle, rows), dtype, device, bound) if want_input else None
+    )
+    trans_partial = (
+        launch.new_output(
+            (g.num_rois, 2, g.pooled_size, g.pooled_size, g.output_dim), accumulate, device
+        )
+        if want_trans
+        else None
+    )
+    kernel = launch.module(CHANNELS_FASTEST_SOURCE, device).function(
+        _name_expression("deform_psroi_pool_channels_fastest_backward", dtype, trans is not None)
+    )
+    null, null_accumulate = launch.null(dtype, device), launch.null(accumulate, device)
+    # The values are read only for the trans gradient.
+    staged = (
+        transpose_rows_and_columns(CHANNELS_FASTEST_SOURCE, input, _staging_shape(g), dtype)
+        if want_trans
+        else null
+    )
+    rois = rois.to(accumulate).contiguous()
+    grad_input_args = (
+        InputGradient.unused(dtype, device) if grad_input is None else grad_input.kernel_args()
+    )
+    for start, stop in roi_chunks(g.num_rois):
+        kernel(
+            (_channels_fastest_blocks(g), stop - start),
+            BLOCK_SIZE,
+            (
+                staged,
+                rois[start:stop],
+                roi_rows(trans, start, stop, null),
+                grad_output[start:stop],
+                *grad_input_args,
+                roi_rows(trans_partial, start, stop, null_accumulate),
+                *_geometry_arguments(g, dtype),
+            ),
+        )
+
+    def empty():  # one each: the operator's outputs must not alias
+        return torch.empty(0, dtype=dtype, device=device)
+
+    if trans_partial is None:
+        grad_trans = empty()
+    else:
+        # [K, 2, P, P, classes, channels of a class] -> per class [K, classes, 2, P, P].
+        per_class = trans_partial.view(
+            g.num_rois, 2, g.pooled_size, g.pooled_size, g.num_classes, -1
+        ).sum(5)
+        per_bin = per_class.permute(0, 4, 1, 2, 3).reshape(
+            g.num_rois, 2 * g.num_classes, g.pooled_size, g.pooled_size
+        )
+        grad_trans = _sum_into_part_cells(g, per_bin).to(dtype)
+    if grad_input is None:
+        return empty(), grad_trans
+    unstaged = transpose_rows_and_columns(
+        CHANNELS_FASTEST_SOURCE, grad_input.accumulated(dtype), (batch, columns, middle, rows),
+        dtype,
+    )
+    return unstaged.view(input.shape), grad_trans
+
+
 # --------------------------------------------------------------------------- #
 # torch.library operators: what autograd and torch.compile see.
 # --------------------------------------------------------------------------- #
@@ -369,10 +519,11 @@ _PARAMS_SCHEMA = (
 @torch.library.custom_op(
     "dcnbench::deform_psroi_pool",
     mutates_args=(),
-    schema=f"(Tensor input, Tensor rois, Tensor? trans, {_PARAMS_SCHEMA}) -> Tensor",
+    schema=f"(Tensor input, Tensor rois, Tensor? trans, {_PARAMS_SCHEMA}, str design) -> Tensor",
 )
-def _deform_psroi_pool_op(input, rois, trans, *params):
-    return _forward(_geometry_from_op(input, rois, trans, params), input, rois, trans)
+def _deform_psroi_pool_op(input, rois, trans, *params_and_design):
+    *params, design = params_and_design
+    return _forward(_geometry_from_op(input, rois, trans, params), input, rois, trans, design)
 
 
 @_deform_psroi_pool_op.register_fake
@@ -384,12 +535,12 @@ def _(input, rois, trans, spatial_scale, output_dim, group_size, pooled_size, *p
     "dcnbench::deform_psroi_pool_backward",
     mutates_args=(),
     schema="(Tensor grad_output, Tensor input, Tensor rois, Tensor? trans, "
-    f"{_PARAMS_SCHEMA}, bool[] output_mask) -> (Tensor, Tensor)",
+    f"{_PARAMS_SCHEMA}, str design, bool[] output_mask) -> (Tensor, Tensor)",
 )
 def _deform_psroi_pool_backward_op(grad_output, input, rois, trans, *params_and_mask):
-    *params, output_mask = params_and_mask
+    *params, design, output_mask = params_and_mask
     g = _geometry_from_op(input, rois, trans, params)
-    return _backward(g, grad_output.contiguous(), input, rois, trans, output_mask)
+    return _backward(g, grad_output.contiguous(), input, rois, trans, output_mask, design)
 
 
 @_deform_psroi_pool_backward_op.register_fake
@@ -443,6 +594,7 @@ def deform_psroi_pool(
     sample_per_part: int = 4,
     trans_std: float = 0.0,
     no_trans: bool = False,
+    design: str = "pw_fastest",
 ) -> torch.Tensor:
     """Deformable position-sensitive RoI pooling (R-FCN, Deformable ConvNets) with our CUDA kernels.
 
@@ -470,12 +622,14 @@ def deform_psroi_pool(
         sample_per_part: samples per bin side (1 to 1024).
         trans_std: scale of trans.
         no_trans: pool without moving the bins.
+        design: the kernels, ``"pw_fastest"`` (default) or ``"channels_fastest"``
+            (lanes over output channels of an NHWC-like staging; the same results).
 
     Returns:
         [K, output_dim, pooled_size, pooled_size].
     """
     g, operands = _operands(input, rois, trans, spatial_scale, output_dim, group_size,
-                            pooled_size, part_size, sample_per_part, trans_std, no_trans)
+                            pooled_size, part_size, sample_per_part, trans_std, no_trans, design)
     torch.ops.dcnbench.check_roi_values(operands[1], g.batch)
     return torch.ops.dcnbench.deform_psroi_pool(*operands)
 
@@ -493,6 +647,7 @@ def prepare(
     sample_per_part: int,
     trans_std: float,
     no_trans: bool,
+    design: str = "pw_fastest",
 ) -> Callable[[], torch.Tensor]:
     """Check the arguments of :func:`deform_psroi_pool` once, values included; the
     returned call runs the operator on them with no checks and no host
@@ -500,13 +655,13 @@ def prepare(
     function; the tensors' values must stay valid between calls.
     """
     g, operands = _operands(input, rois, trans, spatial_scale, output_dim, group_size,
-                            pooled_size, part_size, sample_per_part, trans_std, no_trans)
+                            pooled_size, part_size, sample_per_part, trans_std, no_trans, design)
     check_values(operands[1], g.batch)
     return functools.partial(torch.ops.dcnbench.deform_psroi_pool, *operands)
 
 
 def _operands(input, rois, trans, spatial_scale, output_dim, group_size, pooled_size, part_size,
-              sample_per_part, trans_std, no_trans) -> tuple[Geometry, tuple]:
+              sample_per_part, trans_std, no_trans, design) -> tuple[Geometry, tuple]:
     """Check shapes, dtypes, devices and parameters; the call's sizes and the
     operator's arguments, dense (``trans`` None with ``no_trans``)."""
     check_bool("no_trans", no_trans)
@@ -537,6 +692,7 @@ def _operands(input, rois, trans, spatial_scale, output_dim, group_size, pooled_
         part_size,
         sample_per_part,
         g.trans_std,
+        check_design(design),
     )
     return g, operands
 

@@ -7,8 +7,17 @@ offset); sampling rule B1. float32 / float16 / bfloat16 with float32
 accumulation, and float64 computed in float64 (for
 ``torch.autograd.gradcheck``). Design notes: ``docs/kernels/roi_pool.md``.
 
-One forward and one backward kernel (``kernels/cuda/deform_roi_pool.cu``),
-templated on HAS_OFFSET / HAS_MASK, serve the three operators. The backward
+One forward and one backward kernel, templated on HAS_OFFSET / HAS_MASK,
+serve the three operators, in two designs picked by ``design=``:
+
+- ``"pw_fastest"`` (``kernels/cuda/deform_roi_pool.cu``, the default): one
+  thread per output element, the pooled width fastest (torchvision's and
+  mmcv's mapping);
+- ``"channels_fastest"`` (``kernels/cuda/deform_roi_pool_channels_fastest.cu``):
+  the lanes of a warp are 32 channels of one bin, reading an NHWC staging of
+  the input and scattering into an NHWC gradient, each transposed by a pass of
+  its own; ``sampling_ratio`` 1 and 2 are compile-time constants.
+ The backward
 scatters grad_input with atomics into a buffer of the accumulation dtype (float32;
 float64 for float64; cast once at the end) -- under ``torch.use_deterministic_algorithms(True)`` with
 fixed-point int64 atomics instead, bit-reproducible (:class:`InputGradient`,
@@ -74,6 +83,17 @@ __all__ = [
 # Threads per block of both kernels; the .cu gets it as a macro so its
 # __launch_bounds__ and our grids cannot disagree.
 BLOCK_SIZE = 256
+DESIGNS = ("pw_fastest", "channels_fastest")
+# The channels-fastest design: a warp's lanes are this many channels of one
+# bin; a block owns this many channels of at most BIN_TILE bins of one RoI
+# (its shared-memory tile: 32 x 65 accumulators, 8 KiB in float32); the
+# sampling ratios it compiles as constants (others, and the adaptive grid,
+# take the runtime loop); the staging transpose's block.
+CHANNELS_PER_WARP = 32
+BIN_TILE = 64
+SPECIALISED_SAMPLING_RATIOS = (1, 2)
+TRANSPOSE_BLOCK_SIZE = 256
+TRANSPOSE_TILE = 32
 
 _CTYPES = {
     torch.float32: "float",
@@ -124,6 +144,86 @@ SOURCE = register(
         ),
     )
 )
+
+
+_CHANNELS_FASTEST_KERNELS = (
+    "deform_roi_pool_channels_fastest_forward",
+    "deform_roi_pool_channels_fastest_backward",
+)
+
+
+def sampling_variant(sampling_ratio: int) -> int:
+    """The channels-fastest kernels' SAMPLING: the ratio if specialised, else 0 (runtime)."""
+    return sampling_ratio if sampling_ratio in SPECIALISED_SAMPLING_RATIOS else 0
+
+
+def _channels_fastest_name(
+    kernel: str, dtype: torch.dtype, has_offset: bool, has_mask: bool, sampling: int
+) -> str:
+    flags = ", ".join("true" if flag else "false" for flag in (has_offset, has_mask))
+    return f"{kernel}<{_CTYPES[dtype]}, {flags}, {sampling}>"
+
+
+def transpose_name(from_dtype: torch.dtype, to_dtype: torch.dtype) -> str:
+    return f"transpose_rows_and_columns<{_CTYPES[from_dtype]}, {_CTYPES[to_dtype]}>"
+
+
+# The staging transposes: each dtype to itself (input -> NHWC; a fixed-point
+# gradient's result back), and the float32 accumulator to each half type.
+TRANSPOSE_PAIRS = (
+    *((dtype, dtype) for dtype in SUPPORTED_DTYPES),
+    (torch.float32, torch.float16),
+    (torch.float32, torch.bfloat16),
+)
+TRANSPOSE_OPTIONS = (f"-DTRANSPOSE_BLOCK_SIZE={TRANSPOSE_BLOCK_SIZE}",)
+
+CHANNELS_FASTEST_SOURCE = register(
+    CudaSource(
+        filename="deform_roi_pool_channels_fastest.cu",
+        name_expressions=(
+            *(
+                _channels_fastest_name(kernel, dtype, has_offset, has_mask, sampling)
+                for kernel in _CHANNELS_FASTEST_KERNELS
+                for dtype in SUPPORTED_DTYPES
+                for has_offset in (False, True)
+                for has_mask in (False, True)
+                for sampling in (0, *SPECIALISED_SAMPLING_RATIOS)
+            ),
+            *(transpose_name(a, b) for a, b in TRANSPOSE_PAIRS),
+        ),
+        block_sizes={
+            **dict.fromkeys(_CHANNELS_FASTEST_KERNELS, BLOCK_SIZE),
+            "transpose_rows_and_columns": TRANSPOSE_BLOCK_SIZE,
+        },
+        options=(*SOURCE.options, f"-DROI_POOL_BIN_TILE={BIN_TILE}", *TRANSPOSE_OPTIONS),
+    )
+)
+
+
+def check_design(design: object) -> str:
+    if design not in DESIGNS:
+        raise ValueError(f"design must be one of {', '.join(map(repr, DESIGNS))}, got {design!r}")
+    return design
+
+
+def transpose_rows_and_columns(
+    source: CudaSource, tensor: torch.Tensor, shape: tuple[int, int, int, int], dtype: torch.dtype
+) -> torch.Tensor:
+    """``tensor`` viewed as [batch, rows, middle, columns] -> [batch, columns, middle, rows]
+    of ``dtype``, by the staging transpose of ``source`` (whose instantiations
+    must include the pair; ``TRANSPOSE_PAIRS``). Shared with kernels.ops.deform_psroi_pool."""
+    batch, rows, middle, columns = shape
+    output = launch.new_output((batch, columns, middle, rows), dtype, tensor.device)
+    if output.numel() == 0:
+        return output
+    kernel = launch.module(source, tensor.device).function(transpose_name(tensor.dtype, dtype))
+    tiles = batch * middle * launch.blocks(rows, TRANSPOSE_TILE) * launch.blocks(columns, TRANSPOSE_TILE)
+    kernel(
+        tiles,
+        TRANSPOSE_BLOCK_SIZE,
+        (tensor, output, *(launch.int32(size) for size in shape)),
+    )
+    return output
 
 
 # --------------------------------------------------------------------------- #
@@ -382,11 +482,16 @@ class InputGradient:
             *determinism.FixedPointSum.unused(device),
         )
 
+    def accumulated(self, dtype: torch.dtype) -> torch.Tensor:
+        """After the kernels ran, the float accumulator itself, or the fixed-point
+        sums in ``dtype``: what a transpose back reads (it casts on the way)."""
+        if self.fixed is None:
+            return self.accumulator
+        return self.fixed.result(dtype)
+
     def result(self, dtype: torch.dtype) -> torch.Tensor:
         """grad_input in ``dtype``, after the kernels ran."""
-        if self.fixed is None:
-            return self.accumulator.to(dtype)
-        return self.fixed.result(dtype)
+        return self.accumulated(dtype).to(dtype)
 
 
 def _geometry_arguments(g: Geometry, dtype: torch.dtype) -> tuple:
@@ -417,15 +522,36 @@ def roi_rows(
     return null if tensor is None else tensor[start:stop]
 
 
+def channel_chunks(channels: int) -> int:
+    """The channels-fastest design's warps per bin: 32 channels each."""
+    return launch.blocks(channels, CHANNELS_PER_WARP)
+
+
+def _channels_fastest_blocks(g: Geometry) -> int:
+    """Blocks of one RoI: a chunk of 32 channels by a tile of BIN_TILE bins each."""
+    return channel_chunks(g.channels) * launch.blocks(g.bins, BIN_TILE)
+
+
+def to_channels_last(input: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> its NHWC staging [N, H, W, C] (a transpose pass of ours)."""
+    n, c, h, w = input.shape
+    staged = transpose_rows_and_columns(CHANNELS_FASTEST_SOURCE, input, (n, c, 1, h * w), input.dtype)
+    return staged.view(n, h, w, c)
+
+
 def _forward(
     g: Geometry,
     input: torch.Tensor,
     rois: torch.Tensor,
     offset: torch.Tensor | None,
     mask: torch.Tensor | None,
+    design: str,
 ) -> torch.Tensor:
     output = launch.new_output(g.output_shape, input.dtype, input.device)
     if g.empty:
+        return output
+    if design == "channels_fastest":
+        _forward_channels_fastest(g, input, rois, offset, mask, output)
         return output
     kernel = launch.module(SOURCE, input.device).function(
         _name_expression(
@@ -450,6 +576,38 @@ def _forward(
     return output
 
 
+def _forward_channels_fastest(
+    g: Geometry,
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    offset: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    output: torch.Tensor,
+) -> None:
+    kernel = launch.module(CHANNELS_FASTEST_SOURCE, input.device).function(
+        _channels_fastest_name(
+            "deform_roi_pool_channels_fastest_forward", input.dtype, offset is not None,
+            mask is not None, sampling_variant(g.sampling_ratio),
+        )
+    )
+    null = launch.null(input.dtype, input.device)  # unread without HAS_OFFSET / HAS_MASK
+    staged = to_channels_last(input)
+    rois = rois.to(accumulate_dtype(input.dtype)).contiguous()
+    for start, stop in roi_chunks(g.num_rois):
+        kernel(
+            (_channels_fastest_blocks(g), stop - start),
+            BLOCK_SIZE,
+            (
+                staged,
+                rois[start:stop],
+                roi_rows(offset, start, stop, null),
+                roi_rows(mask, start, stop, null),
+                output[start:stop],
+                *_geometry_arguments(g, input.dtype),
+            ),
+        )
+
+
 def _backward(
     g: Geometry,
     grad_output: torch.Tensor,
@@ -458,6 +616,7 @@ def _backward(
     offset: torch.Tensor | None,
     mask: torch.Tensor | None,
     output_mask: list[bool],
+    design: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_input, grad_offset, grad_mask); unrequested ones are empty tensors."""
     dtype, device = input.dtype, input.device
@@ -488,6 +647,10 @@ def _backward(
         max_abs = determinism.max_abs(grad_output) * determinism.max_abs(mask)
         return max_abs, g.num_rois * g.bins * samples
 
+    if design == "channels_fastest":
+        return _backward_channels_fastest(
+            g, grad_output, input, rois, offset, mask, want_input, want_offset, want_mask, bound
+        )
     # float32 accumulation (float64 for float64): half-precision atomics would
     # round every one of the many additions a pixel receives (and bfloat16
     # ones are CAS loops).
@@ -542,6 +705,76 @@ def _backward(
     )
 
 
+def _backward_channels_fastest(
+    g: Geometry,
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    offset: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    want_input: bool,
+    want_offset: bool,
+    want_mask: bool,
+    bound: Callable[[], tuple[float, int]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_backward` of the channels-fastest design: grad_input accumulates
+    in NHWC and is transposed back (cast to the dtype on the way); the offset
+    and mask gradients come as one partial sum per chunk of 32 channels."""
+    dtype, device = input.dtype, input.device
+    accumulate = accumulate_dtype(dtype)
+    n, c, h, w = input.shape
+    grad_input = InputGradient((n, h, w, c), dtype, device, bound) if want_input else None
+    chunks = channel_chunks(g.channels)
+    offset_partial = (
+        launch.new_output((g.num_rois, chunks, 2, g.pooled_h, g.pooled_w), accumulate, device)
+        if want_offset
+        else None
+    )
+    mask_partial = (
+        launch.new_output((g.num_rois, chunks, 1, g.pooled_h, g.pooled_w), accumulate, device)
+        if want_mask
+        else None
+    )
+    kernel = launch.module(CHANNELS_FASTEST_SOURCE, device).function(
+        _channels_fastest_name(
+            "deform_roi_pool_channels_fastest_backward", dtype, offset is not None,
+            mask is not None, sampling_variant(g.sampling_ratio),
+        )
+    )
+    null, null_accumulate = launch.null(dtype, device), launch.null(accumulate, device)
+    # The values are read only for the offset and mask gradients.
+    staged = to_channels_last(input) if want_offset or want_mask else null
+    grad_input_args = (
+        InputGradient.unused(dtype, device) if grad_input is None else grad_input.kernel_args()
+    )
+    for start, stop in roi_chunks(g.num_rois):
+        kernel(
+            (_channels_fastest_blocks(g), stop - start),
+            BLOCK_SIZE,
+            (
+                staged,
+                rois[start:stop],
+                roi_rows(offset, start, stop, null),
+                roi_rows(mask, start, stop, null),
+                grad_output[start:stop],
+                *grad_input_args,
+                roi_rows(offset_partial, start, stop, null_accumulate),
+                roi_rows(mask_partial, start, stop, null_accumulate),
+                *_geometry_arguments(g, dtype),
+            ),
+        )
+    def empty():  # one each: the operator's outputs must not alias
+        return torch.empty(0, dtype=dtype, device=device)
+
+    return (
+        empty() if grad_input is None else transpose_rows_and_columns(
+            CHANNELS_FASTEST_SOURCE, grad_input.accumulated(dtype), (n, h * w, 1, c), dtype
+        ).view(n, c, h, w),
+        empty() if offset_partial is None else offset_partial.sum(1).to(dtype),
+        empty() if mask_partial is None else mask_partial.sum(1).to(dtype),
+    )
+
+
 # --------------------------------------------------------------------------- #
 # torch.library operators: what autograd and torch.compile see.
 # --------------------------------------------------------------------------- #
@@ -562,14 +795,16 @@ _PARAMS_SCHEMA = (
 @torch.library.custom_op(
     "dcnbench::deform_roi_pool",
     mutates_args=(),
-    schema=f"(Tensor input, Tensor rois, Tensor? offset, Tensor? mask, {_PARAMS_SCHEMA}) -> Tensor",
+    schema=f"(Tensor input, Tensor rois, Tensor? offset, Tensor? mask, {_PARAMS_SCHEMA}, "
+    "str design) -> Tensor",
 )
-def _deform_roi_pool_op(input, rois, offset, mask, *params):
-    return _forward(_geometry_from_op(input, rois, params), input, rois, offset, mask)
+def _deform_roi_pool_op(input, rois, offset, mask, *params_and_design):
+    *params, design = params_and_design
+    return _forward(_geometry_from_op(input, rois, params), input, rois, offset, mask, design)
 
 
 @_deform_roi_pool_op.register_fake
-def _(input, rois, offset, mask, pooled_h, pooled_w, *params):
+def _(input, rois, offset, mask, pooled_h, pooled_w, *params_and_design):
     return input.new_empty((rois.shape[0], input.shape[1], pooled_h, pooled_w))
 
 
@@ -577,12 +812,12 @@ def _(input, rois, offset, mask, pooled_h, pooled_w, *params):
     "dcnbench::deform_roi_pool_backward",
     mutates_args=(),
     schema="(Tensor grad_output, Tensor input, Tensor rois, Tensor? offset, Tensor? mask, "
-    f"{_PARAMS_SCHEMA}, bool[] output_mask) -> (Tensor, Tensor, Tensor)",
+    f"{_PARAMS_SCHEMA}, str design, bool[] output_mask) -> (Tensor, Tensor, Tensor)",
 )
 def _deform_roi_pool_backward_op(grad_output, input, rois, offset, mask, *params_and_mask):
-    *params, output_mask = params_and_mask
+    *params, design, output_mask = params_and_mask
     g = _geometry_from_op(input, rois, params)
-    return _backward(g, grad_output.contiguous(), input, rois, offset, mask, output_mask)
+    return _backward(g, grad_output.contiguous(), input, rois, offset, mask, output_mask, design)
 
 
 @_deform_roi_pool_backward_op.register_fake
@@ -677,7 +912,7 @@ def _adaptive_grid_arguments(g: Geometry) -> tuple:
 
 
 def _operands(input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio,
-              gamma, aligned) -> tuple[Geometry, tuple]:
+              gamma, aligned, design) -> tuple[Geometry, tuple]:
     """Check shapes, dtypes, devices and parameters; the call's sizes and the
     operator's arguments, dense (``rois`` as [K, 5])."""
     rois = as_rois(rois)
@@ -697,6 +932,7 @@ def _operands(input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, samp
         g.sampling_ratio,
         g.gamma,
         g.aligned,
+        check_design(design),
     )
     return g, operands
 
@@ -713,6 +949,7 @@ def prepare(
     sampling_ratio: int,
     gamma: float = 0.1,
     aligned: bool = True,
+    design: str = "pw_fastest",
 ) -> Callable[[], torch.Tensor]:
     """Check the arguments of :func:`modulated_deform_roi_pool` (``mask`` None:
     :func:`deform_roi_pool`; ``offset`` None too: :func:`roi_align`) once, values
@@ -722,15 +959,16 @@ def prepare(
     """
     g, operands = _operands(
         input, rois, offset, mask, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma,
-        aligned,
+        aligned, design,
     )
     check_values(operands[1], g.batch, g if g.sampling_ratio <= 0 else None)
     return functools.partial(torch.ops.dcnbench.deform_roi_pool, *operands)
 
 
-def _pool(input, rois, offset, mask, size, spatial_scale, sampling_ratio, gamma, aligned):
+def _pool(input, rois, offset, mask, size, spatial_scale, sampling_ratio, gamma, aligned,
+          design):
     g, operands = _operands(
-        input, rois, offset, mask, *size, spatial_scale, sampling_ratio, gamma, aligned
+        input, rois, offset, mask, *size, spatial_scale, sampling_ratio, gamma, aligned, design
     )
     torch.ops.dcnbench.check_roi_values(operands[1], g.batch, *_adaptive_grid_arguments(g))
     return torch.ops.dcnbench.deform_roi_pool(*operands)
@@ -746,6 +984,7 @@ def roi_align(
     *,
     pooled_h: int | None = None,
     pooled_w: int | None = None,
+    design: str = "pw_fastest",
 ) -> torch.Tensor:
     """RoIAlign (average) with our CUDA kernels: ``torchvision.ops.roi_align``.
 
@@ -769,12 +1008,15 @@ def roi_align(
             adaptive, ceil(roi size / pooled size), at most
             ``kernels.rois.MAX_SAMPLES_PER_BIN`` a bin (else a ValueError).
         aligned: shift the RoI by -0.5 pixel (default True).
+        design: the kernels, ``"pw_fastest"`` (default) or ``"channels_fastest"``
+            (see the module docstring; the same results).
 
     Returns:
         [K, C, pooled_h, pooled_w]; K = 0 or C = 0: empty.
     """
     size = pooled_size(output_size, pooled_h, pooled_w)
-    return _pool(input, rois, None, None, size, spatial_scale, sampling_ratio, 0.0, aligned)
+    return _pool(input, rois, None, None, size, spatial_scale, sampling_ratio, 0.0, aligned,
+                 design)
 
 
 def deform_roi_pool(
@@ -788,6 +1030,7 @@ def deform_roi_pool(
     *,
     pooled_h: int | None = None,
     pooled_w: int | None = None,
+    design: str = "pw_fastest",
 ) -> torch.Tensor:
     """Deformable RoI pooling (DCNv1; mmcv's ``deform_roi_pool``) with our CUDA kernels.
 
@@ -803,6 +1046,7 @@ def deform_roi_pool(
         output_size, pooled_h, pooled_w, spatial_scale: as :func:`roi_align`.
         sampling_ratio: as :func:`roi_align`; default 0 (adaptive, as mmcv).
         gamma: offset scale (default 0.1).
+        design: the kernels, as :func:`roi_align`.
 
     All tensors but rois share one dtype and device; non-contiguous ones are copied.
 
@@ -810,7 +1054,8 @@ def deform_roi_pool(
         [K, C, pooled_h, pooled_w]; K = 0 or C = 0: empty.
     """
     size = pooled_size(output_size, pooled_h, pooled_w)
-    return _pool(input, rois, offset, None, size, spatial_scale, sampling_ratio, gamma, True)
+    return _pool(input, rois, offset, None, size, spatial_scale, sampling_ratio, gamma, True,
+                 design)
 
 
 def modulated_deform_roi_pool(
@@ -825,6 +1070,7 @@ def modulated_deform_roi_pool(
     *,
     pooled_h: int | None = None,
     pooled_w: int | None = None,
+    design: str = "pw_fastest",
 ) -> torch.Tensor:
     """Modulated deformable RoI pooling (DCNv2): :func:`deform_roi_pool` times ``mask``.
 
@@ -833,7 +1079,7 @@ def modulated_deform_roi_pool(
         rois: [K, 5], or a list of [L_i, 4] per image, as :func:`roi_align`.
         offset: [K, 2, pooled_h, pooled_w], or None (no offset).
         mask: [K, 1, pooled_h, pooled_w], used as given (already through a sigmoid).
-        output_size, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma:
+        output_size, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma, design:
             as :func:`deform_roi_pool`.
 
     Differentiable in ``input``, ``offset`` and ``mask``.
@@ -844,7 +1090,8 @@ def modulated_deform_roi_pool(
     if mask is None:
         raise TypeError("mask must be a torch.Tensor (use deform_roi_pool without one), got None")
     size = pooled_size(output_size, pooled_h, pooled_w)
-    return _pool(input, rois, offset, mask, size, spatial_scale, sampling_ratio, gamma, True)
+    return _pool(input, rois, offset, mask, size, spatial_scale, sampling_ratio, gamma, True,
+                 design)
 
 
 # --------------------------------------------------------------------------- #
