@@ -37,6 +37,15 @@ GRADIENTS = ("input", "offset", "mask", "weight", "bias")
 # Every kernel output starts as NaN: an unwritten element fails its comparison.
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
+# The design ``ours`` runs: every test of this file runs once per design.
+DESIGN = "im2col"
+
+
+@pytest.fixture(autouse=True, params=dcn.DESIGNS)
+def design(request, monkeypatch) -> str:
+    monkeypatch.setattr(sys.modules[__name__], "DESIGN", request.param)
+    return request.param
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -106,6 +115,10 @@ CASES = {
     "tall_kernel_3x1": Case(
         N=1, C_in=2, C_out=3, H=7, W=3, kernel=(3, 1), padding=(2, 0), dilation=(2, 1)
     ),
+    # Across the implicit GEMM's 64 x 64 tiles and 16-deep steps: 70 channels (two
+    # channel tiles, an offset group of 10 split by the tile edge), 66 output
+    # channels, 2·6·7 = 84 output pixels (a sample split by a pixel tile's edge).
+    "across_tiles": Case(N=2, C_in=70, C_out=66, H=6, W=7, offset_groups=7),
 }
 
 
@@ -136,6 +149,7 @@ def make_inputs(case: Case, dtype: torch.dtype, modulated: bool, seed: int = 0) 
 
 
 def ours(inputs: dict, params: dict, **kwargs) -> torch.Tensor:
+    kwargs.setdefault("design", DESIGN)
     if inputs["mask"] is None:
         return dcn.deform_conv2d(
             inputs["input"], inputs["offset"], inputs["weight"], inputs["bias"], **params, **kwargs
@@ -438,6 +452,7 @@ def test_int_parameters_inferred_offset_groups_and_noncontiguous_inputs():
         stride=1,
         padding=1,
         dilation=1,
+        design=DESIGN,
     )
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
@@ -613,7 +628,7 @@ def _tiny_op_arguments(modulated: bool):
         seed=12,
     )
     tensors = [None if t is None else t.requires_grad_() for t in inputs.values()]
-    return (*tensors, 1, 1, 0, 0, 1, 1, 1, 1)
+    return (*tensors, 1, 1, 0, 0, 1, 1, 1, 1, DESIGN)
 
 
 @pytest.mark.parametrize("modulated", [False, True], ids=["dcnv1", "dcnv2"])

@@ -95,6 +95,32 @@ SOURCE = register(
     )
 )
 
+# The implicit GEMM design (deform_conv2d_implicit_gemm.cu): blocks of 256
+# threads computing 64 x 64 output tiles; the grad_sampling epilogue splits a
+# tile's 64 channels over 4 threads per pixel, each with its own partial sums.
+DESIGNS = ("im2col", "implicit_gemm")
+IMPLICIT_GEMM_THREADS = 256
+IMPLICIT_GEMM_TILE = 64
+IMPLICIT_GEMM_EPILOGUE_SPLIT = IMPLICIT_GEMM_THREADS // IMPLICIT_GEMM_TILE
+_IMPLICIT_GEMM_KERNELS = (
+    "implicit_gemm_forward",
+    "implicit_gemm_backward_weight",
+    "implicit_gemm_backward_sampling",
+)
+IMPLICIT_GEMM_SOURCE = register(
+    CudaSource(
+        filename="deform_conv2d_implicit_gemm.cu",
+        name_expressions=tuple(
+            _name_expression(kernel, dtype, has_mask)
+            for kernel in _IMPLICIT_GEMM_KERNELS
+            for dtype in SUPPORTED_DTYPES
+            for has_mask in (False, True)
+        ),
+        block_sizes=dict.fromkeys(_IMPLICIT_GEMM_KERNELS, IMPLICIT_GEMM_THREADS),
+        options=(*COMPILE_OPTIONS, f"-DIMPLICIT_GEMM_THREADS={IMPLICIT_GEMM_THREADS}"),
+    )
+)
+
 
 # --------------------------------------------------------------------------- #
 # Argument checking.
@@ -377,10 +403,164 @@ def _forward(
     mask: torch.Tensor | None,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
+    design: str,
 ) -> torch.Tensor:
     out = launch.new_output(g.output_shape, input.dtype, input.device)
-    _forward_into(out, g, input, offset, mask, weight, bias)
+    _FORWARDS[design](out, g, input, offset, mask, weight, bias)
     return out
+
+
+# --------------------------------------------------------------------------- #
+# The implicit GEMM design: no columns buffer (deform_conv2d_implicit_gemm.cu).
+# --------------------------------------------------------------------------- #
+
+
+def _implicit_gemm_geometry(g: Geometry) -> tuple:
+    """The kernels' trailing int arguments, in their order."""
+    return tuple(
+        launch.int32(v)
+        for v in (
+            g.in_channels, g.height, g.width, g.kernel_h, g.kernel_w, *g.stride, *g.padding,
+            *g.dilation, g.groups, g.offset_groups, g.out_h, g.out_w, g.out_channels, g.batch,
+        )
+    )  # fmt: skip
+
+
+def _implicit_gemm_kernel(kernel: str, input: torch.Tensor, has_mask: bool) -> launch.Kernel:
+    return launch.module(IMPLICIT_GEMM_SOURCE, input.device).function(
+        _name_expression(kernel, input.dtype, has_mask)
+    )
+
+
+def _tiles(n: int) -> int:
+    return launch.blocks(n, IMPLICIT_GEMM_TILE)
+
+
+def _forward_implicit_gemm(
+    out: torch.Tensor,
+    g: Geometry,
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> None:
+    """One implicit GEMM per launch over all N·H_out·W_out pixels (grid z: weight group)."""
+    if out.numel() == 0:
+        return
+    null = launch.null(input.dtype, input.device)
+    grid = (_tiles(g.batch * g.pixels), _tiles(g.out_channels // g.groups), g.groups)
+    _implicit_gemm_kernel("implicit_gemm_forward", input, mask is not None)(
+        grid,
+        IMPLICIT_GEMM_THREADS,
+        (
+            input,
+            offset,
+            null if mask is None else mask,
+            weight,
+            null if bias is None else bias,
+            out,
+            *_implicit_gemm_geometry(g),
+        ),
+    )
+
+
+def _column_bound(weight: torch.Tensor, g: Geometry, grad_output: torch.Tensor) -> float:
+    """A bound on |grad_columns| = |W_gᵀ · grad_output|: max|grad_output| times the
+    largest sum of |W| over one group's output channels (for the fixed-point scale)."""
+    per_column = weight.abs().view(g.groups, g.out_channels // g.groups, -1).sum(1)
+    return determinism.max_abs(grad_output) * determinism.max_abs(per_column)
+
+
+def _backward_implicit_gemm(
+    g: Geometry,
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor | None,
+    weight: torch.Tensor,
+    output_mask: Sequence[bool],
+) -> tuple[torch.Tensor, ...]:
+    """Gradients (input, offset, mask, weight, bias) as :func:`_backward`, with the
+    grad_sampling kernel (grad_columns tile by tile, scattered at once) and the
+    grad_weight kernel (one GEMM over every pixel); no columns in memory."""
+    want_input, want_offset, want_mask, want_weight, want_bias = output_mask
+    want_mask = want_mask and mask is not None
+    dtype, device = input.dtype, input.device
+    accumulate = accumulate_dtype(dtype)
+    has_mask = mask is not None
+    kernel_mask = mask if has_mask else launch.null(dtype, device)
+    group_channels = g.in_channels // g.groups
+    geometry = _implicit_gemm_geometry(g)
+    launches = g.batch * g.pixels > 0 and group_channels > 0
+
+    def empty() -> torch.Tensor:  # a fresh one each: op outputs must not alias
+        return input.new_empty(0)
+
+    grad_input = torch.zeros_like(input) if want_input else empty()
+    grad_offset = torch.zeros_like(offset) if want_offset else empty()
+    grad_mask = torch.zeros_like(mask) if want_mask else empty()
+    if launches and (want_input or want_offset or want_mask):
+        fixed_sums = None
+        fixed_args = determinism.FixedPointSum.unused(device)
+        if not want_input:
+            accumulator = launch.null(accumulate, device)  # the kernel skips the scatter
+        elif determinism.enabled():
+            accumulator = launch.null(accumulate, device)
+            # Each (tap, pixel) adds at most one value (weight ≤ 1 times mask times
+            # grad_column) to an input element.
+            fixed_sums = determinism.FixedPointSum(
+                input.shape,
+                device,
+                max_abs=_column_bound(weight, g, grad_output) * determinism.max_abs(mask),
+                max_addends=g.taps * g.pixels,
+            )
+            fixed_args = fixed_sums.kernel_args()
+        elif dtype == accumulate:
+            accumulator = grad_input
+        else:  # float32 atomics for half types, rounded once below
+            accumulator = torch.zeros(input.shape, dtype=torch.float32, device=device)
+        # Zeros: a slice writes only the offset groups of its channels.
+        slices = g.groups * _tiles(group_channels) * IMPLICIT_GEMM_EPILOGUE_SPLIT
+        offset_partial = torch.zeros((slices, *offset.shape), dtype=accumulate, device=device)
+        mask_partial = (
+            torch.zeros((slices, *mask.shape), dtype=accumulate, device=device)
+            if has_mask
+            else launch.null(accumulate, device)
+        )
+        grid = (_tiles(g.batch * g.pixels), _tiles(group_channels) * g.taps, g.groups)
+        _implicit_gemm_kernel("implicit_gemm_backward_sampling", input, has_mask)(
+            grid,
+            IMPLICIT_GEMM_THREADS,
+            (
+                input, offset, kernel_mask, weight, grad_output, accumulator, *fixed_args,
+                offset_partial, mask_partial, *geometry,
+            ),
+        )  # fmt: skip
+        if fixed_sums is not None:
+            grad_input.copy_(fixed_sums.result(dtype))
+        elif want_input and accumulator is not grad_input:
+            grad_input.copy_(accumulator)
+        if want_offset:
+            grad_offset.copy_(_sum_slices(offset_partial))
+        if want_mask:
+            grad_mask.copy_(_sum_slices(mask_partial))
+
+    grad_weight = empty()
+    if want_weight:
+        grad_weight = launch.new_output(weight.shape, dtype, device)
+        group_out = g.out_channels // g.groups
+        if grad_weight.numel() > 0:
+            grid = (_tiles(group_channels) * g.taps, _tiles(group_out), g.groups)
+            _implicit_gemm_kernel("implicit_gemm_backward_weight", input, has_mask)(
+                grid,
+                IMPLICIT_GEMM_THREADS,
+                (input, offset, kernel_mask, grad_output, grad_weight, *geometry),
+            )
+    grad_bias = (
+        grad_output.sum(dim=(0, 2, 3), dtype=accumulate).to(dtype) if want_bias else empty()
+    )
+    return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -406,7 +586,7 @@ def _sum_slices(partial: torch.Tensor) -> torch.Tensor:
     return partial[0] if partial.shape[0] == 1 else partial.sum(0)
 
 
-def _backward(
+def _backward_im2col(
     g: Geometry,
     grad_output: torch.Tensor,
     input: torch.Tensor,
@@ -555,6 +735,10 @@ def _backward(
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
 
 
+_FORWARDS = {"im2col": _forward_into, "implicit_gemm": _forward_implicit_gemm}
+_BACKWARDS = {"im2col": _backward_im2col, "implicit_gemm": _backward_implicit_gemm}
+
+
 # --------------------------------------------------------------------------- #
 # torch.library operators: what autograd and torch.compile see.
 # --------------------------------------------------------------------------- #
@@ -593,16 +777,17 @@ def _geometry_from_op(input, offset, mask, weight, params) -> Geometry:
     "dcnbench::deform_conv2d",
     mutates_args=(),
     schema="(Tensor input, Tensor offset, Tensor? mask, Tensor weight, Tensor? bias, "
-    f"{_PARAMS_SCHEMA}) -> Tensor",
+    f"{_PARAMS_SCHEMA}, str design) -> Tensor",
 )
-def _deform_conv2d_op(input, offset, mask, weight, bias, *params):
+def _deform_conv2d_op(input, offset, mask, weight, bias, *params_and_design):
+    *params, design = params_and_design
     g = _geometry_from_op(input, offset, mask, weight, params)
-    return _forward(g, input, offset, mask, weight, bias)
+    return _forward(g, input, offset, mask, weight, bias, design)
 
 
 @_deform_conv2d_op.register_fake
-def _(input, offset, mask, weight, bias, *params):
-    stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, _, _ = params
+def _(input, offset, mask, weight, bias, *params_and_design):
+    stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, _, _, _ = params_and_design
     kernel_h, kernel_w = weight.shape[2], weight.shape[3]
     out_h = (input.shape[2] + 2 * pad_h - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
     out_w = (input.shape[3] + 2 * pad_w - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
@@ -613,12 +798,15 @@ def _(input, offset, mask, weight, bias, *params):
     "dcnbench::deform_conv2d_backward",
     mutates_args=(),
     schema="(Tensor grad_output, Tensor input, Tensor offset, Tensor? mask, Tensor weight, "
-    f"{_PARAMS_SCHEMA}, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    f"{_PARAMS_SCHEMA}, str design, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor, "
+    "Tensor)",
 )
 def _deform_conv2d_backward_op(grad_output, input, offset, mask, weight, *params_and_mask):
-    *params, output_mask = params_and_mask
+    *params, design, output_mask = params_and_mask
     g = _geometry_from_op(input, offset, mask, weight, params)
-    return _backward(g, grad_output.contiguous(), input, offset, mask, weight, output_mask)
+    return _BACKWARDS[design](
+        g, grad_output.contiguous(), input, offset, mask, weight, output_mask
+    )
 
 
 @_deform_conv2d_backward_op.register_fake
@@ -672,12 +860,13 @@ _deform_conv2d_op.register_autograd(_autograd_backward, setup_context=_setup_con
 
 
 def _checked_operands(
-    input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups
+    input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups, design
 ) -> tuple[Geometry, tuple]:
     """Check every argument; the call's sizes and the operator's arguments, dense."""
     g = check_arguments(
         input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups
     )
+    check_design(design, g)
     # Kernels read dense NCHW: a non-contiguous argument is copied once here.
     operands = (
         input.contiguous(),
@@ -690,8 +879,29 @@ def _checked_operands(
         *g.dilation,
         g.groups,
         g.offset_groups,
+        design,
     )
     return g, operands
+
+
+def check_design(design: object, g: Geometry) -> None:
+    """``design`` names one of :data:`DESIGNS` and the call fits its kernels' indices."""
+    if design not in DESIGNS:
+        raise ValueError(f"design must be one of {', '.join(map(repr, DESIGNS))}, got {design!r}")
+    if design != "implicit_gemm":
+        return
+    # One GEMM over every output pixel of the batch: its column index is an int,
+    # and the weight group is grid z.
+    if g.batch * g.pixels > launch.INT32_MAX:
+        raise ValueError(
+            f"design='implicit_gemm' indexes the N·H_out·W_out = {g.batch}·{g.out_h}·{g.out_w} "
+            "output pixels with 32 bits; expected fewer than 2^31"
+        )
+    if g.groups > launch.MAX_GRID_DIM[2]:
+        raise ValueError(
+            f"design='implicit_gemm' launches one grid z per weight group; expected groups <= "
+            f"{launch.MAX_GRID_DIM[2]}, got {g.groups}"
+        )
 
 
 def prepare(
@@ -705,6 +915,7 @@ def prepare(
     dilation: int | tuple[int, int] = (1, 1),
     groups: int = 1,
     offset_groups: int | None = None,
+    design: str = "im2col",
 ) -> Callable[[], torch.Tensor]:
     """Check the arguments of :func:`modulated_deform_conv2d` (``mask`` None:
     :func:`deform_conv2d`) once; the returned call runs the operator on them
@@ -712,16 +923,19 @@ def prepare(
     functions; the tensors must not be resized between calls.
     """
     _, operands = _checked_operands(
-        input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups
+        input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups,
+        design,
     )
     return functools.partial(torch.ops.dcnbench.deform_conv2d, *operands)
 
 
 def _deform_conv(
-    input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups, out
+    input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups, out,
+    design,
 ):
     g, operands = _checked_operands(
-        input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups
+        input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups,
+        design,
     )
     if out is None:
         return torch.ops.dcnbench.deform_conv2d(*operands)
@@ -734,7 +948,7 @@ def _deform_conv(
             "deform_conv2d with out=... does not support automatic differentiation, but one of "
             "the arguments requires grad"
         )
-    _forward_into(out, g, input, offset, mask, weight, bias)
+    _FORWARDS[design](out, g, input, offset, mask, weight, bias)
     return out
 
 
@@ -761,6 +975,7 @@ def deform_conv2d(
     groups: int | None = None,
     offset_groups: int | None = None,
     out: torch.Tensor | None = None,
+    design: str = "im2col",
 ) -> torch.Tensor:
     """Deformable convolution (DCNv1) with our CUDA kernels; differentiable.
 
@@ -782,6 +997,10 @@ def deform_conv2d(
             as torchvision does: offset.shape[1] / (2·kh·kw).
         out: optional [N, C_out, H_out, W_out] contiguous tensor to write into
             (no autograd then).
+        design: ``"im2col"`` (columns in memory, cuBLAS GEMMs) or
+            ``"implicit_gemm"`` (the columns gathered straight into the GEMM's
+            shared-memory tiles; ``docs/kernels/deform_conv2d.md``). Same results
+            to the dtype's rounding.
 
     All tensors share one dtype and device; non-contiguous ones are copied.
     The backward follows ``torch.use_deterministic_algorithms``: when it is
@@ -793,7 +1012,8 @@ def deform_conv2d(
         likewise W_out.
     """
     return _deform_conv(
-        input, offset, None, weight, bias, stride, padding, dilation, groups, offset_groups, out
+        input, offset, None, weight, bias, stride, padding, dilation, groups, offset_groups, out,
+        design,
     )
 
 
@@ -809,6 +1029,7 @@ def modulated_deform_conv2d(
     groups: int | None = None,
     offset_groups: int | None = None,
     out: torch.Tensor | None = None,
+    design: str = "im2col",
 ) -> torch.Tensor:
     """Modulated deformable convolution (DCNv2) with our CUDA kernels; differentiable.
 
@@ -822,7 +1043,7 @@ def modulated_deform_conv2d(
             modulates tap k of offset group g.
         weight: [C_out, C_in/groups, kh, kw].
         bias: [C_out] or None.
-        stride, padding, dilation, groups, offset_groups, out: as :func:`deform_conv2d`.
+        stride, padding, dilation, groups, offset_groups, out, design: as :func:`deform_conv2d`.
 
     Returns:
         [N, C_out, H_out, W_out].
@@ -830,7 +1051,8 @@ def modulated_deform_conv2d(
     if mask is None:
         raise TypeError("mask must be a torch.Tensor (use deform_conv2d for DCNv1), got None")
     return _deform_conv(
-        input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups, out
+        input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups, out,
+        design,
     )
 
 
@@ -926,7 +1148,7 @@ class _DeformConv2dBase(nn.Module):
     def _convolve(self, input, offset, mask) -> torch.Tensor:
         return _deform_conv(
             input, offset, mask, self.weight, self.bias, self.stride, self.padding,
-            self.dilation, self.groups, self.offset_groups, None,
+            self.dilation, self.groups, self.offset_groups, None, "im2col",
         )  # fmt: skip
 
 
