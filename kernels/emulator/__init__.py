@@ -24,6 +24,7 @@ from .errors import (
     MemcheckError,
     RaceCheckError,
     UnsupportedFeatureError,
+    WarpMatrixError,
 )
 from .modes import MODES, current_mode, mode
 from .module import RawKernel, RawModule
@@ -48,6 +49,7 @@ __all__ = [
     "RawKernel",
     "RawModule",
     "UnsupportedFeatureError",
+    "WarpMatrixError",
     "current_mode",
     "getDeviceProperties",
     "mode",

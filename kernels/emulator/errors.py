@@ -38,6 +38,12 @@ class KernelTrapError(EmulatorError, RuntimeError):
     """A device ``assert`` failed or the kernel called ``__trap()``."""
 
 
+class WarpMatrixError(EmulatorError, RuntimeError):
+    """A wmma operation misused: the lanes of a warp passed different pointers,
+    leading dimensions or layouts, a warp had fewer than 32 threads, or a
+    pointer or leading dimension is misaligned."""
+
+
 class MemcheckError(EmulatorError, RuntimeError):
     """memcheck mode: a kernel wrote outside an argument array."""
 

@@ -28,6 +28,7 @@ from .errors import (
     KernelTrapError,
     LaunchConfigError,
     UnsupportedFeatureError,
+    WarpMatrixError,
 )
 from .source import MAIN_FILE, TransformedSource, transform
 from .toolchain import (
@@ -45,7 +46,8 @@ FLAVOR_FLAGS = {"plain": BASE_FLAGS, "asan": ASAN_FLAGS, "traced": TRACED_FLAGS}
 # The traced runtime holds the analyses of the counters and racecheck modes.
 _RUNTIME_TEXT = {"traced": '#include "dcn_runtime.cpp"\n#include "dcn_trace.cpp"\n'}
 _MESSAGE_SIZE = 4096
-_STATUS_ERRORS = {1: KernelDeadlockError, 2: KernelTrapError, 3: LaunchConfigError}
+_STATUS_ERRORS = {1: KernelDeadlockError, 2: KernelTrapError, 3: LaunchConfigError,
+                  4: WarpMatrixError}
 
 
 class _KernelDesc(ctypes.Structure):

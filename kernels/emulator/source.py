@@ -48,7 +48,8 @@ UNSUPPORTED: tuple[tuple[str, str, str], ...] = (
     (r"<<<|\bcuda(?:DeviceSynchronize|LaunchDevice|GetParameterBuffer)\b",
      "kernel launches from device code (dynamic parallelism)",
      "launch the second kernel from the host"),
-    (r"\bwmma\b|\b__hmma\w*", "warp matrix (tensor core) functions", ""),
+    (r"\b__hmma\w*|\b__imma\w*|\b__bmma\w*", "tensor core builtins (__hmma_*)",
+     "use nvcuda::wmma from <mma.h>"),
     (r"\b(?:__shfl|__shfl_up|__shfl_down|__shfl_xor|__ballot|__any|__all)\s*\(",
      "warp intrinsics without _sync (removed for sm_70+)", "use the _sync variants"),
     (r"\b(?:__match_any_sync|__match_all_sync|__reduce_\w+_sync)\b",
@@ -56,7 +57,8 @@ UNSUPPORTED: tuple[tuple[str, str, str], ...] = (
 )
 
 COLLECTIVES = re.compile(
-    r"\b(?:__syncthreads\w*|__syncwarp|__shfl\w*_sync|__ballot_sync|__all_sync|__any_sync)\b")
+    r"\b(?:__syncthreads\w*|__syncwarp|__shfl\w*_sync|__ballot_sync|__all_sync|__any_sync"
+    r"|load_matrix_sync|store_matrix_sync|mma_sync)\b")
 
 # Words that end a parameter's type, never its name (``const float``, ``int``).
 _TYPE_WORDS = frozenset((

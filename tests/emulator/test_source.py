@@ -17,6 +17,7 @@ from kernels.emulator.source import transform
     ("cooperative_groups::this_grid().sync();", "cooperative groups"),
     ("child<<<1, 1>>>();", "dynamic parallelism"),
     ("v = __shfl_down(v, 1);", "without _sync"),
+    ("__hmma_m16n16k16_ld_a(0, 0, 16, 0);", "tensor core builtins"),
 ])
 def test_unsupported_feature_fails_at_build_naming_construct_and_line(line, construct):
     code = f'extern "C" __global__ void k(float* out) {{\n  float v = 0;\n  {line}\n}}\n'

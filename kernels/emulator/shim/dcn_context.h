@@ -25,7 +25,14 @@ struct ThreadContext {
 };
 
 enum class BarrierKind : int { kSync, kCount, kAnd, kOr };
-enum class WarpOp : int { kSyncwarp, kShfl, kShflUp, kShflDown, kShflXor, kBallot, kAll, kAny };
+enum class WarpOp : int {
+  kSyncwarp, kShfl, kShflUp, kShflDown, kShflXor, kBallot, kAll, kAny, kMatrix
+};
+
+// A warp matrix operation (wmma) of a whole warp: called once, when all 32
+// lanes have arrived, with each lane's `lane_data` in lane order. Returns
+// nullptr, or what is wrong (lanes that disagree) for the launch's error.
+using MatrixCombine = const char* (*)(void* const* lane_data);
 
 // Both suspend the calling fiber until its block (warp) arrives; they return
 // the collective's result. `line` is the source line, for deadlock reports.
@@ -33,6 +40,9 @@ int block_barrier(int line, BarrierKind kind, int predicate);
 unsigned long long warp_collective(int line, WarpOp op, unsigned mask, unsigned long long value,
                                    int param, int width);
 unsigned active_mask();
+// Suspends the calling fiber until every lane of its warp, 32 of them, waits
+// at the same wmma operation (`name` on `line`), then runs `combine` over them.
+void warp_matrix(int line, const char* name, void* lane_data, MatrixCombine combine);
 // Ends the launch with an error naming the current block and thread.
 [[noreturn]] void trap(const char* what, const char* file, unsigned line);
 
@@ -41,6 +51,8 @@ unsigned active_mask();
 // counted at its call site; a static __shared__ array of the running block.
 void trace_atomic(void* address, unsigned bytes);
 void trace_shared(void* array, std::size_t bytes);
+// One lane's part of a wmma load or store: `bytes` at `address`, counted at `site`.
+void trace_matrix_access(const void* address, unsigned bytes, bool store, const void* site);
 #endif
 
 }  // namespace dcn

@@ -55,7 +55,7 @@ namespace {
 #else
 #define DCN_TRACE_EVENT(call) ((void)0)
 #endif
-enum LaunchStatus : int { kOk = 0, kDeadlock = 1, kTrap = 2, kInvalidLaunch = 3 };
+enum LaunchStatus : int { kOk = 0, kDeadlock = 1, kTrap = 2, kInvalidLaunch = 3, kWarpMatrix = 4 };
 
 std::string format(const char* fmt, ...) {
   char buffer[1024];
@@ -288,6 +288,9 @@ struct Fiber {
   int param = 0;
   int width = 32;
   unsigned long long result = 0;
+  // At a wmma operation (op kMatrix): its name and combine; `value` holds the lane's data.
+  const char* matrix_name = nullptr;
+  MatrixCombine combine = nullptr;
 };
 
 const char* warp_op_name(WarpOp op) {
@@ -300,6 +303,7 @@ const char* warp_op_name(WarpOp op) {
     case WarpOp::kBallot: return "__ballot_sync";
     case WarpOp::kAll: return "__all_sync";
     case WarpOp::kAny: return "__any_sync";
+    case WarpOp::kMatrix: return "a wmma operation";
   }
   return "?";
 }
@@ -414,8 +418,14 @@ class BlockScheduler {
       const unsigned lanes = unsigned(std::min<std::size_t>(32, fibers_.size() - base));
       const unsigned present = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1;
       unsigned waiting = 0;
-      for (unsigned l = 0; l < lanes; ++l)
-        if (fibers_[base + l].state == FiberState::kAtWarp) waiting |= 1u << l;
+      unsigned matrix = 0;
+      for (unsigned l = 0; l < lanes; ++l) {
+        const Fiber& f = fibers_[base + l];
+        if (f.state != FiberState::kAtWarp) continue;
+        (f.op == WarpOp::kMatrix ? matrix : waiting) |= 1u << l;
+      }
+      if (matrix && release_matrix(base, lanes, matrix)) released = true;
+      if (launch_.failed.load(std::memory_order_relaxed)) return false;
       for (unsigned l = 0; l < lanes; ++l) {
         if (!(waiting >> l & 1)) continue;
         const unsigned group = (fibers_[base + l].mask & present) | (1u << l);
@@ -426,6 +436,33 @@ class BlockScheduler {
       }
     }
     return released;
+  }
+
+  // A wmma operation: released when all 32 lanes of the warp wait at the same
+  // one (the same call on the same line); `combine` then runs over them once.
+  // Lanes that never arrive, or wait at another, are a deadlock.
+  bool release_matrix(std::size_t base, unsigned lanes, unsigned waiting) {
+    Fiber* warp = &fibers_[base];
+    const Fiber& first = warp[__builtin_ctz(waiting)];
+    if (lanes < 32) {
+      launch_.fail(kWarpMatrix, block_prefix() + format(
+          "%s on line %d is an operation of a whole warp, but warp %zu of the block has only %u "
+          "thread(s): wmma needs every warp full (a block size that is a multiple of 32)",
+          first.matrix_name, first.line, base / 32, lanes));
+      return false;
+    }
+    if (waiting != 0xffffffffu) return false;
+    for (unsigned l = 0; l < 32; ++l)
+      if (warp[l].line != warp[0].line || warp[l].combine != warp[0].combine) return false;
+    void* lane_data[32];
+    for (unsigned l = 0; l < 32; ++l) lane_data[l] = reinterpret_cast<void*>(warp[l].value);
+    if (const char* problem = warp[0].combine(lane_data)) {
+      launch_.fail(kWarpMatrix, block_prefix() + format("warp %zu, %s on line %d: %s", base / 32,
+                                                        first.matrix_name, first.line, problem));
+      return false;
+    }
+    for (unsigned l = 0; l < 32; ++l) warp[l].state = FiberState::kRunnable;
+    return true;
   }
 
   static void resolve_warp_group(Fiber* warp, unsigned group) {
@@ -516,7 +553,8 @@ class BlockScheduler {
     for (const Fiber& f : fibers_) {
       if (f.state == FiberState::kDone) ++exited;
       else if (f.state == FiberState::kAtBarrier) ++waits[{f.line, barrier_name(f.barrier), 0u}];
-      else if (f.state == FiberState::kAtWarp) ++waits[{f.line, warp_op_name(f.op), f.mask}];
+      else if (f.state == FiberState::kAtWarp)
+        ++waits[{f.line, f.op == WarpOp::kMatrix ? f.matrix_name : warp_op_name(f.op), f.mask}];
     }
     std::string text;
     for (const auto& [where, threads] : waits) {
@@ -641,6 +679,18 @@ unsigned long long warp_collective(int line, WarpOp op, unsigned mask, unsigned 
   f.width = width;
   f.scheduler->park(f);
   return f.result;
+}
+
+void warp_matrix(int line, const char* name, void* lane_data, MatrixCombine combine) {
+  Fiber& f = current_fiber(name);
+  f.state = FiberState::kAtWarp;
+  f.line = line;
+  f.op = WarpOp::kMatrix;
+  f.mask = 0xffffffffu;
+  f.value = reinterpret_cast<unsigned long long>(lane_data);
+  f.matrix_name = name;
+  f.combine = combine;
+  f.scheduler->park(f);
 }
 
 unsigned active_mask() {

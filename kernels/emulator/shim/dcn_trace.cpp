@@ -408,6 +408,10 @@ void trace_atomic(void* address, unsigned bytes) {
   trace_access(address, bytes, kAtomic, __builtin_return_address(0));
 }
 
+void trace_matrix_access(const void* address, unsigned bytes, bool store, const void* site) {
+  trace_access(address, bytes, store ? kStore : kLoad, site);
+}
+
 void trace_shared(void* array, std::size_t bytes) {
   if (!active_trace) return;
   const auto start = reinterpret_cast<unsigned long long>(array);
