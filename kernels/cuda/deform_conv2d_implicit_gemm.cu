@@ -24,11 +24,17 @@
 // so an A-tile load strides by kh * kw elements: the weight is small and
 // re-read from L2 by every tile, and permuting it would cost a pass over it.
 //
-// Tiles: 64 x 64 outputs per block of 256 threads, 16-deep reduction steps;
-// each thread owns a 4 x 4 sub-tile (rows ty + 16 i, columns tx + 16 j: the
-// shared-memory reads are broadcasts and conflict-free). All math in
-// acc_t<scalar_t> (float32; double for the float64 instantiations), one
-// rounding on store.
+// Tiles: 64 x 64 outputs per block of 256 threads, 16-deep reduction steps.
+// The product of two shared tiles (TileGemm) runs
+//  - for __half / __nv_bfloat16 on tensor cores (nvcuda::wmma m16n16k16, float
+//    accumulation): the tiles hold the dtype (a gathered column is rounded to it
+//    once, as the im2col design's columns are), each warp owns 16 x 32 outputs;
+//  - for float and double on SIMT cores: the tiles hold acc_t<scalar_t>, each
+//    thread owns a 4 x 4 sub-tile (rows ty + 16 i, columns tx + 16 j: the
+//    shared-memory reads are broadcasts and conflict-free).
+// The finished tile is staged in shared memory as float (double), where the
+// epilogue reads it with consecutive threads on consecutive pixels. All other
+// math in acc_t<scalar_t>, one rounding on store.
 //
 // Index widths: as deform_conv2d.cu (planes and one sample's offsets fit in int,
 // checked on the host; the output pixel count n * H_out * W_out too); offsets
@@ -37,6 +43,8 @@
 #include "deform_conv2d_sampling.cuh"
 #include "deterministic_atomics.cuh"
 #include "scalar_conversions.cuh"
+
+#include <mma.h>
 
 #ifndef IMPLICIT_GEMM_THREADS
 #error "compile with -DIMPLICIT_GEMM_THREADS=<threads per block> (kernels/ops/deform_conv2d.py sets it)"
@@ -47,16 +55,117 @@ namespace {
 constexpr int TILE_M = 64;  // rows of a block's output tile
 constexpr int TILE_N = 64;  // columns of a block's output tile
 constexpr int TILE_K = 16;  // reduction depth of one shared-memory step
-// Row padding of the shared tiles: a row stride of 66 words puts the 16 x 2
-// (k, row) pairs a warp stores with k fastest into 32 distinct banks.
-constexpr int PAD = 2;
-constexpr int SUB = 4;  // a thread's sub-tile is SUB x SUB
-static_assert(IMPLICIT_GEMM_THREADS == 256, "the tile loaders assume 256 threads");
-static_assert(TILE_M == 16 * SUB && TILE_N == 16 * SUB, "16 x 16 threads of SUB x SUB outputs");
-// Channels a thread of the sampling-gradient epilogue walks: TILE_M of them over
-// IMPLICIT_GEMM_THREADS / TILE_N threads per pixel.
-constexpr int EPILOGUE_SPLIT = IMPLICIT_GEMM_THREADS / TILE_N;
-constexpr int EPILOGUE_CHANNELS = TILE_M / EPILOGUE_SPLIT;
+constexpr int THREADS = IMPLICIT_GEMM_THREADS;
+static_assert(THREADS == 256, "the tile loaders and TileGemm assume 256 threads");
+// Row stride of the staged output tile: 80 words put the two rows a SIMT warp
+// writes 16 banks apart, and 320 bytes is the multiple of 16 wmma stores need.
+constexpr int STAGE_STRIDE = TILE_N + 16;
+// Threads per tile column in the gather, staging and epilogue loops; the
+// sampling-gradient epilogue gives each of them a quarter of the tile's channels.
+constexpr int SPLIT = THREADS / TILE_N;
+constexpr int SPLIT_CHANNELS = TILE_M / SPLIT;
+
+// out[m][n] += sum_k a[k][m] * b[k][n] over the shared tiles of one reduction
+// step, for the whole block. After the last step, stage() writes the block's
+// TILE_M x TILE_N result, row-major with row stride STAGE_STRIDE, to shared memory.
+// SIMT: 16 x 16 threads of 4 x 4 outputs in registers.
+template <typename scalar_t>
+struct SimtGemm {
+    using real = acc_t<scalar_t>;
+    using tile_t = real;
+    // A row stride of 66 words puts the 16 x 2 (k, row) pairs a warp stores
+    // with k fastest into 32 distinct banks.
+    static constexpr int PAD = 2;
+    static constexpr int SUB = 4;
+    real acc[SUB][SUB] = {};
+
+    __device__ __forceinline__ void multiply(const tile_t (&a)[TILE_K][TILE_M + PAD],
+                                             const tile_t (&b)[TILE_K][TILE_N + PAD]) {
+        const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+        for (int k = 0; k < TILE_K; ++k) {
+            real a_k[SUB], b_k[SUB];
+#pragma unroll
+            for (int i = 0; i < SUB; ++i) a_k[i] = a[k][ty + 16 * i];
+#pragma unroll
+            for (int j = 0; j < SUB; ++j) b_k[j] = b[k][tx + 16 * j];
+#pragma unroll
+            for (int i = 0; i < SUB; ++i)
+#pragma unroll
+                for (int j = 0; j < SUB; ++j) acc[i][j] += a_k[i] * b_k[j];
+        }
+    }
+
+    __device__ __forceinline__ void stage(real* out) const {
+        const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+        for (int i = 0; i < SUB; ++i)
+            for (int j = 0; j < SUB; ++j)
+                out[(ty + 16 * i) * STAGE_STRIDE + tx + 16 * j] = acc[i][j];
+    }
+};
+
+// Tensor cores: warp w owns rows 16 (w % 4) ... + 15 and columns 32 (w / 4) ... + 31,
+// two m16n16k16 float accumulators. a[k][m] is matrix_a (m x k) column-major.
+template <typename scalar_t>
+struct WmmaGemm {
+    using real = float;
+    using tile_t = scalar_t;
+    // Row strides of 72 elements: 144 bytes, the multiple of 16 wmma loads need.
+    static constexpr int PAD = 8;
+    static constexpr int FRAGMENTS = 2;
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[FRAGMENTS];
+
+    __device__ __forceinline__ WmmaGemm() {
+        for (int f = 0; f < FRAGMENTS; ++f) nvcuda::wmma::fill_fragment(acc[f], 0.0f);
+    }
+    __device__ __forceinline__ int row() const { return threadIdx.x / 32 % 4 * 16; }
+    __device__ __forceinline__ int column(int f) const {
+        return threadIdx.x / 32 / 4 * 32 + 16 * f;
+    }
+
+    __device__ __forceinline__ void multiply(const tile_t (&a)[TILE_K][TILE_M + PAD],
+                                             const tile_t (&b)[TILE_K][TILE_N + PAD]) {
+        using namespace nvcuda;
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, scalar_t, wmma::col_major> a_fragment;
+        wmma::load_matrix_sync(a_fragment, &a[0][row()], TILE_M + PAD);
+        for (int f = 0; f < FRAGMENTS; ++f) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, scalar_t, wmma::row_major> b_fragment;
+            wmma::load_matrix_sync(b_fragment, &b[0][column(f)], TILE_N + PAD);
+            wmma::mma_sync(acc[f], a_fragment, b_fragment, acc[f]);
+        }
+    }
+
+    __device__ __forceinline__ void stage(real* out) const {
+        for (int f = 0; f < FRAGMENTS; ++f)
+            nvcuda::wmma::store_matrix_sync(out + row() * STAGE_STRIDE + column(f), acc[f],
+                                            STAGE_STRIDE, nvcuda::wmma::mem_row_major);
+    }
+};
+
+template <typename scalar_t> struct GemmOf { using type = SimtGemm<scalar_t>; };
+template <> struct GemmOf<__half> { using type = WmmaGemm<__half>; };
+template <> struct GemmOf<__nv_bfloat16> { using type = WmmaGemm<__nv_bfloat16>; };
+
+// A block's shared memory: the two operand tiles of a step, and over the same
+// bytes (once the last step is multiplied) the staged result tile.
+template <typename Gemm>
+struct SharedTiles {
+    using tile_t = typename Gemm::tile_t;
+    using real = typename Gemm::real;
+    static constexpr int A_BYTES = TILE_K * (TILE_M + Gemm::PAD) * sizeof(tile_t);
+    static constexpr int TILE_BYTES = A_BYTES + TILE_K * (TILE_N + Gemm::PAD) * sizeof(tile_t);
+    static constexpr int STAGE_BYTES = TILE_M * STAGE_STRIDE * sizeof(real);
+    static constexpr int BYTES = TILE_BYTES > STAGE_BYTES ? TILE_BYTES : STAGE_BYTES;
+    unsigned char* bytes;
+
+    __device__ __forceinline__ tile_t (&a())[TILE_K][TILE_M + Gemm::PAD] {
+        return *reinterpret_cast<tile_t(*)[TILE_K][TILE_M + Gemm::PAD]>(bytes);
+    }
+    __device__ __forceinline__ tile_t (&b())[TILE_K][TILE_N + Gemm::PAD] {
+        return *reinterpret_cast<tile_t(*)[TILE_K][TILE_N + Gemm::PAD]>(bytes + A_BYTES);
+    }
+    __device__ __forceinline__ real* staged() { return reinterpret_cast<real*>(bytes); }
+};
 
 struct Conv {
     int channels, height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
@@ -161,26 +270,6 @@ __device__ __forceinline__ acc_t<scalar_t> column_value(const Conv& cv, const sc
            blend(point.s, input + (static_cast<long long>(px.n) * cv.channels + channel) * plane);
 }
 
-// acc[i][j] += sum_k a[k][ty + 16 i] * b[k][tx + 16 j] over one reduction step.
-template <typename real>
-__device__ __forceinline__ void multiply_tiles(real (&acc)[SUB][SUB],
-                                               const real (&a)[TILE_K][TILE_M + PAD],
-                                               const real (&b)[TILE_K][TILE_N + PAD], int tx,
-                                               int ty) {
-#pragma unroll
-    for (int k = 0; k < TILE_K; ++k) {
-        real a_k[SUB], b_k[SUB];
-#pragma unroll
-        for (int i = 0; i < SUB; ++i) a_k[i] = a[k][ty + 16 * i];
-#pragma unroll
-        for (int j = 0; j < SUB; ++j) b_k[j] = b[k][tx + 16 * j];
-#pragma unroll
-        for (int i = 0; i < SUB; ++i)
-#pragma unroll
-            for (int j = 0; j < SUB; ++j) acc[i][j] += a_k[i] * b_k[j];
-    }
-}
-
 }  // namespace
 
 // output[n, co, p] = bias[co] + sum_{c, tap} weight[co, c, tap] * mask * B0(input[n, c], ...)
@@ -198,59 +287,63 @@ implicit_gemm_forward(const scalar_t* __restrict__ input,   // [n, C, H, W]
                       int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h,
                       int dilation_w, int groups, int offset_groups, int out_h, int out_w,
                       int out_channels, int samples) {
+    using Gemm = typename GemmOf<scalar_t>::type;
+    using tile_t = typename Gemm::tile_t;
     using real = acc_t<scalar_t>;
     const Conv cv{channels, height,     width,      kernel_h, kernel_w,      stride_h,
                   stride_w, pad_h,      pad_w,      dilation_h, dilation_w,  groups,
                   offset_groups, out_h, out_w,      out_channels, samples};
-    __shared__ real a_tile[TILE_K][TILE_M + PAD];  // weight: [k][out channel]
-    __shared__ real b_tile[TILE_K][TILE_N + PAD];  // columns: [k][pixel]
+    __shared__ __align__(32) unsigned char shared[SharedTiles<Gemm>::BYTES];
+    SharedTiles<Gemm> tiles{shared};
+    auto& a_tile = tiles.a();  // weight: [k][out channel]
+    auto& b_tile = tiles.b();  // columns: [k][pixel]
     const int taps = cv.taps(), group_channels = cv.group_channels(), group_out = cv.group_out();
     const int group = blockIdx.z;
     const int m0 = blockIdx.y * TILE_M, q0 = blockIdx.x * TILE_N;
-    const int t = threadIdx.x, tx = t % 16, ty = t / 16;
-    // The gather role: one pixel (column t % TILE_N) for the whole launch.
+    const int t = threadIdx.x;
+    // One pixel (column t % TILE_N) per thread for the gather and the epilogue.
     const Pixel px = pixel_of(cv, q0 + t % TILE_N);
     const scalar_t* group_weight = weight + static_cast<long long>(group) * group_out *
                                                 group_channels * taps;
 
-    real acc[SUB][SUB] = {};
+    Gemm gemm;
     for (int tap = 0; tap < taps; ++tap) {
         PointCache<scalar_t, HAS_MASK> cache;
         for (int c0 = 0; c0 < group_channels; c0 += TILE_K) {
             // a_tile[k][m] = weight[group's m0 + m, c0 + k, tap]
             for (int pass = 0; pass < TILE_M / 16; ++pass) {
                 const int k = t % TILE_K, m = t / TILE_K + 16 * pass;
-                a_tile[k][m] =
+                a_tile[k][m] = from_acc<tile_t>(
                     m0 + m < group_out && c0 + k < group_channels
                         ? to_acc(group_weight[(static_cast<long long>(m0 + m) * group_channels +
                                                c0 + k) * taps + tap])
-                        : real(0);
+                        : real(0));
             }
             // b_tile[k][n] = the column of (channel c0 + k, tap) at pixel q0 + n
-            for (int pass = 0; pass < TILE_K / EPILOGUE_SPLIT; ++pass) {
-                const int k = t / TILE_N + EPILOGUE_SPLIT * pass;
-                b_tile[k][t % TILE_N] =
+            for (int pass = 0; pass < TILE_K / SPLIT; ++pass) {
+                const int k = t / TILE_N + SPLIT * pass;
+                b_tile[k][t % TILE_N] = from_acc<tile_t>(
                     px.valid && c0 + k < group_channels
                         ? column_value(cv, input, offset, mask, cache, px,
                                        group * group_channels + c0 + k, tap)
-                        : real(0);
+                        : real(0));
             }
             __syncthreads();
-            multiply_tiles(acc, a_tile, b_tile, tx, ty);
+            gemm.multiply(a_tile, b_tile);
             __syncthreads();
         }
     }
-    for (int j = 0; j < SUB; ++j) {
-        const Pixel out_px = pixel_of(cv, q0 + tx + 16 * j);
-        if (!out_px.valid) continue;
-        for (int i = 0; i < SUB; ++i) {
-            const int m = m0 + ty + 16 * i;
-            if (m >= group_out) continue;
-            const int co = group * group_out + m;
-            const real value = acc[i][j] + (bias != nullptr ? to_acc(bias[co]) : real(0));
-            output[(static_cast<long long>(out_px.n) * cv.out_channels + co) * cv.pixels() +
-                   out_px.p] = from_acc<scalar_t>(value);
-        }
+    gemm.stage(tiles.staged());
+    __syncthreads();
+    if (!px.valid) return;
+    for (int pass = 0; pass < TILE_M / SPLIT; ++pass) {
+        const int m = t / TILE_N + SPLIT * pass;
+        if (m0 + m >= group_out) break;
+        const int co = group * group_out + m0 + m;
+        const real value = tiles.staged()[m * STAGE_STRIDE + t % TILE_N] +
+                           (bias != nullptr ? to_acc(bias[co]) : real(0));
+        output[(static_cast<long long>(px.n) * cv.out_channels + co) * cv.pixels() + px.p] =
+            from_acc<scalar_t>(value);
     }
 }
 
@@ -261,30 +354,34 @@ implicit_gemm_forward(const scalar_t* __restrict__ input,   // [n, C, H, W]
 template <typename scalar_t, bool HAS_MASK>
 __global__ void __launch_bounds__(IMPLICIT_GEMM_THREADS)
 implicit_gemm_backward_weight(const scalar_t* __restrict__ input,        // [n, C, H, W]
-                          const scalar_t* __restrict__ offset,       // [n, 2 * G * kh * kw, H_out, W_out]
-                          const scalar_t* __restrict__ mask,         // [n, G * kh * kw, H_out, W_out]; unread without HAS_MASK
-                          const scalar_t* __restrict__ grad_output,  // [n, C_out, H_out, W_out]
-                          scalar_t* __restrict__ grad_weight,        // [C_out, C / groups, kh, kw]
-                          int channels, int height, int width, int kernel_h, int kernel_w,
-                          int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h,
-                          int dilation_w, int groups, int offset_groups, int out_h, int out_w,
-                          int out_channels, int samples) {
+                              const scalar_t* __restrict__ offset,       // [n, 2 * G * kh * kw, H_out, W_out]
+                              const scalar_t* __restrict__ mask,         // [n, G * kh * kw, H_out, W_out]; unread without HAS_MASK
+                              const scalar_t* __restrict__ grad_output,  // [n, C_out, H_out, W_out]
+                              scalar_t* __restrict__ grad_weight,        // [C_out, C / groups, kh, kw]
+                              int channels, int height, int width, int kernel_h, int kernel_w,
+                              int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h,
+                              int dilation_w, int groups, int offset_groups, int out_h,
+                              int out_w, int out_channels, int samples) {
+    using Gemm = typename GemmOf<scalar_t>::type;
+    using tile_t = typename Gemm::tile_t;
     using real = acc_t<scalar_t>;
     const Conv cv{channels, height,     width,      kernel_h, kernel_w,      stride_h,
                   stride_w, pad_h,      pad_w,      dilation_h, dilation_w,  groups,
                   offset_groups, out_h, out_w,      out_channels, samples};
-    __shared__ real a_tile[TILE_K][TILE_M + PAD];  // grad_output: [q][out channel]
-    __shared__ real b_tile[TILE_K][TILE_N + PAD];  // columns: [q][input channel]
+    __shared__ __align__(32) unsigned char shared[SharedTiles<Gemm>::BYTES];
+    SharedTiles<Gemm> tiles{shared};
+    auto& a_tile = tiles.a();  // grad_output: [q][out channel]
+    auto& b_tile = tiles.b();  // columns: [q][input channel]
     const int taps = cv.taps(), group_channels = cv.group_channels(), group_out = cv.group_out();
     const int channel_tiles = (group_channels + TILE_N - 1) / TILE_N;
     const int tap = blockIdx.x / channel_tiles;
     const int c0 = blockIdx.x % channel_tiles * TILE_N;
     const int group = blockIdx.z;
     const int m0 = blockIdx.y * TILE_M;
-    const int t = threadIdx.x, tx = t % 16, ty = t / 16;
+    const int t = threadIdx.x;
     const int columns = cv.columns(), pixels = cv.pixels();
 
-    real acc[SUB][SUB] = {};
+    Gemm gemm;
     for (int q0 = 0; q0 < columns; q0 += TILE_K) {
         // Both loads: reduction index k = t % TILE_K (one pixel per thread per step),
         // rows t / TILE_K + 16 * pass.
@@ -293,38 +390,38 @@ implicit_gemm_backward_weight(const scalar_t* __restrict__ input,        // [n, 
         PointCache<scalar_t, HAS_MASK> cache;
         for (int pass = 0; pass < TILE_M / 16; ++pass) {
             const int m = t / TILE_K + 16 * pass;
-            a_tile[k][m] = px.valid && m0 + m < group_out
-                               ? to_acc(grad_output[(static_cast<long long>(px.n) *
-                                                         cv.out_channels +
-                                                     group * group_out + m0 + m) *
-                                                        pixels +
-                                                    px.p])
-                               : real(0);
+            a_tile[k][m] = from_acc<tile_t>(
+                px.valid && m0 + m < group_out
+                    ? to_acc(grad_output[(static_cast<long long>(px.n) * cv.out_channels +
+                                          group * group_out + m0 + m) * pixels + px.p])
+                    : real(0));
             const int c = c0 + m;
-            b_tile[k][m] = px.valid && c < group_channels
-                               ? column_value(cv, input, offset, mask, cache, px,
-                                              group * group_channels + c, tap)
-                               : real(0);
+            b_tile[k][m] = from_acc<tile_t>(
+                px.valid && c < group_channels
+                    ? column_value(cv, input, offset, mask, cache, px,
+                                   group * group_channels + c, tap)
+                    : real(0));
         }
         __syncthreads();
-        multiply_tiles(acc, a_tile, b_tile, tx, ty);
+        gemm.multiply(a_tile, b_tile);
         __syncthreads();
     }
-    for (int i = 0; i < SUB; ++i) {
-        const int m = m0 + ty + 16 * i;
-        if (m >= group_out) continue;
-        for (int j = 0; j < SUB; ++j) {
-            const int c = c0 + tx + 16 * j;
-            if (c >= group_channels) continue;
-            grad_weight[((static_cast<long long>(group) * group_out + m) * group_channels + c) *
-                            taps +
-                        tap] = from_acc<scalar_t>(acc[i][j]);
-        }
+    gemm.stage(tiles.staged());
+    __syncthreads();
+    // Consecutive threads on consecutive input channels (stride kh * kw in grad_weight).
+    const int c = c0 + t % TILE_N;
+    if (c >= group_channels) return;
+    for (int pass = 0; pass < TILE_M / SPLIT; ++pass) {
+        const int m = t / TILE_N + SPLIT * pass;
+        if (m0 + m >= group_out) break;
+        grad_weight[((static_cast<long long>(group) * group_out + m0 + m) * group_channels + c) *
+                        taps + tap] =
+            from_acc<scalar_t>(tiles.staged()[m * STAGE_STRIDE + t % TILE_N]);
     }
 }
 
 // grad_col[(c, tap), q] = sum_co weight[co, c, tap] * grad_output[co, q] for a tile of
-// 64 input channels of one tap x 64 output pixels, kept in shared memory; then, as
+// 64 input channels of one tap x 64 output pixels, staged in shared memory; then, as
 // deform_conv2d.cu's col2im, per (channel, pixel):
 //  - grad_col * mask * bilinear weight scattered into grad_input (float32 atomics,
 //    or with grad_input_fixed the fixed-point ones of deterministic_atomics.cuh;
@@ -338,35 +435,29 @@ implicit_gemm_backward_weight(const scalar_t* __restrict__ input,        // [n, 
 template <typename scalar_t, bool HAS_MASK>
 __global__ void __launch_bounds__(IMPLICIT_GEMM_THREADS)
 implicit_gemm_backward_sampling(const scalar_t* __restrict__ input,        // [n, C, H, W]
-                            const scalar_t* __restrict__ offset,       // [n, 2 * G * kh * kw, H_out, W_out]
-                            const scalar_t* __restrict__ mask,         // [n, G * kh * kw, H_out, W_out]; unread without HAS_MASK
-                            const scalar_t* __restrict__ weight,       // [C_out, C / groups, kh, kw]
-                            const scalar_t* __restrict__ grad_output,  // [n, C_out, H_out, W_out]
-                            acc_t<scalar_t>* __restrict__ grad_input,  // [n, C, H, W], accumulated; or null
-                            long long* __restrict__ grad_input_fixed,  // [n, C, H, W], fixed point; or null
-                            double fixed_scale, int* __restrict__ fixed_status,
-                            acc_t<scalar_t>* __restrict__ grad_offset_partial,  // [slices, n, 2 * G * kh * kw, H_out * W_out]
-                            acc_t<scalar_t>* __restrict__ grad_mask_partial,    // [slices, n, G * kh * kw, H_out * W_out]; unwritten without HAS_MASK
-                            int channels, int height, int width, int kernel_h, int kernel_w,
-                            int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h,
-                            int dilation_w, int groups, int offset_groups, int out_h, int out_w,
-                            int out_channels, int samples) {
+                                const scalar_t* __restrict__ offset,       // [n, 2 * G * kh * kw, H_out, W_out]
+                                const scalar_t* __restrict__ mask,         // [n, G * kh * kw, H_out, W_out]; unread without HAS_MASK
+                                const scalar_t* __restrict__ weight,       // [C_out, C / groups, kh, kw]
+                                const scalar_t* __restrict__ grad_output,  // [n, C_out, H_out, W_out]
+                                acc_t<scalar_t>* __restrict__ grad_input,  // [n, C, H, W], accumulated; or null
+                                long long* __restrict__ grad_input_fixed,  // [n, C, H, W], fixed point; or null
+                                double fixed_scale, int* __restrict__ fixed_status,
+                                acc_t<scalar_t>* __restrict__ grad_offset_partial,  // [slices, n, 2 * G * kh * kw, H_out * W_out]
+                                acc_t<scalar_t>* __restrict__ grad_mask_partial,    // [slices, n, G * kh * kw, H_out * W_out]; unwritten without HAS_MASK
+                                int channels, int height, int width, int kernel_h, int kernel_w,
+                                int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h,
+                                int dilation_w, int groups, int offset_groups, int out_h,
+                                int out_w, int out_channels, int samples) {
+    using Gemm = typename GemmOf<scalar_t>::type;
+    using tile_t = typename Gemm::tile_t;
     using real = acc_t<scalar_t>;
     const Conv cv{channels, height,     width,      kernel_h, kernel_w,      stride_h,
                   stride_w, pad_h,      pad_w,      dilation_h, dilation_w,  groups,
                   offset_groups, out_h, out_w,      out_channels, samples};
-    // The two GEMM tiles, then (after the GEMM) the grad_col tile [channel][pixel]
-    // over the same bytes; its row stride of 80 words puts the two rows a warp
-    // writes 16 banks apart.
-    constexpr int GEMM_WORDS = TILE_K * (TILE_M + PAD) + TILE_K * (TILE_N + PAD);
-    constexpr int GRAD_COL_STRIDE = TILE_N + 16;
-    constexpr int GRAD_COL_WORDS = TILE_M * GRAD_COL_STRIDE;
-    __shared__ real shared[GEMM_WORDS > GRAD_COL_WORDS ? GEMM_WORDS : GRAD_COL_WORDS];
-    auto& a_tile = *reinterpret_cast<real(*)[TILE_K][TILE_M + PAD]>(shared);  // weight^T: [out channel][channel]
-    auto& b_tile = *reinterpret_cast<real(*)[TILE_K][TILE_N + PAD]>(
-        shared + TILE_K * (TILE_M + PAD));  // grad_output: [out channel][pixel]
-    real* grad_col = shared;                // [channel][GRAD_COL_STRIDE]
-
+    __shared__ __align__(32) unsigned char shared[SharedTiles<Gemm>::BYTES];
+    SharedTiles<Gemm> tiles{shared};
+    auto& a_tile = tiles.a();  // weight: [out channel][input channel]
+    auto& b_tile = tiles.b();  // grad_output: [out channel][pixel]
     const int taps = cv.taps(), group_channels = cv.group_channels(), group_out = cv.group_out();
     const int pixels = cv.pixels();
     const int channel_tiles = (group_channels + TILE_M - 1) / TILE_M;
@@ -375,44 +466,43 @@ implicit_gemm_backward_sampling(const scalar_t* __restrict__ input,        // [n
     const int c0 = channel_tile * TILE_M;
     const int group = blockIdx.z;
     const int q0 = blockIdx.x * TILE_N;
-    const int t = threadIdx.x, tx = t % 16, ty = t / 16;
+    const int t = threadIdx.x;
     // One pixel per thread for the grad_output loads and the epilogue.
     const Pixel px = pixel_of(cv, q0 + t % TILE_N);
     const int split = t / TILE_N;
     const scalar_t* group_weight = weight + static_cast<long long>(group) * group_out *
                                                 group_channels * taps;
 
-    real acc[SUB][SUB] = {};
+    Gemm gemm;
     for (int k0 = 0; k0 < group_out; k0 += TILE_K) {
-        for (int pass = 0; pass < TILE_K / EPILOGUE_SPLIT; ++pass) {
-            const int k = split + EPILOGUE_SPLIT * pass, m = t % TILE_M;
-            a_tile[k][m] =
+        for (int pass = 0; pass < TILE_K / SPLIT; ++pass) {
+            const int k = split + SPLIT * pass, m = t % TILE_M;
+            a_tile[k][m] = from_acc<tile_t>(
                 k0 + k < group_out && c0 + m < group_channels
                     ? to_acc(group_weight[(static_cast<long long>(k0 + k) * group_channels + c0 +
                                            m) * taps + tap])
-                    : real(0);
-            b_tile[k][t % TILE_N] =
+                    : real(0));
+            b_tile[k][t % TILE_N] = from_acc<tile_t>(
                 px.valid && k0 + k < group_out
                     ? to_acc(grad_output[(static_cast<long long>(px.n) * cv.out_channels +
                                           group * group_out + k0 + k) * pixels + px.p])
-                    : real(0);
+                    : real(0));
         }
         __syncthreads();
-        multiply_tiles(acc, a_tile, b_tile, tx, ty);
+        gemm.multiply(a_tile, b_tile);
         __syncthreads();
     }
-    for (int i = 0; i < SUB; ++i)
-        for (int j = 0; j < SUB; ++j)
-            grad_col[(ty + 16 * i) * GRAD_COL_STRIDE + tx + 16 * j] = acc[i][j];
+    gemm.stage(tiles.staged());
     __syncthreads();
     if (!px.valid) return;
+    const real* grad_col = tiles.staged();  // [channel][pixel], row stride STAGE_STRIDE
 
     const ScatterAdd<real> grad_input_target{grad_input, grad_input_fixed, fixed_scale,
                                              fixed_status};
     const bool scatter = grad_input_target.enabled();  // uniform across the launch
     const long long plane = static_cast<long long>(height) * width;
     const long long slice =
-        (static_cast<long long>(group) * channel_tiles + channel_tile) * EPILOGUE_SPLIT + split;
+        (static_cast<long long>(group) * channel_tiles + channel_tile) * SPLIT + split;
     const long long sample_offsets = 2LL * offset_groups * taps * pixels;
     const long long sample_masks = static_cast<long long>(offset_groups) * taps * pixels;
     real* offset_partial = grad_offset_partial + (slice * samples + px.n) * sample_offsets + px.p;
@@ -430,8 +520,8 @@ implicit_gemm_backward_sampling(const scalar_t* __restrict__ input,        // [n
         offset_partial[(2 * group_tap + 1) * pixels] = point.mask * grad_x;
         if (HAS_MASK) mask_partial[group_tap * pixels] = grad_m;
     };
-    const int first = split * EPILOGUE_CHANNELS;
-    const int last = min(first + EPILOGUE_CHANNELS, group_channels - c0);
+    const int first = split * SPLIT_CHANNELS;
+    const int last = min(first + SPLIT_CHANNELS, group_channels - c0);
 #pragma unroll 1
     for (int m = first; m < last; ++m) {
         const int channel = group * group_channels + c0 + m;
@@ -447,7 +537,7 @@ implicit_gemm_backward_sampling(const scalar_t* __restrict__ input,        // [n
         const long long first_element = (static_cast<long long>(px.n) * channels + channel) * plane;
         const scalar_t* in = input + first_element;
         const ScatterAdd<real> grad_in = grad_input_target.shifted(first_element);
-        const real g = grad_col[m * GRAD_COL_STRIDE + t % TILE_N];
+        const real g = grad_col[m * STAGE_STRIDE + t % TILE_N];
         const real masked_g = point.mask * g;
         real v[4];
         for (int q = 0; q < 4; ++q) {
