@@ -29,8 +29,10 @@
 //  - for __half / __nv_bfloat16 on tensor cores (nvcuda::wmma m16n16k16, float
 //    accumulation): the tiles hold the dtype (a gathered column is rounded to it
 //    once, as the im2col design's columns are), each warp owns 16 x 32 outputs;
-//  - for float and double on SIMT cores: the tiles hold acc_t<scalar_t>, each
-//    thread owns a 4 x 4 sub-tile (rows ty + 16 i, columns tx + 16 j: the
+//  - for float with TF32 (the host's allow_tf32, template argument TF32) on
+//    tensor cores too (m16n16k8, the float tiles rounded to TF32 in the fragments);
+//  - otherwise, float and double, on SIMT cores: the tiles hold acc_t<scalar_t>,
+//    each thread owns a 4 x 4 sub-tile (rows ty + 16 i, columns tx + 16 j: the
 //    shared-memory reads are broadcasts and conflict-free).
 // The finished tile is staged in shared memory as float (double), where the
 // epilogue reads it with consecutive threads on consecutive pixels. All other
@@ -104,16 +106,35 @@ struct SimtGemm {
     }
 };
 
+// TF32 operands: CUDA leaves a tf32 fragment's float elements unrounded.
+template <typename Fragment>
+__device__ __forceinline__ void round_operand(Fragment&) {}
+template <typename Layout>
+__device__ __forceinline__ void round_operand(
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 8, nvcuda::wmma::precision::tf32,
+                           Layout>& f) {
+    for (int i = 0; i < f.num_elements; ++i) f.x[i] = nvcuda::wmma::__float_to_tf32(f.x[i]);
+}
+template <typename Layout>
+__device__ __forceinline__ void round_operand(
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 8, nvcuda::wmma::precision::tf32,
+                           Layout>& f) {
+    for (int i = 0; i < f.num_elements; ++i) f.x[i] = nvcuda::wmma::__float_to_tf32(f.x[i]);
+}
+
 // Tensor cores: warp w owns rows 16 (w % 4) ... + 15 and columns 32 (w / 4) ... + 31,
-// two m16n16k16 float accumulators. a[k][m] is matrix_a (m x k) column-major.
-template <typename scalar_t>
+// two m16n16kSTEP_K float accumulators. a[k][m] is matrix_a (m x k) column-major.
+// tile_t: what the tiles hold; element_t: the fragments' type (tile_t, or
+// precision::tf32 over float tiles).
+template <typename tile_type, typename element_t, int STEP_K>
 struct WmmaGemm {
     using real = float;
-    using tile_t = scalar_t;
-    // Row strides of 72 elements: 144 bytes, the multiple of 16 wmma loads need.
-    static constexpr int PAD = 8;
+    using tile_t = tile_type;
+    // Row strides (72 halves, 68 floats) that are the multiple of 16 bytes wmma
+    // loads need.
+    static constexpr int PAD = 16 / sizeof(tile_t);
     static constexpr int FRAGMENTS = 2;
-    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[FRAGMENTS];
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, STEP_K, float> acc[FRAGMENTS];
 
     __device__ __forceinline__ WmmaGemm() {
         for (int f = 0; f < FRAGMENTS; ++f) nvcuda::wmma::fill_fragment(acc[f], 0.0f);
@@ -126,12 +147,17 @@ struct WmmaGemm {
     __device__ __forceinline__ void multiply(const tile_t (&a)[TILE_K][TILE_M + PAD],
                                              const tile_t (&b)[TILE_K][TILE_N + PAD]) {
         using namespace nvcuda;
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, scalar_t, wmma::col_major> a_fragment;
-        wmma::load_matrix_sync(a_fragment, &a[0][row()], TILE_M + PAD);
-        for (int f = 0; f < FRAGMENTS; ++f) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, scalar_t, wmma::row_major> b_fragment;
-            wmma::load_matrix_sync(b_fragment, &b[0][column(f)], TILE_N + PAD);
-            wmma::mma_sync(acc[f], a_fragment, b_fragment, acc[f]);
+        for (int k = 0; k < TILE_K; k += STEP_K) {
+            wmma::fragment<wmma::matrix_a, 16, 16, STEP_K, element_t, wmma::col_major> a_fragment;
+            wmma::load_matrix_sync(a_fragment, &a[k][row()], TILE_M + PAD);
+            round_operand(a_fragment);
+            for (int f = 0; f < FRAGMENTS; ++f) {
+                wmma::fragment<wmma::matrix_b, 16, 16, STEP_K, element_t, wmma::row_major>
+                    b_fragment;
+                wmma::load_matrix_sync(b_fragment, &b[k][column(f)], TILE_N + PAD);
+                round_operand(b_fragment);
+                wmma::mma_sync(acc[f], a_fragment, b_fragment, acc[f]);
+            }
         }
     }
 
@@ -142,9 +168,14 @@ struct WmmaGemm {
     }
 };
 
-template <typename scalar_t> struct GemmOf { using type = SimtGemm<scalar_t>; };
-template <> struct GemmOf<__half> { using type = WmmaGemm<__half>; };
-template <> struct GemmOf<__nv_bfloat16> { using type = WmmaGemm<__nv_bfloat16>; };
+template <typename scalar_t, bool TF32> struct GemmOf { using type = SimtGemm<scalar_t>; };
+template <> struct GemmOf<float, true> {
+    using type = WmmaGemm<float, nvcuda::wmma::precision::tf32, 8>;
+};
+template <bool TF32> struct GemmOf<__half, TF32> { using type = WmmaGemm<__half, __half, 16>; };
+template <bool TF32> struct GemmOf<__nv_bfloat16, TF32> {
+    using type = WmmaGemm<__nv_bfloat16, __nv_bfloat16, 16>;
+};
 
 // A block's shared memory: the two operand tiles of a step, and over the same
 // bytes (once the last step is multiplied) the staged result tile.
@@ -216,7 +247,7 @@ __device__ __forceinline__ Point<acc_t<scalar_t>> locate_point(const Conv& cv,
     const scalar_t* offset_yx = offset + static_cast<long long>(px.n) * 2 * cv.offset_groups *
                                              cv.taps() * pixels +
                                 2 * group_tap * pixels + px.p;
-    Point<real> point;
+    Point<real> point{};
     point.s = locate(px.base_y + tap / cv.kernel_w * cv.dilation_h,
                      px.base_x + tap % cv.kernel_w * cv.dilation_w, to_acc(offset_yx[0]),
                      to_acc(offset_yx[pixels]), cv.height, cv.width);
@@ -275,7 +306,7 @@ __device__ __forceinline__ acc_t<scalar_t> column_value(const Conv& cv, const sc
 // output[n, co, p] = bias[co] + sum_{c, tap} weight[co, c, tap] * mask * B0(input[n, c], ...)
 // grid (ceil(n * H_out * W_out / 64), ceil((C_out / groups) / 64), groups): a block
 // computes 64 output channels x 64 output pixels of one weight group.
-template <typename scalar_t, bool HAS_MASK>
+template <typename scalar_t, bool HAS_MASK, bool TF32 = false>
 __global__ void __launch_bounds__(IMPLICIT_GEMM_THREADS)
 implicit_gemm_forward(const scalar_t* __restrict__ input,   // [n, C, H, W]
                       const scalar_t* __restrict__ offset,  // [n, 2 * G * kh * kw, H_out, W_out]
@@ -287,7 +318,7 @@ implicit_gemm_forward(const scalar_t* __restrict__ input,   // [n, C, H, W]
                       int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h,
                       int dilation_w, int groups, int offset_groups, int out_h, int out_w,
                       int out_channels, int samples) {
-    using Gemm = typename GemmOf<scalar_t>::type;
+    using Gemm = typename GemmOf<scalar_t, TF32>::type;
     using tile_t = typename Gemm::tile_t;
     using real = acc_t<scalar_t>;
     const Conv cv{channels, height,     width,      kernel_h, kernel_w,      stride_h,
@@ -351,7 +382,7 @@ implicit_gemm_forward(const scalar_t* __restrict__ input,   // [n, C, H, W]
 // output pixel q of every sample, one block per output tile: no partial products.
 // grid (ceil((C / groups) / 64) * kh * kw, ceil((C_out / groups) / 64), groups): a
 // block computes 64 output channels x 64 input channels of one tap.
-template <typename scalar_t, bool HAS_MASK>
+template <typename scalar_t, bool HAS_MASK, bool TF32 = false>
 __global__ void __launch_bounds__(IMPLICIT_GEMM_THREADS)
 implicit_gemm_backward_weight(const scalar_t* __restrict__ input,        // [n, C, H, W]
                               const scalar_t* __restrict__ offset,       // [n, 2 * G * kh * kw, H_out, W_out]
@@ -362,7 +393,7 @@ implicit_gemm_backward_weight(const scalar_t* __restrict__ input,        // [n, 
                               int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h,
                               int dilation_w, int groups, int offset_groups, int out_h,
                               int out_w, int out_channels, int samples) {
-    using Gemm = typename GemmOf<scalar_t>::type;
+    using Gemm = typename GemmOf<scalar_t, TF32>::type;
     using tile_t = typename Gemm::tile_t;
     using real = acc_t<scalar_t>;
     const Conv cv{channels, height,     width,      kernel_h, kernel_w,      stride_h,
@@ -432,7 +463,7 @@ implicit_gemm_backward_weight(const scalar_t* __restrict__ input,        // [n, 
 //    thread's quarter of the tile's channels. The host zero-fills them (a slice
 //    covers only the offset groups of its channels) and sums the slices.
 // grid (ceil(n * H_out * W_out / 64), ceil((C / groups) / 64) * kh * kw, groups).
-template <typename scalar_t, bool HAS_MASK>
+template <typename scalar_t, bool HAS_MASK, bool TF32 = false>
 __global__ void __launch_bounds__(IMPLICIT_GEMM_THREADS)
 implicit_gemm_backward_sampling(const scalar_t* __restrict__ input,        // [n, C, H, W]
                                 const scalar_t* __restrict__ offset,       // [n, 2 * G * kh * kw, H_out, W_out]
@@ -448,7 +479,7 @@ implicit_gemm_backward_sampling(const scalar_t* __restrict__ input,        // [n
                                 int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h,
                                 int dilation_w, int groups, int offset_groups, int out_h,
                                 int out_w, int out_channels, int samples) {
-    using Gemm = typename GemmOf<scalar_t>::type;
+    using Gemm = typename GemmOf<scalar_t, TF32>::type;
     using tile_t = typename Gemm::tile_t;
     using real = acc_t<scalar_t>;
     const Conv cv{channels, height,     width,      kernel_h, kernel_w,      stride_h,
@@ -510,7 +541,7 @@ implicit_gemm_backward_sampling(const scalar_t* __restrict__ input,        // [n
         HAS_MASK ? grad_mask_partial + (slice * samples + px.n) * sample_masks + px.p : nullptr;
 
     int point_group = -1;
-    Point<real> point;
+    Point<real> point{};
     real grad_y = 0, grad_x = 0, grad_m = 0;
     // Stores the sums of the offset group just finished: this thread's own slots.
     auto flush = [&]() {

@@ -19,7 +19,14 @@ keeping them from the forward) and multiplied by grad_output with a float32
 result; grad_bias is a float32 sum of grad_output. Only requested gradients are
 computed.
 
-GEMMs run through ``torch.bmm`` / ``torch.baddbmm`` (cuBLAS on a GPU) and
+That is the default design, ``design="im2col"``. ``design="implicit_gemm"``
+(``kernels/cuda/deform_conv2d_implicit_gemm.cu``) gathers the columns straight
+into the shared-memory tiles of its own GEMM kernels (tensor cores for half
+types, SIMT for float32 / float64): forward, grad_weight as one GEMM over every
+pixel of the batch, and grad_columns tile by tile fused with the scatter and
+the offset / mask gradients; no columns buffer, no cuBLAS.
+
+The im2col design's GEMMs run through ``torch.bmm`` / ``torch.baddbmm`` (cuBLAS on a GPU) and
 follow PyTorch's global flags: ``torch.backends.cuda.matmul.allow_tf32`` for
 float32 and ``allow_fp16_reduced_precision_reduction`` /
 ``allow_bf16_reduced_precision_reduction`` for half types. We never change
@@ -107,14 +114,23 @@ _IMPLICIT_GEMM_KERNELS = (
     "implicit_gemm_backward_weight",
     "implicit_gemm_backward_sampling",
 )
+
+
+def _implicit_gemm_name(kernel: str, dtype: torch.dtype, has_mask: bool, tf32: bool) -> str:
+    """The kernel's instantiation; TF32 only for float32 (a third template argument)."""
+    name = _name_expression(kernel, dtype, has_mask)
+    return f"{name[:-1]}, true>" if tf32 and dtype == torch.float32 else name
+
+
 IMPLICIT_GEMM_SOURCE = register(
     CudaSource(
         filename="deform_conv2d_implicit_gemm.cu",
         name_expressions=tuple(
-            _name_expression(kernel, dtype, has_mask)
+            _implicit_gemm_name(kernel, dtype, has_mask, tf32)
             for kernel in _IMPLICIT_GEMM_KERNELS
             for dtype in SUPPORTED_DTYPES
             for has_mask in (False, True)
+            for tf32 in ((False, True) if dtype == torch.float32 else (False,))
         ),
         block_sizes=dict.fromkeys(_IMPLICIT_GEMM_KERNELS, IMPLICIT_GEMM_THREADS),
         options=(*COMPILE_OPTIONS, f"-DIMPLICIT_GEMM_THREADS={IMPLICIT_GEMM_THREADS}"),
@@ -404,10 +420,18 @@ def _forward(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     design: str,
+    allow_tf32: bool,
 ) -> torch.Tensor:
     out = launch.new_output(g.output_shape, input.dtype, input.device)
-    _FORWARDS[design](out, g, input, offset, mask, weight, bias)
+    _forward_into_design(out, g, input, offset, mask, weight, bias, design, allow_tf32)
     return out
+
+
+def _forward_into_design(out, g, input, offset, mask, weight, bias, design, allow_tf32) -> None:
+    if design == "implicit_gemm":
+        _forward_implicit_gemm(out, g, input, offset, mask, weight, bias, allow_tf32)
+    else:
+        _forward_into(out, g, input, offset, mask, weight, bias)
 
 
 # --------------------------------------------------------------------------- #
@@ -426,9 +450,11 @@ def _implicit_gemm_geometry(g: Geometry) -> tuple:
     )  # fmt: skip
 
 
-def _implicit_gemm_kernel(kernel: str, input: torch.Tensor, has_mask: bool) -> launch.Kernel:
+def _implicit_gemm_kernel(
+    kernel: str, input: torch.Tensor, has_mask: bool, allow_tf32: bool
+) -> launch.Kernel:
     return launch.module(IMPLICIT_GEMM_SOURCE, input.device).function(
-        _name_expression(kernel, input.dtype, has_mask)
+        _implicit_gemm_name(kernel, input.dtype, has_mask, allow_tf32)
     )
 
 
@@ -444,13 +470,14 @@ def _forward_implicit_gemm(
     mask: torch.Tensor | None,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
+    allow_tf32: bool,
 ) -> None:
     """One implicit GEMM per launch over all N·H_out·W_out pixels (grid z: weight group)."""
     if out.numel() == 0:
         return
     null = launch.null(input.dtype, input.device)
     grid = (_tiles(g.batch * g.pixels), _tiles(g.out_channels // g.groups), g.groups)
-    _implicit_gemm_kernel("implicit_gemm_forward", input, mask is not None)(
+    _implicit_gemm_kernel("implicit_gemm_forward", input, mask is not None, allow_tf32)(
         grid,
         IMPLICIT_GEMM_THREADS,
         (
@@ -480,8 +507,9 @@ def _backward_implicit_gemm(
     mask: torch.Tensor | None,
     weight: torch.Tensor,
     output_mask: Sequence[bool],
+    allow_tf32: bool,
 ) -> tuple[torch.Tensor, ...]:
-    """Gradients (input, offset, mask, weight, bias) as :func:`_backward`, with the
+    """Gradients (input, offset, mask, weight, bias) as :func:`_backward_im2col`, with the
     grad_sampling kernel (grad_columns tile by tile, scattered at once) and the
     grad_weight kernel (one GEMM over every pixel); no columns in memory."""
     want_input, want_offset, want_mask, want_weight, want_bias = output_mask
@@ -529,7 +557,7 @@ def _backward_implicit_gemm(
             else launch.null(accumulate, device)
         )
         grid = (_tiles(g.batch * g.pixels), _tiles(group_channels) * g.taps, g.groups)
-        _implicit_gemm_kernel("implicit_gemm_backward_sampling", input, has_mask)(
+        _implicit_gemm_kernel("implicit_gemm_backward_sampling", input, has_mask, allow_tf32)(
             grid,
             IMPLICIT_GEMM_THREADS,
             (
@@ -552,7 +580,7 @@ def _backward_implicit_gemm(
         group_out = g.out_channels // g.groups
         if grad_weight.numel() > 0:
             grid = (_tiles(group_channels) * g.taps, _tiles(group_out), g.groups)
-            _implicit_gemm_kernel("implicit_gemm_backward_weight", input, has_mask)(
+            _implicit_gemm_kernel("implicit_gemm_backward_weight", input, has_mask, allow_tf32)(
                 grid,
                 IMPLICIT_GEMM_THREADS,
                 (input, offset, kernel_mask, grad_output, grad_weight, *geometry),
@@ -735,10 +763,6 @@ def _backward_im2col(
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
 
 
-_FORWARDS = {"im2col": _forward_into, "implicit_gemm": _forward_implicit_gemm}
-_BACKWARDS = {"im2col": _backward_im2col, "implicit_gemm": _backward_implicit_gemm}
-
-
 # --------------------------------------------------------------------------- #
 # torch.library operators: what autograd and torch.compile see.
 # --------------------------------------------------------------------------- #
@@ -747,6 +771,7 @@ _PARAMS_SCHEMA = (
     "int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, "
     "int groups, int offset_groups"
 )
+_DESIGN_SCHEMA = "str design, bool allow_tf32"
 
 
 def _geometry_from_op(input, offset, mask, weight, params) -> Geometry:
@@ -777,17 +802,17 @@ def _geometry_from_op(input, offset, mask, weight, params) -> Geometry:
     "dcnbench::deform_conv2d",
     mutates_args=(),
     schema="(Tensor input, Tensor offset, Tensor? mask, Tensor weight, Tensor? bias, "
-    f"{_PARAMS_SCHEMA}, str design) -> Tensor",
+    f"{_PARAMS_SCHEMA}, {_DESIGN_SCHEMA}) -> Tensor",
 )
 def _deform_conv2d_op(input, offset, mask, weight, bias, *params_and_design):
-    *params, design = params_and_design
+    *params, design, allow_tf32 = params_and_design
     g = _geometry_from_op(input, offset, mask, weight, params)
-    return _forward(g, input, offset, mask, weight, bias, design)
+    return _forward(g, input, offset, mask, weight, bias, design, allow_tf32)
 
 
 @_deform_conv2d_op.register_fake
 def _(input, offset, mask, weight, bias, *params_and_design):
-    stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, _, _, _ = params_and_design
+    stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, *_ = params_and_design
     kernel_h, kernel_w = weight.shape[2], weight.shape[3]
     out_h = (input.shape[2] + 2 * pad_h - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
     out_w = (input.shape[3] + 2 * pad_w - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
@@ -798,15 +823,18 @@ def _(input, offset, mask, weight, bias, *params_and_design):
     "dcnbench::deform_conv2d_backward",
     mutates_args=(),
     schema="(Tensor grad_output, Tensor input, Tensor offset, Tensor? mask, Tensor weight, "
-    f"{_PARAMS_SCHEMA}, str design, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor, "
-    "Tensor)",
+    f"{_PARAMS_SCHEMA}, {_DESIGN_SCHEMA}, bool[] output_mask) -> (Tensor, Tensor, Tensor, "
+    "Tensor, Tensor)",
 )
 def _deform_conv2d_backward_op(grad_output, input, offset, mask, weight, *params_and_mask):
-    *params, design, output_mask = params_and_mask
+    *params, design, allow_tf32, output_mask = params_and_mask
     g = _geometry_from_op(input, offset, mask, weight, params)
-    return _BACKWARDS[design](
-        g, grad_output.contiguous(), input, offset, mask, weight, output_mask
-    )
+    grad_output = grad_output.contiguous()
+    if design == "implicit_gemm":
+        return _backward_implicit_gemm(
+            g, grad_output, input, offset, mask, weight, output_mask, allow_tf32
+        )
+    return _backward_im2col(g, grad_output, input, offset, mask, weight, output_mask)
 
 
 @_deform_conv2d_backward_op.register_fake
@@ -860,13 +888,14 @@ _deform_conv2d_op.register_autograd(_autograd_backward, setup_context=_setup_con
 
 
 def _checked_operands(
-    input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups, design
+    input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups, design,
+    allow_tf32,
 ) -> tuple[Geometry, tuple]:
     """Check every argument; the call's sizes and the operator's arguments, dense."""
     g = check_arguments(
         input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups
     )
-    check_design(design, g)
+    allow_tf32 = check_design(design, allow_tf32, g)
     # Kernels read dense NCHW: a non-contiguous argument is copied once here.
     operands = (
         input.contiguous(),
@@ -880,16 +909,24 @@ def _checked_operands(
         g.groups,
         g.offset_groups,
         design,
+        allow_tf32,
     )
     return g, operands
 
 
-def check_design(design: object, g: Geometry) -> None:
-    """``design`` names one of :data:`DESIGNS` and the call fits its kernels' indices."""
+def check_design(design: object, allow_tf32: object, g: Geometry) -> bool:
+    """``design`` names one of :data:`DESIGNS`, the call fits its kernels' indices, and
+    ``allow_tf32`` (returned as a bool) asks for TF32 only of the implicit GEMM."""
     if design not in DESIGNS:
         raise ValueError(f"design must be one of {', '.join(map(repr, DESIGNS))}, got {design!r}")
+    allow_tf32 = as_bool("allow_tf32", allow_tf32)
+    if allow_tf32 and design != "implicit_gemm":
+        raise ValueError(
+            "allow_tf32=True needs design='implicit_gemm' (the im2col design's cuBLAS GEMMs "
+            f"follow torch.backends.cuda.matmul.allow_tf32), got design={design!r}"
+        )
     if design != "implicit_gemm":
-        return
+        return allow_tf32
     # One GEMM over every output pixel of the batch: its column index is an int,
     # and the weight group is grid z.
     if g.batch * g.pixels > launch.INT32_MAX:
@@ -902,6 +939,7 @@ def check_design(design: object, g: Geometry) -> None:
             f"design='implicit_gemm' launches one grid z per weight group; expected groups <= "
             f"{launch.MAX_GRID_DIM[2]}, got {g.groups}"
         )
+    return allow_tf32
 
 
 def prepare(
@@ -916,6 +954,7 @@ def prepare(
     groups: int = 1,
     offset_groups: int | None = None,
     design: str = "im2col",
+    allow_tf32: bool = False,
 ) -> Callable[[], torch.Tensor]:
     """Check the arguments of :func:`modulated_deform_conv2d` (``mask`` None:
     :func:`deform_conv2d`) once; the returned call runs the operator on them
@@ -924,18 +963,18 @@ def prepare(
     """
     _, operands = _checked_operands(
         input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups,
-        design,
+        design, allow_tf32,
     )
     return functools.partial(torch.ops.dcnbench.deform_conv2d, *operands)
 
 
 def _deform_conv(
     input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups, out,
-    design,
+    design, allow_tf32,
 ):
     g, operands = _checked_operands(
         input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups,
-        design,
+        design, allow_tf32,
     )
     if out is None:
         return torch.ops.dcnbench.deform_conv2d(*operands)
@@ -948,7 +987,7 @@ def _deform_conv(
             "deform_conv2d with out=... does not support automatic differentiation, but one of "
             "the arguments requires grad"
         )
-    _FORWARDS[design](out, g, input, offset, mask, weight, bias)
+    _forward_into_design(out, g, input, offset, mask, weight, bias, *operands[-2:])
     return out
 
 
@@ -976,6 +1015,7 @@ def deform_conv2d(
     offset_groups: int | None = None,
     out: torch.Tensor | None = None,
     design: str = "im2col",
+    allow_tf32: bool = False,
 ) -> torch.Tensor:
     """Deformable convolution (DCNv1) with our CUDA kernels; differentiable.
 
@@ -1001,6 +1041,11 @@ def deform_conv2d(
             ``"implicit_gemm"`` (the columns gathered straight into the GEMM's
             shared-memory tiles; ``docs/kernels/deform_conv2d.md``). Same results
             to the dtype's rounding.
+        allow_tf32: float32 products of the implicit GEMM on TF32 tensor cores
+            (operands rounded to 10 mantissa bits, float accumulation: errors of
+            about float16's rounding instead of float32's). Default False: SIMT
+            float32, as the contract asks. Only with ``design="implicit_gemm"``;
+            other dtypes ignore it (half types always use tensor cores).
 
     All tensors share one dtype and device; non-contiguous ones are copied.
     The backward follows ``torch.use_deterministic_algorithms``: when it is
@@ -1013,7 +1058,7 @@ def deform_conv2d(
     """
     return _deform_conv(
         input, offset, None, weight, bias, stride, padding, dilation, groups, offset_groups, out,
-        design,
+        design, allow_tf32,
     )
 
 
@@ -1030,6 +1075,7 @@ def modulated_deform_conv2d(
     offset_groups: int | None = None,
     out: torch.Tensor | None = None,
     design: str = "im2col",
+    allow_tf32: bool = False,
 ) -> torch.Tensor:
     """Modulated deformable convolution (DCNv2) with our CUDA kernels; differentiable.
 
@@ -1043,7 +1089,8 @@ def modulated_deform_conv2d(
             modulates tap k of offset group g.
         weight: [C_out, C_in/groups, kh, kw].
         bias: [C_out] or None.
-        stride, padding, dilation, groups, offset_groups, out, design: as :func:`deform_conv2d`.
+        stride, padding, dilation, groups, offset_groups, out, design, allow_tf32: as
+            :func:`deform_conv2d`.
 
     Returns:
         [N, C_out, H_out, W_out].
@@ -1052,7 +1099,7 @@ def modulated_deform_conv2d(
         raise TypeError("mask must be a torch.Tensor (use deform_conv2d for DCNv1), got None")
     return _deform_conv(
         input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups, out,
-        design,
+        design, allow_tf32,
     )
 
 
@@ -1148,7 +1195,7 @@ class _DeformConv2dBase(nn.Module):
     def _convolve(self, input, offset, mask) -> torch.Tensor:
         return _deform_conv(
             input, offset, mask, self.weight, self.bias, self.stride, self.padding,
-            self.dilation, self.groups, self.offset_groups, None, "im2col",
+            self.dilation, self.groups, self.offset_groups, None, "im2col", False,
         )  # fmt: skip
 
 
