@@ -4,7 +4,9 @@
 
 Two kernels: a barrier-free elementwise one (the fast path: each CUDA thread
 is a plain call) and a barrier-heavy shared-memory tree reduction (one fiber
-per CUDA thread, 9 __syncthreads() per thread for 256-thread blocks).
+per CUDA thread, 9 __syncthreads() per thread for 256-thread blocks). Then
+tensor cores: a __half GEMM through nvcuda::wmma, one warp per 16 x 16 tile of
+the output, in mma_sync (with their two fragment loads) per second.
 """
 
 from __future__ import annotations
@@ -35,6 +37,26 @@ extern "C" __global__ void tree_sum(const float* x, float* sums, int n) {
     __syncthreads();
   }
   if (threadIdx.x == 0) sums[blockIdx.x] = partial[0];
+}
+"""
+
+
+WMMA_SOURCE = r"""
+#include <mma.h>
+using namespace nvcuda;
+// C = A B for row-major A (rows x depth) and column-major B (depth x cols).
+extern "C" __global__ void gemm(const __half* a, const __half* b, float* c, int cols, int depth) {
+  const int warp = blockIdx.x, row = warp / (cols / 16) * 16, col = warp % (cols / 16) * 16;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> accumulator;
+  wmma::fill_fragment(accumulator, 0.0f);
+  for (int p = 0; p < depth; p += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb;
+    wmma::load_matrix_sync(fa, a + row * depth + p, depth);
+    wmma::load_matrix_sync(fb, b + col * depth + p, depth);
+    wmma::mma_sync(accumulator, fa, fb, accumulator);
+  }
+  wmma::store_matrix_sync(c + row * cols + col, accumulator, cols, wmma::mem_row_major);
 }
 """
 
@@ -74,6 +96,26 @@ def measure(n_fast: int = 1 << 24, n_barrier: int = 1 << 20) -> dict[str, float]
     return {"barrier-free": fast_rate, "barrier-heavy": barrier_rate}
 
 
+def mma_per_second(size: int = 128, depth: int = 256) -> float:
+    """mma_sync (16 x 16 x 16, with their fragment loads) per second of a
+    size x size x depth __half GEMM, the result checked."""
+    import torch  # 64-byte aligned allocations: wmma wants 32
+
+    from kernels import emulator
+
+    rng = np.random.default_rng(0)
+    a = torch.from_numpy(rng.integers(-2, 3, (size, depth)).astype(np.float16)).clone()
+    b = torch.from_numpy(rng.integers(-2, 3, (size, depth)).astype(np.float16)).clone()  # B^T
+    c = torch.full((size, size), float("nan"))
+    gemm = emulator.RawModule(code=WMMA_SOURCE).get_function("gemm")
+    tiles = (size // 16) ** 2
+    rate = threads_per_second(
+        lambda: gemm((tiles,), (32,), (a, b, c, np.int32(size), np.int32(depth))),
+        tiles * depth // 16)
+    np.testing.assert_array_equal(c.numpy(), a.double().numpy() @ b.double().numpy().T)
+    return rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="OS threads (default: one core)")
@@ -81,6 +123,7 @@ def main() -> None:
     os.environ["DCNBENCH_EMULATOR_THREADS"] = str(options.threads)
     for name, rate in measure().items():
         print(f"{name:>14}: {rate / 1e6:8.1f} M emulated threads/s on {options.threads} core(s)")
+    print(f"{'wmma':>14}: {mma_per_second() / 1e3:8.1f} k mma_sync/s on {options.threads} core(s)")
 
 
 if __name__ == "__main__":

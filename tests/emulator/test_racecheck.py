@@ -171,3 +171,29 @@ def test_a_barrier_removed_from_dcnv3_direct_backwards_reduction_is_a_race(monke
                        match=r"kernel 'dcnv3_direct_backward<float, 0>': data race on shared "
                              r"memory, byte offset \d+: .* without a __syncthreads\(\)"):
         gradients()
+
+
+WARP_EXCHANGE = r"""
+extern "C" __global__ void exchange(int* out, int sync) {
+  __shared__ int value[64];
+  value[threadIdx.x] = threadIdx.x;
+  if (sync == 1) __syncwarp();
+  // Half the warp syncs, then reads what the other half wrote: a race.
+  if (sync == 2 && threadIdx.x % 32 < 16) __syncwarp(0xffffu);
+  out[threadIdx.x] = value[threadIdx.x ^ (sync == 2 ? 16 : 1)];
+}
+"""
+
+
+@pytest.mark.parametrize(("sync", "race"), [(1, False), (0, True), (2, True)],
+                         ids=["syncwarp", "none", "half-warp"])
+def test_a_whole_warp_syncwarp_orders_its_lanes_exchange_through_shared_memory(sync, race):
+    kernel = emulator.RawModule(code=WARP_EXCHANGE).get_function("exchange")
+    out = np.zeros(64, dtype=np.int32)
+    with emulator.mode("racecheck"):
+        if race:
+            with pytest.raises(emulator.RaceCheckError, match=r"data race on shared memory"):
+                kernel((1,), (64,), (out, np.int32(sync)))
+        else:
+            kernel((1,), (64,), (out, np.int32(sync)))
+            np.testing.assert_array_equal(out, np.arange(64) ^ 1)

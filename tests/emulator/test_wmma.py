@@ -1,4 +1,6 @@
-"""Tensor cores in the emulator: nvcuda::wmma (kernels/wmma.cu) against NumPy.
+"""Tensor cores in the emulator: nvcuda::wmma (kernels/wmma.cu) against NumPy,
+and the same kernels built by NVRTC for sm_90 and sm_80 (valid CUDA: what the
+known-answer tests run is what a GPU would run).
 
 The GEMM kernel computes D = alpha (A B + C), one warp per tile, over every
 supported shape, input type and layout, with padded leading dimensions whose
@@ -9,12 +11,17 @@ element stored to the wrong place overwrites NaN padding or leaves a NaN hole.
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
 
 from kernels import emulator
+from kernels.build_check import check_kernels
+from kernels.cuda_sources import CudaSource
+from kernels.nvrtc import ToolchainNotFound, find_toolchain
 
 HALF, BF16, TF32, DOUBLE = "__half", "__nv_bfloat16", "wmma::precision::tf32", "double"
 MEMORY_DTYPE = {HALF: np.float16, BF16: ml_dtypes.bfloat16, TF32: np.float32, DOUBLE: np.float64,
@@ -162,7 +169,8 @@ def test_half_and_bfloat16_products_are_exact_and_accumulate_in_float(wmma, rng,
 
 def to_tf32(x: np.ndarray, ties_away: bool) -> np.ndarray:
     """x (float32) with 11 significant bits, by NumPy's frexp: rounded to nearest
-    with ties away from zero (cvt.rna) or truncated (what the tensor core reads)."""
+    with ties away from zero (cvt.rna) or truncated (the emulated mma_sync on
+    inputs that __float_to_tf32 did not round)."""
     mantissa, exponent = np.frexp(x.astype(np.float64))
     scaled = np.abs(mantissa) * 2.0**11
     kept = np.floor(scaled + 0.5) if ties_away else np.floor(scaled)
@@ -183,10 +191,17 @@ def test_tf32_inputs_keep_10_mantissa_bits(wmma, rng, round_inputs):
     assert np.median(np.abs(d - fp32) / bound) > 10
 
 
-def test_fragment_elements_per_lane(wmma):
+def fragment_layout(module, block: int):
     owner = aligned(np.full((16, 16), np.nan, dtype=np.float32))
     counts = np.zeros(4, dtype=np.int32)
-    wmma.get_function("wmma_fragment_layout")((1,), (32,), (owner, counts))
+    a = aligned(np.arange(256).reshape(16, 16).astype(np.float16))  # distinct elements
+    replicated = np.zeros(32, dtype=np.int32)
+    module.get_function("wmma_fragment_layout")((1,), (block,), (owner, counts, a, replicated))
+    return owner, counts, replicated
+
+
+def test_fragment_elements_per_lane(wmma):
+    owner, counts, replicated = fragment_layout(wmma, 32)
     # Documented mapping: x[i] of lane l is row l / 4 + 8 (i / 4), column 4 (l % 4) + i % 4.
     lane, i = np.meshgrid(np.arange(32), np.arange(8), indexing="ij")
     expected = np.full((16, 16), np.nan, dtype=np.float32)
@@ -194,11 +209,13 @@ def test_fragment_elements_per_lane(wmma):
     np.testing.assert_array_equal(owner, expected)
     # CUDA's num_elements: accumulator 16x16 float, matrix_a half, tf32 matrix_a, double acc.
     np.testing.assert_array_equal(counts, [8, 16, 4, 2])
+    # A __half matrix_a holds 8 distinct elements per lane, CUDA's 16 as two copies.
+    np.testing.assert_array_equal(replicated, 1)
 
 
 def test_a_lane_missing_from_a_load_is_a_deadlock_naming_the_line(wmma, kernel_source):
-    line = next(i for i, text in enumerate(kernel_source("wmma.cu").splitlines(), 1)
-                if "load_matrix_sync(fa, a, 16)" in text)
+    line = 1 + next(i for i, text in enumerate(kernel_source("wmma.cu").splitlines(), 1)
+                    if "else if (lane < 16)" in text)
     a = aligned(np.zeros((32, 16), dtype=np.float16))
     d = aligned(np.zeros((16, 16), dtype=np.float32))
     with pytest.raises(emulator.KernelDeadlockError,
@@ -215,10 +232,8 @@ def test_lanes_passing_different_pointers_are_an_error(wmma):
 
 
 def test_a_warp_of_fewer_than_32_threads_is_an_error(wmma):
-    owner = aligned(np.zeros((16, 16), dtype=np.float32))
-    counts = np.zeros(4, dtype=np.int32)
     with pytest.raises(emulator.WarpMatrixError, match=r"warp 1 of the block has only 16 thread"):
-        wmma.get_function("wmma_fragment_layout")((1,), (48,), (owner, counts))
+        fragment_layout(wmma, 48)
 
 
 def test_misaligned_pointer_and_leading_dimension_are_errors(wmma, rng):
@@ -237,13 +252,18 @@ def test_misaligned_pointer_and_leading_dimension_are_errors(wmma, rng):
         kernel((1,), (32,), (shifted, *args[1:]))
 
 
-def test_unsupported_fragment_type_fails_at_build():
+@pytest.mark.parametrize(("element", "call", "message"), [
+    ("float", "load_matrix_sync(f, a, 16)", "wmma supports m16n16k16"),
+    ("__half", "load_matrix_sync(f, a, 16, wmma::mem_row_major)",  # a layout only for C
+     "no matching function for call to .load_matrix_sync"),
+], ids=["float-matrix_a", "layout-for-matrix_a"])
+def test_what_cuda_refuses_fails_at_build(element, call, message):
     code = ("#include <mma.h>\n"
-            'extern "C" __global__ void k(const float* a) {\n'
-            "  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, float,"
-            " nvcuda::wmma::row_major> f;\n"
-            "  nvcuda::wmma::load_matrix_sync(f, a, 16);\n}\n")
-    with pytest.raises(emulator.CompileError, match="wmma supports m16n16k16"):
+            "using namespace nvcuda;\n"
+            f'extern "C" __global__ void k(const {element}* a) {{\n'
+            f"  wmma::fragment<wmma::matrix_a, 16, 16, 16, {element}, wmma::row_major> f;\n"
+            f"  wmma::{call};\n}}\n")
+    with pytest.raises(emulator.CompileError, match=message):
         emulator.RawModule(code=code).get_function("k")
 
 
@@ -279,6 +299,13 @@ def staged(module, barrier: int, rng):
     np.testing.assert_array_equal(d, a.astype(np.float64) @ b.astype(np.float64))
 
 
+def test_counters_a_shared_tile_fragment_is_four_wavefronts(wmma, rng):
+    with emulator.mode("counters"), emulator.recording() as launches:
+        staged(wmma, 1, rng)
+    # Warp 1's load_matrix_sync from the shared tile: 32 lanes x 16 bytes, 4 per bank.
+    assert launches[0].shared["load"] == emulator.traced.SharedCounts(requests=1, wavefronts=4)
+
+
 def test_racecheck_sees_the_lanes_fragment_accesses(wmma, rng):
     with emulator.mode("racecheck"):
         staged(wmma, 1, rng)
@@ -288,6 +315,23 @@ def test_racecheck_sees_the_lanes_fragment_accesses(wmma, rng):
                                  r"thread \(\d+, 0, 0\), then read by block \(0, 0, 0\) "
                                  r"thread \((3[2-9]|[4-6]\d), 0, 0\)"):
             staged(wmma, 0, rng)
+
+
+def warp_epilogue(module, sync: int, rng):
+    c = aligned(rng.standard_normal((16, 16)).astype(np.float32))
+    d = aligned(np.full((16, 16), np.nan, dtype=np.float32))
+    module.get_function("wmma_warp_epilogue")((1,), (32,), (c, d, np.int32(sync)))
+    np.testing.assert_array_equal(d, c.T)
+
+
+def test_racecheck_orders_a_warps_accesses_by_its_wmma_operations_and_syncwarp(wmma, rng):
+    with emulator.mode("racecheck"):
+        warp_epilogue(wmma, 1, rng)  # store, load, store of the same tile: no race
+        with pytest.raises(emulator.RaceCheckError,
+                           match=r"data race on shared memory, byte offset 4: written by block "
+                                 r"\(0, 0, 0\) thread \(0, 0, 0\), then read by block \(0, 0, 0\) "
+                                 r"thread \(1, 0, 0\)"):
+            warp_epilogue(wmma, 0, rng)  # lanes read what others stored, without __syncwarp()
 
 
 def test_memcheck_catches_a_fragment_stored_past_the_end(wmma, rng):
@@ -315,3 +359,23 @@ def test_asan_catches_a_fragment_loaded_past_the_end(kernel_source, rng):
             (6,), (32,), (short_a, aligned(np.ascontiguousarray(b.T)), aligned(c),
                           aligned(np.zeros_like(c)), np.int32(3), depth, depth, depth, cols,
                           np.float32(1)))
+
+
+# ----------------------------------------------------------- NVRTC build --
+def test_the_kernels_build_for_sm90_and_sm80_with_nvrtc():
+    try:
+        find_toolchain()
+    except ToolchainNotFound as error:
+        if os.environ.get("CI"):  # the wheels are test dependencies: CI must have them
+            raise
+        pytest.skip(f"CUDA toolchain wheels not installed: {error}")
+    others = {"wmma_fragment_layout": 32, "wmma_divergent_load": 32, "wmma_staged": 64,
+              "wmma_warp_epilogue": 32}
+    source = CudaSource("wmma.cu", tuple(g.expression for g in GEMMS),
+                        {**others, **{g.expression: 32 for g in GEMMS}}, options=("-std=c++17",))
+    kernels = Path(__file__).parent / "kernels"
+    result = check_kernels({source.filename: source}, cuda_dir=kernels, only=(source.filename,))
+    assert [p for p in result.problems if p.severity == "error"] == []
+    built = {(report.arch, report.kernel) for report in result.kernels}
+    assert built == {(arch, kernel) for arch in ("sm_90", "sm_80")
+                     for kernel in (*others, *(g.expression for g in GEMMS))}

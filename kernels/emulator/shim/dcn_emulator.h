@@ -437,14 +437,19 @@ inline T shuffle(int line, WarpOp op, unsigned mask, T var, int param, int width
 inline unsigned vote(int line, WarpOp op, unsigned mask, int predicate) {
   return unsigned(warp_collective(line, op, mask, predicate != 0, 0, warpSize));
 }
+// __syncwarp() and __syncwarp(mask) alike: strict -std=c++17 keeps the comma of
+// `, ##__VA_ARGS__` when the arguments are empty.
+struct SyncwarpAt {
+  int line;
+  void operator()(unsigned mask = 0xffffffffu) const { (void)vote(line, WarpOp::kSyncwarp, mask, 0); }
+};
 }  // namespace dcn
 
 #define __syncthreads() ::dcn::block_barrier(__LINE__, ::dcn::BarrierKind::kSync, 1)
 #define __syncthreads_count(p) ::dcn::block_barrier(__LINE__, ::dcn::BarrierKind::kCount, (p))
 #define __syncthreads_and(p) ::dcn::block_barrier(__LINE__, ::dcn::BarrierKind::kAnd, (p))
 #define __syncthreads_or(p) ::dcn::block_barrier(__LINE__, ::dcn::BarrierKind::kOr, (p))
-#define __syncwarp(...) \
-  ((void)::dcn::vote(__LINE__, ::dcn::WarpOp::kSyncwarp, (0xffffffffu, ##__VA_ARGS__), 0))
+#define __syncwarp(...) ::dcn::SyncwarpAt{__LINE__}(__VA_ARGS__)
 #define __shfl_sync(...) ::dcn::shuffle(__LINE__, ::dcn::WarpOp::kShfl, __VA_ARGS__)
 #define __shfl_up_sync(...) ::dcn::shuffle(__LINE__, ::dcn::WarpOp::kShflUp, __VA_ARGS__)
 #define __shfl_down_sync(...) ::dcn::shuffle(__LINE__, ::dcn::WarpOp::kShflDown, __VA_ARGS__)

@@ -44,12 +44,14 @@ namespace {
 constexpr std::size_t kMaxDynamicShared = 227 * 1024;  // H100/H200 opt-in maximum
 
 // The traced runtime (counters and racecheck modes, dcn_trace.cpp) follows
-// each block's start and end and each released barrier.
+// each block's start and end, each released barrier and each synchronisation
+// of a whole warp (a full __syncwarp(), a wmma operation).
 #if defined(DCN_TRACED)
 }  // namespace
 void trace_block_begin();
 void trace_block_end();
 void trace_barrier();
+void trace_warp_sync(unsigned warp);
 namespace {
 #define DCN_TRACE_EVENT(call) call
 #else
@@ -430,6 +432,8 @@ class BlockScheduler {
         if (!(waiting >> l & 1)) continue;
         const unsigned group = (fibers_[base + l].mask & present) | (1u << l);
         if ((group & waiting) != group) continue;
+        if (fibers_[base + l].op == WarpOp::kSyncwarp && group == present)
+          DCN_TRACE_EVENT(trace_warp_sync(unsigned(base / 32)));
         resolve_warp_group(&fibers_[base], group);
         waiting &= ~group;
         released = true;
@@ -461,6 +465,7 @@ class BlockScheduler {
                                                         first.matrix_name, first.line, problem));
       return false;
     }
+    DCN_TRACE_EVENT(trace_warp_sync(unsigned(base / 32)));
     for (unsigned l = 0; l < 32; ++l) warp[l].state = FiberState::kRunnable;
     return true;
   }

@@ -19,10 +19,12 @@
 //
 // racecheck: a shadow entry per element of each buffer (per 2 bytes of shared
 // memory) remembers the last writer and a reader, with the block, the thread,
-// the barrier epoch of the block and whether the write was atomic. Two
-// accesses of different threads to one element, at least one a plain write (or
-// a plain access against an atomic write), race unless both are in the same
-// block with a __syncthreads() between them.
+// the barrier epoch of the block, the warp's epoch and whether the write was
+// atomic. Two accesses of different threads to one element, at least one a
+// plain write (or a plain access against an atomic write), race unless both
+// are in the same block with a __syncthreads() between them, or in the same
+// warp with a synchronisation of the whole warp between them (__syncwarp() of
+// all its lanes, or a wmma operation, which waits for all 32).
 
 #include <algorithm>
 #include <unordered_map>
@@ -76,6 +78,7 @@ struct Region {
 struct Access {
   unsigned block = 0, thread = 0, epoch = 0;
   unsigned char kind = 0;  // 0: none, else AccessKind + 1
+  unsigned warp_epoch = 0;  // whole-warp synchronisations of the thread's warp before it
 };
 struct Shadow {
   Access writer, reader;
@@ -117,6 +120,7 @@ struct BlockState {
   std::vector<Record> shared_records;  // address: shared array index << 40 | byte offset
   std::unordered_map<unsigned long long, unsigned> visits;  // (thread, site) -> times executed
   unsigned epoch = 0;                                      // barriers the block has passed
+  std::vector<unsigned> warp_epochs;                       // per warp: its whole-warp syncs
   std::vector<std::pair<unsigned long long, unsigned long long>> shared;  // [start, end)
   std::unordered_map<unsigned long long, Shadow> shared_shadow;            // by granule
 };
@@ -284,8 +288,9 @@ void count_block(Trace& t) {
 
 // ----------------------------------------------------------------- racecheck --
 bool ordered(const Access& earlier, const Access& now) {
-  if (earlier.block == now.block && earlier.thread == now.thread) return true;
-  return earlier.block == now.block && earlier.epoch < now.epoch;  // a barrier between them
+  if (earlier.block != now.block) return false;
+  if (earlier.thread == now.thread || earlier.epoch < now.epoch) return true;  // or a barrier
+  return earlier.thread / 32 == now.thread / 32 && earlier.warp_epoch < now.warp_epoch;
 }
 
 void report_race(Trace& t, int region, unsigned long long element, const Access& first,
@@ -330,7 +335,8 @@ void check_element(Trace& t, Shadow& s, int region, unsigned long long element,
 void racecheck(Trace& t, int region, unsigned long long address, unsigned size, AccessKind kind) {
   const ThreadContext& c = *dcn_current;
   BlockState& b = block_state;
-  const Access now{linear_block(c), c.linear_tid, b.epoch, static_cast<unsigned char>(kind + 1)};
+  const Access now{linear_block(c), c.linear_tid, b.epoch, static_cast<unsigned char>(kind + 1),
+                   b.warp_epochs[c.linear_tid / 32]};
   if (region >= 0) {
     const TraceRegion& w = t.regions[region].where;
     const unsigned long long first = (address - w.address) / w.element_bytes;
@@ -385,6 +391,8 @@ void trace_block_begin() {
   b.shared_records.clear();
   b.visits.clear();
   b.epoch = 0;
+  const dim3 d = dcn_current->block_dim;
+  b.warp_epochs.assign((d.x * d.y * d.z + 31) / 32, 0);
   b.shared.clear();
   b.shared_shadow.clear();
   const ThreadContext& c = *dcn_current;
@@ -402,6 +410,8 @@ void trace_block_end() {
 }
 
 void trace_barrier() { ++block_state.epoch; }
+
+void trace_warp_sync(unsigned warp) { ++block_state.warp_epochs[warp]; }
 
 // ------------------------------------------------- called by kernel modules --
 void trace_atomic(void* address, unsigned bytes) {

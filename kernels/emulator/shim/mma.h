@@ -153,6 +153,14 @@ struct Traits<w::fragment<Use, m, n, k, T, Layout>> : Shape<Use, m, n, k, T, Lay
 
 inline unsigned lane_id() { return dcn_current->linear_tid & 31u; }
 
+// The caller's source line, for deadlock reports: a defaulted last parameter of
+// each operation (evaluated at the call), so CUDA's signatures stay as they are
+// and no extra argument of the caller's converts to it.
+struct CallerLine {
+  explicit CallerLine(int line) : line(line) {}
+  int line;
+};
+
 // What each lane passes to a load or a store: all 32 must agree.
 struct Target {
   const void* pointer;
@@ -165,7 +173,7 @@ inline const char* layout_name(w::layout_t layout) {
 }
 
 template <class Storage>
-const char* check_target(void* const* lane_data) {
+DCN_UNTRACED const char* check_target(void* const* lane_data) {
   static thread_local char problem[512];
   const Target& first = *static_cast<const Target*>(lane_data[0]);
   for (int l = 1; l < 32; ++l) {
@@ -182,7 +190,8 @@ const char* check_target(void* const* lane_data) {
   if (reinterpret_cast<std::uintptr_t>(first.pointer) % 32 != 0) {
     std::snprintf(problem, sizeof problem,
                   "pointer %p is not 32-byte (256-bit) aligned, as wmma requires (NumPy aligns "
-                  "its arrays to 16 bytes only: pass torch tensors, aligned to 64)", first.pointer);
+                  "arrays to 16 bytes only: pass torch tensors; give __shared__ tiles "
+                  "__align__(32))", first.pointer);
     return problem;
   }
   if (first.ldm * sizeof(Storage) % 16 != 0) {
@@ -202,7 +211,7 @@ DCN_UNTRACED void copy_lane(Fragment& f, Storage* memory, unsigned ldm, w::layou
                             bool store) {
   using T = Traits<Fragment>;
   const unsigned lane = lane_id();
-  constexpr int kRun = 16 / sizeof(Storage) > 0 ? int(16 / sizeof(Storage)) : 1;
+  constexpr int kRun = int(16 / sizeof(Storage));
   auto offset = [&](int i) {
     int row, col;
     T::position(lane, i, row, col);
@@ -233,8 +242,9 @@ void load(int line, Fragment& f, const typename Traits<Fragment>::Storage* p, un
   copy_lane(f, const_cast<Storage*>(p), ldm, layout, false);
 }
 
-// Inputs as the tensor core reads them: tf32 keeps 10 mantissa bits (the
-// hardware ignores the 13 low bits of a value not rounded by __float_to_tf32).
+// Inputs as the tensor core reads them: tf32 keeps 10 mantissa bits; a value
+// not rounded by __float_to_tf32 is truncated (the GPU's handling of one is
+// undocumented).
 template <class Element, class Storage, class Acc>
 inline Acc input_value(Storage x) {
   if constexpr (std::is_same_v<Element, w::precision::tf32>)
@@ -274,8 +284,9 @@ void gather(void* const* lane_data, const void* MmaOperands::*which, Acc (&matri
 // D = A B + C over the whole warp: each product (exact: the inputs have at
 // most 11 significant bits, or are doubles fused) added to C in k order,
 // rounded to the accumulator's precision (float or double) at every step.
+// Fragments are registers on the GPU: the traced build does not trace them here.
 template <class D, class A, class B, class C>
-const char* multiply(void* const* lane_data) {
+DCN_UNTRACED const char* multiply(void* const* lane_data) {
   using Acc = std::conditional_t<std::is_same_v<typename Traits<D>::Element, double>, double, float>;
   constexpr int M = Traits<A>::rows, K = Traits<A>::cols, N = Traits<B>::cols;
   Acc a[M][K], b[K][N], sum[M][N];
@@ -284,7 +295,11 @@ const char* multiply(void* const* lane_data) {
   gather<C>(lane_data, &MmaOperands::c, sum);
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j)
-      for (int p = 0; p < K; ++p) sum[i][j] = std::fma(a[i][p], b[p][j], sum[i][j]);
+      for (int p = 0; p < K; ++p) {
+        // A float product of these inputs is exact: one rounding, as fused.
+        if constexpr (std::is_same_v<Acc, float>) sum[i][j] += a[i][p] * b[p][j];
+        else sum[i][j] = std::fma(a[i][p], b[p][j], sum[i][j]);
+      }
   using T = Traits<D>;
   for (unsigned lane = 0; lane < 32; ++lane) {
     D& d = *static_cast<D*>(static_cast<const MmaOperands*>(lane_data[lane])->d);
@@ -303,38 +318,40 @@ const char* multiply(void* const* lane_data) {
 namespace nvcuda {
 namespace wmma {
 
-// Called through the macros below, which add the source line for deadlock reports.
+using CallerLine = ::dcn::wmma_detail::CallerLine;
+
 template <class Use, int m, int n, int k, class T, class Layout>
-inline void load_matrix_sync_at(int line, fragment<Use, m, n, k, T, Layout>& a,
-                                const typename helper_traits<T>::storage_element_type* p,
-                                unsigned ldm) {
+inline void load_matrix_sync(fragment<Use, m, n, k, T, Layout>& a,
+                             const typename helper_traits<T>::storage_element_type* p,
+                             unsigned ldm, CallerLine line = CallerLine(__builtin_LINE())) {
   static_assert(!std::is_same_v<Use, accumulator>,
                 "load_matrix_sync of an accumulator takes a layout (mem_row_major or mem_col_major)");
-  ::dcn::wmma_detail::load(line, a, p, ldm,
+  ::dcn::wmma_detail::load(line.line, a, p, ldm,
                            std::is_same_v<Layout, row_major> ? mem_row_major : mem_col_major);
 }
 
 template <int m, int n, int k, class T>
-inline void load_matrix_sync_at(int line, fragment<accumulator, m, n, k, T>& a, const T* p,
-                                unsigned ldm, layout_t layout) {
-  ::dcn::wmma_detail::load(line, a, p, ldm, layout);
+inline void load_matrix_sync(fragment<accumulator, m, n, k, T>& a, const T* p, unsigned ldm,
+                             layout_t layout, CallerLine line = CallerLine(__builtin_LINE())) {
+  ::dcn::wmma_detail::load(line.line, a, p, ldm, layout);
 }
 
 template <int m, int n, int k, class T>
-inline void store_matrix_sync_at(int line, T* p, const fragment<accumulator, m, n, k, T>& a,
-                                 unsigned ldm, layout_t layout) {
+inline void store_matrix_sync(T* p, const fragment<accumulator, m, n, k, T>& a, unsigned ldm,
+                              layout_t layout, CallerLine line = CallerLine(__builtin_LINE())) {
   ::dcn::wmma_detail::Target target{p, ldm, layout};
-  ::dcn::warp_matrix(line, "wmma::store_matrix_sync", &target,
+  ::dcn::warp_matrix(line.line, "wmma::store_matrix_sync", &target,
                      &::dcn::wmma_detail::check_target<T>);
   ::dcn::wmma_detail::copy_lane(const_cast<fragment<accumulator, m, n, k, T>&>(a), p, ldm,
                                 layout, true);
 }
 
 template <int m, int n, int k, class TD, class TA, class LA, class TB, class LB, class TC>
-inline void mma_sync_at(int line, fragment<accumulator, m, n, k, TD>& d,
-                        const fragment<matrix_a, m, n, k, TA, LA>& a,
-                        const fragment<matrix_b, m, n, k, TB, LB>& b,
-                        const fragment<accumulator, m, n, k, TC>& c) {
+inline void mma_sync(fragment<accumulator, m, n, k, TD>& d,
+                     const fragment<matrix_a, m, n, k, TA, LA>& a,
+                     const fragment<matrix_b, m, n, k, TB, LB>& b,
+                     const fragment<accumulator, m, n, k, TC>& c,
+                     CallerLine line = CallerLine(__builtin_LINE())) {
   static_assert(std::is_same_v<TA, TB>, "mma_sync: matrix_a and matrix_b of one element type");
   static_assert(std::is_same_v<TA, __half> ||
                     (std::is_same_v<TD, TC> &&
@@ -344,7 +361,7 @@ inline void mma_sync_at(int line, fragment<accumulator, m, n, k, TD>& d,
                 "precision::tf32 inputs float ones, double inputs double ones");
   ::dcn::wmma_detail::MmaOperands operands{&a, &b, &c, &d};
   ::dcn::warp_matrix(
-      line, "wmma::mma_sync", &operands,
+      line.line, "wmma::mma_sync", &operands,
       &::dcn::wmma_detail::multiply<fragment<accumulator, m, n, k, TD>,
                                     fragment<matrix_a, m, n, k, TA, LA>,
                                     fragment<matrix_b, m, n, k, TB, LB>,
@@ -353,7 +370,3 @@ inline void mma_sync_at(int line, fragment<accumulator, m, n, k, TD>& d,
 
 }  // namespace wmma
 }  // namespace nvcuda
-
-#define load_matrix_sync(...) load_matrix_sync_at(__LINE__, __VA_ARGS__)
-#define store_matrix_sync(...) store_matrix_sync_at(__LINE__, __VA_ARGS__)
-#define mma_sync(...) mma_sync_at(__LINE__, __VA_ARGS__)

@@ -47,7 +47,7 @@ __global__ void wmma_gemm(const Memory* __restrict__ a, const Memory* __restrict
                            lda);
     wmma::load_matrix_sync(fb, b + (kRowMajorB ? (long long)p * ldb + col : (long long)col * ldb + p),
                            ldb);
-    if (kRoundTf32) {
+    if constexpr (kRoundTf32) {
       round_to_tf32(fa);
       round_to_tf32(fb);
     }
@@ -58,19 +58,25 @@ __global__ void wmma_gemm(const Memory* __restrict__ a, const Memory* __restrict
   wmma::store_matrix_sync(d + offset_c, accumulator, ldc, layout_c);
 }
 
-// Each lane writes, for every element of its fragments, its lane and the
-// element's index into `owner` at the element's place: lane * 64 + i, as
-// filled in by fill_fragment(lane * 64) and x[i] += i (for the accumulator,
-// which store_matrix_sync writes out row-major, 16 x 16 floats).
-extern "C" __global__ void wmma_fragment_layout(float* owner, int* num_elements) {
+// Each lane fills its accumulator with lane * 64 + i (fill_fragment, then
+// x[i] += i) and stores it, row-major 16 x 16: `owner` shows which lane's x[i]
+// each element is. It also loads A (16 x 16 __half, row-major) and, per lane,
+// writes 1 to `replicated` where x[i + 8] repeats x[i] for every i < 8.
+extern "C" __global__ void wmma_fragment_layout(float* owner, int* num_elements, const __half* a,
+                                                int* replicated) {
   const int lane = threadIdx.x % 32;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> accumulator;
   wmma::fill_fragment(accumulator, float(lane * 64));
   for (int i = 0; i < accumulator.num_elements; i++) accumulator.x[i] += float(i);
   wmma::store_matrix_sync(owner, accumulator, 16, wmma::mem_row_major);
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+  wmma::load_matrix_sync(fa, a, 16);
+  bool repeats = true;
+  for (int i = 0; i < 8; i++) repeats = repeats && __half2float(fa.x[i]) == __half2float(fa.x[i + 8]);
+  replicated[lane] = repeats;
   if (lane == 0) {
     num_elements[0] = accumulator.num_elements;
-    num_elements[1] = wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major>::num_elements;
+    num_elements[1] = fa.num_elements;
     num_elements[2] = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32,
                                      wmma::row_major>::num_elements;
     num_elements[3] = wmma::fragment<wmma::accumulator, 8, 8, 4, double>::num_elements;
@@ -104,10 +110,27 @@ extern "C" __global__ void wmma_staged(const __half* a, const __half* b, float* 
     wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
     wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> fb;
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> accumulator;
-    wmma::fill_fragment(accumulator, 0.0f);
-    wmma::load_matrix_sync(fa, tile, 16);
-    wmma::load_matrix_sync(fb, b, 16);
-    wmma::mma_sync(accumulator, fa, fb, accumulator);
-    wmma::store_matrix_sync(d, accumulator, 16, wmma::mem_row_major);
+    using wmma::load_matrix_sync;  // CUDA's names, found as NVRTC finds them
+    using namespace nvcuda::wmma;
+    fill_fragment(accumulator, 0.0f);
+    load_matrix_sync(fa, tile, 16);
+    load_matrix_sync(fb, b, 16);
+    mma_sync(accumulator, fa, fb, accumulator);
+    store_matrix_sync(d, accumulator, 16, mem_row_major);
   }
+}
+
+// One warp transposes C through a shared tile: stored row-major, loaded back
+// column-major (wmma operations synchronise the warp: ordered), stored again,
+// then read element by element by other lanes than wrote them, which needs the
+// __syncwarp() that `sync` 0 leaves out: a race.
+extern "C" __global__ void wmma_warp_epilogue(const float* c, float* d, int sync) {
+  __shared__ __align__(32) float tile[256];
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> accumulator;
+  wmma::load_matrix_sync(accumulator, c, 16, wmma::mem_row_major);
+  wmma::store_matrix_sync(tile, accumulator, 16, wmma::mem_row_major);
+  wmma::load_matrix_sync(accumulator, tile, 16, wmma::mem_col_major);
+  wmma::store_matrix_sync(tile, accumulator, 16, wmma::mem_row_major);
+  if (sync) __syncwarp();
+  for (int i = threadIdx.x; i < 256; i += 32) d[i] = tile[i];
 }
