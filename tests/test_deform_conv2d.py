@@ -37,6 +37,15 @@ GRADIENTS = ("input", "offset", "mask", "weight", "bias")
 # Every kernel output starts as NaN: an unwritten element fails its comparison.
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
+# The design ``ours`` runs: every test of this file runs once per design.
+DESIGN = "im2col"
+
+
+@pytest.fixture(autouse=True, params=dcn.DESIGNS)
+def design(request, monkeypatch) -> str:
+    monkeypatch.setattr(sys.modules[__name__], "DESIGN", request.param)
+    return request.param
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -106,6 +115,10 @@ CASES = {
     "tall_kernel_3x1": Case(
         N=1, C_in=2, C_out=3, H=7, W=3, kernel=(3, 1), padding=(2, 0), dilation=(2, 1)
     ),
+    # Across the implicit GEMM's 64 x 64 tiles and 16-deep steps: 70 channels (two
+    # channel tiles, an offset group of 10 split by the tile edge), 66 output
+    # channels, 2·6·7 = 84 output pixels (a sample split by a pixel tile's edge).
+    "across_tiles": Case(N=2, C_in=70, C_out=66, H=6, W=7, offset_groups=7),
 }
 
 
@@ -136,6 +149,7 @@ def make_inputs(case: Case, dtype: torch.dtype, modulated: bool, seed: int = 0) 
 
 
 def ours(inputs: dict, params: dict, **kwargs) -> torch.Tensor:
+    kwargs.setdefault("design", DESIGN)
     if inputs["mask"] is None:
         return dcn.deform_conv2d(
             inputs["input"], inputs["offset"], inputs["weight"], inputs["bias"], **params, **kwargs
@@ -168,6 +182,9 @@ def theirs(inputs: dict, params: dict) -> torch.Tensor:
 
 
 assert_close = close_to_reference(REL_L2, MAX_ABS)
+# TF32 keeps float16's 10 mantissa bits: float16's bounds, for float32 tensors.
+assert_close_tf32 = close_to_reference({torch.float32: REL_L2[torch.float16]},
+                                       {torch.float32: MAX_ABS[torch.float16]})
 
 
 def check_against_reference(
@@ -438,6 +455,7 @@ def test_int_parameters_inferred_offset_groups_and_noncontiguous_inputs():
         stride=1,
         padding=1,
         dilation=1,
+        design=DESIGN,
     )
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
@@ -540,6 +558,43 @@ def test_bad_arguments(name):
         dcn.modulated_deform_conv2d(**arguments)
 
 
+@pytest.mark.parametrize("modulated", [False, True], ids=["dcnv1", "dcnv2"])
+def test_allow_tf32(design, modulated):
+    """allow_tf32=True: the implicit GEMM's float32 products on TF32 tensor cores,
+    forward and gradients within float16's bounds (both keep 10 mantissa bits) and
+    the output's error above float32's bound (so the TF32 path ran). The im2col
+    design refuses it (its cuBLAS GEMMs follow torch's flag)."""
+    case = CASES["across_tiles"]
+    inputs = make_inputs(case, torch.float32, modulated, seed=21)
+    if design == "im2col":
+        with pytest.raises(ValueError, match="allow_tf32=True needs design='implicit_gemm'"):
+            ours(inputs, case.params(), allow_tf32=True)
+        return
+    leaves = {n: None if t is None else t.clone().requires_grad_() for n, t in inputs.items()}
+    references = {
+        n: None if t is None else t.double().requires_grad_() for n, t in inputs.items()
+    }
+    out = ours(leaves, case.params(), allow_tf32=True)
+    expected = theirs(references, case.params())
+    assert_close_tf32("output", out, expected, torch.float32)
+    assert (out.double() - expected).norm() > REL_L2[torch.float32] * expected.norm()
+    names = [n for n, t in leaves.items() if t is not None]
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(22))
+    grads = torch.autograd.grad(out, [leaves[n] for n in names], grad_output)
+    expected_grads = torch.autograd.grad(
+        expected, [references[n] for n in names], grad_output.double()
+    )
+    for name, grad, expected_grad in zip(names, grads, expected_grads, strict=True):
+        assert_close_tf32(f"grad_{name}", grad, expected_grad, torch.float32)
+
+
+def test_unknown_design():
+    inputs = make_inputs(CASES["basic"], torch.float32, modulated=False)
+    with pytest.raises(ValueError, match="design must be one of 'im2col', 'implicit_gemm', "
+                                         "got 'winograd'"):
+        ours(inputs, CASES["basic"].params(), design="winograd")
+
+
 def test_missing_mask():
     with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
         dcn.modulated_deform_conv2d(**_bad(mask=None))
@@ -613,7 +668,7 @@ def _tiny_op_arguments(modulated: bool):
         seed=12,
     )
     tensors = [None if t is None else t.requires_grad_() for t in inputs.values()]
-    return (*tensors, 1, 1, 0, 0, 1, 1, 1, 1)
+    return (*tensors, 1, 1, 0, 0, 1, 1, 1, 1, DESIGN, False)
 
 
 @pytest.mark.parametrize("modulated", [False, True], ids=["dcnv1", "dcnv2"])

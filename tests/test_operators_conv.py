@@ -52,7 +52,7 @@ def test_implementations_and_baselines():
     assert kinds["conv2d"].items() >= {"reference": "reference", "pytorch": "baseline"}.items()
     for op in DEFORM_OPS:
         assert kinds[op].items() >= {"reference": "reference", "torchvision": "peer",
-                                     "cupy": "kernel"}.items()
+                                     "cupy": "kernel", "cupy_implicit_gemm": "kernel"}.items()
         assert get_operator(op).baseline == "torchvision"
         assert get_implementation(op, "cupy").emulated_on == ("cpu",)
     assert get_operator("conv2d").baseline == "pytorch"
@@ -313,17 +313,18 @@ def test_reference_returns_the_case_dtype_and_gradients_reach_the_inputs(op):
     assert all(t.dtype == torch.float16 for t in got.values())
 
 
+@pytest.mark.parametrize("impl", ["cupy", "cupy_implicit_gemm"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("op", DEFORM_OPS)
-def test_cupy_kernel_through_the_registry(op, dtype):
+def test_cupy_kernel_through_the_registry(op, dtype, impl):
     """Our kernels (through the CPU emulator here) in every mode; skipped, saying why,
     while kernels.ops.deform_conv2d or the emulator is missing."""
-    reason = get_implementation(op, "cupy").available("cpu")
+    reason = get_implementation(op, impl).available("cpu")
     if reason is not None:
         assert isinstance(reason, str) and reason
         pytest.skip(reason)
     for mode in get_operator(op).input_modes:
-        check_against_reference(op, "cupy", GEOMETRY, dtype, mode)
+        check_against_reference(op, impl, GEOMETRY, dtype, mode)
 
 
 def test_kernel_availability_reports_a_missing_piece(monkeypatch):

@@ -298,13 +298,17 @@ def _prepare_torchvision(inputs, params):
         **conv_arguments(params), offset_groups=params["offset_groups"])
 
 
-def _prepare_kernel(inputs, params):
+def _prepare_kernel(inputs, params, design):
     """kernels.ops.deform_conv2d.prepare: checked once, then the unchecked operator."""
     from kernels.ops import deform_conv2d  # needs CuPy or the emulator
 
     return deform_conv2d.prepare(inputs["input"], inputs["offset"], inputs.get("mask"),
                                  inputs["weight"], inputs.get("bias"), **conv_arguments(params),
-                                 offset_groups=params["offset_groups"])
+                                 offset_groups=params["offset_groups"], design=design)
+
+
+# Our designs: implementation name -> kernels.ops.deform_conv2d's design.
+KERNEL_DESIGNS = {"cupy": "im2col", "cupy_implicit_gemm": "implicit_gemm"}
 
 
 # Measured on the CPU: forward just over the float16 bound, grad_offset 12-50x
@@ -314,7 +318,8 @@ TORCHVISION_HALF = ("torchvision computes sample positions, bilinear blends and 
 
 
 def _register_implementations(op: str, modulated: bool) -> None:
-    """reference, torchvision and cupy for one operator: each calls its module's ``op``."""
+    """reference, torchvision, cupy (im2col) and cupy_implicit_gemm for one operator: each
+    calls its module's ``op``."""
     with_mask = " with mask" if modulated else ""
     implementation(op, "reference", kind="reference", dtypes=tuple(CONV_TOLERANCES))(in_float64(
         _prepare(lambda: reference_ops, op, modulated,
@@ -326,11 +331,13 @@ def _register_implementations(op: str, modulated: bool) -> None:
                    description=f"torchvision.ops.deform_conv2d{with_mask}, in the case's dtype.")(
         _prepare_torchvision)
     # float64 too: the kernels' double instantiations (for gradcheck).
-    implementation(op, "cupy", kind="kernel", dtypes=(*KERNEL_DTYPES, "float64"),
-                   available=kernel_availability("kernels.ops.deform_conv2d"),
-                   emulated_on=("cpu",),
-                   description=f"kernels.ops.deform_conv2d.{op}: our CuPy kernels (CPU: the emulator).")(
-        _prepare_kernel)
+    for name, design in KERNEL_DESIGNS.items():
+        implementation(op, name, kind="kernel", dtypes=(*KERNEL_DTYPES, "float64"),
+                       available=kernel_availability("kernels.ops.deform_conv2d"),
+                       emulated_on=("cpu",),
+                       description=f"kernels.ops.deform_conv2d.{op}(design={design!r}): our CuPy "
+                                   "kernels (CPU: the emulator).")(
+            functools.partial(_prepare_kernel, design=design))
 
 
 # --- the sampling view (reports' sampling page) ---------------------------

@@ -19,7 +19,14 @@ keeping them from the forward) and multiplied by grad_output with a float32
 result; grad_bias is a float32 sum of grad_output. Only requested gradients are
 computed.
 
-GEMMs run through ``torch.bmm`` / ``torch.baddbmm`` (cuBLAS on a GPU) and
+That is the default design, ``design="im2col"``. ``design="implicit_gemm"``
+(``kernels/cuda/deform_conv2d_implicit_gemm.cu``) gathers the columns straight
+into the shared-memory tiles of its own GEMM kernels (tensor cores for half
+types, SIMT for float32 / float64): forward, grad_weight as one GEMM over every
+pixel of the batch, and grad_columns tile by tile fused with the scatter and
+the offset / mask gradients; no columns buffer, no cuBLAS.
+
+The im2col design's GEMMs run through ``torch.bmm`` / ``torch.baddbmm`` (cuBLAS on a GPU) and
 follow PyTorch's global flags: ``torch.backends.cuda.matmul.allow_tf32`` for
 float32 and ``allow_fp16_reduced_precision_reduction`` /
 ``allow_bf16_reduced_precision_reduction`` for half types. We never change
@@ -92,6 +99,41 @@ SOURCE = register(
         ),
         block_sizes=dict.fromkeys(_KERNELS, BLOCK_SIZE),
         options=(*COMPILE_OPTIONS, f"-DDEFORM_CONV_BLOCK_SIZE={BLOCK_SIZE}"),
+    )
+)
+
+# The implicit GEMM design (deform_conv2d_implicit_gemm.cu): blocks of 256
+# threads computing 64 x 64 output tiles; the grad_sampling epilogue splits a
+# tile's 64 channels over 4 threads per pixel, each with its own partial sums.
+DESIGNS = ("im2col", "implicit_gemm")
+IMPLICIT_GEMM_THREADS = 256
+IMPLICIT_GEMM_TILE = 64
+IMPLICIT_GEMM_EPILOGUE_SPLIT = IMPLICIT_GEMM_THREADS // IMPLICIT_GEMM_TILE
+_IMPLICIT_GEMM_KERNELS = (
+    "implicit_gemm_forward",
+    "implicit_gemm_backward_weight",
+    "implicit_gemm_backward_sampling",
+)
+
+
+def _implicit_gemm_name(kernel: str, dtype: torch.dtype, has_mask: bool, tf32: bool) -> str:
+    """The kernel's instantiation; TF32 only for float32 (a third template argument)."""
+    name = _name_expression(kernel, dtype, has_mask)
+    return f"{name[:-1]}, true>" if tf32 and dtype == torch.float32 else name
+
+
+IMPLICIT_GEMM_SOURCE = register(
+    CudaSource(
+        filename="deform_conv2d_implicit_gemm.cu",
+        name_expressions=tuple(
+            _implicit_gemm_name(kernel, dtype, has_mask, tf32)
+            for kernel in _IMPLICIT_GEMM_KERNELS
+            for dtype in SUPPORTED_DTYPES
+            for has_mask in (False, True)
+            for tf32 in ((False, True) if dtype == torch.float32 else (False,))
+        ),
+        block_sizes=dict.fromkeys(_IMPLICIT_GEMM_KERNELS, IMPLICIT_GEMM_THREADS),
+        options=(*COMPILE_OPTIONS, f"-DIMPLICIT_GEMM_THREADS={IMPLICIT_GEMM_THREADS}"),
     )
 )
 
@@ -377,10 +419,176 @@ def _forward(
     mask: torch.Tensor | None,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
+    design: str,
+    allow_tf32: bool,
 ) -> torch.Tensor:
     out = launch.new_output(g.output_shape, input.dtype, input.device)
-    _forward_into(out, g, input, offset, mask, weight, bias)
+    _forward_into_design(out, g, input, offset, mask, weight, bias, design, allow_tf32)
     return out
+
+
+def _forward_into_design(out, g, input, offset, mask, weight, bias, design, allow_tf32) -> None:
+    if design == "implicit_gemm":
+        _forward_implicit_gemm(out, g, input, offset, mask, weight, bias, allow_tf32)
+    else:
+        _forward_into(out, g, input, offset, mask, weight, bias)
+
+
+# --------------------------------------------------------------------------- #
+# The implicit GEMM design: no columns buffer (deform_conv2d_implicit_gemm.cu).
+# --------------------------------------------------------------------------- #
+
+
+def _implicit_gemm_geometry(g: Geometry) -> tuple:
+    """The kernels' trailing int arguments, in their order."""
+    return tuple(
+        launch.int32(v)
+        for v in (
+            g.in_channels, g.height, g.width, g.kernel_h, g.kernel_w, *g.stride, *g.padding,
+            *g.dilation, g.groups, g.offset_groups, g.out_h, g.out_w, g.out_channels, g.batch,
+        )
+    )  # fmt: skip
+
+
+def _implicit_gemm_kernel(
+    kernel: str, input: torch.Tensor, has_mask: bool, allow_tf32: bool
+) -> launch.Kernel:
+    return launch.module(IMPLICIT_GEMM_SOURCE, input.device).function(
+        _implicit_gemm_name(kernel, input.dtype, has_mask, allow_tf32)
+    )
+
+
+def _tiles(n: int) -> int:
+    return launch.blocks(n, IMPLICIT_GEMM_TILE)
+
+
+def _forward_implicit_gemm(
+    out: torch.Tensor,
+    g: Geometry,
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    allow_tf32: bool,
+) -> None:
+    """One implicit GEMM per launch over all N·H_out·W_out pixels (grid z: weight group)."""
+    if out.numel() == 0:
+        return
+    null = launch.null(input.dtype, input.device)
+    grid = (_tiles(g.batch * g.pixels), _tiles(g.out_channels // g.groups), g.groups)
+    _implicit_gemm_kernel("implicit_gemm_forward", input, mask is not None, allow_tf32)(
+        grid,
+        IMPLICIT_GEMM_THREADS,
+        (
+            input,
+            offset,
+            null if mask is None else mask,
+            weight,
+            null if bias is None else bias,
+            out,
+            *_implicit_gemm_geometry(g),
+        ),
+    )
+
+
+def _column_bound(weight: torch.Tensor, g: Geometry, grad_output: torch.Tensor) -> float:
+    """A bound on |grad_columns| = |W_gᵀ · grad_output|: max|grad_output| times the
+    largest sum of |W| over one group's output channels (for the fixed-point scale)."""
+    per_column = weight.abs().view(g.groups, g.out_channels // g.groups, -1).sum(1)
+    return determinism.max_abs(grad_output) * determinism.max_abs(per_column)
+
+
+def _backward_implicit_gemm(
+    g: Geometry,
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor | None,
+    weight: torch.Tensor,
+    output_mask: Sequence[bool],
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients (input, offset, mask, weight, bias) as :func:`_backward_im2col`, with the
+    grad_sampling kernel (grad_columns tile by tile, scattered at once) and the
+    grad_weight kernel (one GEMM over every pixel); no columns in memory."""
+    want_input, want_offset, want_mask, want_weight, want_bias = output_mask
+    want_mask = want_mask and mask is not None
+    dtype, device = input.dtype, input.device
+    accumulate = accumulate_dtype(dtype)
+    has_mask = mask is not None
+    kernel_mask = mask if has_mask else launch.null(dtype, device)
+    group_channels = g.in_channels // g.groups
+    geometry = _implicit_gemm_geometry(g)
+    launches = g.batch * g.pixels > 0 and group_channels > 0
+
+    def empty() -> torch.Tensor:  # a fresh one each: op outputs must not alias
+        return input.new_empty(0)
+
+    grad_input = torch.zeros_like(input) if want_input else empty()
+    grad_offset = torch.zeros_like(offset) if want_offset else empty()
+    grad_mask = torch.zeros_like(mask) if want_mask else empty()
+    if launches and (want_input or want_offset or want_mask):
+        fixed_sums = None
+        fixed_args = determinism.FixedPointSum.unused(device)
+        if not want_input:
+            accumulator = launch.null(accumulate, device)  # the kernel skips the scatter
+        elif determinism.enabled():
+            accumulator = launch.null(accumulate, device)
+            # Each (tap, pixel) adds at most one value (weight ≤ 1 times mask times
+            # grad_column) to an input element.
+            fixed_sums = determinism.FixedPointSum(
+                input.shape,
+                device,
+                max_abs=_column_bound(weight, g, grad_output) * determinism.max_abs(mask),
+                max_addends=g.taps * g.pixels,
+            )
+            fixed_args = fixed_sums.kernel_args()
+        elif dtype == accumulate:
+            accumulator = grad_input
+        else:  # float32 atomics for half types, rounded once below
+            accumulator = torch.zeros(input.shape, dtype=torch.float32, device=device)
+        # Zeros: a slice writes only the offset groups of its channels.
+        slices = g.groups * _tiles(group_channels) * IMPLICIT_GEMM_EPILOGUE_SPLIT
+        offset_partial = torch.zeros((slices, *offset.shape), dtype=accumulate, device=device)
+        mask_partial = (
+            torch.zeros((slices, *mask.shape), dtype=accumulate, device=device)
+            if has_mask
+            else launch.null(accumulate, device)
+        )
+        grid = (_tiles(g.batch * g.pixels), _tiles(group_channels) * g.taps, g.groups)
+        _implicit_gemm_kernel("implicit_gemm_backward_sampling", input, has_mask, allow_tf32)(
+            grid,
+            IMPLICIT_GEMM_THREADS,
+            (
+                input, offset, kernel_mask, weight, grad_output, accumulator, *fixed_args,
+                offset_partial, mask_partial, *geometry,
+            ),
+        )  # fmt: skip
+        if fixed_sums is not None:
+            grad_input.copy_(fixed_sums.result(dtype))
+        elif want_input and accumulator is not grad_input:
+            grad_input.copy_(accumulator)
+        if want_offset:
+            grad_offset.copy_(_sum_slices(offset_partial))
+        if want_mask:
+            grad_mask.copy_(_sum_slices(mask_partial))
+
+    grad_weight = empty()
+    if want_weight:
+        grad_weight = launch.new_output(weight.shape, dtype, device)
+        group_out = g.out_channels // g.groups
+        if grad_weight.numel() > 0:
+            grid = (_tiles(group_channels) * g.taps, _tiles(group_out), g.groups)
+            _implicit_gemm_kernel("implicit_gemm_backward_weight", input, has_mask, allow_tf32)(
+                grid,
+                IMPLICIT_GEMM_THREADS,
+                (input, offset, kernel_mask, grad_output, grad_weight, *geometry),
+            )
+    grad_bias = (
+        grad_output.sum(dim=(0, 2, 3), dtype=accumulate).to(dtype) if want_bias else empty()
+    )
+    return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -406,7 +614,7 @@ def _sum_slices(partial: torch.Tensor) -> torch.Tensor:
     return partial[0] if partial.shape[0] == 1 else partial.sum(0)
 
 
-def _backward(
+def _backward_im2col(
     g: Geometry,
     grad_output: torch.Tensor,
     input: torch.Tensor,
@@ -563,6 +771,7 @@ _PARAMS_SCHEMA = (
     "int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, "
     "int groups, int offset_groups"
 )
+_DESIGN_SCHEMA = "str design, bool allow_tf32"
 
 
 def _geometry_from_op(input, offset, mask, weight, params) -> Geometry:
@@ -593,16 +802,17 @@ def _geometry_from_op(input, offset, mask, weight, params) -> Geometry:
     "dcnbench::deform_conv2d",
     mutates_args=(),
     schema="(Tensor input, Tensor offset, Tensor? mask, Tensor weight, Tensor? bias, "
-    f"{_PARAMS_SCHEMA}) -> Tensor",
+    f"{_PARAMS_SCHEMA}, {_DESIGN_SCHEMA}) -> Tensor",
 )
-def _deform_conv2d_op(input, offset, mask, weight, bias, *params):
+def _deform_conv2d_op(input, offset, mask, weight, bias, *params_and_design):
+    *params, design, allow_tf32 = params_and_design
     g = _geometry_from_op(input, offset, mask, weight, params)
-    return _forward(g, input, offset, mask, weight, bias)
+    return _forward(g, input, offset, mask, weight, bias, design, allow_tf32)
 
 
 @_deform_conv2d_op.register_fake
-def _(input, offset, mask, weight, bias, *params):
-    stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, _, _ = params
+def _(input, offset, mask, weight, bias, *params_and_design):
+    stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, *_ = params_and_design
     kernel_h, kernel_w = weight.shape[2], weight.shape[3]
     out_h = (input.shape[2] + 2 * pad_h - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
     out_w = (input.shape[3] + 2 * pad_w - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
@@ -613,12 +823,18 @@ def _(input, offset, mask, weight, bias, *params):
     "dcnbench::deform_conv2d_backward",
     mutates_args=(),
     schema="(Tensor grad_output, Tensor input, Tensor offset, Tensor? mask, Tensor weight, "
-    f"{_PARAMS_SCHEMA}, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    f"{_PARAMS_SCHEMA}, {_DESIGN_SCHEMA}, bool[] output_mask) -> (Tensor, Tensor, Tensor, "
+    "Tensor, Tensor)",
 )
 def _deform_conv2d_backward_op(grad_output, input, offset, mask, weight, *params_and_mask):
-    *params, output_mask = params_and_mask
+    *params, design, allow_tf32, output_mask = params_and_mask
     g = _geometry_from_op(input, offset, mask, weight, params)
-    return _backward(g, grad_output.contiguous(), input, offset, mask, weight, output_mask)
+    grad_output = grad_output.contiguous()
+    if design == "implicit_gemm":
+        return _backward_implicit_gemm(
+            g, grad_output, input, offset, mask, weight, output_mask, allow_tf32
+        )
+    return _backward_im2col(g, grad_output, input, offset, mask, weight, output_mask)
 
 
 @_deform_conv2d_backward_op.register_fake
@@ -672,12 +888,14 @@ _deform_conv2d_op.register_autograd(_autograd_backward, setup_context=_setup_con
 
 
 def _checked_operands(
-    input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups
+    input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups, design,
+    allow_tf32,
 ) -> tuple[Geometry, tuple]:
     """Check every argument; the call's sizes and the operator's arguments, dense."""
     g = check_arguments(
         input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups
     )
+    allow_tf32 = check_design(design, allow_tf32, g)
     # Kernels read dense NCHW: a non-contiguous argument is copied once here.
     operands = (
         input.contiguous(),
@@ -690,8 +908,38 @@ def _checked_operands(
         *g.dilation,
         g.groups,
         g.offset_groups,
+        design,
+        allow_tf32,
     )
     return g, operands
+
+
+def check_design(design: object, allow_tf32: object, g: Geometry) -> bool:
+    """``design`` names one of :data:`DESIGNS`, the call fits its kernels' indices, and
+    ``allow_tf32`` (returned as a bool) asks for TF32 only of the implicit GEMM."""
+    if design not in DESIGNS:
+        raise ValueError(f"design must be one of {', '.join(map(repr, DESIGNS))}, got {design!r}")
+    allow_tf32 = as_bool("allow_tf32", allow_tf32)
+    if allow_tf32 and design != "implicit_gemm":
+        raise ValueError(
+            "allow_tf32=True needs design='implicit_gemm' (the im2col design's cuBLAS GEMMs "
+            f"follow torch.backends.cuda.matmul.allow_tf32), got design={design!r}"
+        )
+    if design != "implicit_gemm":
+        return allow_tf32
+    # One GEMM over every output pixel of the batch: its column index is an int,
+    # and the weight group is grid z.
+    if g.batch * g.pixels > launch.INT32_MAX:
+        raise ValueError(
+            f"design='implicit_gemm' indexes the N·H_out·W_out = {g.batch}·{g.out_h}·{g.out_w} "
+            "output pixels with 32 bits; expected fewer than 2^31"
+        )
+    if g.groups > launch.MAX_GRID_DIM[2]:
+        raise ValueError(
+            f"design='implicit_gemm' launches one grid z per weight group; expected groups <= "
+            f"{launch.MAX_GRID_DIM[2]}, got {g.groups}"
+        )
+    return allow_tf32
 
 
 def prepare(
@@ -705,6 +953,8 @@ def prepare(
     dilation: int | tuple[int, int] = (1, 1),
     groups: int = 1,
     offset_groups: int | None = None,
+    design: str = "im2col",
+    allow_tf32: bool = False,
 ) -> Callable[[], torch.Tensor]:
     """Check the arguments of :func:`modulated_deform_conv2d` (``mask`` None:
     :func:`deform_conv2d`) once; the returned call runs the operator on them
@@ -712,16 +962,19 @@ def prepare(
     functions; the tensors must not be resized between calls.
     """
     _, operands = _checked_operands(
-        input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups
+        input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups,
+        design, allow_tf32,
     )
     return functools.partial(torch.ops.dcnbench.deform_conv2d, *operands)
 
 
 def _deform_conv(
-    input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups, out
+    input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups, out,
+    design, allow_tf32,
 ):
     g, operands = _checked_operands(
-        input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups
+        input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups,
+        design, allow_tf32,
     )
     if out is None:
         return torch.ops.dcnbench.deform_conv2d(*operands)
@@ -734,7 +987,7 @@ def _deform_conv(
             "deform_conv2d with out=... does not support automatic differentiation, but one of "
             "the arguments requires grad"
         )
-    _forward_into(out, g, input, offset, mask, weight, bias)
+    _forward_into_design(out, g, input, offset, mask, weight, bias, *operands[-2:])
     return out
 
 
@@ -761,6 +1014,8 @@ def deform_conv2d(
     groups: int | None = None,
     offset_groups: int | None = None,
     out: torch.Tensor | None = None,
+    design: str = "im2col",
+    allow_tf32: bool = False,
 ) -> torch.Tensor:
     """Deformable convolution (DCNv1) with our CUDA kernels; differentiable.
 
@@ -782,6 +1037,15 @@ def deform_conv2d(
             as torchvision does: offset.shape[1] / (2·kh·kw).
         out: optional [N, C_out, H_out, W_out] contiguous tensor to write into
             (no autograd then).
+        design: ``"im2col"`` (columns in memory, cuBLAS GEMMs) or
+            ``"implicit_gemm"`` (the columns gathered straight into the GEMM's
+            shared-memory tiles; ``docs/kernels/deform_conv2d.md``). Same results
+            to the dtype's rounding.
+        allow_tf32: float32 products of the implicit GEMM on TF32 tensor cores
+            (operands rounded to 10 mantissa bits, float accumulation: errors of
+            about float16's rounding instead of float32's). Default False: SIMT
+            float32, as the contract asks. Only with ``design="implicit_gemm"``;
+            other dtypes ignore it (half types always use tensor cores).
 
     All tensors share one dtype and device; non-contiguous ones are copied.
     The backward follows ``torch.use_deterministic_algorithms``: when it is
@@ -793,7 +1057,8 @@ def deform_conv2d(
         likewise W_out.
     """
     return _deform_conv(
-        input, offset, None, weight, bias, stride, padding, dilation, groups, offset_groups, out
+        input, offset, None, weight, bias, stride, padding, dilation, groups, offset_groups, out,
+        design, allow_tf32,
     )
 
 
@@ -809,6 +1074,8 @@ def modulated_deform_conv2d(
     groups: int | None = None,
     offset_groups: int | None = None,
     out: torch.Tensor | None = None,
+    design: str = "im2col",
+    allow_tf32: bool = False,
 ) -> torch.Tensor:
     """Modulated deformable convolution (DCNv2) with our CUDA kernels; differentiable.
 
@@ -822,7 +1089,8 @@ def modulated_deform_conv2d(
             modulates tap k of offset group g.
         weight: [C_out, C_in/groups, kh, kw].
         bias: [C_out] or None.
-        stride, padding, dilation, groups, offset_groups, out: as :func:`deform_conv2d`.
+        stride, padding, dilation, groups, offset_groups, out, design, allow_tf32: as
+            :func:`deform_conv2d`.
 
     Returns:
         [N, C_out, H_out, W_out].
@@ -830,7 +1098,8 @@ def modulated_deform_conv2d(
     if mask is None:
         raise TypeError("mask must be a torch.Tensor (use deform_conv2d for DCNv1), got None")
     return _deform_conv(
-        input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups, out
+        input, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups, out,
+        design, allow_tf32,
     )
 
 
@@ -926,7 +1195,7 @@ class _DeformConv2dBase(nn.Module):
     def _convolve(self, input, offset, mask) -> torch.Tensor:
         return _deform_conv(
             input, offset, mask, self.weight, self.bias, self.stride, self.padding,
-            self.dilation, self.groups, self.offset_groups, None,
+            self.dilation, self.groups, self.offset_groups, None, "im2col", False,
         )  # fmt: skip
 
 

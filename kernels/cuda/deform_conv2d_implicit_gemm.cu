@@ -1,0 +1,587 @@
+// Deformable convolution (DCNv1 / DCNv2, HAS_MASK) as an implicit GEMM: the
+// sampled columns go from the bilinear gather straight into shared-memory
+// tiles of the GEMM with the weight, never through DRAM. Semantics:
+// shared/ops-semantics.md (torchvision.ops.deform_conv2d), NCHW, B0 sampling
+// (deform_conv2d_sampling.cuh). Design and counters: docs/kernels/deform_conv2d.md.
+//
+// Per weight group the convolution is the GEMM
+//     out[co, q] = sum_r W[co, r] * col[r, q],   r = (channel, tap), q = (sample, pixel)
+// with q running over every sample of the launch (one GEMM over n * H_out * W_out,
+// so small maps still give many tiles). Three kernels, each one GEMM whose
+// gathered operand is built tile by tile in shared memory:
+//  - implicit_gemm_forward:      out = W . col (bias in the epilogue);
+//  - implicit_gemm_backward_weight:  grad_W = grad_out . col^T, reduced over all q
+//                                in one block per output tile (no per-sample partials);
+//  - implicit_gemm_backward_sampling: grad_col = W^T . grad_out per tile, then, from
+//                                the tile in shared memory, the scatter into
+//                                grad_input and the offset / mask gradients
+//                                (deform_conv2d.cu's col2im, fused).
+//
+// The reduction over r runs tap by tap, channels inside: for one tap every
+// channel of an offset group samples the same point, so a thread locates it
+// (offsets, mask, bilinear weights) once per tap and offset group, not once
+// per channel. The weight is read as stored ([C_out, C_in/groups, kh, kw]),
+// so an A-tile load strides by kh * kw elements: the weight is small and
+// re-read from L2 by every tile, and permuting it would cost a pass over it.
+//
+// Tiles: 64 x 64 outputs per block of 256 threads, 16-deep reduction steps.
+// The product of two shared tiles (TileGemm) runs
+//  - for __half / __nv_bfloat16 on tensor cores (nvcuda::wmma m16n16k16, float
+//    accumulation): the tiles hold the dtype (a gathered column is rounded to it
+//    once, as the im2col design's columns are), each warp owns 16 x 32 outputs;
+//  - for float with TF32 (the host's allow_tf32, template argument TF32) on
+//    tensor cores too (m16n16k8, the float tiles rounded to TF32 in the fragments);
+//  - otherwise, float and double, on SIMT cores: the tiles hold acc_t<scalar_t>,
+//    each thread owns a 4 x 4 sub-tile (rows ty + 16 i, columns tx + 16 j: the
+//    shared-memory reads are broadcasts and conflict-free).
+// The finished tile is staged in shared memory as float (double), where the
+// epilogue reads it with consecutive threads on consecutive pixels. All other
+// math in acc_t<scalar_t>, one rounding on store.
+//
+// Index widths: as deform_conv2d.cu (planes and one sample's offsets fit in int,
+// checked on the host; the output pixel count n * H_out * W_out too); offsets
+// that multiply in the batch or the channel count are long long.
+
+#include "deform_conv2d_sampling.cuh"
+#include "deterministic_atomics.cuh"
+#include "scalar_conversions.cuh"
+
+#include <mma.h>
+
+#ifndef IMPLICIT_GEMM_THREADS
+#error "compile with -DIMPLICIT_GEMM_THREADS=<threads per block> (kernels/ops/deform_conv2d.py sets it)"
+#endif
+
+namespace {
+
+constexpr int TILE_M = 64;  // rows of a block's output tile
+constexpr int TILE_N = 64;  // columns of a block's output tile
+constexpr int TILE_K = 16;  // reduction depth of one shared-memory step
+constexpr int THREADS = IMPLICIT_GEMM_THREADS;
+static_assert(THREADS == 256, "the tile loaders and TileGemm assume 256 threads");
+// Row stride of the staged output tile: 80 words put the two rows a SIMT warp
+// writes 16 banks apart, and 320 bytes is the multiple of 16 wmma stores need.
+constexpr int STAGE_STRIDE = TILE_N + 16;
+// Threads per tile column in the gather, staging and epilogue loops; the
+// sampling-gradient epilogue gives each of them a quarter of the tile's channels.
+constexpr int SPLIT = THREADS / TILE_N;
+constexpr int SPLIT_CHANNELS = TILE_M / SPLIT;
+
+// out[m][n] += sum_k a[k][m] * b[k][n] over the shared tiles of one reduction
+// step, for the whole block. After the last step, stage() writes the block's
+// TILE_M x TILE_N result, row-major with row stride STAGE_STRIDE, to shared memory.
+// SIMT: 16 x 16 threads of 4 x 4 outputs in registers.
+template <typename scalar_t>
+struct SimtGemm {
+    using real = acc_t<scalar_t>;
+    using tile_t = real;
+    // A row stride of 66 words puts the 16 x 2 (k, row) pairs a warp stores
+    // with k fastest into 32 distinct banks.
+    static constexpr int PAD = 2;
+    static constexpr int SUB = 4;
+    real acc[SUB][SUB] = {};
+
+    __device__ __forceinline__ void multiply(const tile_t (&a)[TILE_K][TILE_M + PAD],
+                                             const tile_t (&b)[TILE_K][TILE_N + PAD]) {
+        const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+        for (int k = 0; k < TILE_K; ++k) {
+            real a_k[SUB], b_k[SUB];
+#pragma unroll
+            for (int i = 0; i < SUB; ++i) a_k[i] = a[k][ty + 16 * i];
+#pragma unroll
+            for (int j = 0; j < SUB; ++j) b_k[j] = b[k][tx + 16 * j];
+#pragma unroll
+            for (int i = 0; i < SUB; ++i)
+#pragma unroll
+                for (int j = 0; j < SUB; ++j) acc[i][j] += a_k[i] * b_k[j];
+        }
+    }
+
+    __device__ __forceinline__ void stage(real* out) const {
+        const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+        for (int i = 0; i < SUB; ++i)
+            for (int j = 0; j < SUB; ++j)
+                out[(ty + 16 * i) * STAGE_STRIDE + tx + 16 * j] = acc[i][j];
+    }
+};
+
+// TF32 operands: CUDA leaves a tf32 fragment's float elements unrounded.
+template <typename Fragment>
+__device__ __forceinline__ void round_operand(Fragment&) {}
+template <typename Layout>
+__device__ __forceinline__ void round_operand(
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 8, nvcuda::wmma::precision::tf32,
+                           Layout>& f) {
+    for (int i = 0; i < f.num_elements; ++i) f.x[i] = nvcuda::wmma::__float_to_tf32(f.x[i]);
+}
+template <typename Layout>
+__device__ __forceinline__ void round_operand(
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 8, nvcuda::wmma::precision::tf32,
+                           Layout>& f) {
+    for (int i = 0; i < f.num_elements; ++i) f.x[i] = nvcuda::wmma::__float_to_tf32(f.x[i]);
+}
+
+// Tensor cores: warp w owns rows 16 (w % 4) ... + 15 and columns 32 (w / 4) ... + 31,
+// two m16n16kSTEP_K float accumulators. a[k][m] is matrix_a (m x k) column-major.
+// tile_t: what the tiles hold; element_t: the fragments' type (tile_t, or
+// precision::tf32 over float tiles).
+template <typename tile_type, typename element_t, int STEP_K>
+struct WmmaGemm {
+    using real = float;
+    using tile_t = tile_type;
+    // Row strides (72 halves, 68 floats) that are the multiple of 16 bytes wmma
+    // loads need.
+    static constexpr int PAD = 16 / sizeof(tile_t);
+    static constexpr int FRAGMENTS = 2;
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, STEP_K, float> acc[FRAGMENTS];
+
+    __device__ __forceinline__ WmmaGemm() {
+        for (int f = 0; f < FRAGMENTS; ++f) nvcuda::wmma::fill_fragment(acc[f], 0.0f);
+    }
+    __device__ __forceinline__ int row() const { return threadIdx.x / 32 % 4 * 16; }
+    __device__ __forceinline__ int column(int f) const {
+        return threadIdx.x / 32 / 4 * 32 + 16 * f;
+    }
+
+    __device__ __forceinline__ void multiply(const tile_t (&a)[TILE_K][TILE_M + PAD],
+                                             const tile_t (&b)[TILE_K][TILE_N + PAD]) {
+        using namespace nvcuda;
+        for (int k = 0; k < TILE_K; k += STEP_K) {
+            wmma::fragment<wmma::matrix_a, 16, 16, STEP_K, element_t, wmma::col_major> a_fragment;
+            wmma::load_matrix_sync(a_fragment, &a[k][row()], TILE_M + PAD);
+            round_operand(a_fragment);
+            for (int f = 0; f < FRAGMENTS; ++f) {
+                wmma::fragment<wmma::matrix_b, 16, 16, STEP_K, element_t, wmma::row_major>
+                    b_fragment;
+                wmma::load_matrix_sync(b_fragment, &b[k][column(f)], TILE_N + PAD);
+                round_operand(b_fragment);
+                wmma::mma_sync(acc[f], a_fragment, b_fragment, acc[f]);
+            }
+        }
+    }
+
+    __device__ __forceinline__ void stage(real* out) const {
+        for (int f = 0; f < FRAGMENTS; ++f)
+            nvcuda::wmma::store_matrix_sync(out + row() * STAGE_STRIDE + column(f), acc[f],
+                                            STAGE_STRIDE, nvcuda::wmma::mem_row_major);
+    }
+};
+
+template <typename scalar_t, bool TF32> struct GemmOf { using type = SimtGemm<scalar_t>; };
+template <> struct GemmOf<float, true> {
+    using type = WmmaGemm<float, nvcuda::wmma::precision::tf32, 8>;
+};
+template <bool TF32> struct GemmOf<__half, TF32> { using type = WmmaGemm<__half, __half, 16>; };
+template <bool TF32> struct GemmOf<__nv_bfloat16, TF32> {
+    using type = WmmaGemm<__nv_bfloat16, __nv_bfloat16, 16>;
+};
+
+// A block's shared memory: the two operand tiles of a step, and over the same
+// bytes (once the last step is multiplied) the staged result tile.
+template <typename Gemm>
+struct SharedTiles {
+    using tile_t = typename Gemm::tile_t;
+    using real = typename Gemm::real;
+    static constexpr int A_BYTES = TILE_K * (TILE_M + Gemm::PAD) * sizeof(tile_t);
+    static constexpr int TILE_BYTES = A_BYTES + TILE_K * (TILE_N + Gemm::PAD) * sizeof(tile_t);
+    static constexpr int STAGE_BYTES = TILE_M * STAGE_STRIDE * sizeof(real);
+    static constexpr int BYTES = TILE_BYTES > STAGE_BYTES ? TILE_BYTES : STAGE_BYTES;
+    unsigned char* bytes;
+
+    __device__ __forceinline__ tile_t (&a())[TILE_K][TILE_M + Gemm::PAD] {
+        return *reinterpret_cast<tile_t(*)[TILE_K][TILE_M + Gemm::PAD]>(bytes);
+    }
+    __device__ __forceinline__ tile_t (&b())[TILE_K][TILE_N + Gemm::PAD] {
+        return *reinterpret_cast<tile_t(*)[TILE_K][TILE_N + Gemm::PAD]>(bytes + A_BYTES);
+    }
+    __device__ __forceinline__ real* staged() { return reinterpret_cast<real*>(bytes); }
+};
+
+struct Conv {
+    int channels, height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+        dilation_h, dilation_w, groups, offset_groups, out_h, out_w, out_channels, samples;
+    __device__ int taps() const { return kernel_h * kernel_w; }
+    __device__ int pixels() const { return out_h * out_w; }
+    __device__ int columns() const { return samples * out_h * out_w; }  // q's range
+    __device__ int group_channels() const { return channels / groups; }
+    __device__ int group_out() const { return out_channels / groups; }
+    __device__ int offset_group_of(int channel) const {
+        return channel / (channels / offset_groups);
+    }
+};
+
+// Output pixel q = n * H_out * W_out + p of the GEMM's column dimension.
+struct Pixel {
+    bool valid;          // q < samples * H_out * W_out
+    int n, p;            // sample, pixel within the sample
+    int base_y, base_x;  // undeformed position of tap (0, 0)
+};
+
+__device__ __forceinline__ Pixel pixel_of(const Conv& cv, int q) {
+    Pixel px;
+    px.valid = q < cv.columns();
+    if (!px.valid) q = 0;
+    px.n = q / cv.pixels();
+    px.p = q % cv.pixels();
+    px.base_y = px.p / cv.out_w * cv.stride_h - cv.pad_h;
+    px.base_x = px.p % cv.out_w * cv.stride_w - cv.pad_w;
+    return px;
+}
+
+// Where (offset group, tap) samples at a pixel, and its mask (1 without HAS_MASK).
+template <typename real>
+struct Point {
+    Sample<real> s;
+    real mask;
+};
+
+template <typename scalar_t, bool HAS_MASK>
+__device__ __forceinline__ Point<acc_t<scalar_t>> locate_point(const Conv& cv,
+                                                               const scalar_t* __restrict__ offset,
+                                                               const scalar_t* __restrict__ mask,
+                                                               const Pixel& px, int group, int tap) {
+    using real = acc_t<scalar_t>;
+    const int pixels = cv.pixels();
+    const int group_tap = group * cv.taps() + tap;
+    const scalar_t* offset_yx = offset + static_cast<long long>(px.n) * 2 * cv.offset_groups *
+                                             cv.taps() * pixels +
+                                2 * group_tap * pixels + px.p;
+    Point<real> point{};
+    point.s = locate(px.base_y + tap / cv.kernel_w * cv.dilation_h,
+                     px.base_x + tap % cv.kernel_w * cv.dilation_w, to_acc(offset_yx[0]),
+                     to_acc(offset_yx[pixels]), cv.height, cv.width);
+    point.mask = HAS_MASK && point.s.in_range
+                     ? to_acc(mask[static_cast<long long>(px.n) * cv.offset_groups * cv.taps() *
+                                       pixels +
+                                   group_tap * pixels + px.p])
+                     : real(1);
+    return point;
+}
+
+// B0(plane, point) without the mask. A corner with weight 0 is not loaded.
+template <typename scalar_t>
+__device__ __forceinline__ acc_t<scalar_t> blend(const Sample<acc_t<scalar_t>>& s,
+                                                 const scalar_t* __restrict__ plane) {
+    acc_t<scalar_t> value = 0;
+    for (int q = 0; q < 4; ++q)
+        if (s.weight[q] != 0) value += s.weight[q] * to_acc(plane[s.corner[q]]);
+    return value;
+}
+
+// A thread's sampling point, located again only when the offset group changes:
+// every channel of one offset group samples the same point of a tap.
+template <typename scalar_t, bool HAS_MASK>
+struct PointCache {
+    int group = -1;
+    Point<acc_t<scalar_t>> point;
+
+    __device__ __forceinline__ const Point<acc_t<scalar_t>>& at(
+        const Conv& cv, const scalar_t* offset, const scalar_t* mask, const Pixel& px,
+        int offset_group, int tap) {
+        if (offset_group != group) {
+            point = locate_point<scalar_t, HAS_MASK>(cv, offset, mask, px, offset_group, tap);
+            group = offset_group;
+        }
+        return point;
+    }
+};
+
+// mask * B0(input[n, channel], point of tap at px): one element of the columns.
+template <typename scalar_t, bool HAS_MASK>
+__device__ __forceinline__ acc_t<scalar_t> column_value(const Conv& cv, const scalar_t* input,
+                                                        const scalar_t* offset,
+                                                        const scalar_t* mask,
+                                                        PointCache<scalar_t, HAS_MASK>& cache,
+                                                        const Pixel& px, int channel, int tap) {
+    const auto& point = cache.at(cv, offset, mask, px, cv.offset_group_of(channel), tap);
+    if (!point.s.in_range) return 0;
+    const long long plane = static_cast<long long>(cv.height) * cv.width;
+    return point.mask *
+           blend(point.s, input + (static_cast<long long>(px.n) * cv.channels + channel) * plane);
+}
+
+}  // namespace
+
+// output[n, co, p] = bias[co] + sum_{c, tap} weight[co, c, tap] * mask * B0(input[n, c], ...)
+// grid (ceil(n * H_out * W_out / 64), ceil((C_out / groups) / 64), groups): a block
+// computes 64 output channels x 64 output pixels of one weight group.
+template <typename scalar_t, bool HAS_MASK, bool TF32 = false>
+__global__ void __launch_bounds__(IMPLICIT_GEMM_THREADS)
+implicit_gemm_forward(const scalar_t* __restrict__ input,   // [n, C, H, W]
+                      const scalar_t* __restrict__ offset,  // [n, 2 * G * kh * kw, H_out, W_out]
+                      const scalar_t* __restrict__ mask,    // [n, G * kh * kw, H_out, W_out]; unread without HAS_MASK
+                      const scalar_t* __restrict__ weight,  // [C_out, C / groups, kh, kw]
+                      const scalar_t* __restrict__ bias,    // [C_out] or null
+                      scalar_t* __restrict__ output,        // [n, C_out, H_out, W_out]
+                      int channels, int height, int width, int kernel_h, int kernel_w,
+                      int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h,
+                      int dilation_w, int groups, int offset_groups, int out_h, int out_w,
+                      int out_channels, int samples) {
+    using Gemm = typename GemmOf<scalar_t, TF32>::type;
+    using tile_t = typename Gemm::tile_t;
+    using real = acc_t<scalar_t>;
+    const Conv cv{channels, height,     width,      kernel_h, kernel_w,      stride_h,
+                  stride_w, pad_h,      pad_w,      dilation_h, dilation_w,  groups,
+                  offset_groups, out_h, out_w,      out_channels, samples};
+    __shared__ __align__(32) unsigned char shared[SharedTiles<Gemm>::BYTES];
+    SharedTiles<Gemm> tiles{shared};
+    auto& a_tile = tiles.a();  // weight: [k][out channel]
+    auto& b_tile = tiles.b();  // columns: [k][pixel]
+    const int taps = cv.taps(), group_channels = cv.group_channels(), group_out = cv.group_out();
+    const int group = blockIdx.z;
+    const int m0 = blockIdx.y * TILE_M, q0 = blockIdx.x * TILE_N;
+    const int t = threadIdx.x;
+    // One pixel (column t % TILE_N) per thread for the gather and the epilogue.
+    const Pixel px = pixel_of(cv, q0 + t % TILE_N);
+    const scalar_t* group_weight = weight + static_cast<long long>(group) * group_out *
+                                                group_channels * taps;
+
+    Gemm gemm;
+    for (int tap = 0; tap < taps; ++tap) {
+        PointCache<scalar_t, HAS_MASK> cache;
+        for (int c0 = 0; c0 < group_channels; c0 += TILE_K) {
+            // a_tile[k][m] = weight[group's m0 + m, c0 + k, tap]
+            for (int pass = 0; pass < TILE_M / 16; ++pass) {
+                const int k = t % TILE_K, m = t / TILE_K + 16 * pass;
+                a_tile[k][m] = from_acc<tile_t>(
+                    m0 + m < group_out && c0 + k < group_channels
+                        ? to_acc(group_weight[(static_cast<long long>(m0 + m) * group_channels +
+                                               c0 + k) * taps + tap])
+                        : real(0));
+            }
+            // b_tile[k][n] = the column of (channel c0 + k, tap) at pixel q0 + n
+            for (int pass = 0; pass < TILE_K / SPLIT; ++pass) {
+                const int k = t / TILE_N + SPLIT * pass;
+                b_tile[k][t % TILE_N] = from_acc<tile_t>(
+                    px.valid && c0 + k < group_channels
+                        ? column_value(cv, input, offset, mask, cache, px,
+                                       group * group_channels + c0 + k, tap)
+                        : real(0));
+            }
+            __syncthreads();
+            gemm.multiply(a_tile, b_tile);
+            __syncthreads();
+        }
+    }
+    gemm.stage(tiles.staged());
+    __syncthreads();
+    if (!px.valid) return;
+    for (int pass = 0; pass < TILE_M / SPLIT; ++pass) {
+        const int m = t / TILE_N + SPLIT * pass;
+        if (m0 + m >= group_out) break;
+        const int co = group * group_out + m0 + m;
+        const real value = tiles.staged()[m * STAGE_STRIDE + t % TILE_N] +
+                           (bias != nullptr ? to_acc(bias[co]) : real(0));
+        output[(static_cast<long long>(px.n) * cv.out_channels + co) * cv.pixels() + px.p] =
+            from_acc<scalar_t>(value);
+    }
+}
+
+// grad_weight[co, c, tap] = sum_q grad_output[co, q] * column[(c, tap), q] over every
+// output pixel q of every sample, one block per output tile: no partial products.
+// grid (ceil((C / groups) / 64) * kh * kw, ceil((C_out / groups) / 64), groups): a
+// block computes 64 output channels x 64 input channels of one tap.
+template <typename scalar_t, bool HAS_MASK, bool TF32 = false>
+__global__ void __launch_bounds__(IMPLICIT_GEMM_THREADS)
+implicit_gemm_backward_weight(const scalar_t* __restrict__ input,        // [n, C, H, W]
+                              const scalar_t* __restrict__ offset,       // [n, 2 * G * kh * kw, H_out, W_out]
+                              const scalar_t* __restrict__ mask,         // [n, G * kh * kw, H_out, W_out]; unread without HAS_MASK
+                              const scalar_t* __restrict__ grad_output,  // [n, C_out, H_out, W_out]
+                              scalar_t* __restrict__ grad_weight,        // [C_out, C / groups, kh, kw]
+                              int channels, int height, int width, int kernel_h, int kernel_w,
+                              int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h,
+                              int dilation_w, int groups, int offset_groups, int out_h,
+                              int out_w, int out_channels, int samples) {
+    using Gemm = typename GemmOf<scalar_t, TF32>::type;
+    using tile_t = typename Gemm::tile_t;
+    using real = acc_t<scalar_t>;
+    const Conv cv{channels, height,     width,      kernel_h, kernel_w,      stride_h,
+                  stride_w, pad_h,      pad_w,      dilation_h, dilation_w,  groups,
+                  offset_groups, out_h, out_w,      out_channels, samples};
+    __shared__ __align__(32) unsigned char shared[SharedTiles<Gemm>::BYTES];
+    SharedTiles<Gemm> tiles{shared};
+    auto& a_tile = tiles.a();  // grad_output: [q][out channel]
+    auto& b_tile = tiles.b();  // columns: [q][input channel]
+    const int taps = cv.taps(), group_channels = cv.group_channels(), group_out = cv.group_out();
+    const int channel_tiles = (group_channels + TILE_N - 1) / TILE_N;
+    const int tap = blockIdx.x / channel_tiles;
+    const int c0 = blockIdx.x % channel_tiles * TILE_N;
+    const int group = blockIdx.z;
+    const int m0 = blockIdx.y * TILE_M;
+    const int t = threadIdx.x;
+    const int columns = cv.columns(), pixels = cv.pixels();
+
+    Gemm gemm;
+    for (int q0 = 0; q0 < columns; q0 += TILE_K) {
+        // Both loads: reduction index k = t % TILE_K (one pixel per thread per step),
+        // rows t / TILE_K + 16 * pass.
+        const int k = t % TILE_K;
+        const Pixel px = pixel_of(cv, q0 + k);
+        PointCache<scalar_t, HAS_MASK> cache;
+        for (int pass = 0; pass < TILE_M / 16; ++pass) {
+            const int m = t / TILE_K + 16 * pass;
+            a_tile[k][m] = from_acc<tile_t>(
+                px.valid && m0 + m < group_out
+                    ? to_acc(grad_output[(static_cast<long long>(px.n) * cv.out_channels +
+                                          group * group_out + m0 + m) * pixels + px.p])
+                    : real(0));
+            const int c = c0 + m;
+            b_tile[k][m] = from_acc<tile_t>(
+                px.valid && c < group_channels
+                    ? column_value(cv, input, offset, mask, cache, px,
+                                   group * group_channels + c, tap)
+                    : real(0));
+        }
+        __syncthreads();
+        gemm.multiply(a_tile, b_tile);
+        __syncthreads();
+    }
+    gemm.stage(tiles.staged());
+    __syncthreads();
+    // Consecutive threads on consecutive input channels (stride kh * kw in grad_weight).
+    const int c = c0 + t % TILE_N;
+    if (c >= group_channels) return;
+    for (int pass = 0; pass < TILE_M / SPLIT; ++pass) {
+        const int m = t / TILE_N + SPLIT * pass;
+        if (m0 + m >= group_out) break;
+        grad_weight[((static_cast<long long>(group) * group_out + m0 + m) * group_channels + c) *
+                        taps + tap] =
+            from_acc<scalar_t>(tiles.staged()[m * STAGE_STRIDE + t % TILE_N]);
+    }
+}
+
+// grad_col[(c, tap), q] = sum_co weight[co, c, tap] * grad_output[co, q] for a tile of
+// 64 input channels of one tap x 64 output pixels, staged in shared memory; then, as
+// deform_conv2d.cu's col2im, per (channel, pixel):
+//  - grad_col * mask * bilinear weight scattered into grad_input (float32 atomics,
+//    or with grad_input_fixed the fixed-point ones of deterministic_atomics.cuh;
+//    both null: no scatter);
+//  - d/dy, d/dx (times the mask) and d/dmask summed over the tile's channels of one
+//    offset group in registers and stored once into the thread's own partial sums
+//    [slices, n, ...], slice = (group * channel tiles + channel tile) * 4 + the
+//    thread's quarter of the tile's channels. The host zero-fills them (a slice
+//    covers only the offset groups of its channels) and sums the slices.
+// grid (ceil(n * H_out * W_out / 64), ceil((C / groups) / 64) * kh * kw, groups).
+template <typename scalar_t, bool HAS_MASK, bool TF32 = false>
+__global__ void __launch_bounds__(IMPLICIT_GEMM_THREADS)
+implicit_gemm_backward_sampling(const scalar_t* __restrict__ input,        // [n, C, H, W]
+                                const scalar_t* __restrict__ offset,       // [n, 2 * G * kh * kw, H_out, W_out]
+                                const scalar_t* __restrict__ mask,         // [n, G * kh * kw, H_out, W_out]; unread without HAS_MASK
+                                const scalar_t* __restrict__ weight,       // [C_out, C / groups, kh, kw]
+                                const scalar_t* __restrict__ grad_output,  // [n, C_out, H_out, W_out]
+                                acc_t<scalar_t>* __restrict__ grad_input,  // [n, C, H, W], accumulated; or null
+                                long long* __restrict__ grad_input_fixed,  // [n, C, H, W], fixed point; or null
+                                double fixed_scale, int* __restrict__ fixed_status,
+                                acc_t<scalar_t>* __restrict__ grad_offset_partial,  // [slices, n, 2 * G * kh * kw, H_out * W_out]
+                                acc_t<scalar_t>* __restrict__ grad_mask_partial,    // [slices, n, G * kh * kw, H_out * W_out]; unwritten without HAS_MASK
+                                int channels, int height, int width, int kernel_h, int kernel_w,
+                                int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h,
+                                int dilation_w, int groups, int offset_groups, int out_h,
+                                int out_w, int out_channels, int samples) {
+    using Gemm = typename GemmOf<scalar_t, TF32>::type;
+    using tile_t = typename Gemm::tile_t;
+    using real = acc_t<scalar_t>;
+    const Conv cv{channels, height,     width,      kernel_h, kernel_w,      stride_h,
+                  stride_w, pad_h,      pad_w,      dilation_h, dilation_w,  groups,
+                  offset_groups, out_h, out_w,      out_channels, samples};
+    __shared__ __align__(32) unsigned char shared[SharedTiles<Gemm>::BYTES];
+    SharedTiles<Gemm> tiles{shared};
+    auto& a_tile = tiles.a();  // weight: [out channel][input channel]
+    auto& b_tile = tiles.b();  // grad_output: [out channel][pixel]
+    const int taps = cv.taps(), group_channels = cv.group_channels(), group_out = cv.group_out();
+    const int pixels = cv.pixels();
+    const int channel_tiles = (group_channels + TILE_M - 1) / TILE_M;
+    const int tap = blockIdx.y / channel_tiles;
+    const int channel_tile = blockIdx.y % channel_tiles;
+    const int c0 = channel_tile * TILE_M;
+    const int group = blockIdx.z;
+    const int q0 = blockIdx.x * TILE_N;
+    const int t = threadIdx.x;
+    // One pixel per thread for the grad_output loads and the epilogue.
+    const Pixel px = pixel_of(cv, q0 + t % TILE_N);
+    const int split = t / TILE_N;
+    const scalar_t* group_weight = weight + static_cast<long long>(group) * group_out *
+                                                group_channels * taps;
+
+    Gemm gemm;
+    for (int k0 = 0; k0 < group_out; k0 += TILE_K) {
+        for (int pass = 0; pass < TILE_K / SPLIT; ++pass) {
+            const int k = split + SPLIT * pass, m = t % TILE_M;
+            a_tile[k][m] = from_acc<tile_t>(
+                k0 + k < group_out && c0 + m < group_channels
+                    ? to_acc(group_weight[(static_cast<long long>(k0 + k) * group_channels + c0 +
+                                           m) * taps + tap])
+                    : real(0));
+            b_tile[k][t % TILE_N] = from_acc<tile_t>(
+                px.valid && k0 + k < group_out
+                    ? to_acc(grad_output[(static_cast<long long>(px.n) * cv.out_channels +
+                                          group * group_out + k0 + k) * pixels + px.p])
+                    : real(0));
+        }
+        __syncthreads();
+        gemm.multiply(a_tile, b_tile);
+        __syncthreads();
+    }
+    gemm.stage(tiles.staged());
+    __syncthreads();
+    if (!px.valid) return;
+    const real* grad_col = tiles.staged();  // [channel][pixel], row stride STAGE_STRIDE
+
+    const ScatterAdd<real> grad_input_target{grad_input, grad_input_fixed, fixed_scale,
+                                             fixed_status};
+    const bool scatter = grad_input_target.enabled();  // uniform across the launch
+    const long long plane = static_cast<long long>(height) * width;
+    const long long slice =
+        (static_cast<long long>(group) * channel_tiles + channel_tile) * SPLIT + split;
+    const long long sample_offsets = 2LL * offset_groups * taps * pixels;
+    const long long sample_masks = static_cast<long long>(offset_groups) * taps * pixels;
+    real* offset_partial = grad_offset_partial + (slice * samples + px.n) * sample_offsets + px.p;
+    real* mask_partial =
+        HAS_MASK ? grad_mask_partial + (slice * samples + px.n) * sample_masks + px.p : nullptr;
+
+    int point_group = -1;
+    Point<real> point{};
+    real grad_y = 0, grad_x = 0, grad_m = 0;
+    // Stores the sums of the offset group just finished: this thread's own slots.
+    auto flush = [&]() {
+        if (point_group < 0) return;
+        const int group_tap = point_group * taps + tap;
+        offset_partial[2 * group_tap * pixels] = point.mask * grad_y;
+        offset_partial[(2 * group_tap + 1) * pixels] = point.mask * grad_x;
+        if (HAS_MASK) mask_partial[group_tap * pixels] = grad_m;
+    };
+    const int first = split * SPLIT_CHANNELS;
+    const int last = min(first + SPLIT_CHANNELS, group_channels - c0);
+#pragma unroll 1
+    for (int m = first; m < last; ++m) {
+        const int channel = group * group_channels + c0 + m;
+        const int offset_group = cv.offset_group_of(channel);
+        if (offset_group != point_group) {
+            flush();
+            point = locate_point<scalar_t, HAS_MASK>(cv, offset, mask, px, offset_group, tap);
+            point_group = offset_group;
+            grad_y = grad_x = grad_m = 0;
+        }
+        const Sample<real>& s = point.s;
+        if (!s.in_range) continue;  // B0 = 0 around the point: no gradient
+        const long long first_element = (static_cast<long long>(px.n) * channels + channel) * plane;
+        const scalar_t* in = input + first_element;
+        const ScatterAdd<real> grad_in = grad_input_target.shifted(first_element);
+        const real g = grad_col[m * STAGE_STRIDE + t % TILE_N];
+        const real masked_g = point.mask * g;
+        real v[4];
+        for (int q = 0; q < 4; ++q) {
+            v[q] = s.corner[q] >= 0 ? to_acc(in[s.corner[q]]) : real(0);
+            if (scatter && s.weight[q] != 0 && masked_g != 0)
+                grad_in.add(s.corner[q], s.weight[q] * masked_g);
+        }
+        const real hy = 1 - s.ly, hx = 1 - s.lx;
+        grad_y += g * (hx * (v[2] - v[0]) + s.lx * (v[3] - v[1]));
+        grad_x += g * (hy * (v[1] - v[0]) + s.ly * (v[3] - v[2]));
+        if (HAS_MASK)
+            grad_m += g * (s.weight[0] * v[0] + s.weight[1] * v[1] + s.weight[2] * v[2] +
+                           s.weight[3] * v[3]);
+    }
+    flush();
+}
