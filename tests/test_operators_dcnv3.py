@@ -66,11 +66,12 @@ def test_parameters_are_the_contracts():
 def test_implementations_kinds_and_devices():
     for op in ALL_OPS:
         impls = {impl.name: impl for impl in implementations_of(op)}
-        expected = {"reference", "pytorch_gridsample", "cupy_direct", "cupy_vectorized"}
+        expected = {"reference", "pytorch_gridsample", "cupy_direct", "cupy_vectorized",
+                    "cupy_staged"}
         # At least these: plugins may add more.
         assert set(impls) >= expected | ({"torch_compile"} if op != "dcnv3_layer" else set())
         assert get_operator(op).baseline == "pytorch_gridsample"
-        for design in ("cupy_direct", "cupy_vectorized"):
+        for design in ("cupy_direct", "cupy_vectorized", "cupy_staged"):
             assert impls[design].kind == "kernel" and impls[design].emulated_on == ("cpu",)
             assert not impls[design].known_inaccurate
         assert set(impls["pytorch_gridsample"].known_inaccurate) == {"float16", "bfloat16"}
