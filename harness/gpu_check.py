@@ -69,7 +69,7 @@ WHEELS = ROOT / ".whl"
 PEER_SITE = "peers-site"
 PY = sys.executable
 TIMING = ("--warmup-ms", "5", "--rep-ms", "20")  # short windows: the script must fit one call
-OUR_KERNELS = ("--impl", "cupy", "cupy_direct", "cupy_vectorized")
+OUR_KERNELS = ("--impl", "cupy", "cupy_direct", "cupy_vectorized", "cupy_staged")
 # The cases the sanitizers and ncu see: every kernel of ours, every input mode.
 PROBE = ("--suite", "gpu-probe", *OUR_KERNELS, "--no-timing")
 NCU_METRICS = (

@@ -115,17 +115,25 @@ __device__ __forceinline__ void stage_taps(const StagedLane& l, const dcnv3::Geo
                                            const scalar_t* __restrict__ mask, real* x, real* y,
                                            real* m) {
     constexpr int ROW = staged_row<TAPS>();
-    // Consecutive threads, consecutive elements: for dcnv3 one contiguous range.
-    for (int e = threadIdx.x; e < l.items * 2 * TAPS; e += blockDim.x) {
-        const int local = e / (2 * TAPS), k = e % (2 * TAPS);
+    // Consecutive threads, consecutive elements: for dcnv3 one contiguous range
+    // of each tensor; for dcnv4 an item's 2P offsets and P masks are one run of
+    // 3P (one pass, so no sector is fetched twice).
+    constexpr int PER_ITEM = MODULATION == dcnv3::FUSED_OFFSET_MASK ? 3 * TAPS : 2 * TAPS;
+    for (int e = threadIdx.x; e < l.items * PER_ITEM; e += blockDim.x) {
+        const int local = e / PER_ITEM, k = e % PER_ITEM;
         const ItemOf it = item_of(l, g.group, local);
-        (k % 2 ? y : x)[local * ROW + k / 2] =
-            to_acc(offset[layout.offset_index(it.pixel, it.group, 0) + k]);
+        const real value = to_acc(offset[layout.offset_index(it.pixel, it.group, 0) + k]);
+        if (k < 2 * TAPS)
+            (k % 2 ? y : x)[local * ROW + k / 2] = value;
+        else
+            m[local * ROW + k - 2 * TAPS] = value;
     }
-    for (int e = threadIdx.x; e < l.items * TAPS; e += blockDim.x) {
-        const int local = e / TAPS, p = e % TAPS;
-        const ItemOf it = item_of(l, g.group, local);
-        m[local * ROW + p] = to_acc(mask[layout.mask_index(it.pixel, it.group, p)]);
+    if constexpr (MODULATION != dcnv3::FUSED_OFFSET_MASK) {
+        for (int e = threadIdx.x; e < l.items * TAPS; e += blockDim.x) {
+            const int local = e / TAPS, p = e % TAPS;
+            const ItemOf it = item_of(l, g.group, local);
+            m[local * ROW + p] = to_acc(mask[layout.mask_index(it.pixel, it.group, p)]);
+        }
     }
     __syncthreads();
     if constexpr (MODULATION == dcnv3::SOFTMAX_MASK) {
@@ -284,17 +292,22 @@ dcnv3_staged_backward(const scalar_t* __restrict__ input,        // [N, H, W, G*
                 grad_m[row + p] = staged_m[row + p] * (grad_m[row + p] - dot);
         __syncthreads();
     }
-    // Written as staged: consecutive threads, consecutive elements.
-    for (int e = threadIdx.x; e < l.items * 2 * TAPS; e += blockDim.x) {
-        const int local = e / (2 * TAPS), k = e % (2 * TAPS);
+    // Written as staged: consecutive threads, consecutive elements (dcnv4:
+    // grad_offset and grad_mask are one buffer, an item's 3P one run).
+    constexpr int PER_ITEM = MODULATION == dcnv3::FUSED_OFFSET_MASK ? 3 * TAPS : 2 * TAPS;
+    for (int e = threadIdx.x; e < l.items * PER_ITEM; e += blockDim.x) {
+        const int local = e / PER_ITEM, k = e % PER_ITEM;
         const ItemOf it = item_of(l, g.group, local);
-        grad_offset[layout.offset_index(it.pixel, it.group, 0) + k] =
-            from_acc<scalar_t>((k % 2 ? grad_y : grad_x)[local * ROW + k / 2]);
+        const real value = k < 2 * TAPS ? (k % 2 ? grad_y : grad_x)[local * ROW + k / 2]
+                                        : grad_m[local * ROW + k - 2 * TAPS];
+        grad_offset[layout.offset_index(it.pixel, it.group, 0) + k] = from_acc<scalar_t>(value);
     }
-    for (int e = threadIdx.x; e < l.items * TAPS; e += blockDim.x) {
-        const int local = e / TAPS, p = e % TAPS;
-        const ItemOf it = item_of(l, g.group, local);
-        grad_mask[layout.mask_index(it.pixel, it.group, p)] =
-            from_acc<scalar_t>(grad_m[local * ROW + p]);
+    if constexpr (MODULATION != dcnv3::FUSED_OFFSET_MASK) {
+        for (int e = threadIdx.x; e < l.items * TAPS; e += blockDim.x) {
+            const int local = e / TAPS, p = e % TAPS;
+            const ItemOf it = item_of(l, g.group, local);
+            grad_mask[layout.mask_index(it.pixel, it.group, p)] =
+                from_acc<scalar_t>(grad_m[local * ROW + p]);
+        }
     }
 }

@@ -6,7 +6,7 @@ accumulation, float64 in double throughout (for ``torch.autograd.gradcheck``),
 any kernel size, any ``group_channels``. Design notes and what
 to measure: ``docs/kernels/dcnv3.md``.
 
-Two designs of the same kernels, picked by ``design=``:
+Three designs of the same kernels, picked by ``design=``:
 
 - ``"direct"`` (``kernels/cuda/dcnv3_direct.cu``): upstream DCNv3's mapping,
   one thread per output element (pixel, group, channel); backward reduces
@@ -31,7 +31,7 @@ Gradients: grad_input accumulates with float32 atomics in a float32 buffer
 (cast once at the end); under ``torch.use_deterministic_algorithms(True)``
 with fixed-point int64 atomics instead, bit-reproducible
 (``kernels/determinism.py``); grad_offset / grad_mask are written once per element
-in float32 and cast. On a CPU tensor the kernels run through
+in float32 and cast (the staged design writes them in the dtype). On a CPU tensor the kernels run through
 ``kernels.emulator``: for correctness checks, never for timing.
 """
 

@@ -2,7 +2,7 @@
 
 ``dcnv3``'s geometry without softmax, offsets and mask fused into one
 ``offset_mask`` tensor. It runs the very kernels of ``kernels.ops.dcnv3``
-(both designs), instantiated for the fused layout: what is specific here is
+(every design), instantiated for the fused layout: what is specific here is
 only the shape of ``offset_mask``. Unlike upstream DCNv4: any kernel size,
 any ``group_channels``, a CPU path (emulated) and a bfloat16 backward.
 """

@@ -25,15 +25,15 @@ def test_the_page_sets_each_design_and_direction_side_by_side(tmp_path):
     (tmp_path / "results" / "counters" / "tiny.json").write_text(json.dumps(document))
     site = Site(tmp_path / "site")
     entry = counters_page.render(site, [tmp_path / "results"])
-    assert entry == {"path": "counters.html", "suite": "tiny", "gpu": "h200", "kernels": "4"}
+    assert entry == {"path": "counters.html", "suite": "tiny", "gpu": "h200", "kernels": "6"}
     page = html.unescape((tmp_path / "site" / "counters.html").read_text())
     for kernel in document["kernels"].values():
         assert f"<code>{kernel['kernel']}</code>" in page
     assert "floors are a model" in page
     chart = counters_page.floor_chart(counters_page._rows(document), "dcnv3")
     assert [trace["name"] for trace in chart["data"]] == [
-        "cupy_direct · forward", "cupy_vectorized · forward",
-        "cupy_direct · backward", "cupy_vectorized · backward"]
+        "cupy_direct · forward", "cupy_staged · forward", "cupy_vectorized · forward",
+        "cupy_direct · backward", "cupy_staged · backward", "cupy_vectorized · backward"]
     assert all(trace["y"][0] > 0 for trace in chart["data"])
 
 
