@@ -9,24 +9,25 @@
 // min(DCNV3_STAGED_ITEMS, DCNV3_BLOCK_SIZE / L) consecutive items, so
 // blockDim.x = items * L (the host sets it). Items run (pixel, group) with
 // the group fastest, so a block's offsets and masks are one contiguous range
-// of each tensor (dcnv4: one range per pixel row, its padding skipped): the
-// block loads them once, coalesced, into shared memory, where every lane of an
-// item reads them (a broadcast). With SOFTMAX_MASK the item's lanes split its
-// taps, reduce max and sum by xor-shuffle and store the normalised mask in
-// place: the softmax is computed once per item.
+// of each tensor (dcnv4: an item's 2P offsets and P masks are one run of 3P,
+// read in one pass; the rows' padding is skipped): the block loads them once,
+// coalesced, into shared memory, where every lane of an item reads them (a
+// broadcast). With SOFTMAX_MASK the item's lanes split its taps, reduce max
+// and sum by xor-shuffle and store the normalised mask in place: the softmax
+// is computed once per item.
 //
 // TAPS (9: 3x3; 8: 3x3 with remove_center; 25: 5x5) sizes the shared arrays
 // and makes the staging loops' divisions constant; any other tap count takes
-// the vectorized design's runtime-tap kernels (the host picks). Shared rows are TAPS rounded up to odd words, so the items of a warp
-// reading the same tap hit distinct banks.
+// the vectorized design's runtime-tap kernels (the host picks). Shared rows
+// are TAPS rounded up to odd words, so the items of a warp reading the same
+// tap hit distinct banks.
 //
 // Backward: as the vectorized design's (per tap the lanes sum d/dx, d/dy, d/dm
 // over their channels, an xor-shuffle butterfly gives the totals, grad_input
 // by float32 or fixed-point atomics), except that the totals go to shared
-// memory; the block then writes grad_offset / grad_mask
-// coalesced, in the storage type (rounded once from float32, as the
-// vectorized design's cast of its float32 buffers; no float32 buffers and no
-// conversion pass).
+// memory; the block then writes grad_offset / grad_mask coalesced, in the
+// storage type (rounded once from float32, as the vectorized design's cast of
+// its float32 buffers; no float32 buffers and no conversion pass).
 
 #include "channel_vectors.cuh"
 #include "dcnv3_common.cuh"
