@@ -18,7 +18,7 @@ import pytest
 import torch
 from kernel_checks import close_to_reference
 
-from kernels import emulator
+from kernels import emulator, launch
 from kernels.ops import dcnv3 as ops
 from kernels.ops.dcnv4 import dcnv4
 from kernels.reference import dcnv3 as reference
@@ -119,6 +119,14 @@ CASES = {
     # Vectorized: idle lanes (20 vectors of 8 halves on 32 lanes); direct:
     # one 160-thread segment per block, 96 threads outside every segment.
     "D160": Case(N=1, H=2, W=3, group=2, group_channels=160),
+    # The staged design's other tap counts (basic_3x3 has 9): 8 and 25, several
+    # blocks of items, the last one partial; 5x5 with G = 3 pads offset_mask.
+    "3x3_remove_center_stride2_G3_D16": Case(
+        N=1, H=9, W=8, group=3, group_channels=16, stride_h=2, stride_w=2, remove_center=True
+    ),
+    "5x5_G3_D16": Case(
+        N=1, H=6, W=7, group=3, group_channels=16, kernel_h=5, kernel_w=5, pad_h=2, pad_w=2
+    ),
 }
 
 
@@ -288,9 +296,13 @@ def gradients(kind: str, inputs: dict, params: dict, design: str, grad_output) -
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("design", ops.DESIGNS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_id)
-def test_deterministic_backward(dtype, design, kind):
+# 15 taps run every design's runtime-tap kernels, 8 the staged design's own.
+@pytest.mark.parametrize(
+    "case_name", ["3x5_stride2_dilation2_G3_D16", "3x3_remove_center_stride2_G3_D16"]
+)
+def test_deterministic_backward(case_name, dtype, design, kind):
     """Under torch.use_deterministic_algorithms(True): as accurate, and the same bits twice."""
-    case = CASES["3x5_stride2_dilation2_G3_D16"]
+    case = CASES[case_name]
     inputs = make_inputs(case, kind, dtype, seed=2)
     check_against_reference(kind, inputs, case.params(), design, dtype)
     out_h, out_w = case.geometry.output_size(case.H, case.W)
@@ -364,6 +376,51 @@ def test_non_contiguous_and_channels_last_strided_inputs(design):
         run_reference("dcnv3_softmax", strided, case.params()),
         run_reference("dcnv3_softmax", inputs, case.params()),
     )
+
+
+@pytest.mark.parametrize(
+    "case_name, kernel, threads",
+    [
+        # 8 channels of float32: 2 vectors, 2 lanes an item, 32 items a block.
+        ("basic_3x3", "dcnv3_staged_backward<float, 0, 4, 9>", 64),
+        # 16: 4 lanes an item.
+        ("3x3_remove_center_stride2_G3_D16", "dcnv3_staged_backward<float, 0, 4, 8>", 128),
+        ("5x5_G3_D16", "dcnv3_staged_backward<float, 0, 4, 25>", 128),
+        # 300 channels: 75 vectors on 32 lanes, 8 items a block.
+        ("wide_D300", "dcnv3_staged_backward<float, 0, 4, 9>", 256),
+        ("3x5_stride2_dilation2_G3_D16", "dcnv3_vectorized_backward<float, 0, 4>", 256),
+    ],
+)
+def test_staged_design_runs_its_tap_counts_and_says_why_not(case_name, kernel, threads):
+    """The staged design has kernels for STAGED_TAPS; other tap counts run the
+    vectorized ones, the reason in the launch log; blocks of at most STAGED_ITEMS items."""
+    case = CASES[case_name]
+    inputs = make_inputs(case, "dcnv3", torch.float32)
+    leaves = {n: t.requires_grad_() for n, t in inputs.items()}
+    with launch.recorded_launches() as log:
+        run_ours("dcnv3", leaves, case.params(), "staged").sum().backward()
+    assert [(r.kernel, r.block[0]) for r in log][-1] == (kernel, threads)
+    staged = "staged" in kernel
+    assert ("vectorized kernels: 15 taps" in log[-1].variant_reason) != staged
+
+
+@pytest.mark.parametrize("design, itemsize", [("vectorized", 4), ("staged", 2)])
+def test_half_gradients_of_offset_and_mask_written_by_the_kernel(design, itemsize):
+    """In float16 the staged backward stores grad_offset / grad_mask as float16,
+    each element once (no float32 buffer and no conversion pass after it); the
+    vectorized one stores float32 buffers (the contrast makes the check bite)."""
+    case = CASES["basic_3x3"]
+    inputs = make_inputs(case, "dcnv3", torch.float16)
+    leaves = {n: t.requires_grad_() for n, t in inputs.items()}
+    with emulator.mode("counters"), emulator.recording() as launches:
+        run_ours("dcnv3", leaves, case.params(), design).sum().backward()
+    backward = next(r for r in launches if "backward" in r.kernel)
+    for name in ("offset", "mask"):
+        [written] = [b for b in backward.buffers if b.name == f"grad_{name}"]
+        assert written.nbytes == written.access["store"].bytes_useful == (
+            inputs[name].numel() * itemsize
+        )
+        assert leaves[name].grad.dtype == torch.float16
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=dtype_id)

@@ -64,7 +64,7 @@ def test_parameters_are_the_contracts():
 
 
 # Our kernels' designs, registered for dcnv3, dcnv4 and dcnv3_layer.
-KERNEL_IMPLEMENTATIONS = ("cupy_direct", "cupy_vectorized", "cupy_shared_scatter")
+KERNEL_IMPLEMENTATIONS = ("cupy_direct", "cupy_vectorized", "cupy_staged", "cupy_shared_scatter")
 
 
 def test_implementations_kinds_and_devices():

@@ -433,7 +433,8 @@ def register_core_implementations(op: str, tensor_names: tuple[str, ...],
                                   arguments: Callable[[Mapping[str, Any]], dict[str, Any]],
                                   kernel_module: str) -> None:
     """reference, pytorch_gridsample, torch_compile and cupy_<design> for our kernels'
-    designs (direct, vectorized, shared_scatter) of ``op``: each calls its module's
+    designs (direct, vectorized, staged,
+    shared_scatter) of ``op``: each calls its module's
     function named ``op`` on ``tensor_names``."""
 
     def prepare(load_function, doc):
@@ -461,7 +462,7 @@ def register_core_implementations(op: str, tensor_names: tuple[str, ...],
     implementation(op, "torch_compile", kind="peer", dtypes=KERNEL_DTYPES, devices=("cuda",),
                    available=_no_cuda_compile, known_inaccurate=GRIDSAMPLE_INACCURATE)(
         prepare_compiled)
-    for design in ("direct", "vectorized", "shared_scatter"):
+    for design in ("direct", "vectorized", "staged", "shared_scatter"):
         def prepare_kernel(inputs, params, design=design):
             kernel_prepare = importlib.import_module(kernel_module).prepare
             return kernel_prepare(*(inputs[name] for name in tensor_names), **arguments(params),
@@ -709,7 +710,7 @@ implementation("dcnv3_layer", "pytorch_gridsample", kind="peer", dtypes=KERNEL_D
                known_inaccurate=GRIDSAMPLE_INACCURATE)(
     _layer_prepare(lambda: dcnv3_gridsample.unchecked_dcnv3,
                    "The layer on the grid_sample core, in the case's dtype."))
-for _design in ("direct", "vectorized", "shared_scatter"):
+for _design in ("direct", "vectorized", "staged", "shared_scatter"):
     # The core runs on offsets and masks the layer computes from checked weights: unchecked.
     implementation("dcnv3_layer", f"cupy_{_design}", kind="kernel", dtypes=KERNEL_DTYPES,
                    available=kernel_availability("kernels.ops.dcnv3"), emulated_on=("cpu",))(

@@ -6,7 +6,7 @@ accumulation, float64 in double throughout (for ``torch.autograd.gradcheck``),
 any kernel size, any ``group_channels``. Design notes and what
 to measure: ``docs/kernels/dcnv3.md``.
 
-Three designs of the same kernels, picked by ``design=``:
+Four designs of the same kernels, picked by ``design=``:
 
 - ``"direct"`` (``kernels/cuda/dcnv3_direct.cu``): upstream DCNv3's mapping,
   one thread per output element (pixel, group, channel); backward reduces
@@ -15,6 +15,11 @@ Three designs of the same kernels, picked by ``design=``:
   vectors of channels loaded 16 bytes at a time, sampling computed once per
   tap and reused across the vector, several pixels per block, softmax fused;
   backward reduces with warp shuffles.
+- ``"staged"`` (``kernels/cuda/dcnv3_staged.cu``): the vectorized mapping with
+  a block's offsets and masks loaded once, coalesced, into shared memory, the
+  softmax computed once per item, the tap count a template parameter
+  (``STAGED_TAPS``; other tap counts run the vectorized kernels); its backward
+  writes grad_offset / grad_mask in the storage type directly.
 - ``"shared_scatter"`` (``kernels/cuda/dcnv3_shared_scatter.cu``, backward
   only; the forward is ``"vectorized"``'s): a block owns a tile of output
   pixels of one (image, group) and accumulates their grad_input in a
@@ -32,7 +37,7 @@ Gradients: grad_input accumulates with float32 atomics in a float32 buffer
 (cast once at the end); under ``torch.use_deterministic_algorithms(True)``
 with fixed-point int64 atomics instead, bit-reproducible
 (``kernels/determinism.py``); grad_offset / grad_mask are written once per element
-in float32 and cast. On a CPU tensor the kernels run through
+in float32 and cast (the staged design writes them in the dtype). On a CPU tensor the kernels run through
 ``kernels.emulator``: for correctness checks, never for timing.
 """
 
@@ -59,6 +64,11 @@ BLOCK_SIZE = 256
 WARP_SIZE = 32
 # The vectorized design's loads: 16 bytes (float4 / 8 halves / 8 bfloat16).
 VECTOR_BYTES = 16
+# The staged design's tap counts (3x3, 3x3 with remove_center, 5x5), each its own
+# instantiation; any other count runs the vectorized kernels.
+STAGED_TAPS = (9, 8, 25)
+# Items per block of the staged design at most (its shared arrays' rows).
+STAGED_ITEMS = 32
 
 _CTYPES = {
     torch.float32: "float",
@@ -67,7 +77,7 @@ _CTYPES = {
     torch.float64: "double",
 }
 SUPPORTED_DTYPES = tuple(_CTYPES)
-DESIGNS = ("direct", "vectorized", "shared_scatter")
+DESIGNS = ("direct", "vectorized", "staged", "shared_scatter")
 # Designs that change the backward only, and the design whose forward they run.
 FORWARD_DESIGN = {"shared_scatter": "vectorized"}
 _KERNELS = ("forward", "backward")
@@ -90,28 +100,36 @@ def _vector_widths(dtype: torch.dtype) -> tuple[int, ...]:
 
 
 def _name_expression(
-    design: str, kernel: str, dtype: torch.dtype, modulation: Modulation, vector: int
+    design: str, kernel: str, dtype: torch.dtype, modulation: Modulation, vector: int,
+    taps: int = 0,
 ) -> str:
     arguments = [_CTYPES[dtype], str(int(modulation))]
     if design != "direct":
         arguments.append(str(vector))
+    if design == "staged":
+        arguments.append(str(taps))
     return f"dcnv3_{design}_{kernel}<{', '.join(arguments)}>"
 
 
 def _register(design: str) -> CudaSource:
     vectors = (lambda dtype: (1,)) if design == "direct" else _vector_widths
+    tap_counts = STAGED_TAPS if design == "staged" else (0,)
     return register(
         CudaSource(
             filename=f"dcnv3_{design}.cu",
             name_expressions=tuple(
-                _name_expression(design, kernel, dtype, modulation, vector)
+                _name_expression(design, kernel, dtype, modulation, vector, taps)
                 for kernel in _KERNELS
                 for dtype in SUPPORTED_DTYPES
                 for modulation in Modulation
                 for vector in vectors(dtype)
+                for taps in tap_counts
             ),
+            # The staged design launches fewer threads when an item has few lanes
+            # (_threads_per_block); its launch bounds hold for BLOCK_SIZE.
             block_sizes={f"dcnv3_{design}_{kernel}": BLOCK_SIZE for kernel in _KERNELS},
-            options=(*COMPILE_OPTIONS, f"-DDCNV3_BLOCK_SIZE={BLOCK_SIZE}"),
+            options=(*COMPILE_OPTIONS, f"-DDCNV3_BLOCK_SIZE={BLOCK_SIZE}",
+                     f"-DDCNV3_STAGED_ITEMS={STAGED_ITEMS}"),
         )
     )
 
@@ -266,6 +284,22 @@ def _lanes(design: str, call: Call, vector: int) -> int:
     return lanes
 
 
+def _kernel_design(design: str, call: Call) -> tuple[str, str]:
+    """The design whose kernels run the call, and why when it is not ``design``:
+    the staged design has instantiations for ``STAGED_TAPS`` only."""
+    if design == "staged" and call.taps not in STAGED_TAPS:
+        return "vectorized", (f"vectorized kernels: {call.taps} taps, the staged design has "
+                              f"{', '.join(map(str, STAGED_TAPS))}")
+    return design, ""
+
+
+def _threads_per_block(design: str, lanes: int) -> int:
+    """The staged design's blocks hold at most STAGED_ITEMS items (its shared rows)."""
+    if design == "staged":
+        return min(STAGED_ITEMS * lanes, BLOCK_SIZE)
+    return BLOCK_SIZE
+
+
 def _vector(
     design: str, call: Call, dtype: torch.dtype, *tensors: torch.Tensor
 ) -> tuple[int, str]:
@@ -294,15 +328,17 @@ def _launch(
     tensors: tuple[torch.Tensor, ...],
 ) -> None:
     input = tensors[0]
+    design, other_design = _kernel_design(design, call)
     vector, why = _vector(design, call, input.dtype, *vector_tensors)
     function = launch.module(SOURCES[design], input.device).function(
-        _name_expression(design, kernel, input.dtype, modulation, vector)
+        _name_expression(design, kernel, input.dtype, modulation, vector, call.taps)
     )
     items = call.batch * call.out_h * call.out_w * call.group
-    items_per_block = BLOCK_SIZE // max(_lanes(design, call, vector), 1)
+    lanes = max(_lanes(design, call, vector), 1)
+    threads = _threads_per_block(design, lanes)
     function(
-        launch.blocks(items, items_per_block), BLOCK_SIZE, (*tensors, *call.kernel_arguments()),
-        variant_reason=why,
+        launch.blocks(items, threads // lanes), threads, (*tensors, *call.kernel_arguments()),
+        variant_reason="; ".join(filter(None, (other_design, why))),
     )
 
 
@@ -435,12 +471,15 @@ def _backward(
         grad_input = torch.zeros(input.shape, dtype=accumulate, device=device)
     else:
         grad_input = launch.null(accumulate, device)  # the kernel skips the scatter
-    grad_offset = launch.new_output(offset.shape, accumulate, device)
+    # The staged kernels write grad_offset / grad_mask in the storage type.
+    in_storage_type = _kernel_design(design, call)[0] == "staged"
+    gradient_dtype = dtype if in_storage_type else accumulate
+    grad_offset = launch.new_output(offset.shape, gradient_dtype, device)
     if mask is None:  # dcnv4: one buffer in offset_mask's layout; padding columns are 0
         grad_offset[..., call.group * call.taps * 3 :] = 0
         grad_mask = grad_offset
     else:
-        grad_mask = launch.new_output(mask.shape, accumulate, device)
+        grad_mask = launch.new_output(mask.shape, gradient_dtype, device)
     tensors = (input, offset, offset if mask is None else mask, grad_output, grad_input,
                *fixed_args, grad_offset, grad_mask)  # fmt: skip
     if design == "shared_scatter":
@@ -651,8 +690,8 @@ def dcnv3(
             (remove_center needs odd kernel sizes).
         group, group_channels: G and D; input has G·D channels.
         softmax: normalise the mask over the taps of each group in the kernel.
-        design: ``"vectorized"``, ``"direct"`` or ``"shared_scatter"`` (the module
-            docstring).
+        design: ``"vectorized"``, ``"direct"``, ``"staged"`` or ``"shared_scatter"``
+            (the module docstring).
 
     All tensors share one dtype and device. Any strides are accepted: a
     tensor that is not dense channels-last (say ``x.permute(0, 2, 3, 1)`` of an

@@ -32,8 +32,9 @@ def test_the_page_sets_each_design_and_direction_side_by_side(tmp_path):
     assert "floors are a model" in page
     chart = counters_page.floor_chart(counters_page._rows(document), "dcnv3")
     assert [trace["name"] for trace in chart["data"]] == [
-        "cupy_direct · forward", "cupy_shared_scatter · forward", "cupy_vectorized · forward",
-        "cupy_direct · backward", "cupy_shared_scatter · backward", "cupy_vectorized · backward"]
+        "cupy_direct · forward", "cupy_shared_scatter · forward", "cupy_staged · forward",
+        "cupy_vectorized · forward", "cupy_direct · backward", "cupy_shared_scatter · backward",
+        "cupy_staged · backward", "cupy_vectorized · backward"]
     assert all(trace["y"][0] > 0 for trace in chart["data"])
 
 

@@ -21,8 +21,8 @@ from kernels.ops.dcnv3 import dcnv3
 from kernels.ops.deform_conv2d import deform_conv2d
 from kernels.ops.deform_roi_pool import deform_roi_pool
 
-OUR_IMPLEMENTATIONS = ("cupy", "cupy_direct", "cupy_vectorized", "cupy_shared_scatter",
-                       "cupy_channels_fastest", "cupy_implicit_gemm")
+OUR_IMPLEMENTATIONS = ("cupy", "cupy_direct", "cupy_vectorized", "cupy_staged",
+                       "cupy_shared_scatter", "cupy_channels_fastest", "cupy_implicit_gemm")
 
 
 def dcnv3_inputs(group_channels: int = 8, requires_grad: bool = False):
