@@ -119,7 +119,7 @@ def test_the_command_prints_each_kernel_of_the_backward(capsys):
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["counters", "deform_conv2d", "--impl", "torchvision"],
-     "--impl: expected one of deform_conv2d's kernel implementations (cupy), got 'torchvision'"),
+     "--impl: expected one of deform_conv2d's kernel implementations (cupy, cupy_implicit_gemm), got 'torchvision'"),
     (["counters", "deform_conv2d"], "counters: expected OP --impl IMPL, or --suite NAME"),
     (["counters", "deform_conv2d", "--impl", "cupy", "--check", "b.json"],
      "--check / --update: need --suite"),

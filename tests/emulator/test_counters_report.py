@@ -25,7 +25,7 @@ def test_the_page_sets_each_design_and_direction_side_by_side(tmp_path):
     (tmp_path / "results" / "counters" / "tiny.json").write_text(json.dumps(document))
     site = Site(tmp_path / "site")
     entry = counters_page.render(site, [tmp_path / "results"])
-    assert entry == {"path": "counters.html", "suite": "tiny", "gpu": "h200", "kernels": "6"}
+    assert entry == {"path": "counters.html", "suite": "tiny", "gpu": "h200", "kernels": "8"}  # 4 designs × 2 directions
     page = html.unescape((tmp_path / "site" / "counters.html").read_text())
     for kernel in document["kernels"].values():
         assert f"<code>{kernel['kernel']}</code>" in page
