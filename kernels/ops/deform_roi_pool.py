@@ -637,6 +637,22 @@ def _forward_channels_fastest(
     )
 
 
+def _partial_sums(
+    g: Geometry,
+    slices: int,
+    components: int,
+    wanted: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """[K, slices, components, pooled_h, pooled_w]: a backward's partial sums of the
+    offset (2 components) or mask (1) gradient, one per slice of the channels;
+    None when that gradient is not wanted."""
+    if not wanted:
+        return None
+    return launch.new_output((g.num_rois, slices, components, g.pooled_h, g.pooled_w), dtype, device)
+
+
 def _backward(
     g: Geometry,
     grad_output: torch.Tensor,
@@ -685,20 +701,8 @@ def _backward(
     # ones are CAS loops).
     grad_input = InputGradient(input.shape, dtype, device, bound) if want_input else None
     slicing = channel_slicing(g.channels, g.num_rois * g.bins, want_offset or want_mask, device)
-    offset_partial = (
-        launch.new_output(
-            (g.num_rois, slicing.slices, 2, g.pooled_h, g.pooled_w), accumulate, device
-        )
-        if want_offset
-        else None
-    )
-    mask_partial = (
-        launch.new_output(
-            (g.num_rois, slicing.slices, 1, g.pooled_h, g.pooled_w), accumulate, device
-        )
-        if want_mask
-        else None
-    )
+    offset_partial = _partial_sums(g, slicing.slices, 2, want_offset, accumulate, device)
+    mask_partial = _partial_sums(g, slicing.slices, 1, want_mask, accumulate, device)
     if want_input or want_offset or want_mask:
         kernel = launch.module(SOURCE, device).function(
             _name_expression(
@@ -752,16 +756,8 @@ def _backward_channels_fastest(
     n, c, h, w = input.shape
     grad_input = InputGradient((n, h, w, c), dtype, device, bound) if want_input else None
     chunks = channel_chunks(g.channels)
-    offset_partial = (
-        launch.new_output((g.num_rois, chunks, 2, g.pooled_h, g.pooled_w), accumulate, device)
-        if want_offset
-        else None
-    )
-    mask_partial = (
-        launch.new_output((g.num_rois, chunks, 1, g.pooled_h, g.pooled_w), accumulate, device)
-        if want_mask
-        else None
-    )
+    offset_partial = _partial_sums(g, chunks, 2, want_offset, accumulate, device)
+    mask_partial = _partial_sums(g, chunks, 1, want_mask, accumulate, device)
     kernel = launch.module(CHANNELS_FASTEST_SOURCE, device).function(
         _channels_fastest_name(
             "deform_roi_pool_channels_fastest_backward", dtype, offset is not None,
