@@ -43,9 +43,7 @@ from harness.operators.roi_align import (
     BACKWARD_POSITION_FLOPS,
     CHANNEL_SAMPLE_FLOPS,
     FORWARD_ONLY_MODES,
-    KERNEL_DESIGNS,
     POINT_FLOPS,
-    ROI_KERNEL_DTYPES,
     ROI_MODES,
     ROI_TOLERANCES,
     draw_rois,
@@ -53,13 +51,13 @@ from harness.operators.roi_align import (
     near,
     near_grid,
     redraw_until_clean,
+    register_kernel_designs,
     round_to,
 )
 from harness.registry import (
     Operator,
     TensorSpec,
     implementation,
-    kernel_availability,
     register_operator,
 )
 from harness.sampling import SamplingPicture, grid_points
@@ -326,10 +324,5 @@ def _cupy_deform_psroi_pool(design: str):
     return prepare_kernel
 
 
-for _impl, _design in KERNEL_DESIGNS.items():
-    implementation(OP, _impl, kind="kernel", dtypes=ROI_KERNEL_DTYPES,
-                   available=kernel_availability("kernels.ops.deform_psroi_pool"),
-                   emulated_on=("cpu",),
-                   description=f"kernels.ops.deform_psroi_pool.deform_psroi_pool(design={_design!r}): "
-                               "our CuPy kernels (CPU: the emulator).")(_cupy_deform_psroi_pool(_design))
+register_kernel_designs(OP, "deform_psroi_pool", "deform_psroi_pool", _cupy_deform_psroi_pool)
 

@@ -44,10 +44,8 @@ from harness.operators.roi_align import (
     BACKWARD_POSITION_FLOPS,
     CHANNEL_SAMPLE_FLOPS,
     FORWARD_ONLY_MODES,
-    KERNEL_DESIGNS,
     POINT_FLOPS,
     POOLED_ID_PAIRS,
-    ROI_KERNEL_DTYPES,
     ROI_MODES,
     ROI_PARAMS,
     ROI_TENSORS,
@@ -58,6 +56,7 @@ from harness.operators.roi_align import (
     kernel_function,
     near_grid,
     redraw_until_clean,
+    register_kernel_designs,
     roi_arguments,
     roi_element_counts,
     round_to,
@@ -68,7 +67,6 @@ from harness.registry import (
     Operator,
     TensorSpec,
     implementation,
-    kernel_availability,
     register_operator,
 )
 from harness.sampling import SamplingPicture, grid_points
@@ -270,9 +268,4 @@ for _name, (_modulated, _summary) in DEFORM_ROI_OPERATORS.items():
                    description="torchvision.ops.roi_align(aligned=True) on the same input and "
                                "RoIs, offsets (and mask) left out: the baseline, judged as "
                                "roi_align")(torchvision_roi_align)
-    for _impl, _design in KERNEL_DESIGNS.items():
-        implementation(_name, _impl, kind="kernel", dtypes=ROI_KERNEL_DTYPES,
-                       available=kernel_availability("kernels.ops.deform_roi_pool"),
-                       emulated_on=("cpu",),
-                       description=f"kernels.ops.deform_roi_pool.{_name}(design={_design!r}): our "
-                                   "CuPy kernels (CPU: the emulator).")(kernel_preparer(_design))
+    register_kernel_designs(_name, "deform_roi_pool", _name, kernel_preparer)

@@ -401,6 +401,18 @@ def torchvision_roi_align(inputs, params):
 KERNEL_DESIGNS = {"cupy": "pw_fastest", "cupy_channels_fastest": "channels_fastest"}
 
 
+def register_kernel_designs(op: str, module: str, function: str,
+                            preparer: Callable[[str], Callable]) -> None:
+    """One kernel implementation of ``op`` per design of KERNEL_DESIGNS, each prepared
+    by ``preparer(design)``: ``kernels.ops.<module>.<function>`` of that design."""
+    for impl, design in KERNEL_DESIGNS.items():
+        implementation(op, impl, kind="kernel", dtypes=ROI_KERNEL_DTYPES,
+                       available=kernel_availability(f"kernels.ops.{module}"),
+                       emulated_on=("cpu",),
+                       description=f"kernels.ops.{module}.{function}(design={design!r}): our "
+                                   "CuPy kernels (CPU: the emulator).")(preparer(design))
+
+
 def _cupy_roi_align(design: str):
     def prepare_roi_align(inputs, params):
         prepare = kernel_function("deform_roi_pool", "prepare")
@@ -410,9 +422,4 @@ def _cupy_roi_align(design: str):
     return prepare_roi_align
 
 
-for _impl, _design in KERNEL_DESIGNS.items():
-    implementation("roi_align", _impl, kind="kernel", dtypes=ROI_KERNEL_DTYPES,
-                   available=kernel_availability("kernels.ops.deform_roi_pool"),
-                   emulated_on=("cpu",),
-                   description=f"kernels.ops.deform_roi_pool.roi_align(design={_design!r}): our "
-                               "CuPy kernels (CPU: the emulator).")(_cupy_roi_align(_design))
+register_kernel_designs("roi_align", "deform_roi_pool", "roi_align", _cupy_roi_align)

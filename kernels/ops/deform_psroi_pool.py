@@ -50,6 +50,7 @@ from kernels.ops.deform_roi_pool import (
     TRANSPOSE_OPTIONS,
     TRANSPOSE_PAIRS,
     InputGradient,
+    PerRoi,
     accumulate_dtype,
     accumulate_scalar,
     channel_slicing,
@@ -61,8 +62,7 @@ from kernels.ops.deform_roi_pool import (
     check_same_dtype_and_device,
     check_values,
     fully_connected,
-    roi_chunks,
-    roi_rows,
+    launch_per_roi_chunk,
     transpose_name,
     transpose_rows_and_columns,
 )
@@ -289,18 +289,19 @@ def _forward(
         blocks, features = launch.blocks(g.output_dim * g.bins, BLOCK_SIZE), input
     null = launch.null(input.dtype, input.device)  # unread without HAS_TRANS
     rois = rois.to(accumulate_dtype(input.dtype)).contiguous()
-    for start, stop in roi_chunks(g.num_rois):
-        kernel(
-            (blocks, stop - start),
-            BLOCK_SIZE,
-            (
-                features,
-                rois[start:stop],
-                roi_rows(trans, start, stop, null),
-                output[start:stop],
-                *_geometry_arguments(g, input.dtype),
-            ),
-        )
+    launch_per_roi_chunk(
+        kernel,
+        blocks,
+        BLOCK_SIZE,
+        g.num_rois,
+        (
+            features,
+            PerRoi(rois),
+            PerRoi(trans, null),
+            PerRoi(output),
+            *_geometry_arguments(g, input.dtype),
+        ),
+    )
     return output
 
 
@@ -369,25 +370,23 @@ def _backward(
         )
         null, null_accumulate = launch.null(dtype, device), launch.null(accumulate, device)
         rois = rois.to(accumulate).contiguous()
-        grad_input_args = (
-            InputGradient.unused(dtype, device) if grad_input is None else grad_input.kernel_args()
+        launch_per_roi_chunk(
+            kernel,
+            launch.blocks(g.num_classes * slicing.slices * g.bins, BLOCK_SIZE),
+            BLOCK_SIZE,
+            g.num_rois,
+            (
+                input,
+                PerRoi(rois),
+                PerRoi(trans, null),
+                PerRoi(grad_output),
+                *InputGradient.arguments(grad_input, dtype, device),
+                PerRoi(trans_partial, null_accumulate),
+                *_geometry_arguments(g, dtype),
+                launch.int32(slicing.channels_per_thread),
+                launch.int32(slicing.slices),
+            ),
         )
-        for start, stop in roi_chunks(g.num_rois):
-            kernel(
-                (launch.blocks(g.num_classes * slicing.slices * g.bins, BLOCK_SIZE), stop - start),
-                BLOCK_SIZE,
-                (
-                    input,
-                    rois[start:stop],
-                    roi_rows(trans, start, stop, null),
-                    grad_output[start:stop],
-                    *grad_input_args,
-                    roi_rows(trans_partial, start, stop, null_accumulate),
-                    *_geometry_arguments(g, dtype),
-                    launch.int32(slicing.channels_per_thread),
-                    launch.int32(slicing.slices),
-                ),
-            )
     if trans_partial is None:
         grad_trans = torch.empty(0, dtype=dtype, device=device)
     else:
@@ -440,23 +439,21 @@ def _backward_channels_fastest(
         else null
     )
     rois = rois.to(accumulate).contiguous()
-    grad_input_args = (
-        InputGradient.unused(dtype, device) if grad_input is None else grad_input.kernel_args()
+    launch_per_roi_chunk(
+        kernel,
+        _channels_fastest_blocks(g),
+        BLOCK_SIZE,
+        g.num_rois,
+        (
+            staged,
+            PerRoi(rois),
+            PerRoi(trans, null),
+            PerRoi(grad_output),
+            *InputGradient.arguments(grad_input, dtype, device),
+            PerRoi(trans_partial, null_accumulate),
+            *_geometry_arguments(g, dtype),
+        ),
     )
-    for start, stop in roi_chunks(g.num_rois):
-        kernel(
-            (_channels_fastest_blocks(g), stop - start),
-            BLOCK_SIZE,
-            (
-                staged,
-                rois[start:stop],
-                roi_rows(trans, start, stop, null),
-                grad_output[start:stop],
-                *grad_input_args,
-                roi_rows(trans_partial, start, stop, null_accumulate),
-                *_geometry_arguments(g, dtype),
-            ),
-        )
 
     def empty():  # one each: the operator's outputs must not alias
         return torch.empty(0, dtype=dtype, device=device)

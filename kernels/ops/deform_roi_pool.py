@@ -475,8 +475,13 @@ class InputGradient:
         return (launch.null(self.accumulate, self.device), *self.fixed.kernel_args())
 
     @staticmethod
-    def unused(dtype: torch.dtype, device: torch.device) -> tuple:
-        """The same arguments when grad_input (of ``dtype``) is not wanted: no scatter."""
+    def arguments(
+        grad_input: InputGradient | None, dtype: torch.dtype, device: torch.device
+    ) -> tuple:
+        """:meth:`kernel_args` of ``grad_input``, or when it is None (grad_input of
+        ``dtype`` not wanted) the same arguments for no scatter."""
+        if grad_input is not None:
+            return grad_input.kernel_args()
         return (
             launch.null(accumulate_dtype(dtype), device),
             *determinism.FixedPointSum.unused(device),
@@ -515,11 +520,33 @@ def roi_chunks(num_rois: int) -> list[tuple[int, int]]:
     return [(start, min(start + step, num_rois)) for start in range(0, num_rois, step)]
 
 
-def roi_rows(
-    tensor: torch.Tensor | None, start: int, stop: int, null: torch.Tensor
-) -> torch.Tensor:
-    """RoIs start:stop of a [K, ...] tensor (a contiguous view), or ``null`` for None."""
-    return null if tensor is None else tensor[start:stop]
+class PerRoi(NamedTuple):
+    """A kernel argument of one row per RoI ([K, ...]): each launch of
+    :func:`launch_per_roi_chunk` passes its chunk's rows (a contiguous view), or
+    ``null`` where the tensor is None."""
+
+    tensor: torch.Tensor | None
+    null: torch.Tensor | None = None
+
+
+def launch_per_roi_chunk(
+    kernel, blocks_per_roi: int, block_size: int, num_rois: int, arguments: tuple
+) -> None:
+    """Launches ``kernel`` once per chunk of :func:`roi_chunks` (the RoI is blockIdx.y),
+    with the chunk's rows of the :class:`PerRoi` arguments and the others as they are."""
+    for start, stop in roi_chunks(num_rois):
+        kernel(
+            (blocks_per_roi, stop - start),
+            block_size,
+            tuple(
+                _chunk_rows(argument, start, stop) if isinstance(argument, PerRoi) else argument
+                for argument in arguments
+            ),
+        )
+
+
+def _chunk_rows(argument: PerRoi, start: int, stop: int) -> torch.Tensor:
+    return argument.null if argument.tensor is None else argument.tensor[start:stop]
 
 
 def channel_chunks(channels: int) -> int:
@@ -560,19 +587,20 @@ def _forward(
     )
     null = launch.null(input.dtype, input.device)  # unread without HAS_OFFSET / HAS_MASK
     rois = rois.to(accumulate_dtype(input.dtype)).contiguous()
-    for start, stop in roi_chunks(g.num_rois):
-        kernel(
-            (launch.blocks(g.channels * g.bins, BLOCK_SIZE), stop - start),
-            BLOCK_SIZE,
-            (
-                input,
-                rois[start:stop],
-                roi_rows(offset, start, stop, null),
-                roi_rows(mask, start, stop, null),
-                output[start:stop],
-                *_geometry_arguments(g, input.dtype),
-            ),
-        )
+    launch_per_roi_chunk(
+        kernel,
+        launch.blocks(g.channels * g.bins, BLOCK_SIZE),
+        BLOCK_SIZE,
+        g.num_rois,
+        (
+            input,
+            PerRoi(rois),
+            PerRoi(offset, null),
+            PerRoi(mask, null),
+            PerRoi(output),
+            *_geometry_arguments(g, input.dtype),
+        ),
+    )
     return output
 
 
@@ -593,19 +621,36 @@ def _forward_channels_fastest(
     null = launch.null(input.dtype, input.device)  # unread without HAS_OFFSET / HAS_MASK
     staged = to_channels_last(input)
     rois = rois.to(accumulate_dtype(input.dtype)).contiguous()
-    for start, stop in roi_chunks(g.num_rois):
-        kernel(
-            (_channels_fastest_blocks(g), stop - start),
-            BLOCK_SIZE,
-            (
-                staged,
-                rois[start:stop],
-                roi_rows(offset, start, stop, null),
-                roi_rows(mask, start, stop, null),
-                output[start:stop],
-                *_geometry_arguments(g, input.dtype),
-            ),
-        )
+    launch_per_roi_chunk(
+        kernel,
+        _channels_fastest_blocks(g),
+        BLOCK_SIZE,
+        g.num_rois,
+        (
+            staged,
+            PerRoi(rois),
+            PerRoi(offset, null),
+            PerRoi(mask, null),
+            PerRoi(output),
+            *_geometry_arguments(g, input.dtype),
+        ),
+    )
+
+
+def _partial_sums(
+    g: Geometry,
+    slices: int,
+    components: int,
+    wanted: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """[K, slices, components, pooled_h, pooled_w]: a backward's partial sums of the
+    offset (2 components) or mask (1) gradient, one per slice of the channels;
+    None when that gradient is not wanted."""
+    if not wanted:
+        return None
+    return launch.new_output((g.num_rois, slices, components, g.pooled_h, g.pooled_w), dtype, device)
 
 
 def _backward(
@@ -656,20 +701,8 @@ def _backward(
     # ones are CAS loops).
     grad_input = InputGradient(input.shape, dtype, device, bound) if want_input else None
     slicing = channel_slicing(g.channels, g.num_rois * g.bins, want_offset or want_mask, device)
-    offset_partial = (
-        launch.new_output(
-            (g.num_rois, slicing.slices, 2, g.pooled_h, g.pooled_w), accumulate, device
-        )
-        if want_offset
-        else None
-    )
-    mask_partial = (
-        launch.new_output(
-            (g.num_rois, slicing.slices, 1, g.pooled_h, g.pooled_w), accumulate, device
-        )
-        if want_mask
-        else None
-    )
+    offset_partial = _partial_sums(g, slicing.slices, 2, want_offset, accumulate, device)
+    mask_partial = _partial_sums(g, slicing.slices, 1, want_mask, accumulate, device)
     if want_input or want_offset or want_mask:
         kernel = launch.module(SOURCE, device).function(
             _name_expression(
@@ -677,27 +710,25 @@ def _backward(
             )
         )
         null, null_accumulate = launch.null(dtype, device), launch.null(accumulate, device)
-        grad_input_args = (
-            InputGradient.unused(dtype, device) if grad_input is None else grad_input.kernel_args()
+        launch_per_roi_chunk(
+            kernel,
+            launch.blocks(slicing.slices * g.bins, BLOCK_SIZE),
+            BLOCK_SIZE,
+            g.num_rois,
+            (
+                input,
+                PerRoi(rois),
+                PerRoi(offset, null),
+                PerRoi(mask, null),
+                PerRoi(grad_output),
+                *InputGradient.arguments(grad_input, dtype, device),
+                PerRoi(offset_partial, null_accumulate),
+                PerRoi(mask_partial, null_accumulate),
+                *_geometry_arguments(g, dtype),
+                launch.int32(slicing.channels_per_thread),
+                launch.int32(slicing.slices),
+            ),
         )
-        for start, stop in roi_chunks(g.num_rois):
-            kernel(
-                (launch.blocks(slicing.slices * g.bins, BLOCK_SIZE), stop - start),
-                BLOCK_SIZE,
-                (
-                    input,
-                    rois[start:stop],
-                    roi_rows(offset, start, stop, null),
-                    roi_rows(mask, start, stop, null),
-                    grad_output[start:stop],
-                    *grad_input_args,
-                    roi_rows(offset_partial, start, stop, null_accumulate),
-                    roi_rows(mask_partial, start, stop, null_accumulate),
-                    *_geometry_arguments(g, dtype),
-                    launch.int32(slicing.channels_per_thread),
-                    launch.int32(slicing.slices),
-                ),
-            )
     return (
         empty() if grad_input is None else grad_input.result(dtype),
         empty() if offset_partial is None else offset_partial.sum(1).to(dtype),
@@ -725,16 +756,8 @@ def _backward_channels_fastest(
     n, c, h, w = input.shape
     grad_input = InputGradient((n, h, w, c), dtype, device, bound) if want_input else None
     chunks = channel_chunks(g.channels)
-    offset_partial = (
-        launch.new_output((g.num_rois, chunks, 2, g.pooled_h, g.pooled_w), accumulate, device)
-        if want_offset
-        else None
-    )
-    mask_partial = (
-        launch.new_output((g.num_rois, chunks, 1, g.pooled_h, g.pooled_w), accumulate, device)
-        if want_mask
-        else None
-    )
+    offset_partial = _partial_sums(g, chunks, 2, want_offset, accumulate, device)
+    mask_partial = _partial_sums(g, chunks, 1, want_mask, accumulate, device)
     kernel = launch.module(CHANNELS_FASTEST_SOURCE, device).function(
         _channels_fastest_name(
             "deform_roi_pool_channels_fastest_backward", dtype, offset is not None,
@@ -744,25 +767,23 @@ def _backward_channels_fastest(
     null, null_accumulate = launch.null(dtype, device), launch.null(accumulate, device)
     # The values are read only for the offset and mask gradients.
     staged = to_channels_last(input) if want_offset or want_mask else null
-    grad_input_args = (
-        InputGradient.unused(dtype, device) if grad_input is None else grad_input.kernel_args()
+    launch_per_roi_chunk(
+        kernel,
+        _channels_fastest_blocks(g),
+        BLOCK_SIZE,
+        g.num_rois,
+        (
+            staged,
+            PerRoi(rois),
+            PerRoi(offset, null),
+            PerRoi(mask, null),
+            PerRoi(grad_output),
+            *InputGradient.arguments(grad_input, dtype, device),
+            PerRoi(offset_partial, null_accumulate),
+            PerRoi(mask_partial, null_accumulate),
+            *_geometry_arguments(g, dtype),
+        ),
     )
-    for start, stop in roi_chunks(g.num_rois):
-        kernel(
-            (_channels_fastest_blocks(g), stop - start),
-            BLOCK_SIZE,
-            (
-                staged,
-                rois[start:stop],
-                roi_rows(offset, start, stop, null),
-                roi_rows(mask, start, stop, null),
-                grad_output[start:stop],
-                *grad_input_args,
-                roi_rows(offset_partial, start, stop, null_accumulate),
-                roi_rows(mask_partial, start, stop, null_accumulate),
-                *_geometry_arguments(g, dtype),
-            ),
-        )
     def empty():  # one each: the operator's outputs must not alias
         return torch.empty(0, dtype=dtype, device=device)
 
