@@ -1,6 +1,7 @@
-// What both DCNv3/DCNv4 designs (dcnv3_direct.cu, dcnv3_vectorized.cu) share:
-// scalar conversions, the deterministic scatter-add, the tap geometry, where the offsets and the mask of a
-// tap live (three layouts), B0 sampling and the softmax over taps.
+// What the DCNv3/DCNv4 designs (dcnv3_direct.cu, dcnv3_vectorized.cu, dcnv3_staged.cu,
+// dcnv3_shared_scatter.cu) share: scalar conversions, the deterministic scatter-add, the tap
+// geometry, where the offsets and the mask of a tap live (three layouts), B0 sampling, the
+// softmax over taps and the backward's tap loop of the designs that give a lane channel vectors.
 // Semantics: shared/ops-semantics.md, "DCNv3 and DCNv4". Channels-last:
 // input [N, H, W, G*D], output [N, H_out, W_out, G*D].
 //
@@ -10,6 +11,7 @@
 
 #pragma once
 
+#include "channel_vectors.cuh"
 #include "deterministic_atomics.cuh"
 #include "scalar_conversions.cuh"
 
@@ -192,6 +194,55 @@ __device__ __forceinline__ void add_tap_gradient(const Sample<real>& s, const re
     d_m += s.weight[0] * dot[0] + s.weight[1] * dot[1] + s.weight[2] * dot[2] +
            s.weight[3] * dot[3];
 }
+
+// One in-range tap's backward in the designs that give a lane channel vectors
+// (VEC channels, 16-byte loads: channel_vectors.cuh): the lane owns vectors
+// lane, lane + lanes, ... below `vectors` of its item's D channels; `in` and
+// `grad_out` point at the item's image (input) or pixel (grad_output) and
+// group, pixels `channels` = G*D apart. Adds the lane's share of
+// d/dx, d/dy, d/dm (add_tap_gradient) and, with `scatter_enabled`, hands each
+// corner's grad_input to scatter(s, q, at, vector, w, grad): corner q, its element
+// `at` from `in`, the weight w = m * its bilinear weight (nonzero) and the
+// vector's grad_output. The scatter is the designs' own (GlobalScatter, or a
+// shared region first), a functor with a __forceinline__ operator(): the
+// emulator's counters group a warp's accesses by call site, so the scatter's
+// atomics must stay one site per unrolled corner, as written inline.
+template <typename scalar_t, int VEC, typename real, typename Scatter>
+__device__ __forceinline__ void add_vector_tap_gradient(const Sample<real>& s, real m,
+                                                        const scalar_t* in,
+                                                        const scalar_t* grad_out, int channels,
+                                                        int lane, int lanes, int vectors,
+                                                        bool scatter_enabled,
+                                                        const Scatter& scatter, real& d_x,
+                                                        real& d_y, real& d_m) {
+    real dot[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int vector = lane; vector < vectors; vector += lanes) {
+        real grad[VEC];
+        load_vector<scalar_t, VEC>(grad_out + vector * VEC, grad);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            if (s.corner[q] < 0) continue;
+            const long long at = s.corner[q] * static_cast<long long>(channels) + vector * VEC;
+            real v[VEC];
+            load_vector<scalar_t, VEC>(in + at, v);
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) dot[q] += grad[k] * v[k];
+            if (scatter_enabled && s.weight[q] != 0.f)
+                scatter(s, q, at, vector, m * s.weight[q], grad);
+        }
+    }
+    add_tap_gradient(s, dot, d_x, d_y, d_m);
+}
+
+// add_vector_tap_gradient's scatter straight to grad_input's atomics.
+template <int VEC, typename real>
+struct GlobalScatter {
+    ScatterAdd<real> to;
+    __device__ __forceinline__ void operator()(const Sample<real>&, int, long long at, int, real w,
+                                               const real (&grad)[VEC]) const {
+        scatter_vector<VEC>(to, at, w, grad);
+    }
+};
 
 }  // namespace dcnv3
 

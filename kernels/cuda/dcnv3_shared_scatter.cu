@@ -113,6 +113,27 @@ __device__ __forceinline__ void flush_fixed_region(const long long* sums, long l
     }
 }
 
+// dcnv3::add_vector_tap_gradient's scatter: a corner inside the region to its
+// shared sums, one outside to grad_input's atomics.
+template <int VEC, typename real>
+struct RegionScatter {
+    ScatterAdd<real> region, global;
+    int origin_y, origin_x, region_h, region_w, group_channels;
+    __device__ __forceinline__ void operator()(const dcnv3::Sample<real>& s, int q, long long at,
+                                               int vector, real w,
+                                               const real (&grad)[VEC]) const {
+        const int ry = s.y0 + (q >> 1) - origin_y;
+        const int rx = s.x0 + (q & 1) - origin_x;
+        if (ry >= 0 && ry < region_h && rx >= 0 && rx < region_w) {
+            const int local = (ry * region_w + rx) * group_channels + vector * VEC;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) region.add(local + k, w * grad[k]);
+        } else {
+            scatter_vector<VEC>(global, at, w, grad);
+        }
+    }
+};
+
 }  // namespace
 
 // Gradients of dcnv3_vectorized_forward; the arguments of
@@ -187,36 +208,12 @@ dcnv3_shared_scatter_backward(const scalar_t* __restrict__ input,        // [N, 
                                   to_acc(offset[o + 1]));
                 m = dcnv3::modulation<MODULATION>(
                     to_acc(mask[layout.mask_index(pixel, t.group, p)]), softmax);
-                if (s.in_range) {
-                    real dot[4] = {0.f, 0.f, 0.f, 0.f};
-                    for (int vector = lane; vector < vectors; vector += lanes) {
-                        real grad[VEC];
-                        load_vector<scalar_t, VEC>(grad_out + vector * VEC, grad);
-#pragma unroll
-                        for (int q = 0; q < 4; ++q) {
-                            if (s.corner[q] < 0) continue;
-                            const long long at =
-                                s.corner[q] * static_cast<long long>(C) + vector * VEC;
-                            real v[VEC];
-                            load_vector<scalar_t, VEC>(in + at, v);
-#pragma unroll
-                            for (int k = 0; k < VEC; ++k) dot[q] += grad[k] * v[k];
-                            if (!scatter || s.weight[q] == 0.f) continue;
-                            const int ry = s.y0 + (q >> 1) - t.origin_y;
-                            const int rx = s.x0 + (q & 1) - t.origin_x;
-                            const real w = m * s.weight[q];
-                            if (ry >= 0 && ry < region_h && rx >= 0 && rx < region_w) {
-                                const int local = (ry * region_w + rx) * g.group_channels +
-                                                  vector * VEC;
-#pragma unroll
-                                for (int k = 0; k < VEC; ++k) region.add(local + k, w * grad[k]);
-                            } else {
-                                scatter_vector<VEC>(grad_in, at, w, grad);
-                            }
-                        }
-                    }
-                    dcnv3::add_tap_gradient(s, dot, d_x, d_y, d_m);
-                }
+                if (s.in_range)
+                    dcnv3::add_vector_tap_gradient<scalar_t, VEC>(
+                        s, m, in, grad_out, C, lane, lanes, vectors, scatter,
+                        RegionScatter<VEC, real>{region, grad_in, t.origin_y, t.origin_x,
+                                                 region_h, region_w, g.group_channels},
+                        d_x, d_y, d_m);
             }
             d_x = sum_over_lanes(d_x, lanes);
             d_y = sum_over_lanes(d_y, lanes);

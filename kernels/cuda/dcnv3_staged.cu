@@ -250,26 +250,10 @@ dcnv3_staged_backward(const scalar_t* __restrict__ input,        // [N, H, W, G*
         if (l.active) {
             const dcnv3::Sample<real> s = dcnv3::locate(g, dcnv3::tap_of(g, l.ho, l.wo, p),
                                                         staged_x[row + p], staged_y[row + p]);
-            if (s.in_range) {
-                real dot[4] = {0.f, 0.f, 0.f, 0.f};
-                for (int vector = l.lane; vector < l.vectors; vector += l.lanes) {
-                    real grad[VEC];
-                    load_vector<scalar_t, VEC>(grad_out + vector * VEC, grad);
-#pragma unroll
-                    for (int q = 0; q < 4; ++q) {
-                        if (s.corner[q] < 0) continue;
-                        const long long at =
-                            s.corner[q] * static_cast<long long>(C) + vector * VEC;
-                        real v[VEC];
-                        load_vector<scalar_t, VEC>(in + at, v);
-#pragma unroll
-                        for (int k = 0; k < VEC; ++k) dot[q] += grad[k] * v[k];
-                        if (scatter && s.weight[q] != 0.f)
-                            scatter_vector<VEC>(grad_in, at, m * s.weight[q], grad);
-                    }
-                }
-                dcnv3::add_tap_gradient(s, dot, d_x, d_y, d_m);
-            }
+            if (s.in_range)
+                dcnv3::add_vector_tap_gradient<scalar_t, VEC>(
+                    s, m, in, grad_out, C, l.lane, l.lanes, l.vectors, scatter,
+                    dcnv3::GlobalScatter<VEC, real>{grad_in}, d_x, d_y, d_m);
         }
         d_x = sum_over_lanes(d_x, l.lanes);
         d_y = sum_over_lanes(d_y, l.lanes);
