@@ -114,6 +114,7 @@ def _name_expression(
 def _register(design: str) -> CudaSource:
     vectors = (lambda dtype: (1,)) if design == "direct" else _vector_widths
     tap_counts = STAGED_TAPS if design == "staged" else (0,)
+    staged_items = (f"-DDCNV3_STAGED_ITEMS={STAGED_ITEMS}",) if design == "staged" else ()
     return register(
         CudaSource(
             filename=f"dcnv3_{design}.cu",
@@ -128,8 +129,7 @@ def _register(design: str) -> CudaSource:
             # The staged design launches fewer threads when an item has few lanes
             # (_threads_per_block); its launch bounds hold for BLOCK_SIZE.
             block_sizes={f"dcnv3_{design}_{kernel}": BLOCK_SIZE for kernel in _KERNELS},
-            options=(*COMPILE_OPTIONS, f"-DDCNV3_BLOCK_SIZE={BLOCK_SIZE}",
-                     f"-DDCNV3_STAGED_ITEMS={STAGED_ITEMS}"),
+            options=(*COMPILE_OPTIONS, f"-DDCNV3_BLOCK_SIZE={BLOCK_SIZE}", *staged_items),
         )
     )
 
