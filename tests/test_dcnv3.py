@@ -439,7 +439,7 @@ def test_misaligned_input_takes_the_scalar_path(dtype):
         case.group,
         case.group_channels,
     )
-    vector, why = ops._vector("vectorized", call, dtype, inputs["input"])
+    vector, why = ops._vector(ops._DESIGN_TABLE["vectorized"], call, dtype, inputs["input"])
     assert vector == 1 and "16-byte boundary" in why
     check_against_reference("dcnv3", inputs, case.params(), "vectorized", dtype)
 

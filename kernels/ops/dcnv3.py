@@ -69,6 +69,15 @@ VECTOR_BYTES = 16
 STAGED_TAPS = (9, 8, 25)
 # Items per block of the staged design at most (its shared arrays' rows).
 STAGED_ITEMS = 32
+# The shared-scatter tile: output pixels per block side, tried largest first,
+# and the input pixels beyond the undeformed taps that the shared region
+# covers (the harness's random offsets are uniform(-2, 2) + N(0, 1) pixels:
+# a halo of 3 keeps the corners of all but a few per cent of the samples of
+# a tile's edge pixels inside; docs/kernels/dcnv3.md counts them).
+SHARED_SCATTER_TILES = (16, 8, 4, 2, 1)
+SHARED_SCATTER_HALO = 3
+# The region's budget: the shared memory a block gets without opting in.
+SHARED_SCATTER_BYTES = 48 * 1024
 
 _CTYPES = {
     torch.float32: "float",
@@ -77,10 +86,42 @@ _CTYPES = {
     torch.float64: "double",
 }
 SUPPORTED_DTYPES = tuple(_CTYPES)
-DESIGNS = ("direct", "vectorized", "staged", "shared_scatter")
-# Designs that change the backward only, and the design whose forward they run.
-FORWARD_DESIGN = {"shared_scatter": "vectorized"}
 _KERNELS = ("forward", "backward")
+
+
+@dataclasses.dataclass(frozen=True)
+class Design:
+    """What is particular to one design's kernels (``kernels/cuda/dcnv3_<name>.cu``)."""
+
+    name: str
+    # Threads own 16-byte vectors of channels (a template argument); else one channel each.
+    vectorized: bool = True
+    # Tap counts with their own instantiation (a template argument); others run the
+    # vectorized kernels. Empty: the tap count is a runtime value.
+    tap_counts: tuple[int, ...] = ()
+    # Items a block holds at most (its shared arrays' rows, the .cu's DCNV3_STAGED_ITEMS);
+    # 0: BLOCK_SIZE / lanes.
+    items_per_block: int = 0
+    # The backward writes grad_offset / grad_mask in the storage dtype, not float32.
+    gradients_in_storage_dtype: bool = False
+    # Backward only: the design whose forward it runs.
+    forward_from: str = ""
+    # The most dynamic shared memory a launch asks for (the build check's occupancy).
+    dynamic_shared_bytes: int = 0
+
+
+_DESIGN_TABLE = {
+    design.name: design
+    for design in (
+        Design("direct", vectorized=False),
+        Design("vectorized"),
+        Design("staged", tap_counts=STAGED_TAPS, items_per_block=STAGED_ITEMS,
+               gradients_in_storage_dtype=True),
+        Design("shared_scatter", forward_from="vectorized",
+               dynamic_shared_bytes=SHARED_SCATTER_BYTES),
+    )
+}  # fmt: skip
+DESIGNS = tuple(_DESIGN_TABLE)
 
 
 class Modulation(enum.IntEnum):
@@ -100,74 +141,43 @@ def _vector_widths(dtype: torch.dtype) -> tuple[int, ...]:
 
 
 def _name_expression(
-    design: str, kernel: str, dtype: torch.dtype, modulation: Modulation, vector: int,
+    design: Design, kernel: str, dtype: torch.dtype, modulation: Modulation, vector: int,
     taps: int = 0,
 ) -> str:
     arguments = [_CTYPES[dtype], str(int(modulation))]
-    if design != "direct":
+    if design.vectorized:
         arguments.append(str(vector))
-    if design == "staged":
+    if design.tap_counts:
         arguments.append(str(taps))
-    return f"dcnv3_{design}_{kernel}<{', '.join(arguments)}>"
+    return f"dcnv3_{design.name}_{kernel}<{', '.join(arguments)}>"
 
 
-def _register(design: str) -> CudaSource:
-    vectors = (lambda dtype: (1,)) if design == "direct" else _vector_widths
-    tap_counts = STAGED_TAPS if design == "staged" else (0,)
-    staged_items = (f"-DDCNV3_STAGED_ITEMS={STAGED_ITEMS}",) if design == "staged" else ()
+def _register(design: Design) -> CudaSource:
+    kernels = ("backward",) if design.forward_from else _KERNELS
+    vectors = _vector_widths if design.vectorized else (lambda dtype: (1,))
+    items = (f"-DDCNV3_STAGED_ITEMS={design.items_per_block}",) if design.items_per_block else ()
+    names = [f"dcnv3_{design.name}_{kernel}" for kernel in kernels]
     return register(
         CudaSource(
-            filename=f"dcnv3_{design}.cu",
+            filename=f"dcnv3_{design.name}.cu",
             name_expressions=tuple(
                 _name_expression(design, kernel, dtype, modulation, vector, taps)
-                for kernel in _KERNELS
+                for kernel in kernels
                 for dtype in SUPPORTED_DTYPES
                 for modulation in Modulation
                 for vector in vectors(dtype)
-                for taps in tap_counts
+                for taps in design.tap_counts or (0,)
             ),
-            # The staged design launches fewer threads when an item has few lanes
-            # (_threads_per_block); its launch bounds hold for BLOCK_SIZE.
-            block_sizes={f"dcnv3_{design}_{kernel}": BLOCK_SIZE for kernel in _KERNELS},
-            options=(*COMPILE_OPTIONS, f"-DDCNV3_BLOCK_SIZE={BLOCK_SIZE}", *staged_items),
+            # A design with items_per_block launches fewer threads when an item has
+            # few lanes (_threads_per_block); its launch bounds hold for BLOCK_SIZE.
+            block_sizes=dict.fromkeys(names, BLOCK_SIZE),
+            options=(*COMPILE_OPTIONS, f"-DDCNV3_BLOCK_SIZE={BLOCK_SIZE}", *items),
+            dynamic_smem=dict.fromkeys(names, design.dynamic_shared_bytes),
         )
     )
 
 
-# The shared-scatter tile: output pixels per block side, tried largest first,
-# and the input pixels beyond the undeformed taps that the shared region
-# covers (the harness's random offsets are uniform(-2, 2) + N(0, 1) pixels:
-# a halo of 3 keeps the corners of all but a few per cent of the samples of
-# a tile's edge pixels inside; docs/kernels/dcnv3.md counts them).
-SHARED_SCATTER_TILES = (16, 8, 4, 2, 1)
-SHARED_SCATTER_HALO = 3
-# The region's budget: the shared memory a block gets without opting in.
-SHARED_SCATTER_BYTES = 48 * 1024
-
-
-def _register_shared_scatter() -> CudaSource:
-    kernel = "dcnv3_shared_scatter_backward"
-    return register(
-        CudaSource(
-            filename="dcnv3_shared_scatter.cu",
-            name_expressions=tuple(
-                _name_expression("shared_scatter", "backward", dtype, modulation, vector)
-                for dtype in SUPPORTED_DTYPES
-                for modulation in Modulation
-                for vector in _vector_widths(dtype)
-            ),
-            block_sizes={kernel: BLOCK_SIZE},
-            options=(*COMPILE_OPTIONS, f"-DDCNV3_BLOCK_SIZE={BLOCK_SIZE}"),
-            # For the build check's occupancy: the largest region a launch asks for.
-            dynamic_smem={kernel: SHARED_SCATTER_BYTES},
-        )
-    )
-
-
-SOURCES = {
-    design: _register_shared_scatter() if design == "shared_scatter" else _register(design)
-    for design in DESIGNS
-}
+SOURCES = {name: _register(design) for name, design in _DESIGN_TABLE.items()}
 
 
 # --------------------------------------------------------------------------- #
@@ -273,9 +283,9 @@ def _call_from_op(input: torch.Tensor, offset: torch.Tensor, params) -> Call:
 # --------------------------------------------------------------------------- #
 
 
-def _lanes(design: str, call: Call, vector: int) -> int:
+def _lanes(design: Design, call: Call, vector: int) -> int:
     """Threads that share one (output pixel, group) item (see the .cu headers)."""
-    if design == "direct":
+    if not design.vectorized:
         return min(call.group_channels, BLOCK_SIZE)
     vectors = call.group_channels // vector
     lanes = 1
@@ -284,29 +294,31 @@ def _lanes(design: str, call: Call, vector: int) -> int:
     return lanes
 
 
-def _kernel_design(design: str, call: Call) -> tuple[str, str]:
-    """The design whose kernels run the call, and why when it is not ``design``:
-    the staged design has instantiations for ``STAGED_TAPS`` only."""
-    if design == "staged" and call.taps not in STAGED_TAPS:
-        return "vectorized", (f"vectorized kernels: {call.taps} taps, the staged design has "
-                              f"{', '.join(map(str, STAGED_TAPS))}")
+def _kernel_design(name: str, call: Call) -> tuple[Design, str]:
+    """The design whose kernels run the call, and why when it is not design ``name``:
+    a design with ``tap_counts`` has instantiations for those only."""
+    design = _DESIGN_TABLE[name]
+    if design.tap_counts and call.taps not in design.tap_counts:
+        return _DESIGN_TABLE["vectorized"], (
+            f"vectorized kernels: {call.taps} taps, the {name} design has "
+            f"{', '.join(map(str, design.tap_counts))}"
+        )
     return design, ""
 
 
-def _threads_per_block(design: str, lanes: int) -> int:
-    """The staged design's blocks hold at most STAGED_ITEMS items (its shared rows)."""
-    if design == "staged":
-        return min(STAGED_ITEMS * lanes, BLOCK_SIZE)
+def _threads_per_block(design: Design, lanes: int) -> int:
+    if design.items_per_block:
+        return min(design.items_per_block * lanes, BLOCK_SIZE)
     return BLOCK_SIZE
 
 
 def _vector(
-    design: str, call: Call, dtype: torch.dtype, *tensors: torch.Tensor
+    design: Design, call: Call, dtype: torch.dtype, *tensors: torch.Tensor
 ) -> tuple[int, str]:
     """16-byte vectors when D·itemsize is a multiple of 16 and every channel
     vector of ``tensors`` is 16-byte aligned; channels one by one otherwise,
     with the reason (for the launch log: the scalar path is several times slower)."""
-    if design == "direct":
+    if not design.vectorized:
         return 1, ""
     wide = _vector_widths(dtype)[0]
     if call.group_channels % wide:
@@ -330,7 +342,7 @@ def _launch(
     input = tensors[0]
     design, other_design = _kernel_design(design, call)
     vector, why = _vector(design, call, input.dtype, *vector_tensors)
-    function = launch.module(SOURCES[design], input.device).function(
+    function = launch.module(SOURCES[design.name], input.device).function(
         _name_expression(design, kernel, input.dtype, modulation, vector, call.taps)
     )
     items = call.batch * call.out_h * call.out_w * call.group
@@ -397,9 +409,10 @@ def _launch_shared_scatter(
 ) -> None:
     """The shared-scatter backward: one block per (image, tile, group)."""
     input = tensors[0]
-    vector, why = _vector("shared_scatter", call, input.dtype, *vector_tensors)
-    function = launch.module(SOURCES["shared_scatter"], input.device).function(
-        _name_expression("shared_scatter", "backward", input.dtype, modulation, vector)
+    design = _DESIGN_TABLE["shared_scatter"]
+    vector, why = _vector(design, call, input.dtype, *vector_tensors)
+    function = launch.module(SOURCES[design.name], input.device).function(
+        _name_expression(design, "backward", input.dtype, modulation, vector)
     )
     accumulator_bytes = 8 if fixed_point or input.dtype == torch.float64 else 4
     tile = scatter_tile(call, accumulator_bytes)
@@ -425,7 +438,7 @@ def _forward(call: Call, input, offset, mask, softmax: bool, design: str) -> tor
     # dcnv4: the kernel reads offsets and masks from the one offset_mask.
     mask_or_fused = offset if mask is None else mask
     _launch(
-        "forward", FORWARD_DESIGN.get(design, design), call, modulation, (input, output),
+        "forward", _DESIGN_TABLE[design].forward_from or design, call, modulation, (input, output),
         (input, offset, mask_or_fused, output),
     )  # fmt: skip
     return output
@@ -471,8 +484,7 @@ def _backward(
         grad_input = torch.zeros(input.shape, dtype=accumulate, device=device)
     else:
         grad_input = launch.null(accumulate, device)  # the kernel skips the scatter
-    # The staged kernels write grad_offset / grad_mask in the storage type.
-    in_storage_type = _kernel_design(design, call)[0] == "staged"
+    in_storage_type = _kernel_design(design, call)[0].gradients_in_storage_dtype
     gradient_dtype = dtype if in_storage_type else accumulate
     grad_offset = launch.new_output(offset.shape, gradient_dtype, device)
     if mask is None:  # dcnv4: one buffer in offset_mask's layout; padding columns are 0
