@@ -147,7 +147,9 @@ def validate_tf32_dtype(params: Mapping[str, Any], dtype: str) -> None:
 
 
 def tf32_requirement(params: Mapping[str, Any]) -> str | None:
+    """What an allow_tf32 case asks of an implementation (``Operator.requirement``)."""
     return "allow_tf32=true (float32 products on TF32)" if params["allow_tf32"] else None
+
 
 # Offsets of the random mode keep every coordinate at least this far from an
 # integer (a kink of B0). float32 positions y = base + dy round by less than
