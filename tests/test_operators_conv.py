@@ -16,7 +16,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from harness import cli, results, runner, suites
+from harness import cli, counters, results, runner, suites
 from harness.cases import make_case
 from harness.checking import TensorError, judge, measure
 from harness.operators.deform_conv2d import TF32_TOLERANCE
@@ -451,6 +451,11 @@ def test_tf32_declines_say_which_implementations_have_a_tf32_path(op):
     assert all("does not honour allow_tf32=true" in reason or "does not say it honours" in reason
                for reason in declined.values() if reason is not None)
     assert "im2col design" in declined[("cupy", "cuda", "forward")]
+    # dcnbench counters skips the same rows.
+    assert counters.skip_reason(case, get_implementation(op, "cupy"), "backward") == declined[
+        ("cupy", "cpu", "backward")]
+    assert counters.skip_reason(case, get_implementation(op, "cupy_implicit_gemm"),
+                                "backward") is None
     assert "outside the torch.backends.cuda.matmul.allow_tf32" in declined[
         ("torchvision", "cuda", "backward")]
 
