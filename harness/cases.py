@@ -45,9 +45,11 @@ def params_token(params: Mapping[str, Any], op: Operator) -> str:
             tokens.append(f"{key}{format_value(value)}x{format_value(other)}" if both
                           else f"{key}{format_value(value)}")
         elif isinstance(value, bool):
+            if name in op.id_flags_if_true and not value:
+                continue
             # A flag reads as its feature: "bias"/"nobias"; a negated one
             # ("no_trans") as "notrans"/"trans", never "nonotrans".
-            feature = name.removeprefix("no_").replace("_", "")
+            feature = op.id_keys.get(name, name.removeprefix("no_").replace("_", ""))
             present = value != name.startswith("no_")
             tokens.append(feature if present else f"no{feature}")
         else:
@@ -58,12 +60,17 @@ def params_token(params: Mapping[str, Any], op: Operator) -> str:
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One operator with every parameter set (``params`` is resolved, in the
-    operator's order), a dtype name and an input mode."""
+    operator's order), a dtype name and an input mode; a parameter value the
+    dtype cannot take (``Operator.validate_dtype``) raises ``ValueError``."""
 
     op: Operator
     params: Mapping[str, Any]
     dtype: str
     mode: str
+
+    def __post_init__(self) -> None:
+        if self.op.validate_dtype is not None:
+            self.op.validate_dtype(self.params, self.dtype)
 
     @property
     def id(self) -> str:

@@ -124,6 +124,12 @@ def _operator_info(op: registry.Operator) -> dict:
             for direction, table in (("forward", op.tolerances),
                                      ("backward", op.backward_tolerances or op.tolerances))
         },
+        "case_tolerances": [
+            {"params": dict(special.params), "dtype": special.dtype,
+             "forward": vars(special.forward),
+             "backward": vars(special.backward or special.forward)}
+            for special in op.case_tolerances
+        ],
         "implementations": [_implementation_info(i) for i in registry.implementations_of(op.name)],
     }
 
@@ -170,13 +176,19 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
             ]
             impls.add_row(op["name"], impl["name"], impl["kind"], ", ".join(impl["dtypes"]),
                           *where)
-        for direction, table in op["tolerances"].items():
-            for dtype, tol in table.items():
-                key = (dtype, tol["rel_l2"], tol["max_abs"], tol["why"])
-                users = shared_tolerances.setdefault(key, {"ops": [], "directions": []})
-                for kind, name in (("ops", op["name"]), ("directions", direction)):
-                    if name not in users[kind]:
-                        users[kind].append(name)
+        bounds = [(direction, dtype, tol) for direction, table in op["tolerances"].items()
+                  for dtype, tol in table.items()]
+        for case in op["case_tolerances"]:
+            # Its line names the cases it judges: "float32, allow_tf32=true".
+            cases = ", ".join([case["dtype"], *(f"{name}={format_value(value)}"
+                                                for name, value in case["params"].items())])
+            bounds += [(direction, cases, case[direction]) for direction in ("forward", "backward")]
+        for direction, dtype, tol in bounds:
+            key = (dtype, tol["rel_l2"], tol["max_abs"], tol["why"])
+            users = shared_tolerances.setdefault(key, {"ops": [], "directions": []})
+            for kind, name in (("ops", op["name"]), ("directions", direction)):
+                if name not in users[kind]:
+                    users[kind].append(name)
     for (dtype, rel_l2, max_abs, why), users in shared_tolerances.items():
         tols.add_row(", ".join(users["ops"]), ", ".join(users["directions"]), dtype,
                      f"{rel_l2:.3g}", f"{max_abs:.3g}", why)

@@ -147,7 +147,8 @@ def _with_oracle(case: Case, device: str, seed: int, inputs: dict[str, torch.Ten
 def start_row(case: Case, impl: registry.Implementation, direction: str, device: str,
               seed: int) -> Row:
     """A row for ``impl`` on ``case`` with everything known before running it;
-    ``skipped``, with the reason, when it does not run here."""
+    ``skipped``, with the reason, when it does not run here or does not honour
+    what the case asks (``Implementation.declined``)."""
     row = Row(
         case_id=case.id,
         op=case.op.name,
@@ -161,7 +162,8 @@ def start_row(case: Case, impl: registry.Implementation, direction: str, device:
         device="emulated" if impl.is_emulated(device) else device,
         reproduce=case.reproduce_command(impl.name, device, seed, direction == "backward"),
     )
-    reason = impl.unavailable_reason(device, case.dtype)
+    reason = (impl.unavailable_reason(device, case.dtype)
+              or impl.declined(case.op, case.params, device, direction))
     if reason is None and direction == "backward":
         reason = wants_backward(case) or (None if impl.has_backward
                                           else f"{case.op.name}/{impl.name} has no backward")
@@ -284,7 +286,7 @@ def _verdict(case_run: CaseRun, direction: str, tensors: dict[str, torch.Tensor]
                                      registry.DTYPES[case.op.expected_dtype(name, case.dtype)],
                                      name)
               for name, ref in refs.items()}
-    tol = case.op.tolerance(case.dtype, direction)
+    tol = case.op.tolerance(case.dtype, direction, case.params)
     return errors, tol, checking.judge(errors, tol)
 
 

@@ -69,6 +69,23 @@ class Tolerance:
 
 
 @dataclasses.dataclass(frozen=True)
+class CaseTolerance:
+    """The bounds of the ``dtype`` cases whose parameters have the values ``params``
+    (a float32 case computed on TF32, say), in place of the dtype's.
+
+    ``backward`` judges the gradients; None: ``forward`` judges them too.
+    """
+
+    params: Mapping[str, Any]
+    dtype: str
+    forward: Tolerance
+    backward: Tolerance | None = None
+
+    def applies(self, params: Mapping[str, Any], dtype: str) -> bool:
+        return dtype == self.dtype and all(params.get(k) == v for k, v in self.params.items())
+
+
+@dataclasses.dataclass(frozen=True)
 class TensorSpec:
     """One tensor of an operator: its contract name, shape and role."""
 
@@ -97,6 +114,12 @@ class Operator:
     ``id_keys`` / ``id_pairs`` how the case id writes the parameters and
     ``sampling_view`` draws a saved case (``harness.sampling``): what is
     particular to an operator is declared here, never in the harness core.
+    ``case_tolerances`` judge particular cases by other bounds than their
+    dtype's; ``validate_dtype(params, dtype)`` rejects a parameter value the
+    dtype cannot take; ``requirement(params)`` names, in words, what a case asks
+    of an implementation beyond the operator (TF32 products, say; None for an
+    ordinary case): only an implementation that says it honours it runs such a
+    case (``Implementation.declines``), the others' rows are skipped.
     """
 
     name: str
@@ -126,13 +149,27 @@ class Operator:
     # The dtype (name) an implementation must return for tensor ``name`` ("output",
     # "grad_<input>") of a case at ``dtype``; None: the case's dtype, for every tensor.
     output_dtype: Callable[[str, str], str] | None = None
+    case_tolerances: tuple[CaseTolerance, ...] = ()
+    validate_dtype: Callable[[Mapping[str, Any], str], None] | None = None
+    requirement: Callable[[Mapping[str, Any]], str | None] | None = None
+    # Boolean parameters the case id names only when true (added after ids were in
+    # use: the ids of the cases that leave them false stay what they were).
+    id_flags_if_true: tuple[str, ...] = ()
 
     def expected_dtype(self, tensor: str, dtype: str) -> str:
         """The dtype an implementation's ``tensor`` must have in a case at ``dtype``."""
         return dtype if self.output_dtype is None else self.output_dtype(tensor, dtype)
 
-    def tolerance(self, dtype: str, direction: str) -> Tolerance:
-        """The bounds that judge ``direction`` ("forward" or "backward") at ``dtype``."""
+    def tolerance(self, dtype: str, direction: str,
+                  params: Mapping[str, Any] | None = None) -> Tolerance:
+        """The bounds that judge ``direction`` ("forward" or "backward") at ``dtype``: the
+        first of ``case_tolerances`` that applies to the case's ``params``, else the
+        dtype's (``params`` None: the dtype's)."""
+        for special in self.case_tolerances:
+            if params is not None and special.applies(params, dtype):
+                if direction == "backward" and special.backward is not None:
+                    return special.backward
+                return special.forward
         table = self.tolerances
         if direction == "backward" and self.backward_tolerances is not None:
             table = self.backward_tolerances
@@ -227,6 +264,9 @@ class Implementation:
     # A baseline that computes a related operator on the same inputs (torchvision's
     # roi_align for the deformable RoI pools): that operator's reference judges it.
     judged_as: str = ""
+    # (params, device, direction) -> why it does not honour the case's
+    # ``Operator.requirement`` there, or None when it does; None: it honours none.
+    declines: Callable[[Mapping[str, Any], str, str], str | None] | None = None
 
     def forward(self, inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> Any:
         """Prepare and call once: the output tensor."""
@@ -237,6 +277,21 @@ class Implementation:
         if dtype not in self.dtypes:
             return f"{self.op}/{self.name} does not take {dtype} (takes {', '.join(self.dtypes)})"
         return self.unavailable_on(device)
+
+    def declined(self, op: Operator, params: Mapping[str, Any], device: str,
+                 direction: str) -> str | None:
+        """Why this implementation does not run the case of ``op`` with ``params`` on
+        ``device`` in ``direction``: the case's requirement it does not honour; None
+        when the case has none or it honours it."""
+        needed = op.requirement(params) if op.requirement is not None else None
+        if needed is None:
+            return None
+        if self.declines is None:
+            return f"{self.op}/{self.name} does not say it honours {needed}"
+        reason = self.declines(params, device, direction)
+        if reason is None:
+            return None
+        return f"{self.op}/{self.name} does not honour {needed}: {reason}"
 
     def unavailable_on(self, device: str) -> str | None:
         """Why this implementation cannot run on ``device`` here, or None.
@@ -309,12 +364,14 @@ def implementation(
     known_inaccurate: Mapping[str, str] | None = None,
     description: str | None = None,
     judged_as: str = "",
+    declines: Callable[[Mapping[str, Any], str, str], str | None] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``prepare(inputs, params) -> call`` as an implementation
     of the registered operator ``op``; ``description`` defaults to the first line of
     its docstring. ``judged_as`` names the related operator a baseline computes
     (its reference judges the rows; the row's case stays ``op``'s, so speedups
-    join)."""
+    join). ``declines(params, device, direction)`` says why it does not honour a
+    case's ``Operator.requirement`` (None when it does)."""
     if kind not in IMPL_KINDS:
         raise RegistryError(f"implementation kind must be one of {IMPL_KINDS}, got {kind!r}")
     if judged_as and kind != "baseline":
@@ -350,6 +407,7 @@ def implementation(
             description=description or (fn.__doc__ or "").strip().split("\n")[0],
             source=getattr(fn, "__module__", "") or "",
             judged_as=judged_as,
+            declines=declines,
         )
         return fn
 

@@ -226,6 +226,9 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any]
             raise SuiteError(f"{where.at('sweep')}: a suite that extends another takes its "
                              "sweeps; expected no sweep of its own")
         data = {**base, **{k: v for k, v in data.items() if k not in ("extends", "sweep")}}
+        if "base_sweeps" in data:
+            data["sweep"] = _base_sweeps(data.pop("base_sweeps"), base.get("sweep"),
+                                         where.at("base_sweeps"), extends)
     if "override" in data:
         override = _validated(OverrideTable, data.pop("override"), where.at("override"))
         replaced = override.model_dump(exclude_unset=True)
@@ -233,6 +236,17 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any]
         if isinstance(sweeps, list):
             data["sweep"] = [{**s, **replaced} if isinstance(s, dict) else s for s in sweeps]
     return data, digest.hexdigest(), label
+
+
+def _base_sweeps(picked: Any, sweeps: Any, where: _Where, extends: str) -> list[Any]:
+    """The base's sweeps at the indices ``picked`` (a suite that extends another may take
+    some of them only: those its override can apply to)."""
+    count = len(sweeps) if isinstance(sweeps, list) else 0
+    if not (isinstance(picked, list) and picked and all(
+            type(i) is int and 0 <= i < count for i in picked)):
+        raise SuiteError(f"{where}: expected a non-empty list of indices of {extends}'s "
+                         f"{count} sweeps (0 to {count - 1}), got {_show(picked)}")
+    return [sweeps[i] for i in picked]
 
 
 def _expand_sweep(sweep: SweepTable, where: _Where, budget: int) -> list[SuiteCase]:
@@ -309,11 +323,14 @@ def _expand_op(op: registry.Operator, sweep: SweepTable, where: _Where,
             raise SuiteError(f"{exc.filter.where}: {exc.filter.text!r} on case {case_id}: "
                              f"{exc}") from None
         if kept:
-            cases += [
-                SuiteCase(Case(op, params, dtype, mode), tuple(impls), backward)
-                for dtype in dtypes
-                for mode in modes
-            ]
+            try:
+                cases += [
+                    SuiteCase(Case(op, params, dtype, mode), tuple(impls), backward)
+                    for dtype in dtypes
+                    for mode in modes
+                ]
+            except ValueError as exc:  # a parameter one of the dtypes cannot take
+                raise SuiteError(f"{where}: point {overrides}: {exc}") from None
     return cases
 
 

@@ -7,13 +7,19 @@ the registered implementations run through the registry on the CPU.
 
 from __future__ import annotations
 
+import io
 import sys
+import textwrap
 import types
 
 import pytest
 import torch
+from rich.console import Console
 
-from harness.checking import judge, measure
+from harness import cli, counters, results, runner, suites
+from harness.cases import make_case
+from harness.checking import TensorError, judge, measure
+from harness.operators.deform_conv2d import TF32_TOLERANCE
 from harness.registry import DTYPES, get_implementation, get_operator, implementations_of
 from kernels.peers import torchvision_ops
 from kernels.reference.deform_conv2d import sample_coordinates
@@ -43,7 +49,8 @@ def coordinates(params, offset):
 def test_parameters_are_the_contracts():
     assert list(get_operator("conv2d").params) == [*CONTRACT_PARAMS, "bias"]
     for op in DEFORM_OPS:
-        assert list(get_operator(op).params) == [*CONTRACT_PARAMS, "offset_groups", "bias"]
+        assert list(get_operator(op).params) == [*CONTRACT_PARAMS, "offset_groups", "bias",
+                                                 "allow_tf32"]
 
 
 def test_implementations_and_baselines():
@@ -342,3 +349,161 @@ def test_kernel_availability_reports_a_missing_gpu(monkeypatch):
     if reason is not None and "kernels.ops.deform_conv2d" in reason:
         pytest.skip(reason)
     assert reason == "no CUDA GPU visible to torch"
+
+
+# --- allow_tf32: float32 on TF32, a case of its own ------------------------------
+
+@pytest.mark.parametrize("op", DEFORM_OPS)
+def test_tf32_is_named_in_the_id_only_when_true_and_takes_float32_only(op):
+    operator = get_operator(op)
+    plain = make_case(operator, {}, "float32", "random")
+    tf32 = make_case(operator, {"allow_tf32": True}, "float32", "random")
+    assert tf32.id == plain.id.replace("_bias/", "_bias_tf32/") != plain.id
+    assert "tf32" not in plain.id
+    for dtype in ("float16", "bfloat16", "float64"):
+        with pytest.raises(ValueError, match=f"parameter 'allow_tf32' must be false for dtype "
+                                             f"{dtype}.*got allow_tf32=true with {dtype}"):
+            make_case(operator, {"allow_tf32": "true"}, dtype, "random")
+
+
+def test_a_suite_asking_tf32_of_a_half_type_names_the_point(tmp_path):
+    path = tmp_path / "tf32.toml"
+    path.write_text(textwrap.dedent("""
+        description = "x"
+        [[sweep]]
+        op = "deform_conv2d"
+        dtypes = ["float32", "float16"]
+        [sweep.params]
+        allow_tf32 = true
+    """))
+    with pytest.raises(suites.SuiteError, match=r"sweep\[0\]: point \{'allow_tf32': True\}: "
+                       "parameter 'allow_tf32' must be false for dtype float16"):
+        suites.load(str(path))
+
+
+@pytest.mark.parametrize("op", DEFORM_OPS)
+def test_tf32_cases_are_judged_by_tf32_bounds_and_list_shows_them(op):
+    operator = get_operator(op)
+    tf32 = operator.resolve({"allow_tf32": True})
+    plain = operator.resolve({})
+    for direction in ("forward", "backward"):
+        assert operator.tolerance("float32", direction, tf32) is TF32_TOLERANCE
+        assert operator.tolerance("float32", direction, plain) is operator.tolerances["float32"]
+    # TF32 keeps float16's 10 mantissa bits: float16's bounds, 20x float32's.
+    assert (TF32_TOLERANCE.rel_l2, TF32_TOLERANCE.max_abs) == (4 * 2.0**-11, 8 * 2.0**-11)
+    assert TF32_TOLERANCE.rel_l2 == operator.tolerances["float16"].rel_l2
+    listed = cli._operator_info(operator)["case_tolerances"]
+    assert listed == [{"params": {"allow_tf32": True}, "dtype": "float32",
+                       "forward": vars(TF32_TOLERANCE), "backward": vars(TF32_TOLERANCE)}]
+
+
+def test_list_names_the_tf32_bounds_and_the_cases_they_judge():
+    out = io.StringIO()
+    assert cli.cmd_list(type("Args", (), {"json": False})(), Console(file=out, width=400)) == 0
+    assert "float32, allow_tf32=true" in out.getvalue()
+    assert "TF32's 10 mantissa bits" in out.getvalue()
+
+
+def test_torchvision_runs_its_call_with_cublas_tf32_on_and_restores_the_flag(monkeypatch):
+    """The flag is on inside the call only, and restored when the call raises (that
+    torchvision's cuBLAS GEMMs then round to TF32 only a GPU shows)."""
+    seen = []
+
+    def fake_deform_conv2d(*args, **kwargs):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        if kwargs["mask"] is not None:
+            raise RuntimeError("planted")
+        return "out"
+
+    monkeypatch.setattr(torchvision_ops.torchvision.ops, "deform_conv2d", fake_deform_conv2d)
+    params, tensors = inputs("modulated_deform_conv2d")
+    x, offset, mask, weight = (tensors[n] for n in ("input", "offset", "mask", "weight"))
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    try:
+        # The registered implementation passes the case's allow_tf32 on.
+        tf32 = get_operator("deform_conv2d").resolve({"allow_tf32": True})
+        without_mask = {name: t for name, t in tensors.items() if name != "mask"}
+        call = get_implementation("deform_conv2d", "torchvision").prepare(without_mask, tf32)
+        assert call() == "out" and seen == [True]
+        assert matmul.allow_tf32 is False
+        failing = torchvision_ops.prepare_deform_conv2d(x, offset, mask, weight, allow_tf32=True)
+        with pytest.raises(RuntimeError, match="planted"):
+            failing()
+        assert seen == [True, True] and matmul.allow_tf32 is False
+        torchvision_ops.prepare_deform_conv2d(x, offset, None, weight)()
+        assert seen == [True, True, False]
+    finally:
+        matmul.allow_tf32 = before
+
+
+@pytest.mark.parametrize("op", DEFORM_OPS)
+def test_tf32_declines_say_which_implementations_have_a_tf32_path(op):
+    case = make_case(get_operator(op), {"allow_tf32": True}, "float32", "random")
+    declined = {(impl.name, device, direction):
+                impl.declined(case.op, case.params, device, direction)
+                for impl in implementations_of(op) for device in ("cpu", "cuda")
+                for direction in ("forward", "backward")}
+    runs = {key for key, reason in declined.items() if reason is None}
+    assert runs == {("cupy_implicit_gemm", device, direction) for device in ("cpu", "cuda")
+                    for direction in ("forward", "backward")} | {("torchvision", "cuda", "forward")}
+    assert all("does not honour allow_tf32=true" in reason or "does not say it honours" in reason
+               for reason in declined.values() if reason is not None)
+    assert "im2col design" in declined[("cupy", "cuda", "forward")]
+    # dcnbench counters skips the same rows.
+    assert counters.skip_reason(case, get_implementation(op, "cupy"), "backward") == declined[
+        ("cupy", "cpu", "backward")]
+    assert counters.skip_reason(case, get_implementation(op, "cupy_implicit_gemm"),
+                                "backward") is None
+    assert "outside the torch.backends.cuda.matmul.allow_tf32" in declined[
+        ("torchvision", "cuda", "backward")]
+
+
+# The TF32 path's error (~0.6u, u = 2^-11) lies between float32's bound and TF32's.
+TF32_RUN_SUITE = """
+    description = "a TF32 case and its float32 twin"
+    [[sweep]]
+    op = ["deform_conv2d", "modulated_deform_conv2d"]
+    impls = ["reference", "torchvision", "cupy", "cupy_implicit_gemm"]
+    backward = true
+    [sweep.params]
+    N = 1
+    C_in = 16
+    C_out = 16
+    H = 6
+    W = 7
+    [sweep.axes]
+    allow_tf32 = [true, false]
+"""
+
+
+def test_tf32_case_through_the_runner_passes_tf32_bounds_and_fails_float32s(tmp_path):
+    """cupy_implicit_gemm (emulated) on a TF32 case: ok under the TF32 bounds the rows
+    record, with errors float32's bounds reject (so the TF32 path ran); the same case
+    without TF32 within float32's. The implementations without a TF32 path are skipped."""
+    path = tmp_path / "tf32.toml"
+    path.write_text(textwrap.dedent(TF32_RUN_SUITE))
+    options = runner.RunOptions(suite=suites.load(str(path)), device="cpu",
+                                out=tmp_path / "run", timing=None)
+    assert runner.run_suite(options, Console(file=io.StringIO())) == 0
+    rows = results.read_rows(tmp_path / "run")
+    assert len(rows) == 2 * 2 * 4 * 2  # ops × allow_tf32 × implementations × directions
+    for row in rows:
+        tf32 = row["params"]["allow_tf32"]
+        float32 = get_operator(row["op"]).tolerances["float32"]
+        if tf32 and row["impl"] != "cupy_implicit_gemm":
+            assert row["status"] == "skipped" and "allow_tf32=true" in row["reason"], row
+            continue
+        assert row["status"] == "ok", row
+        if row["impl"] != "cupy_implicit_gemm":
+            continue
+        bounds = TF32_TOLERANCE if tf32 else float32
+        assert (row["tol_rel_l2"], row["tol_max_abs"]) == (bounds.rel_l2, bounds.max_abs)
+        as_float32 = judge({name: TensorError(**e) for name, e in row["tensors"].items()},
+                           float32)
+        assert as_float32.passed is not tf32, (row["case_id"], row["direction"], row["rel_l2"])
+        if tf32:  # every tensor with a GEMM in it carries TF32's error
+            assert all(e["rel_l2"] > float32.rel_l2 for name, e in row["tensors"].items()
+                       if name != "grad_bias"), row["tensors"]
+

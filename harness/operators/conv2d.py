@@ -144,7 +144,7 @@ def validate_conv_params(params: Mapping[str, Any]) -> None:
     and C_out, ``offset_groups`` (when present) must divide C_in, and the
     output must not be empty.
     """
-    minimums = {name: 1 for name in params if name not in ("pad_h", "pad_w", "bias")}
+    minimums = {name: 1 for name, value in params.items() if not isinstance(value, bool)}
     minimums.update(N=0, pad_h=0, pad_w=0)
     for name, minimum in minimums.items():
         if params[name] < minimum:

@@ -2,8 +2,18 @@
 
 Contract: ``docs/ops-semantics.md``, "Convolutions, NCHW" (the semantics of
 ``torchvision.ops.deform_conv2d`` without / with ``mask``, sampling rule B0).
-Parameters are conv2d's plus ``offset_groups``; validation, weights, the GEMM
-count and the tolerances are shared with ``harness.operators.conv2d``.
+Parameters are conv2d's plus ``offset_groups`` and ``allow_tf32``; validation,
+weights, the GEMM count and the tolerances are shared with
+``harness.operators.conv2d``.
+
+``allow_tf32`` (default false; float32 only; in the case id as ``tf32`` when
+true): the case computes its float32 products on TF32 tensor cores and is
+judged by ``TF32_TOLERANCE``, float16's size, not float32's. Only
+implementations with such a path run it: ``cupy_implicit_gemm`` (its wmma
+m16n16k8 TF32 kernels, both directions; the emulator rounds as the GPU does)
+and torchvision's CUDA forward (cuBLAS with
+``torch.backends.cuda.matmul.allow_tf32`` on around its call); the others'
+rows are skipped, saying why (``TF32_DECLINES``).
 
 Tensors: ``input`` [N, C_in, H, W], ``offset`` [N, 2·offset_groups·kh·kw,
 H_out, W_out], ``mask`` [N, offset_groups·kh·kw, H_out, W_out] (DCNv2 only),
@@ -81,11 +91,20 @@ from harness.operators.conv2d import (
     output_size,
     validate_conv_params,
 )
-from harness.operators.inputs import check_mode, draw, draw_uniform, in_float64, to_case
+from harness.operators.inputs import (
+    UNIT_ROUNDOFF,
+    check_mode,
+    draw,
+    draw_uniform,
+    in_float64,
+    to_case,
+)
 from harness.registry import (
     KERNEL_DTYPES,
+    CaseTolerance,
     Operator,
     TensorSpec,
+    Tolerance,
     implementation,
     kernel_availability,
     register_operator,
@@ -99,7 +118,38 @@ DEFORM_PARAMS: dict[str, Any] = {
     **{name: value for name, value in CONV_PARAMS.items() if name != "bias"},
     "offset_groups": 1,
     "bias": True,
+    "allow_tf32": False,
 }
+DEFORM_ID_KEYS = {**CONV_ID_KEYS, "allow_tf32": "tf32"}
+
+# TF32 keeps float16's 10 mantissa bits (u = 2^-11) in float32's range.
+TF32_TOLERANCE = Tolerance(
+    rel_l2=4 * UNIT_ROUNDOFF["float16"],
+    max_abs=8 * UNIT_ROUNDOFF["float16"],
+    why=(
+        "allow_tf32: u = 2^-11 ≈ 4.9e-4 (TF32's 10 mantissa bits, as float16), float32 "
+        "accumulation. Both factors of every product (gathered column and weight; grad_output "
+        "and weight or column in the backward) are rounded to TF32: two roundings of rms "
+        "u/sqrt(3) each, ~0.8u relative in L2 whatever n is; the output stays float32. "
+        "float16's bounds: rel_l2 = 4u (5x margin), max_abs = 8u (the rounding errors' tail "
+        "at 5 sigma, 2.5x margin). float32's 1e-4 is TF32-free: a TF32 path fails it."
+    ),
+)
+
+
+def validate_tf32_dtype(params: Mapping[str, Any], dtype: str) -> None:
+    """allow_tf32 rounds float32 products to TF32: a case of another dtype has none."""
+    if params["allow_tf32"] and dtype != "float32":
+        raise ValueError(
+            f"parameter 'allow_tf32' must be false for dtype {dtype}: TF32 is a float32 path, "
+            f"expected allow_tf32=false or dtype float32, got allow_tf32=true with {dtype}"
+        )
+
+
+def tf32_requirement(params: Mapping[str, Any]) -> str | None:
+    """What an allow_tf32 case asks of an implementation (``Operator.requirement``)."""
+    return "allow_tf32=true (float32 products on TF32)" if params["allow_tf32"] else None
+
 
 # Offsets of the random mode keep every coordinate at least this far from an
 # integer (a kink of B0). float32 positions y = base + dy round by less than
@@ -295,7 +345,8 @@ def _prepare_torchvision(inputs, params):
     """torchvision's group inference checked once; the call is torchvision.ops.deform_conv2d."""
     return torchvision_ops.prepare_deform_conv2d(
         inputs["input"], inputs["offset"], inputs.get("mask"), inputs["weight"], inputs.get("bias"),
-        **conv_arguments(params), offset_groups=params["offset_groups"])
+        **conv_arguments(params), offset_groups=params["offset_groups"],
+        allow_tf32=params["allow_tf32"])
 
 
 def _prepare_kernel(inputs, params, design):
@@ -304,11 +355,36 @@ def _prepare_kernel(inputs, params, design):
 
     return deform_conv2d.prepare(inputs["input"], inputs["offset"], inputs.get("mask"),
                                  inputs["weight"], inputs.get("bias"), **conv_arguments(params),
-                                 offset_groups=params["offset_groups"], design=design)
+                                 offset_groups=params["offset_groups"], design=design,
+                                 allow_tf32=params["allow_tf32"])
 
 
 # Our designs: implementation name -> kernels.ops.deform_conv2d's design.
 KERNEL_DESIGNS = {"cupy": "im2col", "cupy_implicit_gemm": "implicit_gemm"}
+
+
+def _declines_always(reason: str):
+    """``declines`` of an implementation without a TF32 path: ``reason``, whatever the case."""
+    return lambda params, device, direction: reason
+
+
+def _torchvision_declines(params, device, direction):
+    if device != "cuda":
+        return "its CPU kernel multiplies in float32 (TF32 is a CUDA tensor-core format)"
+    if direction == "backward":
+        return ("its backward GEMMs run in autograd after the call, outside the "
+                "torch.backends.cuda.matmul.allow_tf32 its forward runs under")
+    return None
+
+
+# Implementation name -> its ``declines`` for allow_tf32 cases (Operator.requirement).
+TF32_DECLINES = {
+    "reference": _declines_always("it computes in float64 (it is the oracle)"),
+    "torchvision": _torchvision_declines,
+    "cupy": _declines_always("allow_tf32 is the implicit GEMM's; the im2col design's cuBLAS "
+                             "GEMMs follow torch.backends.cuda.matmul.allow_tf32"),
+    "cupy_implicit_gemm": lambda params, device, direction: None,
+}
 
 
 # Measured on the CPU: forward just over the float16 bound, grad_offset 12-50x
@@ -321,20 +397,22 @@ def _register_implementations(op: str, modulated: bool) -> None:
     """reference, torchvision, cupy (im2col) and cupy_implicit_gemm for one operator: each
     calls its module's ``op``."""
     with_mask = " with mask" if modulated else ""
-    implementation(op, "reference", kind="reference", dtypes=tuple(CONV_TOLERANCES))(in_float64(
+    implementation(op, "reference", kind="reference", dtypes=tuple(CONV_TOLERANCES),
+                   declines=TF32_DECLINES["reference"])(in_float64(
         _prepare(lambda: reference_ops, op, modulated,
                  f"kernels.reference.deform_conv2d.{op}: plain PyTorch from the contract, in float64.")))
     # No bfloat16: torchvision's CPU kernel rejects it and its CUDA kernel
     # dispatches floating types and half only.
     implementation(op, "torchvision", kind="peer", dtypes=("float32", "float16"),
                    known_inaccurate={"float16": TORCHVISION_HALF},
+                   declines=TF32_DECLINES["torchvision"],
                    description=f"torchvision.ops.deform_conv2d{with_mask}, in the case's dtype.")(
         _prepare_torchvision)
     # float64 too: the kernels' double instantiations (for gradcheck).
     for name, design in KERNEL_DESIGNS.items():
         implementation(op, name, kind="kernel", dtypes=(*KERNEL_DTYPES, "float64"),
                        available=kernel_availability("kernels.ops.deform_conv2d"),
-                       emulated_on=("cpu",),
+                       emulated_on=("cpu",), declines=TF32_DECLINES[name],
                        description=f"kernels.ops.deform_conv2d.{op}(design={design!r}): our CuPy "
                                    "kernels (CPU: the emulator).")(
             functools.partial(_prepare_kernel, design=design))
@@ -408,9 +486,13 @@ for _name, (_modulated, _summary) in DEFORM_OPERATORS.items():
             baseline="torchvision",
             forward_only_modes=FORWARD_ONLY_MODES,
             validate=validate_conv_params,
-            id_keys=CONV_ID_KEYS,
+            id_keys=DEFORM_ID_KEYS,
             id_pairs=GEOMETRY_ID_PAIRS,
             sampling_view=sampling_view,
+            case_tolerances=(CaseTolerance({"allow_tf32": True}, "float32", TF32_TOLERANCE),),
+            validate_dtype=validate_tf32_dtype,
+            requirement=tf32_requirement,
+            id_flags_if_true=("allow_tf32",),
         )
     )
     _register_implementations(_name, _modulated)

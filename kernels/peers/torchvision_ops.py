@@ -86,12 +86,36 @@ def prepare_deform_conv2d(
     dilation: tuple[int, int] = (1, 1),
     groups: int = 1,
     offset_groups: int = 1,
+    allow_tf32: bool = False,
 ) -> Callable[[], torch.Tensor]:
     """Check once that torchvision infers our group counts; the returned call is
-    ``torchvision.ops.deform_conv2d`` itself (``mask`` None: DCNv1)."""
+    ``torchvision.ops.deform_conv2d`` itself (``mask`` None: DCNv1).
+
+    ``allow_tf32``: the call runs with ``torch.backends.cuda.matmul.allow_tf32`` on,
+    restored after it, so that torchvision's CUDA forward multiplies float32 on TF32
+    (its GEMMs are cuBLAS's). Its backward, which autograd runs after the call, and
+    its CPU kernel never see it.
+    """
     _check_groups(input, offset, weight, groups, offset_groups)
-    return functools.partial(torchvision.ops.deform_conv2d, input, offset, weight, bias,
+    call = functools.partial(torchvision.ops.deform_conv2d, input, offset, weight, bias,
                              stride=stride, padding=padding, dilation=dilation, mask=mask)
+    return _with_cublas_tf32(call) if allow_tf32 else call
+
+
+def _with_cublas_tf32(call: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``call`` with cuBLAS's float32 GEMMs on TF32, the flag restored after (also when
+    it raises): the global flag is on only for this call."""
+
+    def with_tf32() -> torch.Tensor:
+        matmul = torch.backends.cuda.matmul
+        before = matmul.allow_tf32
+        matmul.allow_tf32 = True
+        try:
+            return call()
+        finally:
+            matmul.allow_tf32 = before
+
+    return with_tf32
 
 
 def _check_groups(input, offset, weight, groups, offset_groups):

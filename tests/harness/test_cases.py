@@ -1,3 +1,4 @@
+import dataclasses
 import shlex
 
 import pytest
@@ -25,6 +26,24 @@ def test_id_pairs_and_booleans(toy):
     op = registry.get_operator(TOY)
     case = make_case(op, {"stride_h": 2, "stride_w": 1, "bias": False}, "float32", "random")
     assert case.id == "toy_scale/N2_C3_H4_W5_s2x1_scale1_nobias/float32/random"
+
+
+def test_flags_named_only_when_true_and_a_dtype_check(toy):
+    op = dataclasses.replace(registry.get_operator(TOY), id_flags_if_true=("bias",),
+                             id_keys={"bias": "b"})
+    assert make_case(op, {}, "float32", "random").id == (
+        "toy_scale/N2_C3_H4_W5_s1_scale1_b/float32/random")
+    assert make_case(op, {"bias": False}, "float32", "random").id == (
+        "toy_scale/N2_C3_H4_W5_s1_scale1/float32/random")
+
+    def no_half_bias(params, dtype):
+        if params["bias"] and dtype == "float16":
+            raise ValueError("parameter 'bias' must be false for dtype float16")
+
+    checked = dataclasses.replace(op, validate_dtype=no_half_bias)
+    with pytest.raises(ValueError, match="parameter 'bias' must be false for dtype float16"):
+        make_case(checked, {}, "float16", "random")
+    assert make_case(checked, {"bias": False}, "float16", "random").dtype == "float16"
 
 
 def test_deform_conv2d_id_reads_as_documented():

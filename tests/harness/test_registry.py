@@ -93,3 +93,35 @@ def test_toy_registry_does_not_leak(toy):
 def test_real_registry_has_no_toy():
     registry.load_all()
     assert TOY not in registry.OPERATORS
+
+
+def test_case_tolerances_judge_the_cases_they_name(toy):
+    op = registry.get_operator(TOY)
+    loose = registry.Tolerance(1e-3, 2e-3, "no bias: another path")
+    grads = registry.Tolerance(1e-2, 2e-2, "its gradients")
+    special = dataclasses.replace(op, case_tolerances=(
+        registry.CaseTolerance({"bias": False}, "float32", loose),
+        registry.CaseTolerance({"bias": False}, "float16", loose, backward=grads)))
+    named, other = special.resolve({"bias": False}), special.resolve({})
+    assert special.tolerance("float32", "forward", named) is loose
+    assert special.tolerance("float32", "backward", named) is loose  # forward's, as the table
+    assert special.tolerance("float16", "backward", named) is grads
+    assert special.tolerance("float32", "forward", other) is op.tolerances["float32"]
+    assert special.tolerance("bfloat16", "forward", named) is op.tolerances["bfloat16"]
+    assert special.tolerance("float32", "forward") is op.tolerances["float32"]  # no params
+
+
+def test_only_implementations_honouring_a_cases_requirement_run_it(toy):
+    op = dataclasses.replace(registry.get_operator(TOY),
+                             requirement=lambda p: "scale=2 (a doubling path)"
+                             if p["scale"] == 2 else None)
+    asked, ordinary = op.resolve({"scale": 2}), op.resolve({})
+    silent = registry.get_implementation(TOY, "good")
+    picky = dataclasses.replace(silent, declines=lambda params, device, direction:
+                                "not backward" if direction == "backward" else None)
+    assert silent.declined(op, ordinary, "cpu", "forward") is None
+    assert silent.declined(op, asked, "cpu", "forward") == (
+        "toy_scale/good does not say it honours scale=2 (a doubling path)")
+    assert picky.declined(op, asked, "cpu", "forward") is None
+    assert picky.declined(op, asked, "cpu", "backward") == (
+        "toy_scale/good does not honour scale=2 (a doubling path): not backward")

@@ -96,6 +96,35 @@ def test_extends_takes_the_sweeps_and_override_replaces_keys(toy, write_suite):
         suites.load(broken)
 
 
+def test_base_sweeps_takes_some_of_the_bases_sweeps(toy, write_suite):
+    base = write_suite("""
+        description = "base"
+        [[sweep]]
+        op = "toy_scale"
+        [sweep.params]
+        C = 2
+        [[sweep]]
+        op = "toy_scale"
+        [sweep.params]
+        C = 3
+    """, name="base")
+    derived = suites.load(write_suite(f"""
+        description = "derived"
+        extends = "{base}"
+        base_sweeps = [1]
+    """, name="derived"))
+    assert [sc.case.params["C"] for sc in derived.cases] == [3]
+    broken = write_suite(f"""
+        description = "derived"
+        extends = "{base}"
+        base_sweeps = [2]
+    """, name="broken")
+    with pytest.raises(SuiteError, match=re.escape(
+            f"{broken}: base_sweeps: expected a non-empty list of indices of {base}'s 2 sweeps "
+            "(0 to 1), got [2]")):
+        suites.load(broken)
+
+
 def test_a_sweep_may_name_several_operators(toy, write_suite):
     registry.register_operator(dataclasses.replace(registry.get_operator(TOY), name="toy_twin"))
     registry.implementation("toy_twin", "reference", kind="reference",
@@ -224,9 +253,10 @@ def _input_elements(case) -> int:
 
 def test_resnet50_dcn_is_the_stage_3_to_5_convs():
     suite = suites.load("resnet50-dcn")
-    assert len(suite.cases) == 2 * 2 * 2 * 12  # ops × N × offset_groups × layers
+    plain = [sc for sc in suite.cases if not sc.case.params["allow_tf32"]]
+    assert len(plain) == 2 * 2 * 2 * 12  # ops × N × offset_groups × layers
     layers = set()
-    for sc in suite.cases:
+    for sc in plain:
         p = sc.case.params
         assert sc.case.op.name in ("deform_conv2d", "modulated_deform_conv2d")
         assert (p["kernel_h"], p["kernel_w"], p["pad_h"], p["pad_w"]) == (3, 3, 1, 1)
@@ -238,10 +268,19 @@ def test_resnet50_dcn_is_the_stage_3_to_5_convs():
     expected = {(128, 28, 28), (128, 100, 168), (256, 14, 14), (256, 50, 84),
                 (512, 7, 7), (512, 25, 42)}
     assert layers == {(c, h, w, s) for c, h, w in expected for s in (1, 2)}
+    # The TF32 sweep: the stride-1 224x224 layers at N = 8, float32, forward and backward.
+    tf32 = {(sc.case.op.name, sc.case.params["C_in"], sc.case.params["H"], sc.case.params["N"],
+             sc.case.params["stride_h"], sc.case.dtype, sc.backward)
+            for sc in suite.cases if sc.case.params["allow_tf32"]}
+    assert tf32 == {(op, c, h, 8, 1, "float32", True) for op in ("deform_conv2d",
+                                                                  "modulated_deform_conv2d")
+                    for c, h in ((128, 28), (256, 14), (512, 7))}
+    assert len(suite.cases) == len(plain) + len(tf32)
 
 
 def test_dtypes_suite_is_resnet50_dcn_in_every_kernel_dtype():
-    base = {sc.case.id for sc in suites.load("resnet50-dcn").cases}
+    base = {sc.case.id for sc in suites.load("resnet50-dcn").cases
+            if not sc.case.params["allow_tf32"]}  # TF32 is float32's alone
     cases = suites.load("dtypes").cases
     assert {sc.case.dtype for sc in cases} == {"float32", "float16", "bfloat16"}
     assert {sc.case.id.replace(f"/{sc.case.dtype}/", "/float32/") for sc in cases} == base
