@@ -114,7 +114,7 @@ def test_deterministic_backward_does_not_depend_on_the_order(op, dtype, design,
     assert not torch.equal(floats, gradients(op, inputs, grad_output, order, design)[0])
 
 
-@pytest.mark.parametrize("design", ops.DESIGNS)
+@pytest.mark.parametrize("design", psroi_ops.DESIGNS)
 def test_deterministic_psroi_backward_does_not_depend_on_the_order(design,
                                                                    deterministic_algorithms):
     generator = torch.Generator().manual_seed(4)
