@@ -70,7 +70,8 @@ PEER_SITE = "peers-site"
 PY = sys.executable
 TIMING = ("--warmup-ms", "5", "--rep-ms", "20")  # short windows: the script must fit one call
 OUR_KERNELS = ("--impl", "cupy", "cupy_direct", "cupy_vectorized", "cupy_staged",
-               "cupy_shared_scatter", "cupy_channels_fastest", "cupy_implicit_gemm")
+               "cupy_shared_scatter", "cupy_channels_fastest", "cupy_implicit_gemm",
+               "cupy_samples_fastest")
 # The cases the sanitizers and ncu see: every kernel of ours, every input mode.
 PROBE = ("--suite", "gpu-probe", *OUR_KERNELS, "--no-timing")
 NCU_METRICS = (

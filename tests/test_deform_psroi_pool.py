@@ -75,6 +75,8 @@ CASES = {
     # Two chunks of 32 output channels in the channels-fastest design (8 dead
     # lanes in the second), class 3 of 10 channels split across them.
     "channels_40": Case(N=1, H=5, W=6, output_dim=40, num_classes=4, sample_per_part=3),
+    # 36 samples a bin: the samples-fastest design's 32 lanes loop (lanes 0-3 twice).
+    "samples_36": Case(N=1, pooled_size=2, group_size=2, output_dim=2, sample_per_part=6),
 }
 DESIGNS = ops.DESIGNS
 
@@ -262,7 +264,7 @@ BAD_ARGUMENTS = {
     "design": (
         _bad(design="nhwc"),
         ValueError,
-        r"design must be one of 'pw_fastest', 'channels_fastest', got 'nhwc'",
+        r"design must be one of 'pw_fastest', 'channels_fastest', 'samples_fastest', got 'nhwc'",
     ),
     "batch_index": (
         _bad(rois=_rois_with(5, 0, 7.0)),

@@ -89,6 +89,9 @@ def test_tensors_implementations_and_baselines():
     for op in B1_OPS:
         assert kinds[op]["cupy_channels_fastest"] == "kernel"
         assert get_operator(op).forward_only_modes == ("degenerate_rois",)
+    # Lanes over a bin's samples: a design of the PS op alone.
+    assert kinds["deform_psroi_pool"]["cupy_samples_fastest"] == "kernel"
+    assert all("cupy_samples_fastest" not in kinds[op] for op in B1_OPS)
 
 
 @pytest.mark.parametrize(

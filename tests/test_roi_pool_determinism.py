@@ -114,7 +114,7 @@ def test_deterministic_backward_does_not_depend_on_the_order(op, dtype, design,
     assert not torch.equal(floats, gradients(op, inputs, grad_output, order, design)[0])
 
 
-@pytest.mark.parametrize("design", ops.DESIGNS)
+@pytest.mark.parametrize("design", psroi_ops.DESIGNS)
 def test_deterministic_psroi_backward_does_not_depend_on_the_order(design,
                                                                    deterministic_algorithms):
     generator = torch.Generator().manual_seed(4)
@@ -196,3 +196,43 @@ def test_deterministic_backward_issues_the_same_atomics(op, design, count_atomic
     expected = K * POOLED[0] * POOLED[1] * SAMPLING_RATIO**2 * C * 4
     assert atomics_of_backward(op, False, counters, design) == [expected, 0]
     assert atomics_of_backward(op, True, counters, design) == [0, expected]
+
+
+PSROI_KERNEL_SOURCES = {
+    "pw_fastest": psroi_ops.SOURCE,
+    "channels_fastest": psroi_ops.CHANNELS_FASTEST_SOURCE,
+    "samples_fastest": psroi_ops.SAMPLES_FASTEST_SOURCE,
+}
+
+
+@pytest.mark.parametrize("design", psroi_ops.DESIGNS)
+def test_deterministic_psroi_backward_issues_the_same_atomics(design, count_atomics):
+    """One atomic per (RoI, bin, sample, output channel, corner), in both modes:
+    the RoIs' samples (y2 below 4.5: the last row's samples stay below H − 1) and
+    corners are all on the map at generic positions (a non-zero trans), so the
+    count is K·bins·sample_per_part²·output_dim·4 (the samples-fastest design's
+    idle lanes issue none)."""
+    counters = count_atomics(PSROI_KERNEL_SOURCES[design])
+    generator = torch.Generator().manual_seed(10)
+    x = torch.randn(N, 2 * 4, H, W, generator=generator)  # output_dim 2, group_size 2
+    rois = overlapping_inputs("roi_align", seed=11)["rois"]
+    rois[:, 4].clamp_(max=4.4)
+    trans = torch.rand(K, 2, 3, 3, generator=generator) * 0.2 + 0.01
+    grad_output = grad_output_with_spread((K, 2, 3, 3), seed=12)
+    arguments = dict(spatial_scale=1.0, output_dim=2, group_size=2, pooled_size=3,
+                     sample_per_part=3, trans_std=0.1, design=design)
+
+    def atomics(deterministic: bool) -> list[int]:
+        counters[0] = counters[1] = 0
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            leaf = x.clone().requires_grad_()
+            out = psroi_ops.deform_psroi_pool(leaf, rois, trans, **arguments)
+            torch.autograd.grad(out, leaf, grad_output)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        return list(counters)
+
+    expected = K * 3 * 3 * 3**2 * 2 * 4
+    assert atomics(False) == [expected, 0]
+    assert atomics(True) == [0, expected]

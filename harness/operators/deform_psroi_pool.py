@@ -43,6 +43,7 @@ from harness.operators.roi_align import (
     BACKWARD_POSITION_FLOPS,
     CHANNEL_SAMPLE_FLOPS,
     FORWARD_ONLY_MODES,
+    KERNEL_DESIGNS,
     POINT_FLOPS,
     ROI_MODES,
     ROI_TOLERANCES,
@@ -324,5 +325,8 @@ def _cupy_deform_psroi_pool(design: str):
     return prepare_kernel
 
 
-register_kernel_designs(OP, "deform_psroi_pool", "deform_psroi_pool", _cupy_deform_psroi_pool)
+# KERNEL_DESIGNS and the design only this op has (kernels.ops.deform_psroi_pool.DESIGNS).
+PSROI_KERNEL_DESIGNS = {**KERNEL_DESIGNS, "cupy_samples_fastest": "samples_fastest"}
+register_kernel_designs(OP, "deform_psroi_pool", "deform_psroi_pool", _cupy_deform_psroi_pool,
+                        PSROI_KERNEL_DESIGNS)
 

@@ -402,10 +402,12 @@ KERNEL_DESIGNS = {"cupy": "pw_fastest", "cupy_channels_fastest": "channels_faste
 
 
 def register_kernel_designs(op: str, module: str, function: str,
-                            preparer: Callable[[str], Callable]) -> None:
-    """One kernel implementation of ``op`` per design of KERNEL_DESIGNS, each prepared
-    by ``preparer(design)``: ``kernels.ops.<module>.<function>`` of that design."""
-    for impl, design in KERNEL_DESIGNS.items():
+                            preparer: Callable[[str], Callable],
+                            designs: dict[str, str] = KERNEL_DESIGNS) -> None:
+    """One kernel implementation of ``op`` per design of ``designs`` (implementation
+    name -> design; KERNEL_DESIGNS unless the op has more), each prepared by
+    ``preparer(design)``: ``kernels.ops.<module>.<function>`` of that design."""
+    for impl, design in designs.items():
         implementation(op, impl, kind="kernel", dtypes=ROI_KERNEL_DTYPES,
                        available=kernel_availability(f"kernels.ops.{module}"),
                        emulated_on=("cpu",),

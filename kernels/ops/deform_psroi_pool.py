@@ -21,6 +21,12 @@ channels of one bin, reading a staging of the input with the output channels
 innermost ([N, H, W, group_size², output_dim]) and scattering into one,
 transposed back; the trans gradient per output channel, summed here per class.
 
+A third, ``design="samples_fastest"``
+(``kernels/cuda/deform_psroi_pool_samples_fastest.cu``): the lanes of a warp
+over the samples of one bin (16 lanes for sample_per_part 4), which lie in one
+input plane whatever the trans; sums reduced with shuffles. For per-class
+trans, where every output channel samples at its own positions.
+
 ``rois`` (a [K, 5] tensor or a list of [L, 4] boxes
 per image, float32 or the input's dtype) values are checked on the host, as
 in :mod:`kernels.ops.deform_roi_pool` (one synchronisation per forward on a
@@ -44,7 +50,6 @@ from kernels.cuda_sources import COMPILE_OPTIONS, CudaSource, register
 from kernels.ops.deform_roi_pool import (
     BIN_TILE,
     CHANNELS_PER_WARP,
-    DESIGNS,
     SUPPORTED_DTYPES,
     TRANSPOSE_BLOCK_SIZE,
     TRANSPOSE_OPTIONS,
@@ -66,11 +71,18 @@ from kernels.ops.deform_roi_pool import (
     transpose_name,
     transpose_rows_and_columns,
 )
+from kernels.ops.deform_roi_pool import DESIGNS as ROI_POOL_DESIGNS
 from kernels.rois import as_rois, check_explicit_grid
 
 __all__ = ["DESIGNS", "DeformPSRoIPool", "DeformPSRoIPoolPack", "deform_psroi_pool", "prepare"]
 
-# Threads per block of both kernels (a macro in the .cu, see deform_roi_pool).
+# The RoI pools' designs and the samples-fastest one, which only this op has.
+DESIGNS = (*ROI_POOL_DESIGNS, "samples_fastest")
+
+# Lanes of a warp: the samples-fastest design's most lanes per element.
+WARP_SIZE = 32
+
+# Threads per block of every design's pool kernels (a macro in the .cu, see deform_roi_pool).
 BLOCK_SIZE = 256
 
 _CTYPES = {
@@ -128,6 +140,27 @@ CHANNELS_FASTEST_SOURCE = register(
 )
 
 
+# The samples-fastest design (kernels/cuda/deform_psroi_pool_samples_fastest.cu):
+# lanes over one bin's samples, the first design's blocks of BLOCK_SIZE threads.
+_SAMPLES_FASTEST_KERNELS = (
+    "deform_psroi_pool_samples_fastest_forward",
+    "deform_psroi_pool_samples_fastest_backward",
+)
+SAMPLES_FASTEST_SOURCE = register(
+    CudaSource(
+        filename="deform_psroi_pool_samples_fastest.cu",
+        name_expressions=tuple(
+            _name_expression(kernel, dtype, has_trans)
+            for kernel in _SAMPLES_FASTEST_KERNELS
+            for dtype in SUPPORTED_DTYPES
+            for has_trans in (False, True)
+        ),
+        block_sizes=dict.fromkeys(_SAMPLES_FASTEST_KERNELS, BLOCK_SIZE),
+        options=SOURCE.options,
+    )
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Geometry:
     """Every size and parameter of one call, checked against the contract."""
@@ -153,6 +186,12 @@ class Geometry:
     @property
     def output_shape(self) -> tuple[int, int, int, int]:
         return (self.num_rois, self.output_dim, self.pooled_size, self.pooled_size)
+
+    @property
+    def lanes_per_bin(self) -> int:
+        """The samples-fastest design's lanes per output element: sample_per_part²
+        rounded up to a power of two, at most a warp (which then loops)."""
+        return min(WARP_SIZE, 1 << (self.sample_per_part**2 - 1).bit_length())
 
     @property
     def empty(self) -> bool:
@@ -266,6 +305,16 @@ def _channels_fastest_blocks(g: Geometry) -> int:
     return launch.blocks(g.output_dim, CHANNELS_PER_WARP) * launch.blocks(g.bins, BIN_TILE)
 
 
+def _samples_fastest_blocks(g: Geometry) -> int:
+    """Blocks of one RoI: an output element per lanes_per_bin threads."""
+    return launch.blocks(g.output_dim * g.bins, BLOCK_SIZE // g.lanes_per_bin)
+
+
+def _samples_fastest_arguments(g: Geometry, design: str) -> tuple:
+    """The samples-fastest kernels' last argument, lanes per element; none for the others."""
+    return (launch.int32(g.lanes_per_bin),) if design == "samples_fastest" else ()
+
+
 def _forward(
     g: Geometry, input: torch.Tensor, rois: torch.Tensor, trans: torch.Tensor | None, design: str
 ) -> torch.Tensor:
@@ -282,6 +331,13 @@ def _forward(
             CHANNELS_FASTEST_SOURCE, input, _staging_shape(g), input.dtype
         )
         blocks, features = _channels_fastest_blocks(g), staged
+    elif design == "samples_fastest":
+        kernel = launch.module(SAMPLES_FASTEST_SOURCE, input.device).function(
+            _name_expression(
+                "deform_psroi_pool_samples_fastest_forward", input.dtype, trans is not None
+            )
+        )
+        blocks, features = _samples_fastest_blocks(g), input
     else:
         kernel = launch.module(SOURCE, input.device).function(
             _name_expression("deform_psroi_pool_forward", input.dtype, trans is not None)
@@ -300,6 +356,7 @@ def _forward(
             PerRoi(trans, null),
             PerRoi(output),
             *_geometry_arguments(g, input.dtype),
+            *_samples_fastest_arguments(g, design),
         ),
     )
     return output
@@ -352,12 +409,23 @@ def _backward(
     grad_input = InputGradient(input.shape, dtype, device, bound) if want_input else None
     accumulate = accumulate_dtype(dtype)
     channels_per_class = g.output_dim // g.num_classes
-    slicing = channel_slicing(
-        channels_per_class, g.num_rois * g.num_classes * g.bins, want_trans, device
-    )
+    if design == "samples_fastest":
+        # An element's lanes reduce over its samples, not channels: one channel a
+        # slice, the first design's partial sums per output channel.
+        source, kernel_name = SAMPLES_FASTEST_SOURCE, "deform_psroi_pool_samples_fastest_backward"
+        slices, blocks = channels_per_class, _samples_fastest_blocks(g)
+        slice_arguments = _samples_fastest_arguments(g, design)
+    else:
+        slicing = channel_slicing(
+            channels_per_class, g.num_rois * g.num_classes * g.bins, want_trans, device
+        )
+        source, kernel_name = SOURCE, "deform_psroi_pool_backward"
+        slices = slicing.slices
+        blocks = launch.blocks(g.num_classes * slices * g.bins, BLOCK_SIZE)
+        slice_arguments = (launch.int32(slicing.channels_per_thread), launch.int32(slices))
     trans_partial = (
         launch.new_output(
-            (g.num_rois, g.num_classes, slicing.slices, 2, g.pooled_size, g.pooled_size),
+            (g.num_rois, g.num_classes, slices, 2, g.pooled_size, g.pooled_size),
             accumulate,
             device,
         )
@@ -365,14 +433,14 @@ def _backward(
         else None
     )
     if want_input or want_trans:
-        kernel = launch.module(SOURCE, device).function(
-            _name_expression("deform_psroi_pool_backward", dtype, trans is not None)
+        kernel = launch.module(source, device).function(
+            _name_expression(kernel_name, dtype, trans is not None)
         )
         null, null_accumulate = launch.null(dtype, device), launch.null(accumulate, device)
         rois = rois.to(accumulate).contiguous()
         launch_per_roi_chunk(
             kernel,
-            launch.blocks(g.num_classes * slicing.slices * g.bins, BLOCK_SIZE),
+            blocks,
             BLOCK_SIZE,
             g.num_rois,
             (
@@ -383,8 +451,7 @@ def _backward(
                 *InputGradient.arguments(grad_input, dtype, device),
                 PerRoi(trans_partial, null_accumulate),
                 *_geometry_arguments(g, dtype),
-                launch.int32(slicing.channels_per_thread),
-                launch.int32(slicing.slices),
+                *slice_arguments,
             ),
         )
     if trans_partial is None:
@@ -619,8 +686,9 @@ def deform_psroi_pool(
         sample_per_part: samples per bin side (1 to 1024).
         trans_std: scale of trans.
         no_trans: pool without moving the bins.
-        design: the kernels, ``"pw_fastest"`` (default) or ``"channels_fastest"``
-            (lanes over output channels of an NHWC-like staging; the same results).
+        design: the kernels, ``"pw_fastest"`` (default), ``"channels_fastest"``
+            (lanes over output channels of an NHWC-like staging) or
+            ``"samples_fastest"`` (lanes over a bin's samples); the same results.
 
     Returns:
         [K, output_dim, pooled_size, pooled_size].
@@ -689,7 +757,7 @@ def _operands(input, rois, trans, spatial_scale, output_dim, group_size, pooled_
         part_size,
         sample_per_part,
         g.trans_std,
-        check_design(design),
+        check_design(design, DESIGNS),
     )
     return g, operands
 

@@ -200,9 +200,10 @@ CHANNELS_FASTEST_SOURCE = register(
 )
 
 
-def check_design(design: object) -> str:
-    if design not in DESIGNS:
-        raise ValueError(f"design must be one of {', '.join(map(repr, DESIGNS))}, got {design!r}")
+def check_design(design: object, designs: tuple[str, ...] = DESIGNS) -> str:
+    """``design`` if it is one of ``designs`` (an op's: deform_psroi_pool has one more)."""
+    if design not in designs:
+        raise ValueError(f"design must be one of {', '.join(map(repr, designs))}, got {design!r}")
     return design
 
 

@@ -9,6 +9,10 @@ file (``test_shared_scatter_target.py``).
 - ``cupy_channels_fastest``: the pooling kernel's sectors per request at most 1/4 of
   ``cupy``'s, except the cases in ``SECTORS_TARGET_MISSES``, each held to the ratio it
   reaches today (docs/kernels/roi_pool.md says why they miss).
+- ``cupy_samples_fastest`` (deform_psroi_pool only, lanes over a bin's samples): the
+  same 1/4 of ``cupy``'s sectors per request in every case, the per-class trans
+  ones that ``cupy_channels_fastest`` misses included, and a modelled floor below
+  both other designs'.
 """
 
 from __future__ import annotations
@@ -83,21 +87,41 @@ def staged_shortfalls(document: dict) -> list[str]:
     return problems
 
 
-def channels_fastest_shortfalls(document: dict) -> list[str]:
-    before = _per_case(document, "cupy", ROI_OPS, pool_only=True)
-    after = _per_case(document, "cupy_channels_fastest", ROI_OPS, pool_only=True)
+def sectors_per_request_shortfalls(document: dict, impl: str, ops: tuple[str, ...],
+                                    misses: dict) -> list[str]:
+    """``impl``'s pool kernels against ``cupy``'s: sectors per request at most
+    SECTORS_PER_REQUEST_RATIO of them, or the bound ``misses`` holds a case to."""
+    before = _per_case(document, "cupy", ops, pool_only=True)
+    after = _per_case(document, impl, ops, pool_only=True)
     problems = [f"{case}: counted for one design only" for case in sorted(set(before) ^ set(after))]
-    ops = {k["case_id"]: k["op"] for k in document["kernels"].values()}
+    op_of = {k["case_id"]: k["op"] for k in document["kernels"].values()}
     for case, direction in sorted(set(before) & set(after)):
         old, new = before[case, direction], after[case, direction]
         ratio = (new["sectors"] / new["requests"]) / (old["sectors"] / old["requests"])
         dtype = case.split("/")[2]
-        with_offsets = ops[case] != "roi_align" and "_notrans" not in case
-        bound = SECTORS_TARGET_MISSES.get((ops[case], dtype, direction, with_offsets),
-                                          SECTORS_PER_REQUEST_RATIO)
+        with_offsets = op_of[case] != "roi_align" and "_notrans" not in case
+        bound = misses.get((op_of[case], dtype, direction, with_offsets),
+                           SECTORS_PER_REQUEST_RATIO)
         if ratio > bound:
             problems.append(f"{case} {direction}: sectors per request {ratio:.3f}x of cupy's, "
                             f"bound {bound}")
+    return problems
+
+
+def channels_fastest_shortfalls(document: dict) -> list[str]:
+    return sectors_per_request_shortfalls(document, "cupy_channels_fastest", ROI_OPS,
+                                          SECTORS_TARGET_MISSES)
+
+
+def samples_fastest_shortfalls(document: dict) -> list[str]:
+    ops = ("deform_psroi_pool",)
+    problems = sectors_per_request_shortfalls(document, "cupy_samples_fastest", ops, {})
+    after = _per_case(document, "cupy_samples_fastest", ops)
+    for other in ("cupy", "cupy_channels_fastest"):
+        before = _per_case(document, other, ops)  # the transposes included: its whole cost
+        for case, direction in sorted(set(before) & set(after)):
+            if after[case, direction]["floor_s"] >= before[case, direction]["floor_s"]:
+                problems.append(f"{case} {direction}: modelled floor not below {other}'s")
     return problems
 
 
@@ -109,10 +133,15 @@ def test_channels_fastest_sectors_per_request(baseline):
     assert channels_fastest_shortfalls(baseline) == []
 
 
+def test_samples_fastest_sectors_per_request_and_floor(baseline):
+    assert samples_fastest_shortfalls(baseline) == []
+
+
 def test_every_design_is_in_the_gated_suite(baseline):
     impls = {(k["op"], k["impl"]) for k in baseline["kernels"].values()}
     assert {(op, "cupy_staged") for op in ("dcnv3", "dcnv4")} <= impls
     assert {(op, "cupy_channels_fastest") for op in ROI_OPS} <= impls
+    assert ("deform_psroi_pool", "cupy_samples_fastest") in impls
 
 
 def test_a_design_that_misses_its_target_is_reported(baseline):
@@ -127,3 +156,18 @@ def test_a_design_that_misses_its_target_is_reported(baseline):
             planted["kernels"][key + " planted"] = {**kernel, "impl": renamed[kernel["impl"]]}
     assert len(staged_shortfalls(planted)) >= 18  # every forward, and the bytes check
     assert len(channels_fastest_shortfalls(planted)) == 20  # every case, both directions
+
+
+def test_a_samples_fastest_design_that_misses_its_targets_is_reported(baseline):
+    """The first design's counters as the samples-fastest one's (planted): every PS case
+    and direction misses the sectors target and the floor against ``cupy``."""
+    planted = {"kernels": {}}
+    for key, kernel in baseline["kernels"].items():
+        if kernel["impl"] == "cupy_samples_fastest":
+            continue
+        planted["kernels"][key] = kernel
+        if kernel["impl"] == "cupy" and kernel["op"] == "deform_psroi_pool":
+            planted["kernels"][key + " planted"] = {**kernel, "impl": "cupy_samples_fastest"}
+    problems = samples_fastest_shortfalls(planted)
+    assert sum("sectors per request" in p for p in problems) == 8  # 4 cases, 2 directions
+    assert sum("not below cupy's" in p for p in problems) == 8

@@ -22,7 +22,8 @@ from kernels.ops.deform_conv2d import deform_conv2d
 from kernels.ops.deform_roi_pool import deform_roi_pool
 
 OUR_IMPLEMENTATIONS = ("cupy", "cupy_direct", "cupy_vectorized", "cupy_staged",
-                       "cupy_shared_scatter", "cupy_channels_fastest", "cupy_implicit_gemm")
+                       "cupy_shared_scatter", "cupy_channels_fastest", "cupy_implicit_gemm",
+                       "cupy_samples_fastest")
 
 
 def dcnv3_inputs(group_channels: int = 8, requires_grad: bool = False):
