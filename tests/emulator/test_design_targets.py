@@ -7,8 +7,9 @@ file (``test_shared_scatter_target.py``).
   in every dcnv3 / dcnv4 forward of the suite, and its bfloat16 backward moving fewer
   DRAM bytes than its float32 one.
 - ``cupy_channels_fastest``: the pooling kernel's sectors per request at most 1/4 of
-  ``cupy``'s, except the cases in ``SECTORS_TARGET_MISSES``, each held to the ratio it
-  reaches today (docs/kernels/roi_pool.md says why they miss).
+  ``cupy``'s, or, where 1/4 is below what a request of its width can take, at that
+  floor (``AT_THE_SECTOR_FLOOR``); the cases in ``SECTORS_TARGET_MISSES`` are held to
+  the ratio they reach today (docs/kernels/roi_pool.md says why they miss).
 - ``cupy_samples_fastest`` (deform_psroi_pool only, lanes over a bin's samples): the
   same 1/4 of ``cupy``'s sectors per request in every case, the per-class trans
   ones that ``cupy_channels_fastest`` misses included, and a modelled floor below
@@ -26,17 +27,16 @@ import pytest
 BASELINE = Path(__file__).resolve().parents[2] / "results" / "counters" / "baseline.json"
 STAGED_FLOOR_GAIN = 1.3
 SECTORS_PER_REQUEST_RATIO = 0.25
-# (op, dtype, direction, with offsets): the ratio reached, as a bound. roi_align in
-# float32: a coalesced warp load of 4-byte values is 4 sectors, against ~10 today, so
-# 1/4 is out of reach by this counter; the R-FCN pool with per-class offsets samples
-# a different position in every lane.
+# Sector efficiency (bytes the lanes asked for / bytes of the sectors moved) at which a
+# design is at the counter's floor: a warp request of 32 distinct 4-byte values cannot
+# take fewer than 4 sectors (2-byte: 2), so where 1/4 of cupy's sectors per request is
+# below that (roi_align: ~10 today; the float32 deformable pools' forward: ~13), only
+# narrower requests, not a better layout, could meet it.
+AT_THE_SECTOR_FLOOR = 0.95
+# (op, dtype, direction, with offsets): the ratio reached, as a bound. The R-FCN pool
+# with per-class offsets samples a different position in every lane of this design
+# (cupy_samples_fastest meets the target there).
 SECTORS_TARGET_MISSES = {
-    ("roi_align", "float32", "forward", False): 0.38,
-    ("roi_align", "float32", "backward", False): 0.41,
-    ("roi_align", "bfloat16", "forward", False): 0.27,
-    ("roi_align", "bfloat16", "backward", False): 0.41,
-    ("deform_roi_pool", "float32", "forward", True): 0.29,
-    ("modulated_deform_roi_pool", "float32", "forward", True): 0.29,
     ("deform_psroi_pool", "float32", "forward", True): 0.42,
     ("deform_psroi_pool", "float32", "backward", True): 0.45,
     ("deform_psroi_pool", "bfloat16", "forward", True): 0.35,
@@ -54,7 +54,8 @@ def _per_case(document: dict, impl: str, ops: tuple[str, ...], pool_only: bool =
     """(case id, direction) -> summed counters of ``impl``'s kernels (without the
     staging transposes when ``pool_only``)."""
     sums: dict[tuple[str, str], dict] = defaultdict(
-        lambda: {"sectors": 0, "requests": 0, "floor_s": 0.0, "dram_bytes": 0})
+        lambda: {"sectors": 0, "requests": 0, "bytes_useful": 0, "floor_s": 0.0,
+                 "dram_bytes": 0})
     for kernel in document["kernels"].values():
         if kernel["impl"] != impl or kernel["op"] not in ops:
             continue
@@ -63,6 +64,7 @@ def _per_case(document: dict, impl: str, ops: tuple[str, ...], pool_only: bool =
         total = sums[kernel["case_id"], kernel["direction"]]
         total["sectors"] += kernel["sectors"]
         total["requests"] += sum(kernel["requests"].values())
+        total["bytes_useful"] += sum(kernel["bytes_useful"].values())
         total["floor_s"] += kernel["floor_s"]
         total["dram_bytes"] += kernel["dram_bytes"]
     return sums
@@ -90,7 +92,8 @@ def staged_shortfalls(document: dict) -> list[str]:
 def sectors_per_request_shortfalls(document: dict, impl: str, ops: tuple[str, ...],
                                     misses: dict) -> list[str]:
     """``impl``'s pool kernels against ``cupy``'s: sectors per request at most
-    SECTORS_PER_REQUEST_RATIO of them, or the bound ``misses`` holds a case to."""
+    SECTORS_PER_REQUEST_RATIO of them or at the floor (AT_THE_SECTOR_FLOOR), or the
+    bound ``misses`` holds a case to."""
     before = _per_case(document, "cupy", ops, pool_only=True)
     after = _per_case(document, impl, ops, pool_only=True)
     problems = [f"{case}: counted for one design only" for case in sorted(set(before) ^ set(after))]
@@ -102,9 +105,10 @@ def sectors_per_request_shortfalls(document: dict, impl: str, ops: tuple[str, ..
         with_offsets = op_of[case] != "roi_align" and "_notrans" not in case
         bound = misses.get((op_of[case], dtype, direction, with_offsets),
                            SECTORS_PER_REQUEST_RATIO)
-        if ratio > bound:
+        efficiency = new["bytes_useful"] / (32 * new["sectors"])
+        if ratio > bound and efficiency < AT_THE_SECTOR_FLOOR:
             problems.append(f"{case} {direction}: sectors per request {ratio:.3f}x of cupy's, "
-                            f"bound {bound}")
+                            f"bound {bound}, sector efficiency {efficiency:.2f}")
     return problems
 
 
