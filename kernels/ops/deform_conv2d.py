@@ -103,11 +103,14 @@ SOURCE = register(
 )
 
 # The implicit GEMM design (deform_conv2d_implicit_gemm.cu): blocks of 256
-# threads computing 64 x 64 output tiles; the grad_sampling epilogue splits a
-# tile's 64 channels over 4 threads per pixel, each with its own partial sums.
+# threads computing 64 x 64 output tiles, 128 output channels x 64 in the kernels
+# that gather the columns (forward, grad_weight); the grad_sampling epilogue
+# splits a tile's 64 channels over 4 threads per pixel, each with its own partial
+# sums.
 DESIGNS = ("im2col", "implicit_gemm")
 IMPLICIT_GEMM_THREADS = 256
 IMPLICIT_GEMM_TILE = 64
+IMPLICIT_GEMM_GATHER_ROWS = 128
 IMPLICIT_GEMM_EPILOGUE_SPLIT = IMPLICIT_GEMM_THREADS // IMPLICIT_GEMM_TILE
 _IMPLICIT_GEMM_KERNELS = (
     "implicit_gemm_forward",
@@ -476,7 +479,11 @@ def _forward_implicit_gemm(
     if out.numel() == 0:
         return
     null = launch.null(input.dtype, input.device)
-    grid = (_tiles(g.batch * g.pixels), _tiles(g.out_channels // g.groups), g.groups)
+    grid = (
+        _tiles(g.batch * g.pixels),
+        launch.blocks(g.out_channels // g.groups, IMPLICIT_GEMM_GATHER_ROWS),
+        g.groups,
+    )
     _implicit_gemm_kernel("implicit_gemm_forward", input, mask is not None, allow_tf32)(
         grid,
         IMPLICIT_GEMM_THREADS,
@@ -579,7 +586,11 @@ def _backward_implicit_gemm(
         grad_weight = launch.new_output(weight.shape, dtype, device)
         group_out = g.out_channels // g.groups
         if grad_weight.numel() > 0:
-            grid = (_tiles(group_channels) * g.taps, _tiles(group_out), g.groups)
+            grid = (
+                _tiles(group_channels) * g.taps,
+                launch.blocks(group_out, IMPLICIT_GEMM_GATHER_ROWS),
+                g.groups,
+            )
             _implicit_gemm_kernel("implicit_gemm_backward_weight", input, has_mask, allow_tf32)(
                 grid,
                 IMPLICIT_GEMM_THREADS,
