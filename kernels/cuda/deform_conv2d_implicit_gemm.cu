@@ -54,10 +54,14 @@
 
 namespace {
 
-constexpr int TILE_M = 64;  // rows of a grad_sampling block's output tile
+constexpr int TILE_M = 64;  // rows of a 64-row output tile
 // Output channels of a block of the kernels that gather the columns (forward,
 // grad_weight): every block of output channels gathers them again.
 constexpr int GATHER_TILE_M = 128;
+// Rows ((channel, tap) pairs) of a grad_sampling block: its whole tile is staged
+// for the epilogue, which in double fits 64 rows only.
+template <typename real>
+constexpr int sampling_rows() { return sizeof(real) == 8 ? 64 : 128; }
 constexpr int TILE_N = 64;  // columns of a block's output tile
 constexpr int TILE_K = 16;  // reduction depth of one shared-memory step
 constexpr int THREADS = IMPLICIT_GEMM_THREADS;
@@ -69,9 +73,8 @@ constexpr int STAGE_ROWS = 64;
 // writes 16 banks apart, and 320 bytes is the multiple of 16 wmma stores need.
 constexpr int STAGE_STRIDE = TILE_N + 16;
 // Threads per tile column in the gather, staging and epilogue loops; the
-// sampling-gradient epilogue gives each of them a quarter of the tile's channels.
+// sampling-gradient epilogue gives each of them some taps of the tile.
 constexpr int SPLIT = THREADS / TILE_N;
-constexpr int SPLIT_CHANNELS = TILE_M / SPLIT;
 
 // out[m][n] += sum_k a[k][m] * b[k][n] over the shared tiles of one reduction
 // step, for the whole block; ROWS x TILE_N outputs. After the last step,
@@ -208,15 +211,15 @@ template <bool TF32, int ROWS> struct GemmOf<__nv_bfloat16, TF32, ROWS> {
 
 // A block's shared memory: the two operand tiles of a step and EXTRA_BYTES more
 // (the forward's point table), and over the same bytes (once the last step is
-// multiplied) STAGE_ROWS rows of the staged result tile.
-template <typename Gemm, int EXTRA_BYTES = 0>
+// multiplied) STAGED rows of the staged result tile.
+template <typename Gemm, int EXTRA_BYTES = 0, int STAGED = STAGE_ROWS>
 struct SharedTiles {
     using tile_t = typename Gemm::tile_t;
     using real = typename Gemm::real;
     static constexpr int ROWS = Gemm::TILE_ROWS;
     static constexpr int A_BYTES = TILE_K * (ROWS + Gemm::PAD) * sizeof(tile_t);
     static constexpr int TILE_BYTES = A_BYTES + TILE_K * (TILE_N + Gemm::PAD) * sizeof(tile_t);
-    static constexpr int STAGE_BYTES = STAGE_ROWS * STAGE_STRIDE * sizeof(real);
+    static constexpr int STAGE_BYTES = STAGED * STAGE_STRIDE * sizeof(real);
     static constexpr int BYTES = TILE_BYTES + EXTRA_BYTES > STAGE_BYTES
                                      ? TILE_BYTES + EXTRA_BYTES
                                      : STAGE_BYTES;
@@ -582,17 +585,22 @@ implicit_gemm_backward_weight(const scalar_t* __restrict__ input,        // [n, 
 }
 
 // grad_col[(c, tap), q] = sum_co weight[co, c, tap] * grad_output[co, q] for a tile of
-// 64 input channels of one tap x 64 output pixels, staged in shared memory; then, as
-// deform_conv2d.cu's col2im, per (channel, pixel):
+// 128 (64 in double) rows r = (channel, tap), taps fastest, as the weight stores
+// them (so an A-tile row is a contiguous run of the weight), x 64 output pixels,
+// staged in shared memory. A block's rows are the taps of one chunk of
+// min(kh * kw, rows) taps for rows / chunk channels. Then, as deform_conv2d.cu's
+// col2im, per (channel, tap, pixel):
 //  - grad_col * mask * bilinear weight scattered into grad_input (float32 atomics,
 //    or with grad_input_fixed the fixed-point ones of deterministic_atomics.cuh;
 //    both null: no scatter);
-//  - d/dy, d/dx (times the mask) and d/dmask summed over the tile's channels of one
-//    offset group in registers and stored once into the thread's own partial sums
-//    [slices, n, ...], slice = (group * channel tiles + channel tile) * 4 + the
-//    thread's quarter of the tile's channels. The host zero-fills them (a slice
-//    covers only the offset groups of its channels) and sums the slices.
-// grid (ceil(n * H_out * W_out / 64), ceil((C / groups) / 64) * kh * kw, groups).
+//  - d/dy, d/dx (times the mask) and d/dmask summed over the block's channels of
+//    one offset group in registers and stored once into the thread's own partial
+//    sums [slices, n, ...]. The 4 threads of a pixel take the chunk's taps in turn
+//    (tap s, s + 4, ...); with fewer than 4 taps, 4 / taps of them share a tap,
+//    each with a part of the channels: slice = (group * channel blocks + channel
+//    block) * parts + part. The host zero-fills the slices (a slice covers only
+//    the offset groups of its channels) and sums them.
+// grid (ceil(n * H_out * W_out / 64), channel blocks * tap chunks, groups).
 template <typename scalar_t, bool HAS_MASK, bool TF32 = false>
 __global__ void __launch_bounds__(IMPLICIT_GEMM_THREADS)
 implicit_gemm_backward_sampling(const scalar_t* __restrict__ input,        // [n, C, H, W]
@@ -609,41 +617,52 @@ implicit_gemm_backward_sampling(const scalar_t* __restrict__ input,        // [n
                                 int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h,
                                 int dilation_w, int groups, int offset_groups, int out_h,
                                 int out_w, int out_channels, int samples) {
-    using Gemm = typename GemmOf<scalar_t, TF32, TILE_M>::type;
-    using tile_t = typename Gemm::tile_t;
     using real = acc_t<scalar_t>;
+    constexpr int ROWS = sampling_rows<real>();
+    using Gemm = typename GemmOf<scalar_t, TF32, ROWS>::type;
+    using tile_t = typename Gemm::tile_t;
     const Conv cv{channels, height,     width,      kernel_h, kernel_w,      stride_h,
                   stride_w, pad_h,      pad_w,      dilation_h, dilation_w,  groups,
                   offset_groups, out_h, out_w,      out_channels, samples};
-    __shared__ __align__(32) unsigned char shared[SharedTiles<Gemm>::BYTES];
-    SharedTiles<Gemm> tiles{shared};
-    auto& a_tile = tiles.a();  // weight: [out channel][input channel]
+    using Shared = SharedTiles<Gemm, 0, ROWS>;
+    __shared__ __align__(32) unsigned char shared[Shared::BYTES];
+    Shared tiles{shared};
+    auto& a_tile = tiles.a();  // weight: [out channel][row]
     auto& b_tile = tiles.b();  // grad_output: [out channel][pixel]
     const int taps = cv.taps(), group_channels = cv.group_channels(), group_out = cv.group_out();
     const int pixels = cv.pixels();
-    const int channel_tiles = (group_channels + TILE_M - 1) / TILE_M;
-    const int tap = blockIdx.y / channel_tiles;
-    const int channel_tile = blockIdx.y % channel_tiles;
-    const int c0 = channel_tile * TILE_M;
+    const int chunk_taps = min(taps, ROWS);
+    const int block_channels = ROWS / chunk_taps;
+    const int channel_blocks = (group_channels + block_channels - 1) / block_channels;
+    const int channel_block = blockIdx.y % channel_blocks;
+    const int tap0 = blockIdx.y / channel_blocks * chunk_taps;
+    const int chunk = min(chunk_taps, taps - tap0);  // row r = (c - c0) * chunk + tap - tap0
+    const int c0 = channel_block * block_channels;
+    const int rows = min(block_channels, group_channels - c0) * chunk;
     const int group = blockIdx.z;
     const int q0 = blockIdx.x * TILE_N;
     const int t = threadIdx.x;
     // One pixel per thread for the grad_output loads and the epilogue.
-    const Pixel px = pixel_of(cv, q0 + t % TILE_N);
+    const int n = t % TILE_N;
+    const Pixel px = pixel_of(cv, q0 + n);
     const int split = t / TILE_N;
     const scalar_t* group_weight = weight + static_cast<long long>(group) * group_out *
                                                 group_channels * taps;
 
     Gemm gemm;
     for (int k0 = 0; k0 < group_out; k0 += TILE_K) {
-        for (int pass = 0; pass < TILE_K / SPLIT; ++pass) {
-            const int k = split + SPLIT * pass, m = t % TILE_M;
-            a_tile[k][m] = from_acc<tile_t>(
-                k0 + k < group_out && c0 + m < group_channels
+        // a_tile[k][r] = weight[k0 + k, c0 + r / chunk, tap0 + r % chunk]
+        for (int pass = 0; pass < TILE_K * ROWS / THREADS; ++pass) {
+            const int r = t % ROWS, k = t / ROWS + THREADS / ROWS * pass;
+            a_tile[k][r] = from_acc<tile_t>(
+                k0 + k < group_out && r < rows
                     ? to_acc(group_weight[(static_cast<long long>(k0 + k) * group_channels + c0 +
-                                           m) * taps + tap])
+                                           r / chunk) * taps + tap0 + r % chunk])
                     : real(0));
-            b_tile[k][t % TILE_N] = from_acc<tile_t>(
+        }
+        for (int pass = 0; pass < TILE_K / SPLIT; ++pass) {
+            const int k = split + SPLIT * pass;
+            b_tile[k][n] = from_acc<tile_t>(
                 px.valid && k0 + k < group_out
                     ? to_acc(grad_output[(static_cast<long long>(px.n) * cv.out_channels +
                                           group * group_out + k0 + k) * pixels + px.p])
@@ -653,65 +672,82 @@ implicit_gemm_backward_sampling(const scalar_t* __restrict__ input,        // [n
         gemm.multiply(a_tile, b_tile);
         __syncthreads();
     }
-    gemm.stage(tiles.staged(), 0);
+    for (int half = 0; half < ROWS / STAGE_ROWS; ++half)
+        gemm.stage(tiles.staged() + half * STAGE_ROWS * STAGE_STRIDE, half);
     __syncthreads();
     if (!px.valid) return;
-    const real* grad_col = tiles.staged();  // [channel][pixel], row stride STAGE_STRIDE
+    const real* grad_col = tiles.staged();  // [row][pixel], row stride STAGE_STRIDE
 
     const ScatterAdd<real> grad_input_target{grad_input, grad_input_fixed, fixed_scale,
                                              fixed_status};
     const bool scatter = grad_input_target.enabled();  // uniform across the launch
     const long long plane = static_cast<long long>(height) * width;
+    // This thread's taps (tap0 + first_tap, + SPLIT, ...; one tap when the chunk
+    // has fewer than SPLIT) and channels [first, last) of the block's.
+    const int last_chunk = taps - (taps - 1) / chunk_taps * chunk_taps;
+    const int slice_parts = max(1, SPLIT / last_chunk);  // the slice layout's: the most parts
+    const int parts = max(1, SPLIT / chunk);
+    const int part = split % parts, first_tap = split / parts;
+    const int part_channels = (rows / chunk + parts - 1) / parts;
+    const int first = part * part_channels;
+    const int last = min(first + part_channels, rows / chunk);
     const long long slice =
-        (static_cast<long long>(group) * channel_tiles + channel_tile) * SPLIT + split;
+        (static_cast<long long>(group) * channel_blocks + channel_block) * slice_parts + part;
     const long long sample_offsets = 2LL * offset_groups * taps * pixels;
     const long long sample_masks = static_cast<long long>(offset_groups) * taps * pixels;
     real* offset_partial = grad_offset_partial + (slice * samples + px.n) * sample_offsets + px.p;
     real* mask_partial =
         HAS_MASK ? grad_mask_partial + (slice * samples + px.n) * sample_masks + px.p : nullptr;
 
-    int point_group = -1;
-    Point<real> point{};
-    real grad_y = 0, grad_x = 0, grad_m = 0;
-    // Stores the sums of the offset group just finished: this thread's own slots.
-    auto flush = [&]() {
-        if (point_group < 0) return;
-        const int group_tap = point_group * taps + tap;
-        offset_partial[2 * group_tap * pixels] = point.mask * grad_y;
-        offset_partial[(2 * group_tap + 1) * pixels] = point.mask * grad_x;
-        if (HAS_MASK) mask_partial[group_tap * pixels] = grad_m;
-    };
-    const int first = split * SPLIT_CHANNELS;
-    const int last = min(first + SPLIT_CHANNELS, group_channels - c0);
 #pragma unroll 1
-    for (int m = first; m < last; ++m) {
-        const int channel = group * group_channels + c0 + m;
-        const int offset_group = cv.offset_group_of(channel);
-        if (offset_group != point_group) {
-            flush();
-            point = locate_point<scalar_t, HAS_MASK>(cv, offset, mask, px, offset_group, tap);
-            point_group = offset_group;
-            grad_y = grad_x = grad_m = 0;
+    for (int tap_in_chunk = first_tap; tap_in_chunk < chunk; tap_in_chunk += SPLIT) {
+        const int tap = tap0 + tap_in_chunk;
+        int point_group = -1;
+        Point<real> point{};
+        real grad_y = 0, grad_x = 0, grad_m = 0;
+        // Stores the sums of the offset group just finished: this thread's own slots.
+        auto flush = [&]() {
+            if (point_group < 0) return;
+            const int group_tap = point_group * taps + tap;
+            offset_partial[2 * group_tap * pixels] = point.mask * grad_y;
+            offset_partial[(2 * group_tap + 1) * pixels] = point.mask * grad_x;
+            if (HAS_MASK) mask_partial[group_tap * pixels] = grad_m;
+        };
+#pragma unroll 1
+        for (int m = first; m < last; ++m) {
+            const int channel = group * group_channels + c0 + m;
+            const int offset_group = cv.offset_group_of(channel);
+            if (offset_group != point_group) {
+                flush();
+                point = locate_point<scalar_t, HAS_MASK>(cv, offset, mask, px, offset_group, tap);
+                point_group = offset_group;
+                grad_y = grad_x = grad_m = 0;
+            }
+            const Sample<real>& s = point.s;
+            if (!s.in_range) continue;  // B0 = 0 around the point: no gradient
+            const long long first_element =
+                (static_cast<long long>(px.n) * channels + channel) * plane;
+            const scalar_t* in = input + first_element;
+            const ScatterAdd<real> grad_in = grad_input_target.shifted(first_element);
+            const real g = grad_col[(m * chunk + tap_in_chunk) * STAGE_STRIDE + n];
+            const real masked_g = point.mask * g;
+            const int inside = first_corner_inside(s);
+            real v[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                // Unconditional, as blend's; a corner outside the map has weight 0.
+                const real corner_value = to_acc(in[s.corner[q] >= 0 ? s.corner[q] : inside]);
+                v[q] = s.corner[q] >= 0 ? corner_value : real(0);
+                if (scatter && s.weight[q] != 0 && masked_g != 0)
+                    grad_in.add(s.corner[q], s.weight[q] * masked_g);
+            }
+            const real hy = 1 - s.ly, hx = 1 - s.lx;
+            grad_y += g * (hx * (v[2] - v[0]) + s.lx * (v[3] - v[1]));
+            grad_x += g * (hy * (v[1] - v[0]) + s.ly * (v[3] - v[2]));
+            if (HAS_MASK)
+                grad_m += g * (s.weight[0] * v[0] + s.weight[1] * v[1] + s.weight[2] * v[2] +
+                               s.weight[3] * v[3]);
         }
-        const Sample<real>& s = point.s;
-        if (!s.in_range) continue;  // B0 = 0 around the point: no gradient
-        const long long first_element = (static_cast<long long>(px.n) * channels + channel) * plane;
-        const scalar_t* in = input + first_element;
-        const ScatterAdd<real> grad_in = grad_input_target.shifted(first_element);
-        const real g = grad_col[m * STAGE_STRIDE + t % TILE_N];
-        const real masked_g = point.mask * g;
-        real v[4];
-        for (int q = 0; q < 4; ++q) {
-            v[q] = s.corner[q] >= 0 ? to_acc(in[s.corner[q]]) : real(0);
-            if (scatter && s.weight[q] != 0 && masked_g != 0)
-                grad_in.add(s.corner[q], s.weight[q] * masked_g);
-        }
-        const real hy = 1 - s.ly, hx = 1 - s.lx;
-        grad_y += g * (hx * (v[2] - v[0]) + s.lx * (v[3] - v[1]));
-        grad_x += g * (hy * (v[1] - v[0]) + s.ly * (v[3] - v[2]));
-        if (HAS_MASK)
-            grad_m += g * (s.weight[0] * v[0] + s.weight[1] * v[1] + s.weight[2] * v[2] +
-                           s.weight[3] * v[3]);
+        flush();
     }
-    flush();
 }

@@ -103,10 +103,11 @@ SOURCE = register(
 )
 
 # The implicit GEMM design (deform_conv2d_implicit_gemm.cu): blocks of 256
-# threads computing 64 x 64 output tiles, 128 output channels x 64 in the kernels
-# that gather the columns (forward, grad_weight); the grad_sampling epilogue
-# splits a tile's 64 channels over 4 threads per pixel, each with its own partial
-# sums.
+# threads computing output tiles of 64 pixels (or input channels, grad_weight)
+# by 128 output channels (forward, grad_weight) or 128 (channel, tap) rows
+# (grad_sampling; 64 in float64), whose epilogue gives each of a pixel's 4
+# threads some taps (or, below 4 taps, a part of the channels), each with its
+# own partial sums.
 DESIGNS = ("im2col", "implicit_gemm")
 IMPLICIT_GEMM_THREADS = 256
 IMPLICIT_GEMM_TILE = 64
@@ -499,6 +500,17 @@ def _forward_implicit_gemm(
     )
 
 
+def _sampling_blocks(g: Geometry, dtype: torch.dtype) -> tuple[int, int, int]:
+    """grad_sampling's blocks of (channel, tap) rows: (channel blocks, tap chunks,
+    partial-sum slices per channel block), as the kernel derives them."""
+    rows = 64 if dtype == torch.float64 else 128
+    chunk_taps = min(g.taps, rows)
+    tap_chunks = launch.blocks(g.taps, chunk_taps)
+    last_chunk = g.taps - (tap_chunks - 1) * chunk_taps
+    channel_blocks = launch.blocks(g.in_channels // g.groups, rows // chunk_taps)
+    return channel_blocks, tap_chunks, max(1, IMPLICIT_GEMM_EPILOGUE_SPLIT // last_chunk)
+
+
 def _column_bound(weight: torch.Tensor, g: Geometry, grad_output: torch.Tensor) -> float:
     """A bound on |grad_columns| = |W_gᵀ · grad_output|: max|grad_output| times the
     largest sum of |W| over one group's output channels (for the fixed-point scale)."""
@@ -556,14 +568,15 @@ def _backward_implicit_gemm(
         else:  # float32 atomics for half types, rounded once below
             accumulator = torch.zeros(input.shape, dtype=torch.float32, device=device)
         # Zeros: a slice writes only the offset groups of its channels.
-        slices = g.groups * _tiles(group_channels) * IMPLICIT_GEMM_EPILOGUE_SPLIT
+        channel_blocks, tap_chunks, slice_parts = _sampling_blocks(g, dtype)
+        slices = g.groups * channel_blocks * slice_parts
         offset_partial = torch.zeros((slices, *offset.shape), dtype=accumulate, device=device)
         mask_partial = (
             torch.zeros((slices, *mask.shape), dtype=accumulate, device=device)
             if has_mask
             else launch.null(accumulate, device)
         )
-        grid = (_tiles(g.batch * g.pixels), _tiles(group_channels) * g.taps, g.groups)
+        grid = (_tiles(g.batch * g.pixels), channel_blocks * tap_chunks, g.groups)
         _implicit_gemm_kernel("implicit_gemm_backward_sampling", input, has_mask, allow_tf32)(
             grid,
             IMPLICIT_GEMM_THREADS,
