@@ -17,23 +17,26 @@
 //                                grad_input and the offset / mask gradients
 //                                (deform_conv2d.cu's col2im, fused).
 //
-// The reduction over r runs tap by tap, channels inside: for one tap every
-// channel of an offset group samples the same point, so a thread locates it
-// (offsets, mask, bilinear weights) once per tap and offset group, not once
-// per channel. The weight is read as stored ([C_out, C_in/groups, kh, kw]),
-// so an A-tile load strides by kh * kw elements: the weight is small and
-// re-read from L2 by every tile, and permuting it would cost a pass over it.
+// The forward's reduction and grad_sampling's rows run over r in the weight's
+// stored order ([C_out, C_in/groups, kh, kw]: taps fastest), so an A-tile row is
+// a contiguous run of the weight. The forward samples from a per-block point
+// table (each (tap, pixel) of an offset group located once); grad_weight runs
+// tap by tap, channels inside, a thread locating its pixel's point once per tap
+// and offset group (PointCache), and stores grad_weight with stride kh * kw.
 //
-// Tiles: 64 x 64 outputs per block of 256 threads, 16-deep reduction steps.
+// Tiles: blocks of 256 threads, 16-deep reduction steps; 128 output channels x
+// 64 pixels (forward) or x 64 input channels of one tap (grad_weight), where
+// every block of output channels gathers the columns again; 128 (channel, tap)
+// rows (64 in double) x 64 pixels (grad_sampling).
 // The product of two shared tiles (TileGemm) runs
 //  - for __half / __nv_bfloat16 on tensor cores (nvcuda::wmma m16n16k16, float
 //    accumulation): the tiles hold the dtype (a gathered column is rounded to it
-//    once, as the im2col design's columns are), each warp owns 16 x 32 outputs;
+//    once, as the im2col design's columns are), each warp owns rows / 4 x 32 outputs;
 //  - for float with TF32 (the host's allow_tf32, template argument TF32) on
 //    tensor cores too (m16n16k8, the float tiles rounded to TF32 in the fragments);
 //  - otherwise, float and double, on SIMT cores: the tiles hold acc_t<scalar_t>,
-//    each thread owns a 4 x 4 sub-tile (rows ty + 16 i, columns tx + 16 j: the
-//    shared-memory reads are broadcasts and conflict-free).
+//    each thread owns a (rows / 16) x 4 sub-tile (rows ty + 16 i, columns tx + 16 j:
+//    the shared-memory reads are broadcasts and conflict-free).
 // The finished tile is staged in shared memory as float (double), where the
 // epilogue reads it with consecutive threads on consecutive pixels. All other
 // math in acc_t<scalar_t>, one rounding on store.
