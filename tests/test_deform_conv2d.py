@@ -100,9 +100,11 @@ CASES = {
         groups=2,
         offset_groups=3,
     ),
+    # 36 channels: the implicit GEMM's grad_sampling splits a 1x1 block's channels
+    # over a pixel's 4 threads, each with its own partial sums.
     "one_sample_1x1_no_bias": Case(
         N=1,
-        C_in=3,
+        C_in=36,
         C_out=2,
         H=4,
         W=5,
@@ -119,6 +121,9 @@ CASES = {
     # channel tiles, an offset group of 10 split by the tile edge), 66 output
     # channels, 2·6·7 = 84 output pixels (a sample split by a pixel tile's edge).
     "across_tiles": Case(N=2, C_in=70, C_out=66, H=6, W=7, offset_groups=7),
+    # 72 taps: more than the implicit GEMM's point table holds (9, 5 in float64)
+    # and than a float64 grad_sampling block's 64 rows, so both go tap chunk by chunk.
+    "wide_kernel_9x8": Case(N=1, C_in=3, C_out=2, H=9, W=8, kernel=(9, 8), padding=(4, 4)),
 }
 
 
@@ -229,7 +234,7 @@ def test_forward_and_gradients(case_name, dtype, modulated):
 
 
 @pytest.mark.parametrize("modulated", [False, True], ids=["dcnv1", "dcnv2"])
-@pytest.mark.parametrize("case_name", ["basic", "grouped_strided_dilated_2x3"])
+@pytest.mark.parametrize("case_name", ["basic", "grouped_strided_dilated_2x3", "wide_kernel_9x8"])
 def test_float64_kernels(case_name, modulated):
     """The float64 instantiations compute in double: the reference's numbers to 1e-13."""
     case = CASES[case_name]

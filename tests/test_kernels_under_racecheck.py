@@ -34,13 +34,14 @@ RACECHECK_MISSING = (
 # Parameter overrides, by the declarations' parameter names, that make many
 # blocks of one launch scatter into the same few input pixels: one image, a
 # small map, many channels (the convolution's backward slices them: more
-# threads per pixel), many RoIs on the same image, groups of several channels
+# threads per pixel; 64: 5 blocks of the implicit GEMM's 14-channel grad_sampling
+# rows), many RoIs on the same image, groups of several channels
 # (DCNv3: G·H·W items of 16 channels, 4 blocks of the vectorized design).
 SCATTER_HEAVY = {
     "N": 1,
     "H": 8,
     "W": 8,
-    "C_in": 32,
+    "C_in": 64,
     "C_out": 4,
     "group": 4,
     "group_channels": 16,

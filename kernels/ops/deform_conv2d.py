@@ -103,11 +103,15 @@ SOURCE = register(
 )
 
 # The implicit GEMM design (deform_conv2d_implicit_gemm.cu): blocks of 256
-# threads computing 64 x 64 output tiles; the grad_sampling epilogue splits a
-# tile's 64 channels over 4 threads per pixel, each with its own partial sums.
+# threads computing output tiles of 64 pixels (or input channels, grad_weight)
+# by 128 output channels (forward, grad_weight) or 128 (channel, tap) rows
+# (grad_sampling; 64 in float64), whose epilogue gives each of a pixel's 4
+# threads some taps (or, below 4 taps, a part of the channels), each with its
+# own partial sums.
 DESIGNS = ("im2col", "implicit_gemm")
 IMPLICIT_GEMM_THREADS = 256
 IMPLICIT_GEMM_TILE = 64
+IMPLICIT_GEMM_GATHER_ROWS = 128
 IMPLICIT_GEMM_EPILOGUE_SPLIT = IMPLICIT_GEMM_THREADS // IMPLICIT_GEMM_TILE
 _IMPLICIT_GEMM_KERNELS = (
     "implicit_gemm_forward",
@@ -476,7 +480,11 @@ def _forward_implicit_gemm(
     if out.numel() == 0:
         return
     null = launch.null(input.dtype, input.device)
-    grid = (_tiles(g.batch * g.pixels), _tiles(g.out_channels // g.groups), g.groups)
+    grid = (
+        _tiles(g.batch * g.pixels),
+        launch.blocks(g.out_channels // g.groups, IMPLICIT_GEMM_GATHER_ROWS),
+        g.groups,
+    )
     _implicit_gemm_kernel("implicit_gemm_forward", input, mask is not None, allow_tf32)(
         grid,
         IMPLICIT_GEMM_THREADS,
@@ -490,6 +498,17 @@ def _forward_implicit_gemm(
             *_implicit_gemm_geometry(g),
         ),
     )
+
+
+def _sampling_blocks(g: Geometry, dtype: torch.dtype) -> tuple[int, int, int]:
+    """grad_sampling's blocks of (channel, tap) rows: (channel blocks, tap chunks,
+    partial-sum slices per channel block), as the kernel derives them."""
+    rows = 64 if dtype == torch.float64 else 128
+    chunk_taps = min(g.taps, rows)
+    tap_chunks = launch.blocks(g.taps, chunk_taps)
+    last_chunk = g.taps - (tap_chunks - 1) * chunk_taps
+    channel_blocks = launch.blocks(g.in_channels // g.groups, rows // chunk_taps)
+    return channel_blocks, tap_chunks, max(1, IMPLICIT_GEMM_EPILOGUE_SPLIT // last_chunk)
 
 
 def _column_bound(weight: torch.Tensor, g: Geometry, grad_output: torch.Tensor) -> float:
@@ -549,14 +568,15 @@ def _backward_implicit_gemm(
         else:  # float32 atomics for half types, rounded once below
             accumulator = torch.zeros(input.shape, dtype=torch.float32, device=device)
         # Zeros: a slice writes only the offset groups of its channels.
-        slices = g.groups * _tiles(group_channels) * IMPLICIT_GEMM_EPILOGUE_SPLIT
+        channel_blocks, tap_chunks, slice_parts = _sampling_blocks(g, dtype)
+        slices = g.groups * channel_blocks * slice_parts
         offset_partial = torch.zeros((slices, *offset.shape), dtype=accumulate, device=device)
         mask_partial = (
             torch.zeros((slices, *mask.shape), dtype=accumulate, device=device)
             if has_mask
             else launch.null(accumulate, device)
         )
-        grid = (_tiles(g.batch * g.pixels), _tiles(group_channels) * g.taps, g.groups)
+        grid = (_tiles(g.batch * g.pixels), channel_blocks * tap_chunks, g.groups)
         _implicit_gemm_kernel("implicit_gemm_backward_sampling", input, has_mask, allow_tf32)(
             grid,
             IMPLICIT_GEMM_THREADS,
@@ -579,7 +599,11 @@ def _backward_implicit_gemm(
         grad_weight = launch.new_output(weight.shape, dtype, device)
         group_out = g.out_channels // g.groups
         if grad_weight.numel() > 0:
-            grid = (_tiles(group_channels) * g.taps, _tiles(group_out), g.groups)
+            grid = (
+                _tiles(group_channels) * g.taps,
+                launch.blocks(group_out, IMPLICIT_GEMM_GATHER_ROWS),
+                g.groups,
+            )
             _implicit_gemm_kernel("implicit_gemm_backward_weight", input, has_mask, allow_tf32)(
                 grid,
                 IMPLICIT_GEMM_THREADS,
