@@ -17,17 +17,16 @@
 //                                grad_input and the offset / mask gradients
 //                                (deform_conv2d.cu's col2im, fused).
 //
-// The forward's reduction and grad_sampling's rows run over r in the weight's
-// stored order ([C_out, C_in/groups, kh, kw]: taps fastest), so an A-tile row is
-// a contiguous run of the weight. The forward samples from a per-block point
-// table (each (tap, pixel) of an offset group located once); grad_weight runs
-// tap by tap, channels inside, a thread locating its pixel's point once per tap
-// and offset group (PointCache), and stores grad_weight with stride kh * kw.
+// All three run over r in the weight's stored order ([C_out, C_in/groups, kh, kw]:
+// taps fastest): the forward's reduction, grad_weight's and grad_sampling's rows,
+// so a row of the weight read or of grad_weight stored is a contiguous run. The
+// gathers (forward, grad_weight) sample from a per-block point table (each
+// (tap, pixel) of an offset group located once).
 //
 // Tiles: blocks of 256 threads, 16-deep reduction steps; 128 output channels x
-// 64 pixels (forward) or x 64 input channels of one tap (grad_weight), where
-// every block of output channels gathers the columns again; 128 (channel, tap)
-// rows (64 in double) x 64 pixels (grad_sampling).
+// 64 pixels (forward) or x 64 rows r = (channel, tap) (grad_weight), where every
+// block of output channels gathers the columns again; 128 (channel, tap) rows
+// (64 in double) x 64 pixels (grad_sampling).
 // The product of two shared tiles (TileGemm) runs
 //  - for __half / __nv_bfloat16 on tensor cores (nvcuda::wmma m16n16k16, float
 //    accumulation): the tiles hold the dtype (a gathered column is rounded to it
@@ -312,55 +311,10 @@ __device__ __forceinline__ int first_corner_inside(const Sample<real>& s) {
 }
 
 // sum of weight * corner value over the corners of weight != 0 (a corner of
-// weight 0 adds nothing, even an Inf or NaN): B0's sum, in blend's order.
+// weight 0 adds nothing, even an Inf or NaN): B0's sum, corners 0 ... 3 in turn.
 template <typename real>
 __device__ __forceinline__ real add_corner(real value, real weight, real corner_value) {
     return value + (weight != 0 ? weight * corner_value : real(0));
-}
-
-// B0(plane, point) without the mask, for a point in range.
-template <typename scalar_t>
-__device__ __forceinline__ acc_t<scalar_t> blend(const Sample<acc_t<scalar_t>>& s,
-                                                 const scalar_t* __restrict__ plane) {
-    const int inside = first_corner_inside(s);
-    acc_t<scalar_t> value = 0;
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-        value = add_corner(value, s.weight[q],
-                           to_acc(plane[s.corner[q] >= 0 ? s.corner[q] : inside]));
-    return value;
-}
-
-// A thread's sampling point, located again only when the offset group changes:
-// every channel of one offset group samples the same point of a tap.
-template <typename scalar_t, bool HAS_MASK>
-struct PointCache {
-    int group = -1;
-    Point<acc_t<scalar_t>> point;
-
-    __device__ __forceinline__ const Point<acc_t<scalar_t>>& at(
-        const Conv& cv, const scalar_t* offset, const scalar_t* mask, const Pixel& px,
-        int offset_group, int tap) {
-        if (offset_group != group) {
-            point = locate_point<scalar_t, HAS_MASK>(cv, offset, mask, px, offset_group, tap);
-            group = offset_group;
-        }
-        return point;
-    }
-};
-
-// mask * B0(input[n, channel], point of tap at px): one element of the columns.
-template <typename scalar_t, bool HAS_MASK>
-__device__ __forceinline__ acc_t<scalar_t> column_value(const Conv& cv, const scalar_t* input,
-                                                        const scalar_t* offset,
-                                                        const scalar_t* mask,
-                                                        PointCache<scalar_t, HAS_MASK>& cache,
-                                                        const Pixel& px, int channel, int tap) {
-    const auto& point = cache.at(cv, offset, mask, px, cv.offset_group_of(channel), tap);
-    if (!point.s.in_range) return 0;
-    const long long plane = static_cast<long long>(cv.height) * cv.width;
-    return point.mask *
-           blend(point.s, input + (static_cast<long long>(px.n) * cv.channels + channel) * plane);
 }
 
 // The sampling points of up to TAPS taps of one offset group at a block's TILE_N
@@ -388,6 +342,19 @@ struct PointTable {
             weight[q][e][n] = loaded ? s.weight[q] : real(0);
         }
         mask[e][n] = point.mask;
+    }
+
+    // Locates taps tap0 ... tap0 + chunk - 1 of offset_group at px, the pixel of
+    // this thread's column n = threadIdx.x % TILE_N, the SPLIT threads of a column
+    // taking the taps in turn. The caller synchronizes before the table is read.
+    template <bool HAS_MASK>
+    __device__ __forceinline__ void locate(const Conv& cv, const scalar_t* __restrict__ offset,
+                                           const scalar_t* __restrict__ mask, const Pixel& px,
+                                           int offset_group, int tap0, int chunk) {
+        const int n = threadIdx.x % TILE_N;
+        for (int e = threadIdx.x / TILE_N; e < chunk; e += SPLIT)
+            set(e, n, locate_point<scalar_t, HAS_MASK>(cv, offset, mask, px, offset_group,
+                                                       tap0 + e));
     }
 
     // mask * B0(plane, point of entry e at pixel n): one element of the columns.
@@ -460,9 +427,7 @@ implicit_gemm_forward(const scalar_t* __restrict__ input,   // [n, C, H, W]
             const int chunk = min(Table::TAPS, taps - tap0);
             // No barrier before: the last step's gathers read the table before its
             // first __syncthreads().
-            for (int e = t / TILE_N; e < chunk; e += SPLIT)
-                table.set(e, n, locate_point<scalar_t, HAS_MASK>(cv, offset, mask, px,
-                                                                 offset_group, tap0 + e));
+            table.template locate<HAS_MASK>(cv, offset, mask, px, offset_group, tap0, chunk);
             __syncthreads();
             const int depth = (c_end - c_begin) * chunk;  // r = (c - c_begin) * chunk + tap - tap0
             for (int r0 = 0; r0 < depth; r0 += TILE_K) {
@@ -511,8 +476,13 @@ implicit_gemm_forward(const scalar_t* __restrict__ input,   // [n, C, H, W]
 
 // grad_weight[co, c, tap] = sum_q grad_output[co, q] * column[(c, tap), q] over every
 // output pixel q of every sample, one block per output tile: no partial products.
-// grid (ceil((C / groups) / 64) * kh * kw, ceil((C_out / groups) / 128), groups): a
-// block computes 128 output channels x 64 input channels of one tap.
+// A block computes 128 output channels x 64 rows r = (channel, tap), taps fastest
+// as the weight stores them (so a row of the tile is a contiguous run of
+// grad_weight): the taps of one chunk of min(kh * kw, PointTable::TAPS) for
+// 64 / chunk channels. A step's columns (16 pixels x the rows) come from the
+// block's point table, located for 64 pixels (four steps) at a time, per offset
+// group of the block's channels.
+// grid (channel blocks * tap chunks, ceil((C_out / groups) / 128), groups).
 template <typename scalar_t, bool HAS_MASK, bool TF32 = false>
 __global__ void __launch_bounds__(IMPLICIT_GEMM_THREADS)
 implicit_gemm_backward_weight(const scalar_t* __restrict__ input,        // [n, C, H, W]
@@ -527,61 +497,86 @@ implicit_gemm_backward_weight(const scalar_t* __restrict__ input,        // [n, 
     using Gemm = typename GemmOf<scalar_t, TF32, GATHER_TILE_M>::type;
     using tile_t = typename Gemm::tile_t;
     using real = acc_t<scalar_t>;
+    using Table = PointTable<scalar_t>;
     const Conv cv{channels, height,     width,      kernel_h, kernel_w,      stride_h,
                   stride_w, pad_h,      pad_w,      dilation_h, dilation_w,  groups,
                   offset_groups, out_h, out_w,      out_channels, samples};
-    __shared__ __align__(32) unsigned char shared[SharedTiles<Gemm>::BYTES];
-    SharedTiles<Gemm> tiles{shared};
+    using Shared = SharedTiles<Gemm, sizeof(Table)>;
+    __shared__ __align__(32) unsigned char shared[Shared::BYTES];
+    Shared tiles{shared};
     auto& a_tile = tiles.a();  // grad_output: [q][out channel]
-    auto& b_tile = tiles.b();  // columns: [q][input channel]
+    auto& b_tile = tiles.b();  // columns: [q][row]
+    Table& table = *reinterpret_cast<Table*>(tiles.extra());
     const int taps = cv.taps(), group_channels = cv.group_channels(), group_out = cv.group_out();
-    const int channel_tiles = (group_channels + TILE_N - 1) / TILE_N;
-    const int tap = blockIdx.x / channel_tiles;
-    const int c0 = blockIdx.x % channel_tiles * TILE_N;
+    const int chunk_taps = min(taps, Table::TAPS);
+    const int block_channels = TILE_N / chunk_taps;
+    const int channel_blocks = (group_channels + block_channels - 1) / block_channels;
+    const int c0 = blockIdx.x % channel_blocks * block_channels;
+    const int tap0 = blockIdx.x / channel_blocks * chunk_taps;
+    const int chunk = min(chunk_taps, taps - tap0);  // row r = (c - c0) * chunk + tap - tap0
+    const int c_last = min(c0 + block_channels, group_channels);
+    const int rows = (c_last - c0) * chunk;
     const int group = blockIdx.z;
     const int m0 = blockIdx.y * GATHER_TILE_M;
     const int t = threadIdx.x;
     const int columns = cv.columns(), pixels = cv.pixels();
+    const int first_channel = group * group_channels;
+    const long long plane = static_cast<long long>(cv.height) * cv.width;
+    const int offset_group_channels = cv.channels / cv.offset_groups;
+    // Both loads of a step: reduction index k = t % TILE_K (one pixel per thread),
+    // rows t / TILE_K + 16 * pass.
+    const int k = t % TILE_K;
 
     Gemm gemm;
-    for (int q0 = 0; q0 < columns; q0 += TILE_K) {
-        // Both loads: reduction index k = t % TILE_K (one pixel per thread per step),
-        // rows t / TILE_K + 16 * pass.
-        const int k = t % TILE_K;
-        const Pixel px = pixel_of(cv, q0 + k);
-        for (int pass = 0; pass < GATHER_TILE_M / 16; ++pass) {
-            const int m = t / TILE_K + 16 * pass;
-            a_tile[k][m] = from_acc<tile_t>(
-                px.valid && m0 + m < group_out
-                    ? to_acc(grad_output[(static_cast<long long>(px.n) * cv.out_channels +
-                                          group * group_out + m0 + m) * pixels + px.p])
-                    : real(0));
+    // [c_begin, c_end): the block's channels of one offset group (all of them
+    // unless the block straddles offset groups; the other rows are 0 meanwhile).
+    for (int c_begin = c0, c_end; c_begin < c_last; c_begin = c_end) {
+        const int offset_group = cv.offset_group_of(first_channel + c_begin);
+        c_end = min(c_last, (offset_group + 1) * offset_group_channels - first_channel);
+        for (int q_table = 0; q_table < columns; q_table += TILE_N) {
+            // No barrier before: the last step's gathers read the table before its
+            // first __syncthreads().
+            table.template locate<HAS_MASK>(cv, offset, mask, pixel_of(cv, q_table + t % TILE_N),
+                                            offset_group, tap0, chunk);
+            __syncthreads();
+            for (int q0 = q_table; q0 < min(columns, q_table + TILE_N); q0 += TILE_K) {
+                const Pixel px = pixel_of(cv, q0 + k);
+                for (int pass = 0; pass < GATHER_TILE_M / 16; ++pass) {
+                    const int m = t / TILE_K + 16 * pass;
+                    a_tile[k][m] = from_acc<tile_t>(
+                        px.valid && m0 + m < group_out
+                            ? to_acc(grad_output[(static_cast<long long>(px.n) * cv.out_channels +
+                                                  group * group_out + m0 + m) * pixels + px.p])
+                            : real(0));
+                }
+                // b_tile[k][r] = the column of (c0 + r / chunk, tap0 + r % chunk) at q0 + k
+                const scalar_t* sample_input =
+                    input + (static_cast<long long>(px.n) * cv.channels + first_channel) * plane;
+                for (int pass = 0; pass < TILE_N / 16; ++pass) {
+                    const int r = t / TILE_K + 16 * pass, c = c0 + r / chunk;
+                    b_tile[k][r] = from_acc<tile_t>(
+                        px.valid && r < rows && c >= c_begin && c < c_end
+                            ? table.column(r % chunk, q0 - q_table + k, sample_input + c * plane)
+                            : real(0));
+                }
+                __syncthreads();
+                gemm.multiply(a_tile, b_tile);
+                __syncthreads();
+            }
         }
-        PointCache<scalar_t, HAS_MASK> cache;
-        for (int pass = 0; pass < TILE_N / 16; ++pass) {
-            const int c = c0 + t / TILE_K + 16 * pass;
-            b_tile[k][c - c0] = from_acc<tile_t>(
-                px.valid && c < group_channels
-                    ? column_value(cv, input, offset, mask, cache, px,
-                                   group * group_channels + c, tap)
-                    : real(0));
-        }
-        __syncthreads();
-        gemm.multiply(a_tile, b_tile);
-        __syncthreads();
     }
-    // Consecutive threads on consecutive input channels (stride kh * kw in grad_weight).
-    const int c = c0 + t % TILE_N;
+    // Consecutive threads on consecutive rows r: a warp stores 32 consecutive
+    // elements of grad_weight when the chunk is every tap.
+    const int r = t % TILE_N, c = c0 + r / chunk, tap = tap0 + r % chunk;
     for (int half = 0; half < GATHER_TILE_M / STAGE_ROWS; ++half) {
         gemm.stage(tiles.staged(), half);
         __syncthreads();
-        for (int pass = 0; c < group_channels && pass < STAGE_ROWS / SPLIT; ++pass) {
+        for (int pass = 0; r < rows && pass < STAGE_ROWS / SPLIT; ++pass) {
             const int m = t / TILE_N + SPLIT * pass;  // row of the staged half
             const int row = m0 + STAGE_ROWS * half + m;
             if (row >= group_out) break;
             grad_weight[((static_cast<long long>(group) * group_out + row) * group_channels + c) *
-                            taps + tap] =
-                from_acc<scalar_t>(tiles.staged()[m * STAGE_STRIDE + t % TILE_N]);
+                            taps + tap] = from_acc<scalar_t>(tiles.staged()[m * STAGE_STRIDE + r]);
         }
         __syncthreads();  // the next half is staged over this one
     }
@@ -738,7 +733,7 @@ implicit_gemm_backward_sampling(const scalar_t* __restrict__ input,        // [n
             real v[4];
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-                // Unconditional, as blend's; a corner outside the map has weight 0.
+                // Unconditional, as PointTable's; a corner outside the map has weight 0.
                 const real corner_value = to_acc(in[s.corner[q] >= 0 ? s.corner[q] : inside]);
                 v[q] = s.corner[q] >= 0 ? corner_value : real(0);
                 if (scatter && s.weight[q] != 0 && masked_g != 0)

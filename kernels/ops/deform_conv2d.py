@@ -103,7 +103,8 @@ SOURCE = register(
 )
 
 # The implicit GEMM design (deform_conv2d_implicit_gemm.cu): blocks of 256
-# threads computing output tiles of 64 pixels (or input channels, grad_weight)
+# threads computing output tiles of 64 pixels (or (channel, tap) rows,
+# grad_weight: the taps of a chunk of up to the point table's 9, 5 in float64)
 # by 128 output channels (forward, grad_weight) or 128 (channel, tap) rows
 # (grad_sampling; 64 in float64), whose epilogue gives each of a pixel's 4
 # threads some taps (or, below 4 taps, a part of the channels), each with its
@@ -511,6 +512,15 @@ def _sampling_blocks(g: Geometry, dtype: torch.dtype) -> tuple[int, int, int]:
     return channel_blocks, tap_chunks, max(1, IMPLICIT_GEMM_EPILOGUE_SPLIT // last_chunk)
 
 
+def _weight_blocks(g: Geometry, dtype: torch.dtype) -> int:
+    """grad_weight's blocks of (channel, tap) rows, per block of output channels and
+    weight group: channel blocks times tap chunks, as the kernel derives them."""
+    table_taps = 5 if dtype == torch.float64 else 9  # the kernel's PointTable::TAPS
+    chunk_taps = min(g.taps, table_taps)
+    channel_blocks = launch.blocks(g.in_channels // g.groups, IMPLICIT_GEMM_TILE // chunk_taps)
+    return channel_blocks * launch.blocks(g.taps, chunk_taps)
+
+
 def _column_bound(weight: torch.Tensor, g: Geometry, grad_output: torch.Tensor) -> float:
     """A bound on |grad_columns| = |W_gᵀ · grad_output|: max|grad_output| times the
     largest sum of |W| over one group's output channels (for the fixed-point scale)."""
@@ -600,7 +610,7 @@ def _backward_implicit_gemm(
         group_out = g.out_channels // g.groups
         if grad_weight.numel() > 0:
             grid = (
-                _tiles(group_channels) * g.taps,
+                _weight_blocks(g, dtype),
                 launch.blocks(group_out, IMPLICIT_GEMM_GATHER_ROWS),
                 g.groups,
             )
