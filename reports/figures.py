@@ -26,17 +26,27 @@ PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b
 # roofline's flat roof: float32 on the CUDA cores (the contract forbids TF32), half
 # types on the tensor cores. Devices missing here get the bandwidth roof only.
 PEAK_TFLOPS = {
-    "H200": {"float32": 67.0, "float16": 989.5, "bfloat16": 989.5},
-    "H100 80GB HBM3": {"float32": 67.0, "float16": 989.5, "bfloat16": 989.5},
-    "A100": {"float32": 19.5, "float16": 312.0, "bfloat16": 312.0},
+    "H200": {"float32": 67.0, "tf32": 494.7, "float16": 989.5, "bfloat16": 989.5},
+    "H100 80GB HBM3": {"float32": 67.0, "tf32": 494.7, "float16": 989.5, "bfloat16": 989.5},
+    "A100": {"float32": 19.5, "tf32": 156.0, "float16": 312.0, "bfloat16": 312.0},
 }
 
 
-def peak_tflops(gpu: str | None, dtype: str) -> float | None:
+def peak_tflops(gpu: str | None, precision: str) -> float | None:
     for name, peaks in PEAK_TFLOPS.items():
         if gpu and name in gpu:
-            return peaks.get(dtype)
+            return peaks.get(precision)
     return None
+
+
+def precision(rows: pd.DataFrame) -> pd.Series:
+    """The arithmetic of each row's products, whose peak is its roof: the dtype, or
+    "tf32" for a float32 case that allows TF32 tensor cores (a case parameter,
+    docs/ops-semantics.md), which would otherwise sit far above float32's roof."""
+    if "params.allow_tf32" not in rows:
+        return rows["dtype"]
+    tf32 = rows["params.allow_tf32"].astype("boolean").fillna(False).astype(bool)
+    return rows["dtype"].mask(tf32 & (rows["dtype"] == "float32"), "tf32")
 
 
 def colour_of(names: list[str]) -> dict[str, str]:
@@ -142,32 +152,33 @@ def roofline(rows: pd.DataFrame, bandwidth_gbps: float | None, gpu: str | None,
     under the roofs: the measured copy bandwidth and the device's peak for each dtype."""
     timed = rows.dropna(subset=["tflops", "flops", "bytes"])
     timed = timed[(timed["tflops"] > 0) & (timed["bytes"] > 0)]
+    timed = timed.assign(precision=precision(timed))
     directions = [d for d in DIRECTIONS if d in set(timed["direction"])]
     data = []
     intensity_all = timed["flops"] / timed["bytes"]
     lo, hi = intensity_all.min() / 2, intensity_all.max() * 2
     for n, direction in enumerate(directions):
         block_dir = timed[timed["direction"] == direction]
-        for (impl, dtype), block in block_dir.groupby(["impl", "dtype"]):
-            data.append({"type": "scatter", "mode": "markers", "name": f"{impl} · {dtype}",
-                         "legendgroup": f"{impl} · {dtype}", "showlegend": n == 0,
+        for (impl, kind), block in block_dir.groupby(["impl", "precision"]):
+            data.append({"type": "scatter", "mode": "markers", "name": f"{impl} · {kind}",
+                         "legendgroup": f"{impl} · {kind}", "showlegend": n == 0,
                          "x": values(block["flops"] / block["bytes"]),
                          "y": values(block["tflops"]), "text": block["hover"].tolist(),
                          "hovertemplate": "%{text}<br>%{x:.3g} FLOP/B, %{y:.3g} TFLOP/s"
                                           "<extra></extra>",
                          "marker": {"color": colours[impl], "size": 7,
-                                    "symbol": "circle" if dtype == "float32" else "diamond"},
+                                    "symbol": "circle" if kind == "float32" else "diamond"},
                          **_axes(n)})
         roofs: dict[str, tuple[list[float], str]] = {}  # label: (heights, dash)
         xs = list(np.geomspace(lo, hi, 40))
-        for dtype in sorted(set(block_dir["dtype"])):
+        for kind in sorted(set(block_dir["precision"])):
             if not bandwidth_gbps:
                 continue
-            peak = peak_tflops(gpu, dtype)
-            label = f"roof: {bandwidth_gbps:.0f} GB/s" + (f", {peak:g} TFLOP/s {dtype}"
+            peak = peak_tflops(gpu, kind)
+            label = f"roof: {bandwidth_gbps:.0f} GB/s" + (f", {peak:g} TFLOP/s {kind}"
                                                           if peak else "")
             roofs[label] = ([min(x * bandwidth_gbps / 1e3, peak or math.inf) for x in xs],
-                            "solid" if dtype == "float32" else "dash")
+                            "solid" if kind == "float32" else "dash")
         for label, (ys, dash) in roofs.items():
             data.append({"type": "scatter", "mode": "lines", "name": label,
                          "legendgroup": label, "showlegend": n == 0, "x": xs, "y": ys,
