@@ -501,14 +501,21 @@ def _forward_implicit_gemm(
     )
 
 
+def _row_blocks(g: Geometry, block_rows: int, most_taps: int) -> tuple[int, int, int]:
+    """Blocks of ``block_rows`` (channel, tap) rows, taps fastest, as grad_weight's and
+    grad_sampling's kernels derive them: (channel blocks, tap chunks, taps of the last
+    chunk) for chunks of min(kh·kw, ``most_taps``) taps."""
+    chunk_taps = min(g.taps, most_taps)
+    tap_chunks = launch.blocks(g.taps, chunk_taps)
+    channel_blocks = launch.blocks(g.in_channels // g.groups, block_rows // chunk_taps)
+    return channel_blocks, tap_chunks, g.taps - (tap_chunks - 1) * chunk_taps
+
+
 def _sampling_blocks(g: Geometry, dtype: torch.dtype) -> tuple[int, int, int]:
     """grad_sampling's blocks of (channel, tap) rows: (channel blocks, tap chunks,
     partial-sum slices per channel block), as the kernel derives them."""
-    rows = 64 if dtype == torch.float64 else 128
-    chunk_taps = min(g.taps, rows)
-    tap_chunks = launch.blocks(g.taps, chunk_taps)
-    last_chunk = g.taps - (tap_chunks - 1) * chunk_taps
-    channel_blocks = launch.blocks(g.in_channels // g.groups, rows // chunk_taps)
+    rows = 64 if dtype == torch.float64 else 128  # the kernel's sampling_rows()
+    channel_blocks, tap_chunks, last_chunk = _row_blocks(g, rows, rows)
     return channel_blocks, tap_chunks, max(1, IMPLICIT_GEMM_EPILOGUE_SPLIT // last_chunk)
 
 
@@ -516,9 +523,8 @@ def _weight_blocks(g: Geometry, dtype: torch.dtype) -> int:
     """grad_weight's blocks of (channel, tap) rows, per block of output channels and
     weight group: channel blocks times tap chunks, as the kernel derives them."""
     table_taps = 5 if dtype == torch.float64 else 9  # the kernel's PointTable::TAPS
-    chunk_taps = min(g.taps, table_taps)
-    channel_blocks = launch.blocks(g.in_channels // g.groups, IMPLICIT_GEMM_TILE // chunk_taps)
-    return channel_blocks * launch.blocks(g.taps, chunk_taps)
+    channel_blocks, tap_chunks, _ = _row_blocks(g, IMPLICIT_GEMM_TILE, table_taps)
+    return channel_blocks * tap_chunks
 
 
 def _column_bound(weight: torch.Tensor, g: Geometry, grad_output: torch.Tensor) -> float:
