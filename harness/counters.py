@@ -131,12 +131,8 @@ def counting() -> Iterator[list]:
 
 
 def skip_reason(case: Case, impl: registry.Implementation, direction: str) -> str | None:
-    reason = (impl.unavailable_reason("cpu", case.dtype)
-              or impl.declined(case.op, case.params, "cpu", direction))
-    if reason is None and direction == "backward":
-        reason = execution.wants_backward(case) or (
-            None if impl.has_backward else f"{impl.name} has no backward")
-    return reason
+    """The runner's reason to skip the row on the CPU, where the counters run."""
+    return execution.skip_reason(case, impl, direction, "cpu")
 
 
 def measure(case: Case, impl: registry.Implementation, direction: str, seed: int) -> list:

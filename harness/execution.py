@@ -162,14 +162,23 @@ def start_row(case: Case, impl: registry.Implementation, direction: str, device:
         device="emulated" if impl.is_emulated(device) else device,
         reproduce=case.reproduce_command(impl.name, device, seed, direction == "backward"),
     )
+    reason = skip_reason(case, impl, direction, device)
+    if reason is not None:
+        row.status, row.reason = "skipped", reason
+    return row
+
+
+def skip_reason(case: Case, impl: registry.Implementation, direction: str,
+                device: str) -> str | None:
+    """Why ``impl`` does not run ``case`` in ``direction`` on ``device``, or None: it
+    cannot run there or take the dtype, does not honour what the case asks, or (the
+    backward) has none or the case wants none."""
     reason = (impl.unavailable_reason(device, case.dtype)
               or impl.declined(case.op, case.params, device, direction))
     if reason is None and direction == "backward":
         reason = wants_backward(case) or (None if impl.has_backward
                                           else f"{case.op.name}/{impl.name} has no backward")
-    if reason is not None:
-        row.status, row.reason = "skipped", reason
-    return row
+    return reason
 
 
 def unprepared_rows(case: Case, todo: list[tuple[registry.Implementation, str]], device: str,
